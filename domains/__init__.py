@@ -1,0 +1,1 @@
+"""Jinja2 templates of the domains tdxvirt defines (installed as tdxvirt.domains)."""

@@ -1,0 +1,268 @@
+"""The ``tdxvirt`` command line: parse, call the library, print.
+
+Only click is imported at start-up; libvirt, lxml, jinja2 and tabulate are imported
+by the commands that need them, so ``tdxvirt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import TdxvirtError
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"tdxvirt: error: {message}", err=True)
+    sys.exit(code)
+
+
+class TdxvirtGroup(click.Group):
+    """Every failure is one line on stderr and an exit code; never a traceback."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            result = super().main(args, prog_name or "tdxvirt", standalone_mode=False, **extra)
+        except TdxvirtError as error:
+            _fail(str(error), error.exit_code)
+        except click.UsageError as error:
+            where = error.ctx.command_path if error.ctx else "tdxvirt"
+            _fail(f"{error.format_message()} (see `{where} --help`)", error.exit_code)
+        except click.ClickException as error:
+            _fail(error.format_message(), error.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            _fail("interrupted", 130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class Session:
+    """Global options, and the connection and host root they select (opened lazily)."""
+
+    def __init__(self, uri: str | None, sim: bool, host_root: str | None):
+        self.sim = sim
+        self._uri = uri
+        self._host_root = host_root
+        self._conn = None
+
+    @property
+    def uri(self) -> str:
+        from .conn import resolve_uri
+
+        if self._uri is None and self.sim:
+            from .sim import layout
+
+            return layout().uri
+        return resolve_uri(self._uri)
+
+    @property
+    def host(self):
+        from .host import HostRoot
+
+        if self._host_root is None and self.sim:
+            from .sim import layout
+
+            return HostRoot(layout().host_root)
+        return HostRoot(self._host_root or "/")
+
+    def conn(self):
+        if self._conn is None:
+            if self.sim:
+                from .sim import control
+
+                control.up()
+            from .conn import open_connection
+
+            self._conn = open_connection(self.uri)
+        return self._conn
+
+
+pass_session = click.make_pass_decorator(Session)
+
+
+@click.group(cls=TdxvirtGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--connect", "uri", metavar="URI",
+              help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system).")
+@click.option("--sim", is_flag=True, envvar="TDXVIRT_SIM",
+              help="Use the simulated TDX host (libvirt test driver + fake host root).")
+@click.option("--host-root", metavar="DIR", envvar="TDXVIRT_HOST_ROOT",
+              type=click.Path(exists=True, file_okay=False),
+              help="Read host facts (sysfs, /proc, firmware) below DIR instead of /.")
+@click.version_option(package_name="tdxvirt", prog_name="tdxvirt")
+@click.pass_context
+def main(ctx, uri, sim, host_root):
+    """Intel TDX trust domains with NVIDIA GPUs, through libvirt."""
+    ctx.obj = Session(uri, sim, host_root)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--gpu", "gpus", multiple=True, required=True, metavar="BDF",
+              help="GPU to pass through (38:00.0 or 0000:38:00.0); repeat for more.")
+@click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs.")
+@click.option("--memory", default="16G", show_default=True,
+              help="Memory size: number with K, M, G or T (bare number: MiB).")
+@click.option("--image", metavar="PATH", help="Boot disk image (qcow2 or raw), used as is.")
+@click.option("--ovmf", metavar="PATH",
+              help="TDX OVMF firmware (default: from QEMU firmware descriptors).")
+@click.option("--print-xml", is_flag=True, help="Print the domain XML; define nothing.")
+@pass_session
+def define(session, name, gpus, vcpus, memory, image, ovmf, print_xml):
+    """Define a TD with GPUs passed through (NAME defaults to one from the GPU)."""
+    from . import tds
+    from .spec import TDSpec
+
+    spec = TDSpec.from_user(name=name, gpus=gpus, vcpus=vcpus, memory=memory,
+                            image=image, ovmf=ovmf)
+    if print_xml:
+        td = tds.build_td(session.conn(), session.host, spec)
+        _warn(td.plan.warnings)
+        click.echo(td.xml, nl=False)
+        return
+    td = tds.define_td(session.conn(), session.host, spec)
+    _warn(td.plan.warnings)
+    plan = td.plan
+    click.echo(f"Defined TD '{plan.name}' at {session.uri}")
+    for hostdev in plan.hostdevs:
+        mode = "managed" if plan.managed else "unmanaged"
+        vfio = "iommufd" if plan.iommufd else "legacy VFIO"
+        click.echo(f"  GPU {hostdev.source}: {mode} hostdev, {vfio}, root port {hostdev.guest_bus}")
+    click.echo(f"  {plan.vcpus} vCPUs, {plan.memory_kib // 1024} MiB, TDX policy {plan.policy_hex}")
+    click.echo(f"  firmware {plan.loader} (ROM), 64-bit MMIO window {plan.mmio_mb} MiB")
+    if not td.schema_checked:
+        click.echo("  (no local libvirt schema knows TDX; libvirt validated the XML itself)")
+
+
+def _warn(warnings) -> None:
+    for warning in warnings:
+        click.echo(f"tdxvirt: warning: {warning}", err=True)
+
+
+@main.command()
+@click.argument("name")
+@pass_session
+def start(session, name):
+    """Start a TD."""
+    from . import tds
+
+    if tds.start(session.conn(), name):
+        click.echo(f"Started TD '{name}'")
+    else:
+        click.echo(f"TD '{name}' is already running; nothing to do")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
+              help="Seconds to wait for the guest to power off.")
+@pass_session
+def stop(session, name, timeout):
+    """Shut a TD down through ACPI and wait for it to power off."""
+    from . import tds
+    from .errors import LibvirtOperationError
+
+    if not tds.stop(session.conn(), name, timeout=timeout):
+        raise LibvirtOperationError(
+            f"TD '{name}' did not power off within {timeout:g} s; "
+            f"`tdxvirt destroy {name}` powers it off at once"
+        )
+    click.echo(f"TD '{name}' is shut off")
+
+
+@main.command()
+@click.argument("name")
+@pass_session
+def destroy(session, name):
+    """Power a TD off at once (like pulling the plug)."""
+    from . import tds
+
+    if tds.destroy(session.conn(), name):
+        click.echo(f"Destroyed TD '{name}'")
+    else:
+        click.echo(f"TD '{name}' is not running; nothing to do")
+
+
+@main.command()
+@click.argument("name")
+@pass_session
+def undefine(session, name):
+    """Remove a stopped TD's definition (disk images are kept)."""
+    from . import tds
+
+    tds.undefine(session.conn(), name)
+    click.echo(f"Undefined TD '{name}'")
+
+
+@main.command(name="list")
+@click.option("--all", "include_foreign", is_flag=True,
+              help="Also list TDX domains that tdxvirt did not define.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_session
+def list_(session, include_foreign, as_json):
+    """List TDs with their state and GPUs."""
+    from . import tds
+
+    rows = tds.list_tds(session.conn(), include_foreign=include_foreign)
+    records = [
+        {
+            "name": row.facts.name,
+            "state": row.state,
+            "tdx": row.facts.tdx,
+            "managed_by_tdxvirt": row.facts.managed_by_tdxvirt,
+            "vcpus": row.facts.vcpus,
+            "memory_mib": row.facts.memory_kib // 1024,
+            "gpus": list(row.facts.gpus),
+        }
+        for row in rows
+    ]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    from tabulate import tabulate
+
+    table = [
+        [r["name"], r["state"], "TDX" if r["tdx"] else "plain",
+         "tdxvirt" if r["managed_by_tdxvirt"] else "other", r["vcpus"],
+         f"{r['memory_mib']} MiB", " ".join(r["gpus"]) or "-"]
+        for r in records
+    ]
+    click.echo(tabulate(table, headers=["NAME", "STATE", "TYPE", "DEFINED BY", "VCPUS",
+                                        "MEMORY", "GPUS"]))
+
+
+@main.group()
+def sim():
+    """The simulated TDX host (libvirt 12.x test driver + fake host root)."""
+
+
+@sim.command(name="up")
+def sim_up():
+    """Start the simulated host's daemon and keeper if they are not running."""
+    from .sim import control
+
+    started = control.up()
+    click.echo(f"Started: {', '.join(started)}" if started else "The simulated host is up")
+
+
+@sim.command(name="down")
+def sim_down():
+    """Stop the simulated host (its test-driver domains are forgotten)."""
+    from .sim import control
+
+    stopped = control.down()
+    click.echo(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running")
+
+
+@sim.command(name="status")
+def sim_status():
+    """Show whether the simulated host is installed and running."""
+    from .sim import control, layout
+
+    status = control.status()
+    click.echo(f"installed:  {'yes' if status.installed else 'no (run scripts/setup)'}")
+    click.echo(f"daemon:     {'running' if status.daemon else 'stopped'}")
+    click.echo(f"keeper:     {status.keeper_pid or 'stopped'}")
+    click.echo(f"host root:  {layout().host_root}")
+    click.echo(f"libvirt:    {status.uri}")

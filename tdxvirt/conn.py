@@ -1,0 +1,63 @@
+"""Opening libvirt, and turning libvirt's errors into tdxvirt's.
+
+libvirt-python is imported here and only here (and only when a command needs it), so
+``tdxvirt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import (
+    LibvirtOperationError,
+    LibvirtUnavailableError,
+    NotFoundError,
+    TdxvirtError,
+)
+
+DEFAULT_URI = "qemu:///system"
+
+
+def resolve_uri(explicit: str | None) -> str:
+    """Like virsh: -c/--connect, else LIBVIRT_DEFAULT_URI, else qemu:///system."""
+    return explicit or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def _libvirt():
+    import libvirt
+
+    # libvirt prints every error to stderr by default; tdxvirt reports them itself.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    return libvirt
+
+
+def message(error: Exception) -> str:
+    """libvirt's message on one line."""
+    text = getattr(error, "get_error_message", lambda: None)() or str(error)
+    return " ".join(text.split())
+
+
+def open_connection(uri: str):
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as error:
+        raise LibvirtUnavailableError(
+            f"cannot connect to libvirt at {uri}: {message(error)}; check that the "
+            "daemon runs and the URI is right (-c URI)"
+        ) from None
+
+
+def translate(error: Exception, what: str) -> TdxvirtError:
+    """A tdxvirt error for a libvirtError raised while doing ``what``."""
+    libvirt = _libvirt()
+    code = error.get_error_code() if isinstance(error, libvirt.libvirtError) else None
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return NotFoundError(f"{what}: {message(error)}")
+    if code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT):
+        return LibvirtUnavailableError(f"{what}: lost the libvirt connection: {message(error)}")
+    return LibvirtOperationError(f"{what}: {message(error)}")
+
+
+def libvirt_error_type():
+    return _libvirt().libvirtError

@@ -1,0 +1,54 @@
+"""NVIDIA device identities: which PCI devices are GPUs or NVSwitches we pass through."""
+
+from __future__ import annotations
+
+from ..errors import InputError
+from .pci import PciDevice
+
+NVIDIA_VENDOR = 0x10DE
+NVSWITCH_IDS = {0x22A3: "NVSwitch"}
+
+# Device ids from NVIDIA's published lists (see reference/tdx-stack.md).
+GPU_MODELS = {
+    0x2313: "H100",
+    0x2321: "H100 NVL",
+    0x2322: "H800",
+    0x2324: "H800",
+    0x2328: "H20",
+    0x2329: "H20",
+    0x2330: "H100 SXM5 80GB",
+    0x2331: "H100 PCIe",
+    0x2335: "H200",
+    0x2336: "H100",
+    0x2337: "H100",
+    0x2338: "H100",
+    0x2339: "H100",
+    0x233A: "H800",
+    0x233B: "H200",
+    0x233D: "H100",
+    0x2342: "H100",
+}
+
+# 0x0300 VGA and 0x0302 3D controller; the H100 SXM5 reports 0x0302.
+_GPU_CLASSES = {0x0300, 0x0302}
+
+
+def model_name(device: PciDevice) -> str:
+    names = {**GPU_MODELS, **NVSWITCH_IDS}
+    return names.get(device.device, f"NVIDIA {device.device:#06x}")
+
+
+def is_passthrough_candidate(device: PciDevice) -> bool:
+    """An NVIDIA GPU (VGA or 3D class) or NVSwitch."""
+    if device.vendor != NVIDIA_VENDOR:
+        return False
+    return (device.pci_class >> 8) in _GPU_CLASSES or device.device in NVSWITCH_IDS
+
+
+def require_gpu(device: PciDevice) -> None:
+    if not is_passthrough_candidate(device):
+        raise InputError(
+            f"{device.address} is not an NVIDIA GPU or NVSwitch (vendor "
+            f"{device.vendor:#06x}, class {device.pci_class:#08x}); pass the address "
+            "of the GPU itself, as `lspci -D -d 10de:` shows it"
+        )

@@ -1,0 +1,73 @@
+"""PCI device facts from sysfs (``/sys/bus/pci/devices/<bdf>``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import NotFoundError
+from ..pci import PciAddress
+from .root import HostRoot
+
+PCI_DEVICES = "/sys/bus/pci/devices"
+
+# Low bits of a sysfs ``resource`` line's flags (IORESOURCE_MEM); an I/O BAR never
+# needs guest MMIO space.
+_IORESOURCE_MEM = 0x200
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    address: PciAddress
+    vendor: int
+    device: int
+    pci_class: int
+    numa_node: int | None
+    driver: str | None
+    iommu_group: str | None
+    bar_sizes: tuple[int, ...]
+
+    @property
+    def mmio_bytes(self) -> int:
+        return sum(self.bar_sizes)
+
+
+def _int(value: str | None, default: int | None = None) -> int | None:
+    if value is None:
+        return default
+    try:
+        return int(value, 0)
+    except ValueError:
+        return default
+
+
+def parse_resource(text: str) -> tuple[int, ...]:
+    """Sizes of the memory BARs in a sysfs ``resource`` file (start end flags)."""
+    sizes = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3:
+            continue
+        start, end, flags = (int(f, 16) for f in fields)
+        if start and flags & _IORESOURCE_MEM:
+            sizes.append(end - start + 1)
+    return tuple(sizes)
+
+
+def read_device(root: HostRoot, address: PciAddress) -> PciDevice:
+    base = f"{PCI_DEVICES}/{address}"
+    if not root.exists(base):
+        raise NotFoundError(
+            f"no PCI device {address} on this host; `lspci -D -d 10de:` lists the "
+            "NVIDIA devices it has"
+        )
+    numa = _int(root.read_value(f"{base}/numa_node"), -1)
+    return PciDevice(
+        address=address,
+        vendor=_int(root.read_value(f"{base}/vendor"), 0),
+        device=_int(root.read_value(f"{base}/device"), 0),
+        pci_class=_int(root.read_value(f"{base}/class"), 0),
+        numa_node=None if numa is None or numa < 0 else numa,
+        driver=root.link_name(f"{base}/driver"),
+        iommu_group=root.link_name(f"{base}/iommu_group"),
+        bar_sizes=parse_resource(root.read_value(f"{base}/resource") or ""),
+    )

@@ -1,0 +1,130 @@
+"""The Debian forky root that runs libvirt 12.x's daemon for the simulated host.
+
+libvirt 12.x cannot be installed on Debian 12 (it needs a newer glibc), so it runs
+in a forky root reached through its UNIX socket (see README, "Simulated host").
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import SimulatorError
+
+MIRROR = "http://deb.debian.org/debian"
+# The forky index is frozen past its Valid-Until date.
+APT_OPTIONS = ["-o", "Acquire::Check-Valid-Until=false"]
+PACKAGES = [
+    "libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
+    "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx",
+]
+# Without this every domain start fails: "Failed disable mount propagation out of the
+# root filesystem: Invalid argument" (no private mount namespace in a chroot here).
+QEMU_CONF_LINE = "namespaces = [ ]\n"
+DAEMONS = ("virtlogd", "libvirtd")
+
+
+def _run(argv: list[str], what: str, **kwargs) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-2:])
+        raise SimulatorError(f"{what} failed ({argv[0]} exit {result.returncode}): {tail}")
+
+
+def is_provisioned(root: Path) -> bool:
+    return (root / "usr/sbin/libvirtd").exists() and (root / ".tdxvirt-provisioned").exists()
+
+
+def provision(root: Path, log=print) -> None:
+    """debootstrap forky and install libvirt 12.x, QEMU and TDX OVMF (idempotent)."""
+    if is_provisioned(root):
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if not (root / "usr/bin/apt-get").exists():
+        log(f"creating a Debian forky root at {root} (about 30 s)")
+        _run(["debootstrap", "--variant=minbase", "forky", str(root), MIRROR,
+              "/usr/share/debootstrap/scripts/sid"], "debootstrap")
+    mount(root)
+    log("installing libvirt 12.x, QEMU and OVMF into it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["chroot", str(root), "apt-get", *APT_OPTIONS, "update", "-qq"], "apt-get update")
+    _run(["chroot", str(root), "apt-get", *APT_OPTIONS, "install", "-y", "-qq",
+          "--no-install-recommends", *PACKAGES], "apt-get install", env=env)
+    qemu_conf = root / "etc/libvirt/qemu.conf"
+    if QEMU_CONF_LINE not in qemu_conf.read_text():
+        with qemu_conf.open("a") as conf:
+            conf.write(QEMU_CONF_LINE)
+    (root / ".tdxvirt-provisioned").write_text("ok\n")
+
+
+def _mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def mount(root: Path) -> None:
+    """proc, /sys and /dev (rslave, so nothing propagates back) and a tmpfs /run."""
+    plans = [
+        ("proc", ["mount", "-t", "proc", "proc"]),
+        ("sys", ["mount", "--rbind", "/sys"], ),
+        ("dev", ["mount", "--rbind", "/dev"]),
+        ("run", ["mount", "-t", "tmpfs", "tmpfs"]),
+    ]
+    for name, argv in plans:
+        target = root / name
+        if _mounted(target):
+            continue
+        target.mkdir(exist_ok=True)
+        _run([*argv, str(target)], f"mounting {target}")
+        if "--rbind" in argv:
+            _run(["mount", "--make-rslave", str(target)], f"making {target} rslave")
+
+
+def socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def start_daemons(root: Path, sock: Path, wait: float = 15.0) -> bool:
+    """Start virtlogd and libvirtd in the root; False when they already ran."""
+    if socket_answers(sock):
+        return False
+    if not is_provisioned(root):
+        raise SimulatorError(
+            f"the simulated host is not installed at {root}; run scripts/setup first"
+        )
+    if os.geteuid() != 0:
+        raise SimulatorError("starting the simulated host's libvirt daemon needs root")
+    mount(root)
+    for stale in (root / "run" / "libvirt").glob("*-sock"):  # left by a killed daemon
+        stale.unlink()
+    for daemon in DAEMONS:
+        _run(["chroot", str(root), daemon, "-d"], f"starting {daemon}")
+    deadline = time.monotonic() + wait
+    while not socket_answers(sock):
+        if time.monotonic() > deadline:
+            raise SimulatorError(f"libvirtd in {root} did not open {sock} within {wait:.0f} s")
+        time.sleep(0.1)
+    return True
+
+
+def stop_daemons(root: Path) -> list[str]:
+    """Stop the daemons started in this root, by the pid files they wrote."""
+    stopped = []
+    for daemon in reversed(DAEMONS):
+        pidfile = root / "run" / f"{daemon}.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(daemon)
+        except (OSError, ValueError):
+            continue
+    return stopped

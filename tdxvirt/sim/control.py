@@ -1,0 +1,76 @@
+"""Bring the simulated host up, report on it, take it down."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+from ..paths import state_dir
+from . import SimLayout, chroot, keeper, layout
+from .hostroot import TDX_OVMF, build_host_root
+
+SCHEMAS = "usr/share/libvirt/schemas"
+
+
+@dataclass(frozen=True)
+class SimStatus:
+    installed: bool
+    daemon: bool
+    keeper_pid: int | None
+    host_root: bool
+    uri: str
+
+
+def install_schemas(sim: SimLayout) -> None:
+    """Copy libvirt 12.x's RelaxNG schemas where tdxvirt.schema looks for them."""
+    target = state_dir() / "schemas"
+    source = sim.chroot / SCHEMAS
+    if (target / "domain.rng").exists() or not source.is_dir():
+        return
+    staging = target.with_name("schemas.new")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    staging.rename(target)
+
+
+def ensure_host_root(sim: SimLayout) -> None:
+    if not (sim.host_root / "sys/bus/pci/devices").is_dir():
+        build_host_root(sim.host_root, ovmf_file=sim.chroot / TDX_OVMF.lstrip("/"))
+
+
+def up(sim: SimLayout | None = None) -> list[str]:
+    """Start whatever is not running; return what was started."""
+    sim = sim or layout()
+    started = []
+    if chroot.start_daemons(sim.chroot, sim.socket):
+        started.append("libvirt 12.x daemon")
+    install_schemas(sim)
+    ensure_host_root(sim)
+    if keeper.start(sim.uri, sim.keeper_pidfile, sim.keeper_log):
+        started.append("test-driver keeper")
+    return started
+
+
+def down(sim: SimLayout | None = None) -> list[str]:
+    """Stop the keeper (the test driver's domains are then forgotten) and the daemons."""
+    sim = sim or layout()
+    stopped = ["test-driver keeper"] if keeper.stop(sim.keeper_pidfile) else []
+    return stopped + chroot.stop_daemons(sim.chroot)
+
+
+def status(sim: SimLayout | None = None) -> SimStatus:
+    sim = sim or layout()
+    return SimStatus(
+        installed=chroot.is_provisioned(sim.chroot),
+        daemon=chroot.socket_answers(sim.socket),
+        keeper_pid=keeper.running_pid(sim.keeper_pidfile),
+        host_root=(sim.host_root / "sys").is_dir(),
+        uri=sim.uri,
+    )
+
+
+def provision(sim: SimLayout | None = None, log=print) -> list[str]:
+    """Install the simulated host if needed, then bring it up (scripts/setup)."""
+    sim = sim or layout()
+    chroot.provision(sim.chroot, log=log)
+    return up(sim)

@@ -1,0 +1,98 @@
+"""Fake host roots built from real hardware data.
+
+Used by the simulated host and by tests; every file written here copies a value read
+from a real machine (``data/``) unless a test overrides it on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..host import HostRoot
+
+H100_FIXTURE = "h100-sxm5-80gb"
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+ (tdxvirt simulated host)
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush \
+dts acpi mmx fxsr sse sse2 ss ht tm pbe syscall nx pdpe1gb rdtscp lm constant_tsc vmx \
+smx est tm2 ssse3 sdbg fma cx16 xtpr pdcm pcid dca sse4_1 sse4_2 x2apic movbe popcnt \
+aes xsave avx f16c rdrand lahf_lm abm 3dnowprefetch tme avx512f avx512dq sgx \
+tdx_host_platform
+
+"""
+CMDLINE = "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro console=ttyS0,115200 intel_iommu=on iommu=pt kvm_intel.tdx=on nohibernate\n"
+TDX_OVMF = "/usr/share/ovmf/OVMF.inteltdx.ms.fd"
+
+
+@dataclass(frozen=True)
+class FakePciDevice:
+    address: str  # full form, 0000:38:00.0
+    fixture: str = H100_FIXTURE
+    overrides: dict[str, str] = field(default_factory=dict)  # sysfs file -> value
+    driver: str | None = "vfio-pci"
+    iommu_group: int | None = 42
+
+
+def _data() -> Path:
+    return Path(str(resources.files("tdxvirt.sim").joinpath("data")))
+
+
+def _symlink(target: str, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(target, link)
+
+
+def _add_pci_device(root: Path, dev: FakePciDevice) -> None:
+    sysfs = root / "sys/bus/pci/devices" / dev.address
+    sysfs.mkdir(parents=True, exist_ok=True)
+    for source in (_data() / dev.fixture / "sysfs").iterdir():
+        shutil.copyfile(source, sysfs / source.name)
+    for name, value in dev.overrides.items():
+        (sysfs / name).write_text(value if value.endswith("\n") else value + "\n")
+    if dev.driver:
+        (root / "sys/bus/pci/drivers" / dev.driver).mkdir(parents=True, exist_ok=True)
+        _symlink(f"../../drivers/{dev.driver}", sysfs / "driver")
+    if dev.iommu_group is not None:
+        group = root / "sys/kernel/iommu_groups" / str(dev.iommu_group)
+        _symlink(f"../../../../kernel/iommu_groups/{dev.iommu_group}", sysfs / "iommu_group")
+        _symlink(f"../../../../bus/pci/devices/{dev.address}", group / "devices" / dev.address)
+
+
+def build_host_root(
+    dest: str | os.PathLike,
+    devices: tuple[FakePciDevice, ...] = (FakePciDevice("0000:38:00.0"),),
+    tdx_enabled: bool = True,
+    tdx_firmware: bool = True,
+    ovmf_file: str | os.PathLike | None = None,
+) -> HostRoot:
+    """Write a fake host root at ``dest`` (replacing one already there)."""
+    root = Path(dest)
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "proc").mkdir(parents=True)
+    (root / "proc/cpuinfo").write_text(CPUINFO)
+    (root / "proc/cmdline").write_text(CMDLINE)
+    params = root / "sys/module/kvm_intel/parameters"
+    params.mkdir(parents=True)
+    (params / "tdx").write_text("Y\n" if tdx_enabled else "N\n")
+    for dev in devices:
+        _add_pci_device(root, dev)
+    if tdx_firmware:
+        firmware = root / "usr/share/qemu/firmware"
+        firmware.mkdir(parents=True)
+        shutil.copyfile(_data() / "60-edk2-x86_64-inteltdx.json",
+                        firmware / "60-edk2-x86_64-inteltdx.json")
+        ovmf = root / TDX_OVMF.lstrip("/")
+        if ovmf_file:  # the real firmware file (the simulated host links the forky one)
+            _symlink(str(ovmf_file), ovmf)
+        else:
+            ovmf.parent.mkdir(parents=True, exist_ok=True)
+            ovmf.write_bytes(b"")
+    return HostRoot(root)
