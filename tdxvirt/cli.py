@@ -220,6 +220,10 @@ def list_(session, include_foreign, as_json):
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
+    if not records:
+        hint = "" if include_foreign else " (--all also shows TDX domains other tools defined)"
+        click.echo(f"No TDs at {session.uri}{hint}")
+        return
     from tabulate import tabulate
 
     table = [
@@ -238,11 +242,16 @@ def sim():
 
 
 @sim.command(name="up")
-def sim_up():
+@click.option("--install", is_flag=True,
+              help="First install the simulated host if it is missing (debootstrap, apt).")
+def sim_up(install):
     """Start the simulated host's daemon and keeper if they are not running."""
     from .sim import control
 
-    started = control.up()
+    if install:
+        started = control.provision(log=lambda line: click.echo(f"sim: {line}"))
+    else:
+        started = control.up()
     click.echo(f"Started: {', '.join(started)}" if started else "The simulated host is up")
 
 

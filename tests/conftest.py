@@ -1,0 +1,78 @@
+"""Shared fixtures: the real TDX-aware libvirt (simulated host) and fake host roots."""
+
+from __future__ import annotations
+
+import uuid
+
+import libvirt
+import pytest
+
+from tdxvirt.conn import open_connection
+from tdxvirt.host import HostRoot
+from tdxvirt.schema import find_schema_dir
+from tdxvirt.sim import control, layout
+from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """The simulated host, up (scripts/setup installed it)."""
+    control.up()
+    return layout()
+
+
+@pytest.fixture(scope="session")
+def sim_uri(sim) -> str:
+    return sim.uri
+
+
+@pytest.fixture(scope="session")
+def conn(sim_uri):
+    """A connection to libvirt 12.x's test driver, which knows TDX launch security."""
+    connection = open_connection(sim_uri)
+    assert connection.getLibVersion() >= 12_000_000
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def schema_dir():
+    directory = find_schema_dir()
+    assert directory is not None, "libvirt 12.x schemas missing: run scripts/setup"
+    return directory
+
+
+@pytest.fixture
+def host_root(tmp_path) -> HostRoot:
+    """A fake host root: TDX on, an H100 SXM5 (real sysfs values) at 0000:38:00.0."""
+    return build_host_root(tmp_path / "root")
+
+
+@pytest.fixture
+def gpu_host(tmp_path):
+    """A fake host root whose H100 sits at an address unique to this test.
+
+    The test driver's state is shared by every test (and the demo), and tdxvirt
+    refuses a GPU another domain holds; a PCI domain number of the test's own keeps
+    tests independent. Returns (HostRoot, "dddd:38:00.0").
+    """
+    address = f"{uuid.uuid4().int % 0xEFFF + 0x1000:04x}:38:00.0"
+    return build_host_root(tmp_path / "root", devices=(FakePciDevice(address),)), address
+
+
+def _undefine_if_present(connection, name: str) -> None:
+    try:
+        domain = connection.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    if domain.isActive():
+        domain.destroy()
+    domain.undefine()
+
+
+@pytest.fixture
+def td_name(conn):
+    """A domain name unique to this test, removed from libvirt afterwards."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield name
+    _undefine_if_present(conn, name)

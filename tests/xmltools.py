@@ -1,0 +1,29 @@
+"""Comparing domain XML as libvirt reads it back with what tdxvirt rendered."""
+
+from __future__ import annotations
+
+from lxml import etree
+
+
+def _text(element) -> str:
+    return (element.text or "").strip()
+
+
+def _covers(dumped, rendered) -> bool:
+    """``dumped`` has rendered's tag, attributes, text, and (recursively) children."""
+    if dumped.tag != rendered.tag or _text(dumped) != _text(rendered):
+        return False
+    if any(dumped.get(k) != v for k, v in rendered.attrib.items()):
+        return False
+    return all(any(_covers(d, r) for d in dumped if isinstance(d.tag, str))
+               for r in rendered if isinstance(r.tag, str))
+
+
+def dropped_elements(rendered_xml: str, dumped_xml: str) -> list[str]:
+    """Paths of rendered elements that libvirt's read-back lacks or changed."""
+    rendered = etree.fromstring(rendered_xml.encode())
+    dumped = etree.fromstring(dumped_xml.encode())
+    tree = rendered.getroottree()
+    return [tree.getpath(r) for r in rendered.iter()
+            if isinstance(r.tag, str) and r is not rendered
+            and not any(_covers(d, r) for d in dumped.iter(r.tag))]
