@@ -99,38 +99,77 @@ def main(ctx, uri, sim, host_root):
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--gpu", "gpus", multiple=True, required=True, metavar="BDF",
+@click.option("--gpu", "gpus", multiple=True, metavar="BDF",
               help="GPU to pass through (38:00.0 or 0000:38:00.0); repeat for more.")
-@click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs.")
+@click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs (one socket).")
 @click.option("--memory", default="16G", show_default=True,
-              help="Memory size: number with K, M, G or T (bare number: MiB).")
-@click.option("--image", metavar="PATH", help="Boot disk image (qcow2 or raw), used as is.")
-@click.option("--ovmf", metavar="PATH",
-              help="TDX OVMF firmware (default: from QEMU firmware descriptors).")
+              help="Memory: number with K, M, G or T (bare number: MiB); 2 MiB aligned.")
+@click.option("--image", metavar="PATH", help="Base image: boot a new qcow2 overlay on it.")
+@click.option("--disk", metavar="PATH", help="Boot disk image, used as is.")
+@click.option("--kernel", metavar="PATH", help="Direct kernel boot: the guest kernel.")
+@click.option("--initrd", metavar="PATH", help="Direct kernel boot: the initrd.")
+@click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel arguments "
+              "(clearcpuid=mtrr is added).")
+@click.option("--ovmf", metavar="PATH", help="TDX OVMF (default: config, else QEMU firmware descriptors).")
+@click.option("--qemu", metavar="PATH", help="QEMU emulator (default: config, else libvirt's).")
+@click.option("--dialect", type=click.Choice(["native", "canonical", "qemu-args"]),
+              help="Force the TDX XML dialect (default: from the target libvirt).")
+@click.option("--policy", metavar="HEX", help="TD policy (default 0x10000000; bits 0 and 28 only).")
+@click.option("--debug", is_flag=True, help="Set the debug policy bit (never in production).")
+@click.option("--mr-config-id", metavar="BASE64", help="MRCONFIGID: base64 of 48 bytes.")
+@click.option("--mr-owner", metavar="BASE64", help="MROWNER: base64 of 48 bytes.")
+@click.option("--mr-owner-config", metavar="BASE64", help="MROWNERCONFIG: base64 of 48 bytes.")
+@click.option("--qgs", metavar="PATH|vsock:CID:PORT", help="Quote generation service.")
+@click.option("--managed/--no-managed", default=True, show_default=True,
+              help="Let libvirt bind the GPUs to vfio-pci at start.")
+@click.option("--allow-shared", is_flag=True, help="Allow a GPU another defined domain uses.")
+@click.option("--ppcie", is_flag=True,
+              help="Protected PCIe: all GPUs (or those given) plus the board's NVSwitches.")
+@click.option("--network", type=click.Choice(["none", "default", "user"]), default="none",
+              show_default=True, help="libvirt network 'default', or user-mode with ssh forward.")
+@click.option("--ssh-port", type=int, default=10022, show_default=True,
+              help="Host port forwarded to the guest's ssh with --network user.")
+@click.option("--vsock", is_flag=True, help="Add a virtio vsock device.")
+@click.option("--hugepages", type=click.Choice(["2M", "1G"]), help="Back memory with huge pages.")
+@click.option("--numa", type=click.Choice(["auto"]), help="Place memory on the GPUs' NUMA node(s).")
+@click.option("--no-tdx", "no_tdx", is_flag=True, help="The same VM without TDX (plain mode).")
+@click.option("--virt-type", type=click.Choice(["kvm", "qemu"]), default="kvm", show_default=True,
+              help="Domain type; 'qemu' (TCG) only for plain VMs on hosts without KVM.")
 @click.option("--print-xml", is_flag=True, help="Print the domain XML; define nothing.")
 @pass_session
-def define(session, name, gpus, vcpus, memory, image, ovmf, print_xml):
+def define(session, name, print_xml, no_tdx, **options):
     """Define a TD with GPUs passed through (NAME defaults to one from the GPU)."""
     from . import tds
     from .spec import TDSpec
 
-    spec = TDSpec.from_user(name=name, gpus=gpus, vcpus=vcpus, memory=memory,
-                            image=image, ovmf=ovmf)
+    spec = TDSpec.from_user(name=name, tdx=not no_tdx, **options)
     if print_xml:
-        td = tds.build_td(session.conn(), session.host, spec)
+        td = tds.assemble_td(session.conn(), session.host, spec)
         _warn(td.plan.warnings)
         click.echo(td.xml, nl=False)
         return
     td = tds.define_td(session.conn(), session.host, spec)
     _warn(td.plan.warnings)
+    _describe(td, session.uri)
+
+
+def _describe(td, uri: str) -> None:
     plan = td.plan
-    click.echo(f"Defined TD '{plan.name}' at {session.uri}")
+    kind, how = ("VM", "plain, no TDX") if plan.dialect == "plain" else ("TD", f"{plan.dialect} dialect")
+    click.echo(f"Defined {kind} '{plan.name}' at {uri} ({how})")
     for hostdev in plan.hostdevs:
         mode = "managed" if plan.managed else "unmanaged"
         vfio = "iommufd" if plan.iommufd else "legacy VFIO"
-        click.echo(f"  GPU {hostdev.source}: {mode} hostdev, {vfio}, root port {hostdev.guest_bus}")
-    click.echo(f"  {plan.vcpus} vCPUs, {plan.memory_kib // 1024} MiB, TDX policy {plan.policy_hex}")
-    click.echo(f"  firmware {plan.loader} (ROM), 64-bit MMIO window {plan.mmio_mb} MiB")
+        click.echo(f"  {'NVSwitch' if hostdev.kind == 'nvswitch' else 'GPU'} {hostdev.source}: "
+                   f"{mode} hostdev, {vfio}, root port {hostdev.guest_bus}")
+    policy = f", TDX policy {plan.policy_hex}" if plan.tdx else ""
+    click.echo(f"  {plan.vcpus} vCPUs, {plan.memory_kib // 1024} MiB{policy}")
+    firmware = f"firmware {plan.loader} (ROM)" if plan.loader else (
+        "firmware via -bios" if plan.qemu_args else "firmware chosen by libvirt (UEFI)")
+    click.echo(f"  {firmware}, 64-bit MMIO window {plan.mmio_mb} MiB")
+    if plan.disk:
+        made = f" (new overlay on {plan.disk.overlay_base})" if plan.disk.overlay_base else ""
+        click.echo(f"  disk {plan.disk.path}{made}")
     if not td.schema_checked:
         click.echo("  (no local libvirt schema knows TDX; libvirt validated the XML itself)")
 

@@ -23,6 +23,13 @@ def resolve_uri(explicit: str | None) -> str:
     return explicit or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
+def is_remote(uri: str) -> bool:
+    """True when the URI names another host (qemu+ssh://host/system)."""
+    from urllib.parse import urlparse
+
+    return bool(urlparse(uri).hostname)
+
+
 def _libvirt():
     import libvirt
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from lxml import etree
 
 NAMESPACE = "urn:tdxvirt:td:1"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _NS = {"t": NAMESPACE}
 
 
@@ -21,9 +22,11 @@ class DomainFacts:
     name: str
     managed_by_tdxvirt: bool
     tdx: bool
-    gpus: tuple[str, ...]
+    gpus: tuple[str, ...]  # every PCI hostdev: GPUs and NVSwitches
     vcpus: int
     memory_kib: int
+    dialect: str | None = None
+    overlay: str | None = None  # the disk overlay tdxvirt created, if any
 
 
 def read_domain_xml(xml: str) -> DomainFacts:
@@ -38,10 +41,14 @@ def read_domain_xml(xml: str) -> DomainFacts:
     return DomainFacts(
         name=root.findtext("name"),
         managed_by_tdxvirt=mark is not None,
-        tdx=root.find("launchSecurity[@type='tdx']") is not None,
+        tdx=root.find("launchSecurity[@type='tdx']") is not None
+        or any("tdx-guest" in v for v in root.xpath(
+            "q:commandline/q:arg/@value", namespaces={"q": QEMU_NS})),
         gpus=hostdev_gpus,
         vcpus=int(root.findtext("vcpu") or 0),
         memory_kib=_kib(root.find("memory")),
+        dialect=None if mark is None else mark.findtext("t:dialect", namespaces=_NS),
+        overlay=None if mark is None else mark.findtext("t:overlay", namespaces=_NS),
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .errors import InputError
 from .pci import PciAddress
+from .tdx_options import POLICY_DEBUG, QuoteService, parse_measurement, parse_policy, parse_qgs
 from .units import MIB, parse_size
 
 # Stricter than libvirt (which only forbids '/'): a name users can type in a shell,
@@ -60,10 +61,37 @@ def validate_vcpus(vcpus: int) -> int:
 
 def validate_existing_file(path: str, option: str) -> str:
     """An absolute path to an existing regular file (libvirt needs absolute paths)."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InputError(f"{option} {path!r}: not a usable path")
     absolute = os.path.abspath(path)
     if not os.path.isfile(absolute):
         raise InputError(f"{option} {path!r}: no such file; give the path of an existing file")
     return absolute
+
+
+DIALECTS = ("native", "canonical", "qemu-args")
+NETWORKS = ("none", "default", "user")
+HUGEPAGES = {"2M": 2048, "1G": 1048576}  # KiB, as libvirt's <page size=...> wants
+DEFAULT_SSH_PORT = 10022  # Canonical's TD scripts forward host 10022 to guest 22
+
+
+def validate_port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InputError(f"invalid --ssh-port {port!r}: use a TCP port from 1 to 65535")
+    return port
+
+
+def _choice(value: str | None, choices, option: str) -> str | None:
+    if value is not None and value not in choices:
+        raise InputError(f"invalid {option} {value!r}: use one of {', '.join(choices)}")
+    return value
+
+
+def with_clearcpuid(cmdline: str) -> str:
+    """The kernel arguments with clearcpuid=mtrr, which TD guests need (source document)."""
+    if "clearcpuid=mtrr" in cmdline.split():
+        return cmdline
+    return f"{cmdline} clearcpuid=mtrr".strip()
 
 
 @dataclass(frozen=True)
@@ -72,29 +100,96 @@ class TDSpec:
     gpus: tuple[PciAddress, ...]
     vcpus: int = DEFAULT_VCPUS
     memory: int = 16 * 1024 * MIB  # bytes
-    image: str | None = None
-    ovmf: str | None = None  # None: find it from the host's firmware descriptors
+    tdx: bool = True  # False: the same VM without launch security ("plain")
+    dialect: str | None = None  # None: chosen from the target libvirt
     policy: int = DEFAULT_POLICY
+    mr_config_id: str | None = None
+    mr_owner: str | None = None
+    mr_owner_config: str | None = None
+    qgs: QuoteService | None = None
+    image: str | None = None  # base image: the TD boots a new qcow2 overlay on it
+    disk: str | None = None  # image used as is
+    ovmf: str | None = None  # None: from config, build artifacts or firmware descriptors
+    qemu: str | None = None  # None: from config, build artifacts or libvirt's default
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
     managed: bool = True
+    allow_shared: bool = False
+    ppcie: bool = False
+    network: str = "none"
+    ssh_port: int = DEFAULT_SSH_PORT
+    vsock: bool = False
+    hugepages: str | None = None
+    numa_auto: bool = False
+    virt_type: str = "kvm"
 
     @classmethod
-    def from_user(
-        cls,
-        *,
-        name: str | None,
-        gpus: tuple[str, ...] | list[str],
-        vcpus: int = DEFAULT_VCPUS,
-        memory: str = DEFAULT_MEMORY,
-        image: str | None = None,
-        ovmf: str | None = None,
-    ) -> "TDSpec":
+    def from_user(cls, *, name: str | None, gpus=(), vcpus: int = DEFAULT_VCPUS,
+                  memory: str = DEFAULT_MEMORY, tdx: bool = True, dialect: str | None = None,
+                  policy: str | None = None, debug: bool = False,
+                  mr_config_id: str | None = None, mr_owner: str | None = None,
+                  mr_owner_config: str | None = None, qgs: str | None = None,
+                  image: str | None = None, disk: str | None = None,
+                  ovmf: str | None = None, qemu: str | None = None,
+                  kernel: str | None = None, initrd: str | None = None,
+                  cmdline: str | None = None, managed: bool = True,
+                  allow_shared: bool = False, ppcie: bool = False, network: str = "none",
+                  ssh_port: int = DEFAULT_SSH_PORT, vsock: bool = False,
+                  hugepages: str | None = None, numa: str | None = None,
+                  virt_type: str = "kvm") -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field."""
         addresses = parse_gpus(gpus)
+        if name is None and not addresses and not ppcie:
+            raise InputError("give the TD a NAME, or at least one --gpu to derive it from")
+        if image and disk:
+            raise InputError("give either --image (boot a new overlay on it) or --disk (use as is), not both")
+        if (initrd or cmdline) and not kernel:
+            raise InputError("--initrd and --cmdline need --kernel (direct kernel boot)")
+        parsed_policy = DEFAULT_POLICY if policy is None else parse_policy(policy)
+        if not tdx and (policy or debug or mr_config_id or mr_owner or mr_owner_config or qgs
+                        or dialect):
+            raise InputError("TDX options (--policy, --debug, --mr-*, --qgs, --dialect) "
+                             "make no sense with --no-tdx; drop them or drop --no-tdx")
+        if numa not in (None, "auto"):
+            raise InputError(f"invalid --numa {numa!r}: the only placement is 'auto'")
         return cls(
             name=validate_name(name if name is not None else default_name(addresses)),
             gpus=addresses,
             vcpus=validate_vcpus(vcpus),
             memory=parse_size(memory, "--memory"),
-            image=None if image is None else validate_existing_file(image, "--image"),
-            ovmf=None if ovmf is None else validate_existing_file(ovmf, "--ovmf"),
+            tdx=tdx,
+            dialect=_choice(dialect, DIALECTS, "--dialect"),
+            policy=parsed_policy | (POLICY_DEBUG if debug else 0),
+            mr_config_id=None if mr_config_id is None else parse_measurement(mr_config_id, "--mr-config-id"),
+            mr_owner=None if mr_owner is None else parse_measurement(mr_owner, "--mr-owner"),
+            mr_owner_config=(None if mr_owner_config is None
+                             else parse_measurement(mr_owner_config, "--mr-owner-config")),
+            qgs=None if qgs is None else parse_qgs(qgs),
+            image=_file(image, "--image"),
+            disk=_file(disk, "--disk"),
+            ovmf=_file(ovmf, "--ovmf"),
+            qemu=_file(qemu, "--qemu"),
+            kernel=_file(kernel, "--kernel"),
+            initrd=_file(initrd, "--initrd"),
+            cmdline=None if kernel is None else with_clearcpuid(_one_line(cmdline or "", "--cmdline")),
+            managed=managed,
+            allow_shared=allow_shared,
+            ppcie=ppcie,
+            network=_choice(network, NETWORKS, "--network"),
+            ssh_port=validate_port(ssh_port),
+            vsock=vsock,
+            hugepages=_choice(hugepages, tuple(HUGEPAGES), "--hugepages"),
+            numa_auto=numa == "auto",
+            virt_type=_choice(virt_type, ("kvm", "qemu"), "--virt-type"),
         )
+
+
+def _file(path: str | None, option: str) -> str | None:
+    return None if path is None else validate_existing_file(path, option)
+
+
+def _one_line(text: str, option: str) -> str:
+    if any(c in text for c in "\0\n\r"):
+        raise InputError(f"invalid {option}: it must be one line of text")
+    return text.strip()

@@ -6,19 +6,17 @@ nothing. The CLI is a thin layer over them.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from dataclasses import dataclass
 
 from .conn import libvirt_error_type, translate
-from .errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
+from .errors import InputError, LibvirtOperationError, NotFoundError
+from .assemble import AssembledTD, assemble_td, gpu_holders  # noqa: F401  (re-exported)
 from .host import HostRoot
-from .host.firmware import find_tdx_ovmf
-from .host.nvidia import require_gpu
-from .host.pci import read_device
 from .metadata import DomainFacts, read_domain_xml
-from .policy import LIBVIRT_NATIVE_TDX, DomainPlan, plan_domain, version_text
-from .render import render_domain
-from .schema import validate_domain_xml
+from .policy import Disk
 from .spec import TDSpec
 
 # virDomainDefineFlags VIR_DOMAIN_DEFINE_VALIDATE: without it libvirt silently drops
@@ -28,13 +26,6 @@ DEFINE_VALIDATE = 1
 STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
                5: "shut off", 6: "crashed", 7: "suspended"}
 STATS_STATE = 1  # VIR_DOMAIN_STATS_STATE
-
-
-@dataclass(frozen=True)
-class DefinedTD:
-    plan: DomainPlan
-    xml: str
-    schema_checked: bool
 
 
 @dataclass(frozen=True)
@@ -64,49 +55,36 @@ def _exists(conn, name: str) -> bool:
         return False
 
 
-def gpu_holders(conn) -> dict[str, str]:
-    """GPU address -> name of the defined domain whose XML passes it through."""
-    holders = {}
-    for domain in conn.listAllDomains(0):
-        for gpu in read_domain_xml(domain.XMLDesc(0)).gpus:
-            holders.setdefault(gpu, domain.name())
-    return holders
+def _create_overlay(disk: Disk) -> None:
+    """A qcow2 overlay on the base image; the base is only ever read."""
+    if os.path.lexists(disk.path):
+        raise InputError(f"{disk.path} already exists; remove it or choose another TD name")
+    os.makedirs(os.path.dirname(disk.path), exist_ok=True)
+    result = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.base_format, "-b",
+         disk.overlay_base, disk.path], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LibvirtOperationError(
+            f"qemu-img could not create the overlay {disk.path}: "
+            f"{' '.join(result.stderr.split()) or 'exit ' + str(result.returncode)}")
 
 
-def build_td(conn, host: HostRoot, spec: TDSpec) -> DefinedTD:
-    """Check the spec against the host and libvirt, and render the domain XML."""
-    version = conn.getLibVersion()
-    if version < LIBVIRT_NATIVE_TDX:
-        raise HostNotReadyError(
-            f"libvirt {version_text(version)} at {conn.getURI()} does not know TDX launch "
-            f"security; it needs libvirt {version_text(LIBVIRT_NATIVE_TDX)} or newer"
-        )
-    devices = [read_device(host, gpu) for gpu in spec.gpus]
-    for device in devices:
-        require_gpu(device)
-    holders = gpu_holders(conn)
-    for gpu in spec.gpus:
-        if str(gpu) in holders:
-            raise InputError(
-                f"GPU {gpu} is already given to domain {holders[str(gpu)]!r}; "
-                f"undefine it first (`tdxvirt undefine {holders[str(gpu)]}`) or pick another GPU"
-            )
-    loader = spec.ovmf or find_tdx_ovmf(host)
-    plan = plan_domain(spec, devices, version, loader)
-    xml = render_domain(plan)
-    return DefinedTD(plan=plan, xml=xml, schema_checked=validate_domain_xml(xml))
-
-
-def define_td(conn, host: HostRoot, spec: TDSpec) -> DefinedTD:
+def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
+    """Define the TD; on any failure nothing is left behind (no domain, no overlay)."""
     if _exists(conn, spec.name):
         raise InputError(
             f"a domain named {spec.name!r} already exists at {conn.getURI()}; "
             "choose another name or `tdxvirt undefine` it first"
         )
-    td = build_td(conn, host, spec)
+    td = assemble_td(conn, host, spec, config)
+    overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
+    if overlay:
+        _create_overlay(overlay)
     try:
         conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
     except libvirt_error_type() as error:
+        if overlay:
+            os.unlink(overlay.path)
         raise translate(error, f"libvirt refused to define {spec.name!r}") from None
     return td
 

@@ -76,3 +76,21 @@ def td_name(conn):
     name = f"t-{uuid.uuid4().hex[:10]}"
     yield name
     _undefine_if_present(conn, name)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--regen-golden", action="store_true",
+                     help="rewrite tests/golden/*.xml from the current templates")
+
+
+@pytest.fixture(scope="session")
+def regen_golden(request) -> bool:
+    return request.config.getoption("--regen-golden")
+
+
+@pytest.fixture(scope="session")
+def qemu_conn(sim):
+    """The forky daemon's real qemu driver (QEMU 11.x, TCG only on this machine)."""
+    connection = open_connection(sim.qemu_uri)
+    yield connection
+    connection.close()

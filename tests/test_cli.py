@@ -78,7 +78,19 @@ BAD_DEFINES = [
     (["--gpu", "{gpu}", "--vcpus", "many"], "'many' is not a valid integer"),
     (["--gpu", "{gpu}", "--image", "/nonexistent/disk.qcow2"], "no such file"),
     (["--gpu", "{gpu}", "--ovmf", "/nonexistent/OVMF.fd"], "no such file"),
-    ([], "Missing option '--gpu'"),
+    ([], "give the TD a NAME"),
+    (["--gpu", "{gpu}", "--policy", "0x2"], "only bit 0"),
+    (["--gpu", "{gpu}", "--policy", "zz"], "invalid --policy 'zz'"),
+    (["--gpu", "{gpu}", "--mr-owner", "abc"], "invalid --mr-owner"),
+    (["--gpu", "{gpu}", "--mr-config-id", "AAAA"], "decodes to 3 bytes"),
+    (["--gpu", "{gpu}", "--qgs", "relative.sock"], "invalid --qgs"),
+    (["--gpu", "{gpu}", "--qgs", "vsock:2:4050"], "only takes a unix socket path"),
+    (["--gpu", "{gpu}", "--dialect", "xen"], "'xen' is not one of"),
+    (["--gpu", "{gpu}", "--hugepages", "4K"], "'4K' is not one of"),
+    (["--gpu", "{gpu}", "--no-tdx", "--debug"], "make no sense with --no-tdx"),
+    (["--gpu", "{gpu}", "--initrd", "/etc/hostname"], "need --kernel"),
+    (["--gpu", "{gpu}", "--ssh-port", "70000"], "invalid --ssh-port"),
+    (["--gpu", "{gpu}", "--ppcie"], "no NVSwitch found"),
 ]
 
 

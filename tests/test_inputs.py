@@ -113,3 +113,36 @@ def test_spec_from_user_checks_image(tmp_path):
     assert spec.name == "td-38-00-0"
     assert spec.image == str(image)
     assert spec.memory == 8 * GIB
+
+
+@given(st.text())
+def test_tdx_option_parsers_raise_only_input_error(text):
+    from tdxvirt.tdx_options import parse_measurement, parse_policy, parse_qgs
+
+    for parser in (parse_policy, lambda t: parse_measurement(t, "--mr-owner"), parse_qgs):
+        try:
+            parser(text)
+        except InputError:
+            pass
+
+
+@given(st.binary(min_size=0, max_size=96))
+def test_measurement_accepts_exactly_48_bytes(raw):
+    import base64
+
+    from tdxvirt.tdx_options import parse_measurement
+
+    text = base64.b64encode(raw).decode()
+    if len(raw) == 48:
+        assert base64.b64decode(parse_measurement(text, "--mr-owner")) == raw
+    else:
+        with pytest.raises(InputError, match="not 48"):
+            parse_measurement(text, "--mr-owner")
+
+
+@pytest.mark.parametrize("text, policy", [("0x10000000", 0x10000000), ("10000000", 0x10000000),
+                                          ("0x1", 1), ("0x10000001", 0x10000001), ("0", 0)])
+def test_policies(text, policy):
+    from tdxvirt.tdx_options import parse_policy
+
+    assert parse_policy(text) == policy

@@ -47,10 +47,12 @@ def test_plan_puts_each_gpu_on_its_own_root_port(tmp_path):
         FakePciDevice("0000:38:00.0"), FakePciDevice("0000:b8:00.0", iommu_group=43)))
     spec = TDSpec.from_user(name="two", gpus=["38:00.0", "b8:00.0"], memory="1025M")
     devices = [read_device(root, g) for g in spec.gpus]
-    plan = plan_domain(spec, devices, 12_008_000, "/fw.fd")
+    plan = plan_domain(spec, gpus=devices, dialect="native", libvirt_version=12_008_000,
+                       loader="/fw.fd")
     assert plan.root_ports == (1, 2)
     assert [str(h.source) for h in plan.hostdevs] == ["0000:38:00.0", "0000:b8:00.0"]
     assert plan.iommufd is True
     assert plan.memory_kib == 1026 * 1024
     assert plan.warnings and "2 MiB" in plan.warnings[0]
-    assert plan_domain(spec, devices, 11_006_000, "/fw.fd").iommufd is False
+    assert plan_domain(spec, gpus=devices, dialect="native", libvirt_version=11_006_000,
+                       loader="/fw.fd").iommufd is False

@@ -22,7 +22,8 @@ NATIVE = 12_008_000
 def _render(host_root, **user):
     spec = TDSpec.from_user(**{"name": "td1", "gpus": ["38:00.0"], **user})
     devices = [read_device(host_root, g) for g in spec.gpus]
-    return render_domain(plan_domain(spec, devices, NATIVE, "/usr/share/ovmf/OVMF.inteltdx.ms.fd"))
+    return render_domain(plan_domain(spec, gpus=devices, dialect="native", libvirt_version=NATIVE,
+                                     loader="/usr/share/ovmf/OVMF.inteltdx.ms.fd"))
 
 
 def test_native_td_is_schema_valid_and_has_every_tdx_constraint(host_root, schema_dir):
@@ -57,7 +58,7 @@ def test_native_td_is_schema_valid_and_has_every_tdx_constraint(host_root, schem
 def test_image_path_is_escaped_not_injected(host_root, schema_dir, tmp_path):
     image = tmp_path / "a&b'<c>\".qcow2"
     image.write_bytes(b"QFI\xfb" + b"\0" * 508)
-    xml = _render(host_root, image=str(image))
+    xml = _render(host_root, disk=str(image))
     validate_domain_xml(xml, schema_dir)
     disk = etree.fromstring(xml.encode()).find("devices/disk")
     assert disk.find("source").get("file") == str(image)
@@ -67,7 +68,7 @@ def test_image_path_is_escaped_not_injected(host_root, schema_dir, tmp_path):
 def test_raw_image_is_declared_raw(host_root, schema_dir, tmp_path):
     image = tmp_path / "disk.raw"
     image.write_bytes(b"\0" * 512)
-    disk = etree.fromstring(_render(host_root, image=str(image)).encode()).find("devices/disk")
+    disk = etree.fromstring(_render(host_root, disk=str(image)).encode()).find("devices/disk")
     assert disk.find("driver").get("type") == "raw"
 
 
@@ -90,7 +91,8 @@ def test_any_valid_spec_renders_schema_valid_xml(tmp_path_factory, schema_dir, v
     root = build_host_root(tmp_path_factory.mktemp("r") / "root", devices=tuple(
         FakePciDevice(a, iommu_group=i) for i, a in enumerate(addresses)))
     spec = TDSpec.from_user(name="p", gpus=addresses, vcpus=vcpus, memory=str(memory_mib))
-    plan = plan_domain(spec, [read_device(root, g) for g in spec.gpus], NATIVE, "/fw.fd")
+    plan = plan_domain(spec, gpus=[read_device(root, g) for g in spec.gpus], dialect="native",
+                       libvirt_version=NATIVE, loader="/fw.fd")
     xml = render_domain(plan)
     assert validate_domain_xml(xml, schema_dir)
     assert read_domain_xml(xml).gpus == tuple(addresses)

@@ -73,7 +73,7 @@ def test_gpu_held_by_another_domain_is_refused(conn, gpu_host, td_name):
 
 def test_foreign_tdx_domain_is_listed_only_with_all(conn, gpu_host, td_name):
     host, gpu = gpu_host
-    xml = tds.build_td(conn, host, _spec(td_name, gpu)).xml
+    xml = tds.assemble_td(conn, host, _spec(td_name, gpu)).xml
     # The same TD without tdxvirt's metadata: as another tool would define it.
     start, end = xml.index("<metadata>"), xml.index("</metadata>") + len("</metadata>")
     conn.defineXMLFlags(xml[:start] + xml[end:], tds.DEFINE_VALIDATE)

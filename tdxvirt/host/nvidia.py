@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .pci import PciDevice
+from ..pci import PciAddress
+from .pci import PCI_DEVICES, PciDevice, read_device
+from .root import HostRoot
 
 NVIDIA_VENDOR = 0x10DE
 NVSWITCH_IDS = {0x22A3: "NVSwitch"}
@@ -52,3 +54,22 @@ def require_gpu(device: PciDevice) -> None:
             f"{device.vendor:#06x}, class {device.pci_class:#08x}); pass the address "
             "of the GPU itself, as `lspci -D -d 10de:` shows it"
         )
+
+
+def nvidia_devices(root: HostRoot) -> list[PciDevice]:
+    """Every NVIDIA GPU and NVSwitch under the host root's /sys/bus/pci/devices."""
+    devices = []
+    for name in root.listdir(PCI_DEVICES):
+        if root.read_value(f"{PCI_DEVICES}/{name}/vendor") != f"{NVIDIA_VENDOR:#06x}":
+            continue
+        try:
+            device = read_device(root, PciAddress.parse(name))
+        except InputError:
+            continue  # not a PCI address: nothing of ours
+        if is_passthrough_candidate(device):
+            devices.append(device)
+    return devices
+
+
+def is_nvswitch(device: PciDevice) -> bool:
+    return device.vendor == NVIDIA_VENDOR and device.device in NVSWITCH_IDS

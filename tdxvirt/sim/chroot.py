@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -65,22 +66,52 @@ def _mounted(path: Path) -> bool:
     return os.path.ismount(path)
 
 
+# A private /dev of the few nodes libvirtd and QEMU use. Not the host's /dev: that
+# keeps this machine's devices out of the daemon's reach, and hides /dev/kvm, which
+# on this machine kind half-works (QEMU's probe sees KVM, libvirt's later check does
+# not), making libvirt re-probe QEMU on every connection (3-60 s each).
+_DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
+              "urandom": (1, 9), "tty": (5, 0)}
+
+
+def _populate_dev(dev: Path) -> None:
+    for name, (major, minor) in _DEV_NODES.items():
+        os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(dev / name, 0o666)
+    (dev / "pts").mkdir()
+    _run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts",
+          str(dev / "pts")], "mounting devpts")
+    os.symlink("pts/ptmx", dev / "ptmx")
+    (dev / "shm").mkdir()
+    _run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(dev / "shm")], "mounting /dev/shm")
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{fd}", dev / name)
+    os.symlink("/proc/self/fd", dev / "fd")
+
+
 def mount(root: Path) -> None:
-    """proc, /sys and /dev (rslave, so nothing propagates back) and a tmpfs /run."""
-    plans = [
-        ("proc", ["mount", "-t", "proc", "proc"]),
-        ("sys", ["mount", "--rbind", "/sys"], ),
-        ("dev", ["mount", "--rbind", "/dev"]),
-        ("run", ["mount", "-t", "tmpfs", "tmpfs"]),
-    ]
-    for name, argv in plans:
-        target = root / name
-        if _mounted(target):
-            continue
-        target.mkdir(exist_ok=True)
-        _run([*argv, str(target)], f"mounting {target}")
-        if "--rbind" in argv:
-            _run(["mount", "--make-rslave", str(target)], f"making {target} rslave")
+    """proc, /sys (rslave, so nothing propagates back), a private /dev, a tmpfs /run."""
+    dev = root / "dev"
+    if _mounted(dev) and (dev / "kvm").exists():  # an older layout bound the host's /dev
+        _run(["umount", "-R", str(dev)], f"unmounting {dev}")
+    if not _mounted(root / "proc"):
+        _run(["mount", "-t", "proc", "proc", str(root / "proc")], "mounting proc")
+    if not _mounted(root / "sys"):
+        _run(["mount", "--rbind", "/sys", str(root / "sys")], "binding /sys")
+        _run(["mount", "--make-rslave", str(root / "sys")], "making /sys rslave")
+    if not _mounted(dev):
+        dev.mkdir(exist_ok=True)
+        _run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", str(dev)], "mounting /dev")
+        _populate_dev(dev)
+    if not _mounted(root / "run"):
+        (root / "run").mkdir(exist_ok=True)
+        _run(["mount", "-t", "tmpfs", "tmpfs", str(root / "run")], "mounting /run")
+
+
+def unmount(root: Path) -> None:
+    for name in ("run", "dev", "sys", "proc"):
+        if _mounted(root / name):
+            _run(["umount", "-R", str(root / name)], f"unmounting {root / name}")
 
 
 def socket_answers(path: Path) -> bool:

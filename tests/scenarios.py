@@ -1,0 +1,109 @@
+"""Named TD scenarios: user options + a fake host + the libvirt they target.
+
+Shared by the golden-XML tests and the libvirt round-trip tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tdxvirt.assemble import resolve_loader, select_devices
+from tdxvirt.config import Config
+from tdxvirt.policy import DomainPlan, plan_domain
+from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
+from tdxvirt.spec import TDSpec
+
+# Stable paths, so golden files do not depend on a temporary directory.
+FILES = Path("/tmp/tdxvirt-golden-files")
+OVMF = "/usr/share/ovmf/OVMF.inteltdx.ms.fd"
+H100_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
+# NVSwitch: device id from NVIDIA's list; one 32 MiB BAR (no real NVSwitch sysfs dump
+# is at hand, so only ids, class and this BAR differ from the real H100 values).
+NVSWITCH = {"device": "0x22a3", "class": "0x068000",
+            "resource": "0x00000000e4000000 0x00000000e5ffffff 0x0000000000040200\n"}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    options: dict
+    devices: tuple[FakePciDevice, ...] = (FakePciDevice("0000:38:00.0"),)
+    dialect: str = "native"
+    libvirt_version: int = 12_008_000
+    overlay_dir: str | None = None
+    round_trip: bool = True  # define on the TDX-aware test driver and read back
+    notes: str = field(default="")
+
+
+def files() -> dict[str, str]:
+    """Create the small files the scenarios point at; return their paths."""
+    FILES.mkdir(exist_ok=True)
+    made = {}
+    for name, content in (("base.qcow2", b"QFI\xfb" + b"\0" * 508), ("disk.raw", b"\0" * 512),
+                          ("vmlinuz", b"kernel"), ("initrd.img", b"initrd"),
+                          ("qemu-system-x86_64", b""), ("OVMF.inteltdx.fd", b"")):
+        path = FILES / name
+        if not path.exists():
+            path.write_bytes(content)
+        made[name] = str(path)
+    return made
+
+
+def scenarios() -> list[Scenario]:
+    f = files()
+    eight = tuple(FakePciDevice(f"0000:{bus:02x}:00.0", iommu_group=i,
+                                overrides={"numa_node": str(i // 4)})
+                  for i, bus in enumerate(H100_BUSES))
+    switches = tuple(FakePciDevice(f"0000:{bus:02x}:00.0", iommu_group=20 + i, driver=None,
+                                   overrides={**NVSWITCH, "numa_node": str(i // 2)})
+                     for i, bus in enumerate((0x05, 0x06, 0x07, 0x08)))
+    b64 = "ABEiM0RVZneImaq7zN3u/wARIjNEVWZ3iJmqu8zd7v8AESIzRFVmd4iZqrvM3e7/"
+    return [
+        Scenario("one-gpu", {"name": "td-38-00-0", "gpus": ["38:00.0"]}),
+        Scenario("two-gpus-numa", {
+            "name": "two-numa", "gpus": ["38:00.0", "b8:00.0"], "vcpus": 16, "memory": "64G",
+            "numa": "auto", "hugepages": "1G"},
+            devices=(FakePciDevice("0000:38:00.0", overrides={"numa_node": "0"}),
+                     FakePciDevice("0000:b8:00.0", iommu_group=43, overrides={"numa_node": "1"}))),
+        Scenario("ppcie-8gpu-4nvswitch", {
+            "name": "hgx", "ppcie": True, "managed": False, "vcpus": 64, "memory": "1T"},
+            devices=eight + switches, libvirt_version=11_006_000),
+        Scenario("canonical-vsock-qgs", {
+            "name": "canon", "gpus": ["38:00.0"], "dialect": "canonical", "qgs": "vsock:2:4050",
+            "mr_config_id": b64, "mr_owner": b64, "mr_owner_config": b64},
+            dialect="canonical", libvirt_version=11_000_000, round_trip=False,
+            notes="Canonical's libvirt only: upstream rejects the SocketAddress child"),
+        Scenario("qemu-args", {
+            "name": "qargs", "gpus": ["38:00.0"], "dialect": "qemu-args",
+            "qgs": "/var/run/tdx-qgs/qgs.socket", "debug": True, "qemu": f["qemu-system-x86_64"]},
+            dialect="qemu-args", libvirt_version=11_003_000, round_trip=False,
+            notes="defined on the real qemu driver instead (test_golden.py)"),
+        Scenario("native-unix-qgs", {
+            "name": "qgs", "gpus": ["38:00.0"], "qgs": "/var/run/tdx-qgs/qgs.socket",
+            "policy": "0x10000000", "mr_config_id": b64, "allow_shared": True}),
+        Scenario("direct-kernel-boot", {
+            "name": "dkb", "gpus": ["38:00.0"], "kernel": f["vmlinuz"], "initrd": f["initrd.img"],
+            "cmdline": "console=ttyS0 root=/dev/vda1", "network": "user", "ssh_port": 2222,
+            "vsock": True}),
+        Scenario("image-overlay", {
+            "name": "ovl", "gpus": ["38:00.0"], "image": f["base.qcow2"], "ovmf": f["OVMF.inteltdx.fd"],
+            "network": "default"},
+            overlay_dir="/var/lib/libvirt/images"),
+        Scenario("plain", {
+            "name": "plain", "gpus": ["38:00.0"], "tdx": False, "virt_type": "qemu",
+            "disk": f["disk.raw"], "memory": "4G", "vcpus": 2},
+            dialect="plain"),
+    ]
+
+
+def plan_for(scenario: Scenario, root_dir: Path) -> tuple[TDSpec, DomainPlan]:
+    """The plan assemble_td would make on this host, minus the libvirt probe."""
+    host = build_host_root(root_dir, devices=scenario.devices)
+    spec = TDSpec.from_user(**scenario.options)
+    gpus, switches, _ = select_devices(host, spec)
+    plan = plan_domain(spec, gpus=gpus, switches=switches, dialect=scenario.dialect,
+                       libvirt_version=scenario.libvirt_version,
+                       loader=resolve_loader(spec, Config(), host, scenario.dialect),
+                       emulator=spec.qemu, overlay_dir=scenario.overlay_dir)
+    return spec, plan

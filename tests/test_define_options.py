@@ -1,0 +1,186 @@
+"""define's options end to end on the TDX-aware libvirt (test driver, real daemon)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import pytest
+from lxml import etree
+
+from tdxvirt import tds
+from tdxvirt.config import Config, load_config
+from tdxvirt.errors import HostNotReadyError, InputError, LibvirtOperationError
+from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
+from tdxvirt.spec import TDSpec
+from tdxvirt.td_rules import td_problems
+
+B64_48 = "q" * 64  # base64 of 48 bytes
+
+
+def spec(name, gpu, **options):
+    return TDSpec.from_user(name=name, gpus=[gpu] if gpu else [], **options)
+
+
+def domain_xml(conn, name):
+    return etree.fromstring(conn.lookupByName(name).XMLDesc(0).encode())
+
+
+def test_image_boots_a_new_overlay_and_never_touches_the_base(conn, gpu_host, td_name, tmp_path):
+    host, gpu = gpu_host
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    config = Config(overlay_dir=str(tmp_path / "images"))
+    td = tds.define_td(conn, host, spec(td_name, gpu, image=str(base)), config)
+    overlay = tmp_path / "images" / f"{td_name}.qcow2"
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(overlay)],
+                          capture_output=True, text=True, check=True).stdout
+    assert f'"backing-filename": "{base}"' in info
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == before
+    assert domain_xml(conn, td_name).find("devices/disk/source").get("file") == str(overlay)
+    assert td.plan.disk.overlay_base == str(base)
+    assert tds.read_domain_xml(conn.lookupByName(td_name).XMLDesc(0)).overlay == str(overlay)
+
+
+def test_failed_define_removes_the_overlay_it_made(conn, gpu_host, td_name, tmp_path):
+    host, gpu = gpu_host
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    config = Config(overlay_dir=str(tmp_path / "images"))
+    broken = spec(td_name, gpu, image=str(base), vcpus=4)
+    original = conn.defineXMLFlags
+
+    class Refusing:
+        """The real connection, whose define gets XML that libvirt's validation refuses."""
+
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+        def defineXMLFlags(self, xml, flags):  # noqa: N802 (libvirt's name)
+            return original(xml.replace("<vcpu placement='static'>", "<vcpu placement='bogus'>"), flags)
+
+    with pytest.raises(LibvirtOperationError, match="libvirt refused to define"):
+        tds.define_td(Refusing(), host, broken, config)
+    assert not (tmp_path / "images" / f"{td_name}.qcow2").exists()
+    assert td_name not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_existing_overlay_is_never_overwritten(conn, gpu_host, td_name, tmp_path):
+    host, gpu = gpu_host
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / f"{td_name}.qcow2").write_text("precious")
+    with pytest.raises(InputError, match="already exists"):
+        tds.define_td(conn, host, spec(td_name, gpu, image=str(base)),
+                      Config(overlay_dir=str(tmp_path / "images")))
+    assert (tmp_path / "images" / f"{td_name}.qcow2").read_text() == "precious"
+
+
+def test_tdx_options_reach_libvirt(conn, gpu_host, td_name):
+    host, gpu = gpu_host
+    tds.define_td(conn, host, spec(td_name, gpu, mr_config_id=B64_48, mr_owner=B64_48,
+                                   qgs="/var/run/tdx-qgs/qgs.socket", debug=True))
+    launch = domain_xml(conn, td_name).find("launchSecurity")
+    assert launch.findtext("policy") == "0x10000001"
+    assert launch.findtext("mrConfigId") == B64_48 and launch.findtext("mrOwner") == B64_48
+    assert launch.find("quoteGenerationService").get("path") == "/var/run/tdx-qgs/qgs.socket"
+
+
+def test_vsock_quote_service_is_refused_in_the_native_dialect(conn, gpu_host, td_name):
+    host, gpu = gpu_host
+    with pytest.raises(InputError, match="upstream libvirt only takes a unix socket path"):
+        tds.define_td(conn, host, spec(td_name, gpu, qgs="vsock:2:4050"))
+
+
+def test_host_without_tdx_is_refused_unless_plain(conn, tmp_path, td_name):
+    host = build_host_root(tmp_path / "r", tdx_enabled=False, devices=(
+        FakePciDevice("e001:38:00.0"),))
+    with pytest.raises(HostNotReadyError, match="TDX is not enabled in KVM"):
+        tds.define_td(conn, host, spec(td_name, "e001:38:00.0"))
+    td = tds.define_td(conn, host, spec(td_name, "e001:38:00.0", tdx=False))
+    root = domain_xml(conn, td_name)
+    assert root.find("launchSecurity") is None and td.plan.dialect == "plain"
+    assert root.find("os").get("firmware") == "efi"
+
+
+def test_shared_gpu_needs_allow_shared(conn, gpu_host, td_name):
+    host, gpu = gpu_host
+    tds.define_td(conn, host, spec(td_name, gpu))
+    with pytest.raises(InputError, match="--allow-shared"):
+        tds.define_td(conn, host, spec(td_name + "-b", gpu))
+    try:
+        tds.define_td(conn, host, spec(td_name + "-b", gpu, allow_shared=True))
+    finally:
+        tds.undefine(conn, td_name + "-b")
+
+
+def test_ppcie_without_nvswitches_is_refused(conn, gpu_host, td_name):
+    host, gpu = gpu_host
+    with pytest.raises(InputError, match="no NVSwitch found"):
+        tds.define_td(conn, host, spec(td_name, gpu, ppcie=True))
+
+
+def test_ppcie_with_some_gpus_warns(conn, tmp_path, td_name):
+    devices = (FakePciDevice("e002:18:00.0"), FakePciDevice("e002:2a:00.0", iommu_group=43),
+               FakePciDevice("e002:05:00.0", iommu_group=50, driver=None,
+                             overrides={"device": "0x22a3", "class": "0x068000"}))
+    host = build_host_root(tmp_path / "r", devices=devices)
+    td = tds.define_td(conn, host, spec(td_name, "e002:18:00.0", ppcie=True))
+    assert [h.kind for h in td.plan.hostdevs] == ["gpu", "nvswitch"]
+    assert any("1 of the board's 2 GPUs" in w for w in td.plan.warnings)
+
+
+def test_direct_kernel_boot_adds_clearcpuid(conn, gpu_host, td_name, tmp_path):
+    host, gpu = gpu_host
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    tds.define_td(conn, host, spec(td_name, gpu, kernel=str(kernel), cmdline="console=ttyS0"))
+    assert domain_xml(conn, td_name).findtext("os/cmdline") == "console=ttyS0 clearcpuid=mtrr"
+
+
+def test_remote_uri_with_image_is_refused(gpu_host, tmp_path):
+    from tdxvirt.assemble import _overlay_dir
+
+    spec_ = TDSpec(name="x", gpus=(), image="/base.qcow2")
+    with pytest.raises(InputError, match="URI is remote"):
+        _overlay_dir(spec_, Config(), "qemu+ssh://gpu-host/system")
+
+
+@pytest.mark.parametrize("mutation, problem", [
+    (("<loader type='rom'", "<loader type='pflash'"), "ROM"),
+    (("</os>", "<nvram>/var/lib/x.fd</nvram></os>"), "NVRAM"),
+    (("<smm state='off'/>", "<smm state='on'/>"), "SMM"),
+    (("<pmu state='off'/>", ""), "PMU"),
+    (("<ioapic driver='qemu'/>", ""), "split irqchip"),
+    (("<policy>0x10000000</policy>", "<policy>0x10000002</policy>"), "bits libvirt does not allow"),
+    (("machine='q35'", "machine='pc'"), "q35"),
+])
+def test_td_rules_catch_what_the_test_driver_accepts(conn, gpu_host, td_name, mutation, problem):
+    host, gpu = gpu_host
+    xml = tds.assemble_td(conn, host, spec(td_name, gpu)).xml
+    assert td_problems(xml) == []
+    problems = td_problems(xml.replace(*mutation))
+    assert len(problems) == 1 and problem in problems[0]
+
+
+def test_config_file_supplies_defaults(tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('[defaults]\novmf = "/opt/tdx/OVMF.fd"\noverlay_dir = "/srv/images"\n')
+    monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
+    assert load_config() == Config(ovmf="/opt/tdx/OVMF.fd", overlay_dir="/srv/images")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[defaults\n", "fix the TOML syntax"),
+    ('[defaults]\nfirmware = "/x"\n', "unknown key defaults.firmware"),
+    ('[defaults]\novmf = "relative.fd"\n', "absolute path"),
+    ('[other]\nx = 1\n', "unknown table"),
+])
+def test_bad_config_file_is_one_clear_error(tmp_path, monkeypatch, text, message):
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
+    with pytest.raises(InputError, match=message):
+        load_config()

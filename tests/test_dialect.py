@@ -1,0 +1,73 @@
+"""Choosing the TDX XML dialect from what the target libvirt reports."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from tdxvirt.dialect import LibvirtFacts, choose, domcaps_report_tdx, host_tdx_enabled, probe
+from tdxvirt.errors import HostNotReadyError
+from tdxvirt.sim.hostroot import build_host_root
+
+
+def facts(version, domcaps_tdx, driver="QEMU"):
+    return LibvirtFacts(version, driver, domcaps_tdx, "qemu:///system")
+
+
+@pytest.fixture(scope="module")
+def real_domcaps(qemu_conn):
+    """Domain capabilities of the real QEMU 11.x driver here (TCG: no TDX)."""
+    return qemu_conn.getDomainCapabilities(None, "x86_64", "q35", "qemu", 0)
+
+
+def test_real_tcg_domcaps_report_no_tdx(real_domcaps):
+    assert domcaps_report_tdx(real_domcaps) is False
+
+
+def test_domcaps_with_tdx_feature_are_recognised(real_domcaps):
+    # The same real document with the element libvirt >= 11.6 adds on a TDX host.
+    caps = etree.fromstring(real_domcaps.encode())
+    features = caps.find("features")
+    for old in features.findall("tdx"):
+        features.remove(old)
+    etree.SubElement(features, "tdx", supported="yes")
+    assert domcaps_report_tdx(etree.tostring(caps).decode()) is True
+
+
+def test_probe_of_the_test_driver_leaves_domcaps_unknown(conn):
+    probed = probe(conn)
+    assert probed.driver.upper() == "TEST" and probed.domcaps_tdx is None
+    assert probed.version >= 12_000_000
+
+
+def test_probe_of_the_real_qemu_driver_says_no_tdx(qemu_conn):
+    assert probe(qemu_conn, "qemu").domcaps_tdx is False
+
+
+@pytest.mark.parametrize("libvirt_facts, host_tdx, expected", [
+    (facts(12_008_000, True), True, "native"),
+    (facts(11_006_000, True), None, "native"),
+    (facts(12_008_000, None, "TEST"), True, "native"),
+    (facts(11_000_000, True), None, "canonical"),
+])
+def test_auto_choice(libvirt_facts, host_tdx, expected):
+    assert choose(None, libvirt_facts, host_tdx) == expected
+
+
+@pytest.mark.parametrize("libvirt_facts, host_tdx, message", [
+    (facts(11_003_000, False), None, "does not know TDX launch security.*--dialect qemu-args"),
+    (facts(12_008_000, False), True, "reports no TDX support"),
+    (facts(12_008_000, None, "TEST"), False, "TDX is not enabled in KVM"),
+])
+def test_host_that_cannot_run_tds_names_what_is_missing(libvirt_facts, host_tdx, message):
+    with pytest.raises(HostNotReadyError, match=message):
+        choose(None, libvirt_facts, host_tdx)
+
+
+def test_forcing_a_dialect_skips_host_checks():
+    assert choose("qemu-args", facts(11_003_000, False), False) == "qemu-args"
+
+
+def test_host_tdx_from_the_kvm_intel_parameter(tmp_path):
+    assert host_tdx_enabled(build_host_root(tmp_path / "on")) is True
+    assert host_tdx_enabled(build_host_root(tmp_path / "off", tdx_enabled=False)) is False
