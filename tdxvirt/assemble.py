@@ -81,11 +81,31 @@ def _check_not_shared(conn, spec: TDSpec, devices: list[PciDevice]) -> None:
             )
 
 
-def resolve_loader(spec: TDSpec, config: Config, host: HostRoot, dialect: str) -> str | None:
+def recorded_builds(uri: str) -> dict:
+    """What `tdxvirt build` recorded on this machine (nothing for a remote URI)."""
+    if is_remote(uri):
+        return {}
+    from .build.artifacts import recorded
+
+    return recorded()
+
+
+def resolve_loader(spec: TDSpec, config: Config, host: HostRoot, dialect: str,
+                   builds: dict | None = None) -> str | None:
+    """--ovmf, else the config file, else the recorded build, else the descriptors."""
     explicit = spec.ovmf or config.ovmf
     if explicit or dialect == "plain":  # plain VMs let libvirt pick standard OVMF
         return explicit
+    if builds and "ovmf" in builds:
+        return builds["ovmf"].path
     return find_tdx_ovmf(host)
+
+
+def resolve_emulator(spec: TDSpec, config: Config, builds: dict) -> str | None:
+    """--qemu, else the config file, else the recorded build, else libvirt's default."""
+    if spec.qemu or config.qemu:
+        return spec.qemu or config.qemu
+    return builds["qemu"].path if "qemu" in builds else None
 
 
 def _overlay_dir(spec: TDSpec, config: Config, uri: str) -> str | None:
@@ -109,9 +129,11 @@ def assemble_td(conn, host: HostRoot, spec: TDSpec, config: Config | None = None
         dialect = "plain"
     gpus, switches, warnings = select_devices(host, spec)
     _check_not_shared(conn, spec, [*gpus, *switches])
+    builds = recorded_builds(facts.uri)
     plan = plan_domain(
         spec, gpus=gpus, switches=switches, dialect=dialect, libvirt_version=facts.version,
-        loader=resolve_loader(spec, config, host, dialect), emulator=spec.qemu or config.qemu,
+        loader=resolve_loader(spec, config, host, dialect, builds),
+        emulator=resolve_emulator(spec, config, builds),
         overlay_dir=_overlay_dir(spec, config, facts.uri),
     )
     if warnings:

@@ -165,7 +165,7 @@ def _describe(td, uri: str) -> None:
     policy = f", TDX policy {plan.policy_hex}" if plan.tdx else ""
     click.echo(f"  {plan.vcpus} vCPUs, {plan.memory_kib // 1024} MiB{policy}")
     firmware = f"firmware {plan.loader} (ROM)" if plan.loader else (
-        "firmware via -bios" if plan.qemu_args else "firmware chosen by libvirt (UEFI)")
+        "firmware via -bios" if plan.dialect == "qemu-args" else "firmware chosen by libvirt (UEFI)")
     click.echo(f"  {firmware}, 64-bit MMIO window {plan.mmio_mb} MiB")
     if plan.disk:
         made = f" (new overlay on {plan.disk.overlay_base})" if plan.disk.overlay_base else ""
@@ -181,33 +181,50 @@ def _warn(warnings) -> None:
 
 @main.command()
 @click.argument("name")
+@click.option("--skip-preflight", is_flag=True, help="Start without the safety checks.")
+@click.option("--console", is_flag=True, help="Attach to the serial console after starting.")
 @pass_session
-def start(session, name):
-    """Start a TD."""
+def start(session, name, skip_preflight, console):
+    """Start a TD after checking what would make it fail or run unprotected."""
     from . import tds
 
-    if tds.start(session.conn(), name):
-        click.echo(f"Started TD '{name}'")
+    if tds.start(session.conn(), session.host, name, skip_preflight=skip_preflight):
+        click.echo(f"Started '{name}'")
     else:
-        click.echo(f"TD '{name}' is already running; nothing to do")
+        click.echo(f"'{name}' is already running; nothing to do")
+    if console:
+        _console(session.uri, name)
 
 
 @main.command()
 @click.argument("name")
 @click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for the guest to power off.")
+@click.option("--force", is_flag=True, help="Destroy the TD if it has not stopped by then.")
 @pass_session
-def stop(session, name, timeout):
+def stop(session, name, timeout, force):
     """Shut a TD down through ACPI and wait for it to power off."""
     from . import tds
     from .errors import LibvirtOperationError
 
-    if not tds.stop(session.conn(), name, timeout=timeout):
+    shown = [0]
+
+    def progress(elapsed):
+        if elapsed >= shown[0] + 5:  # a line every 5 s, on stderr
+            shown[0] = int(elapsed)
+            click.echo(f"tdxvirt: waiting for '{name}' to power off ({shown[0]}/{timeout:g} s)",
+                       err=True)
+
+    if tds.stop(session.conn(), name, timeout=timeout, progress=progress):
+        click.echo(f"'{name}' is shut off")
+        return
+    if not force:
         raise LibvirtOperationError(
-            f"TD '{name}' did not power off within {timeout:g} s; "
-            f"`tdxvirt destroy {name}` powers it off at once"
+            f"'{name}' did not power off within {timeout:g} s; `tdxvirt stop {name} --force` "
+            f"or `tdxvirt destroy {name}` powers it off at once"
         )
-    click.echo(f"TD '{name}' is shut off")
+    tds.destroy(session.conn(), name)
+    click.echo(f"'{name}' did not power off within {timeout:g} s; destroyed it")
 
 
 @main.command()
@@ -218,20 +235,108 @@ def destroy(session, name):
     from . import tds
 
     if tds.destroy(session.conn(), name):
-        click.echo(f"Destroyed TD '{name}'")
+        click.echo(f"Destroyed '{name}'")
     else:
-        click.echo(f"TD '{name}' is not running; nothing to do")
+        click.echo(f"'{name}' is not running; nothing to do")
 
 
 @main.command()
 @click.argument("name")
 @pass_session
-def undefine(session, name):
-    """Remove a stopped TD's definition (disk images are kept)."""
+def reboot(session, name):
+    """Reboot a TD (a TD cannot be reset: libvirt restarts its QEMU process)."""
     from . import tds
 
-    tds.undefine(session.conn(), name)
-    click.echo(f"Undefined TD '{name}'")
+    tds.reboot(session.conn(), name)
+    click.echo(f"Asked '{name}' to reboot; a TD cannot reset, so libvirt starts a new "
+               "QEMU process for it (a new TD, measured afresh)")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--remove-storage", is_flag=True,
+              help="Also delete the disk overlay tdxvirt created (never a base image).")
+@pass_session
+def undefine(session, name, remove_storage):
+    """Remove a stopped TD's definition."""
+    from . import tds
+
+    removed = tds.undefine(session.conn(), name, remove_storage=remove_storage)
+    click.echo(f"Undefined '{name}'")
+    for path in removed:
+        click.echo(f"  removed {path}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--disable", is_flag=True, help="Do not start it with the host.")
+@pass_session
+def autostart(session, name, disable):
+    """Start a TD when the host (libvirt) starts."""
+    from . import tds
+
+    tds.set_autostart(session.conn(), name, not disable)
+    click.echo(f"Autostart of '{name}' {'disabled' if disable else 'enabled'}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--inactive", is_flag=True, help="The persistent definition, not the live XML.")
+@pass_session
+def xml(session, name, inactive):
+    """Print a TD's domain XML."""
+    from . import tds
+
+    click.echo(tds.domain_xml(session.conn(), name, inactive=inactive), nl=False)
+
+
+@main.command()
+@click.argument("name")
+@pass_session
+def console(session, name):
+    """Attach to a TD's serial console (hands over to `virsh console`)."""
+    from . import tds
+
+    tds.lookup(session.conn(), name)  # a clear error before handing over
+    _console(session.uri, name)
+
+
+def _console(uri: str, name: str) -> None:
+    import os
+    import shutil
+
+    from .errors import HostNotReadyError
+
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        raise HostNotReadyError("virsh is not installed (Debian: libvirt-clients); it provides the console")
+    os.execv(virsh, [virsh, "-c", uri, "console", name])
+
+
+def _records(rows):
+    return [
+        {
+            "name": row.facts.name,
+            "state": row.state,
+            "tdx": row.facts.tdx,
+            "dialect": row.facts.dialect,
+            "managed_by_tdxvirt": row.facts.managed_by_tdxvirt,
+            "vcpus": row.facts.vcpus,
+            "memory_mib": row.facts.memory_kib // 1024,
+            "gpus": list(row.facts.gpus),
+            "uptime_s": None if row.uptime is None else int(row.uptime),
+        }
+        for row in rows
+    ]
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h" if days else f"{hours}h{minutes:02d}m"
 
 
 @main.command(name="list")
@@ -243,19 +348,7 @@ def list_(session, include_foreign, as_json):
     """List TDs with their state and GPUs."""
     from . import tds
 
-    rows = tds.list_tds(session.conn(), include_foreign=include_foreign)
-    records = [
-        {
-            "name": row.facts.name,
-            "state": row.state,
-            "tdx": row.facts.tdx,
-            "managed_by_tdxvirt": row.facts.managed_by_tdxvirt,
-            "vcpus": row.facts.vcpus,
-            "memory_mib": row.facts.memory_kib // 1024,
-            "gpus": list(row.facts.gpus),
-        }
-        for row in rows
-    ]
+    records = _records(tds.list_tds(session.conn(), include_foreign=include_foreign))
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
@@ -265,14 +358,46 @@ def list_(session, include_foreign, as_json):
         return
     from tabulate import tabulate
 
-    table = [
-        [r["name"], r["state"], "TDX" if r["tdx"] else "plain",
-         "tdxvirt" if r["managed_by_tdxvirt"] else "other", r["vcpus"],
-         f"{r['memory_mib']} MiB", " ".join(r["gpus"]) or "-"]
-        for r in records
-    ]
-    click.echo(tabulate(table, headers=["NAME", "STATE", "TYPE", "DEFINED BY", "VCPUS",
-                                        "MEMORY", "GPUS"]))
+    headers = ["NAME", "STATE", "TYPE", "DIALECT", "VCPUS", "MEMORY", "GPUS", "UPTIME"]
+    table = [[r["name"], r["state"], "TDX" if r["tdx"] else "plain", r["dialect"] or "-",
+              r["vcpus"], f"{r['memory_mib']} MiB", " ".join(r["gpus"]) or "-",
+              _duration(r["uptime_s"])] for r in records]
+    if include_foreign:
+        headers.append("DEFINED BY")
+        for line, r in zip(table, records):
+            line.append("tdxvirt" if r["managed_by_tdxvirt"] else "other")
+    click.echo(tabulate(table, headers=headers))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_session
+def show(session, name, as_json):
+    """Show a TD as tdxvirt understands it from its domain XML."""
+    from . import tds
+
+    info = tds.show(session.conn(), name)
+    record = {**_records([info.row])[0], "uuid": info.uuid, "autostart": info.autostart,
+              "persistent": info.persistent, "overlay": info.row.facts.overlay,
+              "builds": list(info.builds), "problems": list(info.problems)}
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    for key, value in record.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        click.echo(f"{key + ':':<20}{'-' if value is None else value}")
+
+
+def _add_area_commands() -> None:
+    """Command groups that live in modules of their own (each imports only click)."""
+    from .cli_build import build
+
+    main.add_command(build)
+
+
+_add_area_commands()
 
 
 @main.group()

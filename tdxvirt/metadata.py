@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from lxml import etree
 
 NAMESPACE = "urn:tdxvirt:td:1"
+# Live-only runtime facts (start time) live in a namespace of their own, so setting
+# them never replaces the persistent tdxvirt:td element.
+RUN_NAMESPACE = "urn:tdxvirt:run:1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 _NS = {"t": NAMESPACE}
 
@@ -60,3 +63,13 @@ def _kib(memory) -> int:
     if memory is None or not memory.text:
         return 0
     return int(int(memory.text) * _UNIT_KIB.get(memory.get("unit", "KiB").lower(), 1))
+
+
+def started_at(xml: str) -> float | None:
+    """The start time tdxvirt recorded in a running domain's live metadata."""
+    root = etree.fromstring(xml.encode())
+    mark = root.find("metadata/r:run", {"r": RUN_NAMESPACE})
+    try:
+        return float(mark.get("started")) if mark is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -24,6 +24,9 @@ MEMORY_ALIGN = 2 * MIB
 # OVMF's own default 64-bit MMIO window; never ask for less.
 MIN_MMIO_MB = 32 * 1024
 # The only fw_cfg name OVMF reads for the window (X-PciMmio64 is silently ignored).
+# libvirt's qemu driver refuses opt/ovmf/ names in <sysinfo type='fwcfg'> ("That
+# firmware name is reserved"; its test driver accepts them), so the entry goes to
+# QEMU as -fw_cfg through <qemu:commandline>, in every dialect.
 MMIO_FWCFG_NAME = "opt/ovmf/X-PciMmio64Mb"
 
 
@@ -129,7 +132,11 @@ def nodeset_text(nodes: list[int]) -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def qemu_tdx_args(spec: TDSpec, loader: str, mmio_mb: int) -> tuple[str, ...]:
+def mmio_args(mmio_mb: int) -> tuple[str, ...]:
+    return ("-fw_cfg", f"name={MMIO_FWCFG_NAME},string={mmio_mb}")
+
+
+def qemu_tdx_args(spec: TDSpec, loader: str) -> tuple[str, ...]:
     """The qemu-args dialect: what a TDX-patched QEMU needs on its command line."""
     tdx_object = {"qom-type": "tdx-guest", "id": "tdx", "attributes": spec.policy}
     for key, value in (("mrconfigid", spec.mr_config_id), ("mrowner", spec.mr_owner),
@@ -144,7 +151,6 @@ def qemu_tdx_args(spec: TDSpec, loader: str, mmio_mb: int) -> tuple[str, ...]:
         "-object", json.dumps(tdx_object, separators=(",", ":")),  # JSON: no option-string quoting
         "-machine", "q35,kernel_irqchip=split,confidential-guest-support=tdx",
         "-bios", loader,
-        "-fw_cfg", f"name={MMIO_FWCFG_NAME},string={mmio_mb}",
     )
 
 
@@ -229,6 +235,6 @@ def plan_domain(
         vsock=spec.vsock,
         hugepage_kib=HUGEPAGES[spec.hugepages] if spec.hugepages else None,
         numa_nodeset=nodeset,
-        qemu_args=qemu_tdx_args(spec, loader, mmio_mb) if dialect == "qemu-args" else (),
+        qemu_args=(qemu_tdx_args(spec, loader) if dialect == "qemu-args" else ()) + mmio_args(mmio_mb),
         warnings=tuple(w for w in warnings if w),
     )

@@ -8,7 +8,7 @@ from importlib import resources
 import jinja2
 
 from .metadata import NAMESPACE
-from .policy import MMIO_FWCFG_NAME, DomainPlan
+from .policy import DomainPlan
 
 
 def _load(name: str) -> str:
@@ -26,6 +26,9 @@ def _environment() -> jinja2.Environment:
 
 
 def render_domain(plan: DomainPlan, template: str = "td.xml.j2") -> str:
-    return _environment().get_template(template).render(
-        plan=plan, namespace=NAMESPACE, mmio_fwcfg_name=MMIO_FWCFG_NAME
-    )
+    return _environment().get_template(template).render(plan=plan, namespace=NAMESPACE)
+
+
+def render_run_marker(started: float) -> str:
+    """The live metadata element recording when tdxvirt started a domain."""
+    return _environment().get_template("run-marker.xml.j2").render(started=f"{started:.0f}")

@@ -25,9 +25,12 @@ def _is_tdx(root) -> bool:
 def td_problems(xml: str) -> list[str]:
     """Each way this TD breaks TDX's rules, as a sentence; empty when it is fine."""
     root = etree.fromstring(xml.encode())
-    if not _is_tdx(root):
-        return []
     problems = []
+    if root.xpath("sysinfo[@type='fwcfg']/entry[starts-with(@name, 'opt/ovmf/')]"):
+        problems.append("libvirt's qemu driver refuses opt/ovmf/ entries in <sysinfo "
+                        "type='fwcfg'>; pass -fw_cfg through <qemu:commandline> instead")
+    if not _is_tdx(root):
+        return problems
     machine = root.find("os/type")
     if machine is None or not (machine.get("machine") or "").startswith(("q35", "pc-q35")):
         problems.append("a TD needs the q35 machine type")

@@ -11,12 +11,15 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from .conn import libvirt_error_type, translate
-from .errors import InputError, LibvirtOperationError, NotFoundError
+from . import locks
 from .assemble import AssembledTD, assemble_td, gpu_holders  # noqa: F401  (re-exported)
+from .conn import libvirt_error_type, translate
+from .errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
 from .host import HostRoot
-from .metadata import DomainFacts, read_domain_xml
+from .metadata import RUN_NAMESPACE, DomainFacts, read_domain_xml, started_at
 from .policy import Disk
+from .preflight import start_problems
+from .render import render_run_marker
 from .spec import TDSpec
 
 # virDomainDefineFlags VIR_DOMAIN_DEFINE_VALIDATE: without it libvirt silently drops
@@ -26,12 +29,25 @@ DEFINE_VALIDATE = 1
 STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
                5: "shut off", 6: "crashed", 7: "suspended"}
 STATS_STATE = 1  # VIR_DOMAIN_STATS_STATE
+UNDEFINE_NVRAM = 4  # VIR_DOMAIN_UNDEFINE_NVRAM
+METADATA_ELEMENT, AFFECT_LIVE = 2, 1  # VIR_DOMAIN_METADATA_ELEMENT, VIR_DOMAIN_AFFECT_LIVE
 
 
 @dataclass(frozen=True)
 class TDRow:
     facts: DomainFacts
     state: str
+    uptime: float | None = None  # seconds, when tdxvirt started it
+
+
+@dataclass(frozen=True)
+class TDInfo:
+    row: TDRow
+    uuid: str
+    autostart: bool
+    persistent: bool
+    problems: tuple[str, ...]
+    builds: tuple[str, ...]  # the `tdxvirt build` results its emulator and firmware come from
 
 
 def lookup(conn, name: str):
@@ -70,42 +86,61 @@ def _create_overlay(disk: Disk) -> None:
 
 
 def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
-    """Define the TD; on any failure nothing is left behind (no domain, no overlay)."""
-    if _exists(conn, spec.name):
-        raise InputError(
-            f"a domain named {spec.name!r} already exists at {conn.getURI()}; "
-            "choose another name or `tdxvirt undefine` it first"
-        )
-    td = assemble_td(conn, host, spec, config)
-    overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
-    if overlay:
-        _create_overlay(overlay)
-    try:
-        conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
-    except libvirt_error_type() as error:
+    """Define the TD; on any failure nothing is left behind (no domain, no overlay).
+
+    The name and the GPUs are locked from the checks to the define, so a second
+    tdxvirt asking for either waits, then sees the first one's domain.
+    """
+    with locks.held([locks.name_key(spec.name), *locks.gpu_keys(spec.gpus)]):
+        if _exists(conn, spec.name):
+            raise InputError(
+                f"a domain named {spec.name!r} already exists at {conn.getURI()}; "
+                "choose another name or `tdxvirt undefine` it first"
+            )
+        td = assemble_td(conn, host, spec, config)
+        overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
         if overlay:
-            os.unlink(overlay.path)
-        raise translate(error, f"libvirt refused to define {spec.name!r}") from None
+            _create_overlay(overlay)
+        try:
+            conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
+        except libvirt_error_type() as error:
+            if overlay:
+                os.unlink(overlay.path)
+            raise translate(error, f"libvirt refused to define {spec.name!r}") from None
     return td
 
 
-def _state(domain) -> int:
-    return domain.state()[0]
-
-
-def start(conn, name: str) -> bool:
-    """Start a TD; False when it was already running."""
+def start(conn, host: HostRoot, name: str, skip_preflight: bool = False) -> bool:
+    """Start a TD after a preflight; False when it was already running."""
     domain = lookup(conn, name)
     if domain.isActive():
         return False
-    try:
-        domain.create()
-    except libvirt_error_type() as error:
-        raise translate(error, f"cannot start {name!r}") from None
+    gpus = read_domain_xml(domain.XMLDesc(0)).gpus
+    with locks.held(locks.gpu_keys(gpus)):
+        if not skip_preflight:
+            problems = start_problems(conn, host, domain)
+            if problems:
+                more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+                raise HostNotReadyError(f"{domain.name()!r} would not start safely: "
+                                        f"{problems[0]}{more}; --skip-preflight overrides")
+        try:
+            domain.create()
+        except libvirt_error_type() as error:
+            raise translate(error, f"cannot start {name!r}") from None
+    _mark_started(domain)
     return True
 
 
-def stop(conn, name: str, timeout: float = 120.0, poll: float = 0.5) -> bool:
+def _mark_started(domain) -> None:
+    """Live-only metadata with the start time, so list can show uptime."""
+    try:
+        domain.setMetadata(METADATA_ELEMENT, render_run_marker(time.time()), "tdxvirt-run",
+                           RUN_NAMESPACE, AFFECT_LIVE)
+    except libvirt_error_type():
+        pass  # uptime is a convenience; a driver without live metadata shows '-'
+
+
+def stop(conn, name: str, timeout: float = 120.0, poll: float = 0.5, progress=None) -> bool:
     """ACPI shutdown, then wait up to ``timeout`` seconds; False when it did not stop."""
     domain = lookup(conn, name)
     if not domain.isActive():
@@ -114,10 +149,13 @@ def stop(conn, name: str, timeout: float = 120.0, poll: float = 0.5) -> bool:
         domain.shutdown()
     except libvirt_error_type() as error:
         raise translate(error, f"cannot shut down {name!r}") from None
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
     while domain.isActive():
-        if time.monotonic() >= deadline:
+        elapsed = time.monotonic() - started
+        if elapsed >= timeout:
             return False
+        if progress:
+            progress(elapsed)
         time.sleep(poll)
     return True
 
@@ -134,16 +172,87 @@ def destroy(conn, name: str) -> bool:
     return True
 
 
-def undefine(conn, name: str) -> None:
+def reboot(conn, name: str) -> None:
+    """Ask the guest to reboot. A TD cannot be reset: libvirt restarts its QEMU."""
+    domain = lookup(conn, name)
+    if not domain.isActive():
+        raise LibvirtOperationError(f"{name!r} is not running; `tdxvirt start {name}` starts it")
+    try:
+        domain.reboot(0)
+    except libvirt_error_type() as error:
+        raise translate(error, f"cannot reboot {name!r}") from None
+
+
+def undefine(conn, name: str, remove_storage: bool = False) -> list[str]:
+    """Remove a stopped TD's definition; with remove_storage, the overlay tdxvirt made.
+
+    Returns the files removed. A base image is never removed: only the path recorded
+    in tdxvirt's metadata as the overlay it created.
+    """
     domain = lookup(conn, name)
     if domain.isActive():
         raise LibvirtOperationError(
             f"{name!r} is running; stop it first (`tdxvirt stop {name}` or `tdxvirt destroy {name}`)"
         )
+    xml = domain.XMLDesc(0)
+    facts = read_domain_xml(xml)
+    has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
     try:
-        domain.undefine()
+        domain.undefineFlags(UNDEFINE_NVRAM) if has_nvram else domain.undefine()
     except libvirt_error_type() as error:
         raise translate(error, f"cannot undefine {name!r}") from None
+    removed = []
+    if remove_storage and facts.overlay and os.path.exists(facts.overlay):
+        os.unlink(facts.overlay)
+        removed.append(facts.overlay)
+    return removed
+
+
+def set_autostart(conn, name: str, enabled: bool) -> None:
+    domain = lookup(conn, name)
+    try:
+        domain.setAutostart(1 if enabled else 0)
+    except libvirt_error_type() as error:
+        raise translate(error, f"cannot change autostart of {name!r}") from None
+
+
+def domain_xml(conn, name: str, inactive: bool = False) -> str:
+    return lookup(conn, name).XMLDesc(2 if inactive else 0)  # VIR_DOMAIN_XML_INACTIVE
+
+
+def _row(domain, state_code: int, xml: str, now: float) -> TDRow:
+    started = started_at(xml) if state_code == 1 else None
+    return TDRow(read_domain_xml(xml), STATE_NAMES.get(state_code, "unknown"),
+                 None if started is None else max(0.0, now - started))
+
+
+def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
+    from lxml import etree
+
+    from .build.artifacts import build_of
+    from .conn import is_remote
+
+    if is_remote(uri):
+        return ()
+    root = etree.fromstring(xml.encode())
+    paths = [p.strip() for p in (root.findtext("devices/emulator"), root.findtext("os/loader")) if p]
+    found = (build_of(path) for path in paths)
+    return tuple(build.describe() for build in found if build is not None)
+
+
+def show(conn, name: str) -> TDInfo:
+    from .td_rules import td_problems
+
+    domain = lookup(conn, name)
+    xml = domain.XMLDesc(0)
+    return TDInfo(
+        row=_row(domain, domain.state()[0], xml, time.time()),
+        uuid=domain.UUIDString(),
+        autostart=bool(domain.autostart()),
+        persistent=bool(domain.isPersistent()),
+        problems=tuple(td_problems(xml)),
+        builds=_builds_used(xml, conn.getURI()),
+    )
 
 
 def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
@@ -153,8 +262,10 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     XMLDesc per domain, however many attributes are shown.
     """
     rows = []
+    now = time.time()
     for domain, stats in conn.getAllDomainStats(STATS_STATE):
-        facts = read_domain_xml(domain.XMLDesc(0))
-        if facts.managed_by_tdxvirt or (include_foreign and facts.tdx):
-            rows.append(TDRow(facts, STATE_NAMES.get(stats.get("state.state"), "unknown")))
+        xml = domain.XMLDesc(0)
+        row = _row(domain, stats.get("state.state", 0), xml, now)
+        if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
+            rows.append(row)
     return sorted(rows, key=lambda row: row.facts.name)

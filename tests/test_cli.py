@@ -35,16 +35,18 @@ def test_define_start_list_stop_undefine(run, gpu_host, td_name, conn):
     assert result.exit_code == 0, result.stderr
     assert f"Defined TD '{td_name}'" in result.stdout
     assert f"GPU {gpu}: managed hostdev, iommufd, root port 1" in result.stdout
-    assert run("start", td_name).stdout.strip() == f"Started TD '{td_name}'"
+    assert run("start", td_name).stdout.strip() == f"Started '{td_name}'"
     assert "already running" in run("start", td_name).stdout
     records = {r["name"]: r for r in json.loads(run("list", "--json").stdout)}
+    uptime = records[td_name].pop("uptime_s")
     assert records[td_name] == {"name": td_name, "state": "running", "tdx": True,
-                                "managed_by_tdxvirt": True, "vcpus": 2,
+                                "dialect": "native", "managed_by_tdxvirt": True, "vcpus": 2,
                                 "memory_mib": 8192, "gpus": [gpu]}
+    assert 0 <= uptime < 60  # tdxvirt recorded the start in live metadata
     table = run("list").stdout
     assert table.splitlines()[0].split()[:3] == ["NAME", "STATE", "TYPE"]
     assert any(line.split()[:3] == [td_name, "running", "TDX"] for line in table.splitlines())
-    assert run("stop", td_name).stdout.strip() == f"TD '{td_name}' is shut off"
+    assert run("stop", td_name).stdout.strip() == f"'{td_name}' is shut off"
     assert run("undefine", td_name).exit_code == 0
     assert td_name not in _domain_names(conn)
 
@@ -53,7 +55,7 @@ def test_print_xml_defines_nothing(run, gpu_host, td_name, conn):
     _, gpu = gpu_host
     result = run("define", td_name, "--gpu", gpu, "--print-xml")
     assert result.exit_code == 0
-    assert result.stdout.startswith("<domain type='kvm'>")
+    assert result.stdout.startswith("<domain type='kvm'")
     assert "<launchSecurity type='tdx'>" in result.stdout
     assert td_name not in _domain_names(conn)
 

@@ -156,6 +156,8 @@ def test_remote_uri_with_image_is_refused(gpu_host, tmp_path):
     (("<ioapic driver='qemu'/>", ""), "split irqchip"),
     (("<policy>0x10000000</policy>", "<policy>0x10000002</policy>"), "bits libvirt does not allow"),
     (("machine='q35'", "machine='pc'"), "q35"),
+    (("<vcpu ", "<sysinfo type='fwcfg'><entry name='opt/ovmf/X-PciMmio64Mb'>1</entry></sysinfo><vcpu "),
+     "opt/ovmf/"),
 ])
 def test_td_rules_catch_what_the_test_driver_accepts(conn, gpu_host, td_name, mutation, problem):
     host, gpu = gpu_host
@@ -184,3 +186,30 @@ def test_bad_config_file_is_one_clear_error(tmp_path, monkeypatch, text, message
     monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
     with pytest.raises(InputError, match=message):
         load_config()
+
+
+def test_define_uses_recorded_builds_and_show_names_them(conn, gpu_host, td_name, tmp_path,
+                                                         monkeypatch):
+    """What `tdxvirt build` recorded becomes the emulator and loader, unless given."""
+    from tdxvirt.build import artifacts
+
+    host, gpu = gpu_host
+    state = tmp_path / "state"
+    qemu, ovmf = tmp_path / "qemu-system-x86_64", tmp_path / "OVMF.fd"
+    qemu.write_bytes(b"")
+    ovmf.write_bytes(b"")
+    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(state))
+    record = artifacts.record_file()
+    artifacts.update(record, "qemu", {"ref": "v9.1.0-rc0", "revision": "a" * 40,
+                                      "patches": ["tdx_qemu_baseline_x.mbox"],
+                                      "artifacts": {"qemu-system-x86_64": str(qemu)}})
+    artifacts.update(record, "ovmf", {"ref": "edk2-stable202405", "revision": "b" * 40,
+                                      "artifacts": {"OVMF.fd": str(ovmf)}})
+    td = tds.define_td(conn, host, spec(td_name, gpu))
+    assert (td.plan.emulator, td.plan.loader) == (str(qemu), str(ovmf))
+    builds = tds.show(conn, td_name).builds
+    assert any(b.startswith("qemu v9.1.0-rc0 (aaaaaaaaaaaa) + tdx_qemu_baseline_x.mbox") for b in builds)
+    assert any(b.startswith("ovmf edk2-stable202405") for b in builds)
+    explicit = tds.assemble_td(conn, host, spec(td_name + "x", gpu, allow_shared=True,
+                                                qemu=str(ovmf), ovmf=str(qemu)))
+    assert (explicit.plan.emulator, explicit.plan.loader) == (str(ovmf), str(qemu))

@@ -23,7 +23,7 @@ def test_state_survives_across_separate_processes(gpu_host, td_name):
     assert tdxvirt("define", td_name, "--gpu", gpu, host_root=host.base).returncode == 0
     listed = json.loads(tdxvirt("list", "--json").stdout)
     assert [r["gpus"] for r in listed if r["name"] == td_name] == [[gpu]]
-    assert tdxvirt("start", td_name).returncode == 0
+    assert tdxvirt("start", td_name, host_root=host.base).returncode == 0
     assert tdxvirt("destroy", td_name).returncode == 0
     assert tdxvirt("undefine", td_name).returncode == 0
     assert td_name not in tdxvirt("list").stdout

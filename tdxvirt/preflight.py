@@ -1,0 +1,84 @@
+"""Before a start: what would make it fail, or run a TD without the protection asked for.
+
+Each problem is one sentence naming its remedy. Checks that read this machine (sysfs
+through the host root, firmware and disk files) are skipped for a remote URI.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lxml import etree
+
+from .conn import is_remote
+from .dialect import host_tdx_enabled
+from .errors import NotFoundError
+from .host import HostRoot
+from .host.pci import read_device
+from .metadata import read_domain_xml
+from .pci import PciAddress
+from .td_rules import td_problems
+
+VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1
+
+
+def _hostdev_problems(host: HostRoot, root, address: str) -> list[str]:
+    hostdev = next(h for h in root.iterfind("devices/hostdev[@type='pci']")
+                   if _address(h) == address)
+    try:
+        device = read_device(host, PciAddress.parse(address))
+    except NotFoundError:
+        return [f"PCI device {address} is not on this host; `tdxvirt gpu list` shows the GPUs"]
+    if hostdev.get("managed") != "yes" and device.driver != "vfio-pci":
+        return [f"{address} is bound to {device.driver or 'no driver'}, not vfio-pci, and its "
+                f"hostdev is unmanaged; run `tdxvirt gpu detach {address}`"]
+    return []
+
+
+def _address(hostdev) -> str:
+    a = hostdev.find("source/address")
+    return "{:04x}:{:02x}:{:02x}.{:x}".format(
+        *(int(a.get(k), 16) for k in ("domain", "bus", "slot", "function")))
+
+
+def _file_problems(host: HostRoot, root) -> list[str]:
+    problems = []
+    loader = root.findtext("os/loader")
+    # Firmware is a host fact (the host root models it); disk images are the user's
+    # files, which libvirt opens by their real path.
+    if loader and not host.exists(loader.strip()):
+        problems.append(f"firmware {loader.strip()} does not exist; install its package "
+                        "(TDX: ovmf-inteltdx) or redefine with --ovmf")
+    for source in root.iterfind("devices/disk/source"):
+        path = source.get("file")
+        if path and not os.path.exists(path):
+            problems.append(f"disk image {path} does not exist; restore it or redefine the TD")
+    return problems
+
+
+def _held_by_running(conn, name: str, gpus: tuple[str, ...]) -> list[str]:
+    problems = []
+    for other in conn.listAllDomains(VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        if other.name() == name:
+            continue
+        shared = set(gpus) & set(read_domain_xml(other.XMLDesc(0)).gpus)
+        for address in sorted(shared):
+            problems.append(f"{address} is in use by running domain {other.name()!r}; "
+                            f"stop it first (`tdxvirt stop {other.name()}`)")
+    return problems
+
+
+def start_problems(conn, host: HostRoot, domain) -> list[str]:
+    xml = domain.XMLDesc(0)
+    facts = read_domain_xml(xml)
+    root = etree.fromstring(xml.encode())
+    problems = list(td_problems(xml))
+    if not is_remote(conn.getURI()):
+        if facts.tdx and host_tdx_enabled(host) is False:
+            problems.append("TDX is not enabled in KVM on this host; load kvm_intel with "
+                            "tdx=on (`tdxvirt host setup`)")
+        for address in facts.gpus:
+            problems.extend(_hostdev_problems(host, root, address))
+        problems.extend(_file_problems(host, root))
+    problems.extend(_held_by_running(conn, facts.name, facts.gpus))
+    return problems

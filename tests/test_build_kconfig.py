@@ -1,0 +1,127 @@
+"""The kernel configure step against a real Kconfig tree (Debian's linux-source 6.12).
+
+The Kconfig files, scripts/ (scripts/config, the kconfig sources) and the Makefiles
+are taken out of /usr/src/linux-source-6.*.tar.xz (package linux-source-6.12), about
+25 MB; `make defconfig` / `make olddefconfig` then build and run the kernel's own
+kconfig. 6.12 knows INTEL_TDX_HOST, and really drops it from an x86_64 defconfig
+(it needs X86_X2APIC and CONTIG_ALLOC), which the step must name.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tdxvirt.build import BuildFailedError, kconfig, manifest as manifests, progress, runner, steps
+from tdxvirt.host import HostRoot
+
+
+def _linux_source() -> Path | None:
+    """The newest /usr/src/linux-source-X.Y.tar.xz that knows INTEL_TDX_HOST (6.8+)."""
+    found = []
+    for path in Path("/usr/src").glob("linux-source-*.tar.xz"):
+        match = re.fullmatch(r"linux-source-(\d+)\.(\d+)\.tar\.xz", path.name)
+        if match and (int(match.group(1)), int(match.group(2))) >= (6, 8):
+            found.append(((int(match.group(1)), int(match.group(2))), path))
+    return max(found)[1] if found else None
+
+
+@pytest.fixture(scope="module")
+def kernel_workdir(tmp_path_factory) -> Path:
+    tarball = _linux_source()
+    missing = [tool for tool in ("make", "gcc", "flex", "bison") if shutil.which(tool) is None]
+    if tarball is None or missing:
+        pytest.skip("needs Debian's linux-source-6.12 and make, gcc, flex, bison "
+                    f"(missing: {', '.join(missing) or 'linux-source'}); scripts/setup installs them")
+    workdir = tmp_path_factory.mktemp("kernel-build")
+    top = tarball.name[:-len(".tar.xz")]
+    subprocess.run(["tar", "-xJf", str(tarball), "-C", str(workdir), "--wildcards",
+                    "*Kconfig*", f"{top}/scripts/*", f"{top}/Makefile", f"{top}/arch/x86/Makefile*",
+                    f"{top}/arch/x86/configs/*"], check=True)
+    (workdir / "src").mkdir()
+    (workdir / top).rename(workdir / "src" / "kernel")
+    return workdir
+
+
+def _context(workdir: Path, extra_enable: list[str]) -> steps.Context:
+    file = workdir / f"manifest-{len(extra_enable)}.toml"
+    default = manifests.load().kernel.config
+    enable = list(default.enable) + extra_enable
+    file.write_text(f"""
+[kernel]
+url = "{workdir / 'src' / 'kernel'}"
+ref = "v6.12"
+
+[kernel.config]
+base = "defconfig"
+enable = {enable!r}
+disable = {list(default.disable)!r}
+""".replace("'", '"'))
+    return steps.Context(manifests.load(file), workdir, jobs=2, install=False, host=HostRoot("/"))
+
+
+def test_configure_names_what_kconfig_dropped_then_keeps_what_is_asked(kernel_workdir, tmp_path):
+    tree = kernel_workdir / "src" / "kernel"
+    record = tmp_path / "state" / "build" / "artifacts.json"
+    configure = [steps.KernelConfigure()]
+
+    # the source document's symbols alone: Kconfig drops two of them on x86_64 defconfig
+    ctx = _context(kernel_workdir, [])
+    with pytest.raises(BuildFailedError) as caught:
+        runner.run(configure, ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    message = str(caught.value)
+    assert message.startswith("kernel configure failed: Kconfig did not keep 2 requested symbol(s): ")
+    assert ("INTEL_TDX_HOST (asked y, got n; unmet: X86_X2APIC, CONTIG_ALLOC; "
+            "see arch/x86/Kconfig:") in message
+    assert "TDX_GUEST_DRIVER (asked y, got n; unmet: INTEL_TDX_GUEST, VIRT_DRIVERS; " \
+           "see drivers/virt/coco/tdx-guest/Kconfig:1)" in message
+    assert f"full log: {kernel_workdir}/logs/kernel.configure.log" in message
+    assert not (kernel_workdir / "stamps/kernel.configure.json").exists()
+    log = (kernel_workdir / "logs/kernel.configure.log").read_text()
+    assert "make defconfig" in log and "scripts/config --file .config --enable INTEL_TDX_HOST" in log
+
+    # with what they depend on, every symbol ends up as asked
+    ctx = _context(kernel_workdir, ["X86_X2APIC", "CMA", "INTEL_TDX_GUEST", "VIRT_DRIVERS"])
+    summary = runner.run(configure, ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    assert summary.executed == ["kernel.configure"]
+    values = kconfig.read_config(tree / ".config")
+    for symbol in ("INTEL_TDX_HOST", "KVM", "KVM_INTEL", "TDX_GUEST_DRIVER", "HYPERV", "X86_X2APIC"):
+        assert values[symbol] == "y", symbol
+    assert values["KEXEC"] == "n"
+    assert "CRASH_DUMP" not in values or values["CRASH_DUMP"] == "n"
+    assert "# CONFIG_KEXEC is not set" in (tree / ".config").read_text()
+    assert "kept as asked: INTEL_TDX_HOST=y" in (kernel_workdir / "logs/kernel.configure.log").read_text()
+
+    again = runner.run(configure, ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    assert again.executed == [] and again.skipped == ["kernel.configure"]
+
+
+def test_kconfig_entries_carry_their_enclosing_conditions(kernel_workdir):
+    tree = kernel_workdir / "src" / "kernel"
+    where, depends = kconfig.kconfig_entry(tree, "TDX_GUEST_DRIVER")
+    assert where == "drivers/virt/coco/tdx-guest/Kconfig:1"
+    assert depends == ["INTEL_TDX_GUEST", "VIRT_DRIVERS"]  # the second from `if VIRT_DRIVERS`
+    where, depends = kconfig.kconfig_entry(tree, "INTEL_TDX_HOST")
+    assert where.startswith("arch/x86/Kconfig:")
+    assert depends == ["CPU_SUP_INTEL", "X86_64", "KVM_INTEL", "X86_X2APIC", "CONTIG_ALLOC",
+                       "!KEXEC_CORE", "X86_MCE"]
+    _, depends = kconfig.kconfig_entry(tree, "HYPERV")  # a continued `depends on` line
+    assert depends[0] == "(X86 && X86_LOCAL_APIC && HYPERVISOR_GUEST) || (ACPI && ARM64 && !CPU_BIG_ENDIAN)"
+    assert kconfig.kconfig_entry(tree, "NO_SUCH_SYMBOL_ANYWHERE") is None
+
+
+def test_scripts_config_argv_and_reading_a_config():
+    assert kconfig.scripts_config_argv(".config", ["KVM"], ["KVM_INTEL"], ["KEXEC"]) == [
+        "scripts/config", "--file", ".config", "--enable", "KVM", "--module", "KVM_INTEL",
+        "--disable", "KEXEC"]
+    config = {"KVM": "y", "KVM_INTEL": "m", "KEXEC": "n", "LOCALVERSION": '""'}
+    assert kconfig.mismatches(config, ["KVM"], ["KVM_INTEL"], ["KEXEC", "CRASH_DUMP"]) == []
+    assert kconfig.mismatches(config, ["KVM_INTEL"], [], ["KVM"]) == [
+        kconfig.Mismatch("KVM_INTEL", "y", "m"), kconfig.Mismatch("KVM", "n", "y")]
+    assert kconfig.unmet(["KVM && IA32_FEAT_CTL", "!KEXEC_CORE", "X86_64 || ARM64"],
+                         {"KVM": "y", "KEXEC_CORE": "y"}) == ["IA32_FEAT_CTL", "!KEXEC_CORE", "X86_64 || ARM64"]
