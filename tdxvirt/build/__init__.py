@@ -1,0 +1,17 @@
+"""Build pipelines: the TDX host kernel, QEMU and OVMF from a TOML manifest.
+
+``manifest`` reads and validates the manifest, ``steps`` turns it into a plan of
+steps (fetch, patch, configure, build, install), ``stamps`` decides which steps are
+already done, ``runner`` runs the rest with progress and a log per step, and
+``artifacts`` records what came out so ``define`` can use it.
+"""
+
+from __future__ import annotations
+
+from ..errors import TdxvirtError
+
+COMPONENTS = ("kernel", "qemu", "ovmf")
+
+
+class BuildFailedError(TdxvirtError):
+    """A build step failed; the message names the step and its log."""

@@ -1,0 +1,122 @@
+"""The artifacts record: what each build produced, and from which sources.
+
+One JSON file, ``<state dir>/build/artifacts.json`` (the same whatever ``--workdir``
+a build used, so ``define`` finds the latest build without being told), holding per
+component the paths it produced (bzImage, modules dir, qemu-system-x86_64, OVMF.fd)
+and its provenance (URL, ref, fetched and patched revisions, patch sets).
+
+``recorded()`` is what ``define`` asks: the QEMU and OVMF to use, when they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..paths import state_dir as default_state_dir
+
+RECORD_NAME = "artifacts.json"
+# the artifact ``define`` uses for each component, in order of preference
+PRIMARY = {"qemu": ("installed", "qemu-system-x86_64"), "ovmf": ("OVMF.fd",),
+           "kernel": ("vmlinuz", "bzImage")}
+
+
+def record_file(state_dir: str | Path | None = None) -> Path:
+    return Path(state_dir if state_dir is not None else default_state_dir()) / "build" / RECORD_NAME
+
+
+def load(file: str | Path) -> dict:
+    """The record ({} when nothing was built yet)."""
+    try:
+        data = json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise InputError(f"artifacts record {file} is unreadable ({error}); delete it and "
+                         "run `tdxvirt build run` again") from None
+    if not isinstance(data, dict):
+        raise InputError(f"artifacts record {file} is not a JSON object; delete it and rebuild")
+    return data
+
+
+def update(file: str | Path, component: str, entry: dict) -> bool:
+    """Set one component's entry; False (and nothing written) when it is unchanged."""
+    file = Path(file)
+    data = load(file)
+    old = dict(data.get(component, {}))
+    old.pop("recorded_at", None)
+    if old == entry:
+        return False
+    data[component] = {**entry, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".artifacts.")
+    with os.fdopen(handle, "w") as out:
+        json.dump(data, out, indent=2, sort_keys=True)
+        out.write("\n")
+    os.replace(temporary, file)
+    return True
+
+
+@dataclass(frozen=True)
+class RecordedBuild:
+    """One component's build, as ``define`` and ``show`` use it."""
+
+    component: str
+    path: str  # the artifact to use (installed QEMU before the build tree's)
+    ref: str
+    revision: str | None  # the fetched commit
+    patched_revision: str | None
+    patches: tuple[str, ...]
+    recorded_at: str | None
+
+    def describe(self) -> str:
+        """``qemu v9.1.0-rc0 (1a2b3c4d5e6f) + tdx_qemu_baseline_x.mbox, built 2025-...``"""
+        text = f"{self.component} {self.ref}"
+        if self.revision:
+            text += f" ({self.revision[:12]})"
+        if self.patches:
+            text += " + " + ", ".join(self.patches)
+        if self.recorded_at:
+            text += f", built {self.recorded_at}"
+        return text
+
+
+def builds(record: dict) -> dict[str, RecordedBuild]:
+    """Every component of a record whose primary artifact still exists."""
+    found = {}
+    for component, keys in PRIMARY.items():
+        entry = record.get(component)
+        if not isinstance(entry, dict):
+            continue
+        paths = entry.get("artifacts", {})
+        path = next((paths[k] for k in keys if isinstance(paths.get(k), str) and os.path.exists(paths[k])), None)
+        if path is None:
+            continue
+        found[component] = RecordedBuild(
+            component=component, path=path, ref=str(entry.get("ref", "?")),
+            revision=entry.get("revision"), patched_revision=entry.get("patched_revision"),
+            patches=tuple(entry.get("patches", ())), recorded_at=entry.get("recorded_at"),
+        )
+    return found
+
+
+def recorded(state_dir: str | Path | None = None) -> dict[str, RecordedBuild]:
+    """The recorded builds ``define`` may use: keys "qemu" (the emulator), "ovmf"
+    (the loader) and "kernel", each present only when its file exists."""
+    return builds(load(record_file(state_dir)))
+
+
+def build_of(path: str, state_dir: str | Path | None = None) -> RecordedBuild | None:
+    """The recorded build that produced ``path`` (for ``show``: which build a TD uses)."""
+    record = load(record_file(state_dir))
+    found = builds(record)
+    for component, entry in record.items():
+        if component in found and isinstance(entry, dict):
+            if os.path.realpath(path) in {os.path.realpath(p) for p in entry.get("artifacts", {}).values()}:
+                return found[component]
+    return None

@@ -1,0 +1,403 @@
+"""The plan: the steps of each component, what they run, what keys them.
+
+Per component: fetch (clone or update), patch (``git am --empty=drop``), configure,
+build and, with ``--install``, install. Repositories that only supply patch sets
+(Intel's tdx-linux) are fetched first. Each step knows its actions (shown by
+``plan``, run by the runner), its inputs (what its stamp key is made of), the files
+that must exist for it to count as done, and what it found out (``results``).
+
+Layout under the work directory: ``src/<name>`` trees, ``stamps/``, ``logs/``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import COMPONENTS, BuildFailedError
+from . import edk2, gitops, kconfig
+from .actions import Command, CopyFile, WriteFile
+from .manifest import Manifest, PatchSet, Repo
+from .stamps import StampStore, file_digest
+
+
+class NotYetKnown(Exception):
+    """An input exists only after an earlier step ran (a tree not fetched yet)."""
+
+
+@dataclass
+class Context:
+    manifest: Manifest
+    workdir: Path
+    jobs: int
+    install: bool
+    host: object  # tdxvirt.host.HostRoot: where /boot/config-* is read
+
+    @property
+    def stamps(self) -> StampStore:
+        return StampStore(self.workdir / "stamps")
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
+
+    def tree(self, name: str) -> Path:
+        return self.workdir / "src" / name
+
+
+class Step:
+    component = ""
+    name = ""
+    needs_root = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.component}.{self.name}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.component} {self.name}"
+
+    def actions(self, ctx: Context) -> list:
+        raise NotImplementedError
+
+    def inputs(self, ctx: Context) -> dict:
+        return {}
+
+    def outputs(self, ctx: Context) -> list[Path]:
+        return []
+
+    def results(self, ctx: Context) -> dict:
+        return {}
+
+    def valid(self, ctx: Context, stamp) -> bool:
+        """Whether what the step made (per its stamp) is still there."""
+        return all(path.exists() for path in self.outputs(ctx))
+
+
+class Fetch(Step):
+    name = "fetch"
+
+    def __init__(self, repo: Repo):
+        self.repo = repo
+        self.component = repo.name
+
+    def actions(self, ctx):
+        return gitops.fetch_commands(self.repo, ctx.tree(self.repo.name))
+
+    def inputs(self, ctx):
+        return {"url": self.repo.url, "ref": self.repo.ref, "submodules": self.repo.submodules,
+                "depth": self.repo.depth}
+
+    def outputs(self, ctx):
+        return [ctx.tree(self.repo.name) / ".git"]
+
+    def results(self, ctx):
+        return {"revision": gitops.revision(ctx.tree(self.repo.name), gitops.BASE_REF)}
+
+    def valid(self, ctx, stamp):
+        tree = ctx.tree(self.repo.name)
+        return (tree / ".git").exists() and gitops.revision(tree, gitops.BASE_REF) == stamp.results.get("revision")
+
+
+def resolve_patches(ctx: Context, patchset: PatchSet) -> list[Path]:
+    """The mbox files of a patch set, in name order (NotYetKnown before the fetch)."""
+    tree = ctx.tree(patchset.repo)
+    if not (tree / ".git").exists():
+        raise NotYetKnown(f"{patchset.repo} is not fetched yet")
+    files = sorted(path for path in tree.glob(patchset.glob) if path.is_file())
+    if not files:
+        raise BuildFailedError(f"patch set {patchset.glob!r} matches no file in {tree} "
+                               f"({patchset.repo} at {ctx.manifest.repos[patchset.repo].ref}); "
+                               "fix the glob in the manifest")
+    return files
+
+
+class Patch(Step):
+    name = "patch"
+
+    def __init__(self, component: str, patches: tuple[PatchSet, ...]):
+        self.component = component
+        self.patches = patches
+
+    def mboxes(self, ctx) -> list[Path]:
+        return [path for patchset in self.patches for path in resolve_patches(ctx, patchset)]
+
+    def actions(self, ctx):
+        tree = ctx.tree(self.component)
+        actions: list = [gitops.reset_to_base(tree)]
+        for patchset in self.patches:
+            try:
+                files = resolve_patches(ctx, patchset)
+            except NotYetKnown:  # plan before the fetch: show the glob itself
+                files = [ctx.tree(patchset.repo) / patchset.glob]
+            actions += [gitops.ApplyMbox(tree, path) for path in files]
+        return actions
+
+    def inputs(self, ctx):
+        base = ctx.stamps.results(f"{self.component}.fetch").get("revision")
+        if base is None:
+            raise NotYetKnown(f"{self.component} is not fetched yet")
+        mboxes = self.mboxes(ctx)
+        return {"base": base, "patches": [[path.name, file_digest(path)] for path in mboxes]}
+
+    def valid(self, ctx, stamp):
+        # the tree still holds the patched commit (a new fetch resets it)
+        return gitops.revision(ctx.tree(self.component)) == stamp.results.get("revision")
+
+    def results(self, ctx):
+        tree = ctx.tree(self.component)
+        return {"revision": gitops.revision(tree),
+                "applied": gitops.count_commits(tree, gitops.BASE_REF),
+                "patches": [path.name for path in self.mboxes(ctx)]}
+
+
+def _make(tree: Path, *args: str) -> Command:
+    return Command(("make", *args), tree)
+
+
+class KernelConfigure(Step):
+    component, name = "kernel", "configure"
+
+    def base_file(self, ctx) -> Path | None:
+        """The config to start from; None means ``make defconfig``."""
+        base = ctx.manifest.kernel.config.base
+        if base == "defconfig":
+            return None
+        if base == "current":
+            release = ctx.host.read_value("/proc/sys/kernel/osrelease")
+            path = ctx.host.path(f"/boot/config-{release}") if release else None
+            return path if path is not None and path.is_file() else None
+        return Path(base)
+
+    def actions(self, ctx):
+        tree, config = ctx.tree("kernel"), ctx.manifest.kernel.config
+        base = self.base_file(ctx)
+        actions: list = [CopyFile(base, tree / ".config") if base else _make(tree, "defconfig")]
+        if config.enable or config.module or config.disable:
+            argv = kconfig.scripts_config_argv(".config", config.enable, config.module, config.disable)
+            actions.append(Command(tuple(argv), tree))
+        actions += [_make(tree, "olddefconfig"), VerifyKconfig(tree, config)]
+        return actions
+
+    def inputs(self, ctx):
+        config = ctx.manifest.kernel.config
+        base = self.base_file(ctx)
+        return {"base": str(base) if base else "defconfig",
+                "base_sha256": file_digest(base) if base else None,
+                "enable": list(config.enable), "module": list(config.module),
+                "disable": list(config.disable)}
+
+    def outputs(self, ctx):
+        return [ctx.tree("kernel") / ".config"]
+
+
+@dataclass(frozen=True)
+class VerifyKconfig:
+    tree: Path
+    config: object  # manifest.KernelConfig
+
+    def show(self) -> list[str]:
+        wanted = [f"{n}={kconfig.WANTED[state]}" for state in ("enable", "module", "disable")
+                  for n in getattr(self.config, state)]
+        return [f"verify .config: {' '.join(wanted) or 'nothing requested'}"]
+
+    def run(self, executor) -> None:
+        values = kconfig.verify(self.tree, self.tree / ".config", self.config.enable,
+                                self.config.module, self.config.disable)
+        executor.note("kept as asked: " + " ".join(f"{k}={v}" for k, v in values.items()))
+
+
+class KernelBuild(Step):
+    component, name = "kernel", "build"
+
+    def actions(self, ctx):
+        tree = ctx.tree("kernel")
+        return [_make(tree, f"-j{ctx.jobs}"), _make(tree, f"-j{ctx.jobs}", "modules")]
+
+    def outputs(self, ctx):
+        return [ctx.tree("kernel") / "arch/x86/boot/bzImage"]
+
+    def results(self, ctx):
+        return {"release": kernel_release(ctx.tree("kernel"))}
+
+
+def kernel_release(tree: Path) -> str | None:
+    result = subprocess.run(["make", "-s", "--no-print-directory", "kernelrelease"], cwd=tree,
+                            capture_output=True, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    return lines[-1] if result.returncode == 0 and lines else None
+
+
+class KernelInstall(Step):
+    component, name, needs_root = "kernel", "install", True
+
+    def actions(self, ctx):
+        tree = ctx.tree("kernel")
+        return [_make(tree, "modules_install"), _make(tree, "install")]
+
+    def results(self, ctx):
+        release = ctx.stamps.results("kernel.build").get("release")
+        return {"vmlinuz": f"/boot/vmlinuz-{release}", "modules_dir": f"/lib/modules/{release}"} if release else {}
+
+
+class QemuConfigure(Step):
+    component, name = "qemu", "configure"
+
+    def actions(self, ctx):
+        return [Command(("./configure", *ctx.manifest.qemu.configure), ctx.tree("qemu"))]
+
+    def inputs(self, ctx):
+        return {"configure": list(ctx.manifest.qemu.configure)}
+
+    def outputs(self, ctx):
+        return [ctx.tree("qemu") / "build"]
+
+
+class QemuBuild(Step):
+    component, name = "qemu", "build"
+
+    def actions(self, ctx):
+        return [_make(ctx.tree("qemu"), f"-j{ctx.jobs}")]
+
+    def outputs(self, ctx):
+        return [qemu_binary(ctx)]
+
+
+def qemu_binary(ctx: Context) -> Path:
+    return ctx.tree("qemu") / "build" / "qemu-system-x86_64"
+
+
+def qemu_prefix(flags: tuple[str, ...]) -> str:
+    """The --prefix QEMU's configure was given (its default: /usr/local)."""
+    prefix = "/usr/local"
+    for i, flag in enumerate(flags):
+        if flag.startswith("--prefix="):
+            prefix = flag.split("=", 1)[1]
+        elif flag == "--prefix" and i + 1 < len(flags):
+            prefix = flags[i + 1]
+    return prefix
+
+
+class QemuInstall(Step):
+    component, name, needs_root = "qemu", "install", True
+
+    def actions(self, ctx):
+        return [_make(ctx.tree("qemu"), "install")]
+
+    def outputs(self, ctx):
+        return [Path(self.results(ctx)["installed"])]
+
+    def results(self, ctx):
+        return {"installed": f"{qemu_prefix(ctx.manifest.qemu.configure)}/bin/qemu-system-x86_64"}
+
+
+class OvmfConfigure(Step):
+    component, name = "ovmf", "configure"
+
+    def actions(self, ctx):
+        tree, ovmf = ctx.tree("ovmf"), ctx.manifest.ovmf
+        return [
+            _make(tree, "-C", "BaseTools"),
+            Command(("bash", "-c", edk2.EDKSETUP_ONLY, "edksetup"), tree),
+            WriteFile(tree / "Conf" / "target.txt", edk2.target_txt(ovmf, ctx.jobs)),
+            edk2.CheckToolchain(tree, ovmf.toolchain),
+        ]
+
+    def inputs(self, ctx):
+        ovmf = ctx.manifest.ovmf
+        # the thread count is left out: a different -j must not redo the build
+        return {"platform": ovmf.platform, "target": ovmf.target, "arch": ovmf.arch,
+                "toolchain": ovmf.toolchain}
+
+    def outputs(self, ctx):
+        return [ctx.tree("ovmf") / "Conf" / "target.txt"]
+
+
+class OvmfBuild(Step):
+    component, name = "ovmf", "build"
+
+    def actions(self, ctx):
+        return [Command(("bash", "-c", edk2.EDKSETUP_THEN_EXEC, "edksetup", "build", "-n", str(ctx.jobs)),
+                        ctx.tree("ovmf"))]
+
+    def outputs(self, ctx):
+        path = edk2.image_path(ctx.tree("ovmf"), ctx.manifest.ovmf)
+        return [path] if path else [ctx.tree("ovmf") / ctx.manifest.ovmf.platform]
+
+
+_CONFIGURE = {"kernel": KernelConfigure, "qemu": QemuConfigure, "ovmf": OvmfConfigure}
+_BUILD = {"kernel": KernelBuild, "qemu": QemuBuild, "ovmf": OvmfBuild}
+_INSTALL = {"kernel": KernelInstall, "qemu": QemuInstall}  # OVMF.fd is used where it is built
+
+
+def select(manifest: Manifest, which: str) -> tuple[str, ...]:
+    """Components for ``kernel|qemu|ovmf|all``, checked against the manifest."""
+    from ..errors import InputError
+
+    if which == "all":
+        return manifest.components()
+    if which not in COMPONENTS:
+        raise InputError(f"unknown component {which!r}: use {', '.join(COMPONENTS)} or all")
+    if manifest.component(which) is None:
+        raise InputError(f"manifest {manifest.path} has no [{which}] table; add one or pick "
+                         f"another component ({', '.join(manifest.components())})")
+    return (which,)
+
+
+def plan(manifest: Manifest, components: tuple[str, ...], install: bool) -> list[Step]:
+    steps: list[Step] = []
+    helpers: list[str] = []
+    for name in components:
+        for patchset in manifest.component(name).patches:
+            if patchset.repo not in helpers:
+                helpers.append(patchset.repo)
+    steps += [Fetch(manifest.repos[name]) for name in helpers]
+    for name in components:
+        component = manifest.component(name)
+        steps.append(Fetch(component.repo))
+        if component.patches:
+            steps.append(Patch(name, component.patches))
+        steps += [_CONFIGURE[name](), _BUILD[name]()]
+        if install and name in _INSTALL:
+            steps.append(_INSTALL[name]())
+    return steps
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def artifact_paths(ctx: Context, component: str) -> dict[str, str]:
+    """The artifacts a component's finished steps left, by name (existing files only)."""
+    stamps = ctx.stamps
+    if component == "kernel":
+        installed = stamps.results("kernel.install")
+        paths = {"bzImage": ctx.tree("kernel") / "arch/x86/boot/bzImage",
+                 "vmlinuz": installed.get("vmlinuz"), "modules_dir": installed.get("modules_dir")}
+    elif component == "qemu":
+        paths = {"qemu-system-x86_64": qemu_binary(ctx),
+                 "installed": stamps.results("qemu.install").get("installed")}
+    else:
+        paths = {"OVMF.fd": edk2.image_path(ctx.tree("ovmf"), ctx.manifest.ovmf)}
+    return {name: str(path) for name, path in paths.items() if path and os.path.exists(path)}
+
+
+def artifact_entry(ctx: Context, component: str) -> dict:
+    """One component's record: its artifacts and where its sources came from."""
+    stamps = ctx.stamps
+    repo = ctx.manifest.component(component).repo
+    fetched = stamps.results(f"{component}.fetch").get("revision")
+    patched = stamps.results(f"{component}.patch")
+    entry = {
+        "url": repo.url, "ref": repo.ref, "revision": fetched,
+        "patched_revision": patched.get("revision", fetched),
+        "patches": patched.get("patches", []),
+        "artifacts": artifact_paths(ctx, component),
+        "manifest": ctx.manifest.path, "workdir": str(ctx.workdir),
+    }
+    if component == "kernel":
+        entry["release"] = stamps.results("kernel.build").get("release")
+    return entry
