@@ -393,8 +393,10 @@ def show(session, name, as_json):
 def _add_area_commands() -> None:
     """Command groups that live in modules of their own (each imports only click)."""
     from .cli_build import build
+    from .cli_gpu import gpu
 
     main.add_command(build)
+    main.add_command(gpu)
 
 
 _add_area_commands()

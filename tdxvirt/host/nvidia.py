@@ -28,15 +28,19 @@ GPU_MODELS = {
     0x233A: "H800",
     0x233B: "H200",
     0x233D: "H100",
-    0x2342: "H100",
+    0x2342: "GH200",  # NVIDIA's gpu-admin-tools table; a Hopper (H100-class) GPU
 }
 
 # 0x0300 VGA and 0x0302 3D controller; the H100 SXM5 reports 0x0302.
 _GPU_CLASSES = {0x0300, 0x0302}
+# NVSwitches report "other bridge" (0x0680), which is also how NVIDIA's tool finds them.
+_NVSWITCH_CLASS = 0x0680
 
 
 def model_name(device: PciDevice) -> str:
     names = {**GPU_MODELS, **NVSWITCH_IDS}
+    if device.device not in names and is_nvswitch(device):
+        return "NVSwitch"
     return names.get(device.device, f"NVIDIA {device.device:#06x}")
 
 
@@ -44,7 +48,7 @@ def is_passthrough_candidate(device: PciDevice) -> bool:
     """An NVIDIA GPU (VGA or 3D class) or NVSwitch."""
     if device.vendor != NVIDIA_VENDOR:
         return False
-    return (device.pci_class >> 8) in _GPU_CLASSES or device.device in NVSWITCH_IDS
+    return (device.pci_class >> 8) in _GPU_CLASSES or is_nvswitch(device)
 
 
 def require_gpu(device: PciDevice) -> None:
@@ -72,4 +76,5 @@ def nvidia_devices(root: HostRoot) -> list[PciDevice]:
 
 
 def is_nvswitch(device: PciDevice) -> bool:
-    return device.vendor == NVIDIA_VENDOR and device.device in NVSWITCH_IDS
+    return device.vendor == NVIDIA_VENDOR and (
+        device.device in NVSWITCH_IDS or device.pci_class >> 8 == _NVSWITCH_CLASS)

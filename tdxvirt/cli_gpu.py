@@ -1,0 +1,247 @@
+"""``tdxvirt gpu``: list NVIDIA devices, move them to vfio-pci and back, CC / PPCIe mode.
+
+Wire into the main command with ``main.add_command(gpu)``. Only click is imported at
+start-up; the library is imported by each command. ``make_group(Hooks(...))`` builds
+the same group with the root check, the sysfs writer or the libvirt connection
+replaced, which is how tests drive it without touching a real device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import dataclass
+from typing import Callable
+
+import click
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What tests replace: who we are, what writes sysfs, what libvirt is."""
+
+    euid: Callable[[], int] = os.geteuid
+    sysfs_writer: Callable | None = None  # HostRoot -> writer with .write(path, value)
+    libvirt_conn: Callable | None = None  # Session -> libvirt connection
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:g} {unit}"
+    return f"{count} B" if count else "-"
+
+
+def _binder(session, method: str, hooks: Hooks):
+    from .gpu.binding import LibvirtBinder, SysfsBinder
+
+    if method == "sysfs":
+        writer = hooks.sysfs_writer(session.host) if hooks.sysfs_writer else None
+        return SysfsBinder(session.host, writer)
+    return LibvirtBinder((lambda: hooks.libvirt_conn(session)) if hooks.libvirt_conn
+                         else session.conn)
+
+
+def _print_outcomes(outcomes) -> None:
+    from tabulate import tabulate
+
+    rows = [[o.address, o.label, o.before or "-", o.after or "-", o.result] for o in outcomes]
+    click.echo(tabulate(rows, headers=["DEVICE", "WHAT", "BEFORE", "NOW", "RESULT"]))
+
+
+def _print_modes(results, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in results], indent=2))
+        return
+    from tabulate import tabulate
+
+    rows = [[r.address, r.model, r.cc_mode or "-", r.ppcie_mode or "-", r.result] for r in results]
+    click.echo(tabulate(rows, headers=["DEVICE", "MODEL", "CC", "PPCIE", "RESULT"]))
+
+
+def _group_cell(record) -> str:
+    if record.iommu_group is None:
+        return "none"
+    others = [f"{p.address} {'bridge' if p.bridge else p.driver or 'no driver'}"
+              for p in record.peers]
+    return record.iommu_group + (f" (+ {', '.join(others)})" if others else "")
+
+
+def make_group(hooks: Hooks | None = None) -> click.Group:
+    hooks = hooks or Hooks()
+
+    @click.group(name="gpu")
+    def gpu():
+        """NVIDIA GPUs: list, move to vfio-pci and back, CC / PPCIe mode."""
+
+    @gpu.command(name="list")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option("--modes", is_flag=True,
+                  help="Also read CC / PPCIe modes with NVIDIA's tool (needs root).")
+    @click.option("--tool", metavar="PATH",
+                  help="nvidia_gpu_tools to use: nvtrust checkout, script or executable.")
+    @click.pass_obj
+    def list_(session, as_json, modes, tool):
+        """Every NVIDIA GPU and NVSwitch: model, driver, IOMMU group, NUMA, BARs, TD."""
+        from .errors import LibvirtUnavailableError
+        from .gpu import discovery
+
+        try:
+            conn = (hooks.libvirt_conn(session) if hooks.libvirt_conn else session.conn())
+        except LibvirtUnavailableError as error:
+            click.echo(f"tdxvirt: warning: no libvirt facts or TDs: {error}", err=True)
+            conn = None
+        records = discovery.discover(session.host, conn)
+        if modes and records:
+            from .gpu import admin_tool, ccmode, devices, privilege
+
+            privilege.require_root("reading CC / PPCIe modes", privilege.READS_REGISTERS,
+                                   hooks.euid, dry_run_hint=False)
+            found = devices.read_targets(session.host, [r.address for r in records])
+            results = ccmode.query(admin_tool.locate(tool), found,
+                                   ccmode.has_nvswitches(session.host))
+            for result in results:
+                if not result.ok:
+                    click.echo(f"tdxvirt: warning: {result.address}: {result.result}", err=True)
+            records = discovery.with_modes(
+                records, {r.address: (r.cc_mode, r.ppcie_mode) for r in results})
+        if as_json:
+            click.echo(json.dumps([r.to_json() for r in records], indent=2))
+            return
+        if not records:
+            click.echo("No NVIDIA GPU or NVSwitch on this host")
+            return
+        from tabulate import tabulate
+
+        rows = [[r.address, r.model, r.driver or "-", _group_cell(r),
+                 "-" if r.numa_node is None else r.numa_node, _size(r.largest_bar),
+                 r.cc_mode or "-", r.ppcie_mode or "-", r.td or "-"] for r in records]
+        click.echo(tabulate(rows, headers=["DEVICE", "MODEL", "DRIVER", "IOMMU GROUP", "NUMA",
+                                           "LARGEST BAR", "CC", "PPCIE", "TD"]))
+
+    def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
+        from .gpu import devices, privilege, vfio
+
+        if not dry_run:
+            privilege.require_root(f"tdxvirt gpu {action}", privilege.CHANGES_DRIVERS, hooks.euid)
+        host = session.host
+        targets = devices.read_targets(host, bdfs)
+        binder = _binder(session, method, hooks)
+        if dry_run:
+            if reset:
+                lines = vfio.dry_run_reset(host, targets, binder, force)
+            elif action == vfio.DETACH:
+                lines = vfio.dry_run(vfio.plan_detach(host, targets, force), binder)
+            else:
+                lines = vfio.dry_run(vfio.plan_reattach(host, targets), binder)
+            click.echo("\n".join(lines))
+            return
+        try:
+            if reset:
+                outcomes = vfio.reset(host, targets, binder, force)
+            elif action == vfio.DETACH:
+                outcomes = vfio.apply(vfio.plan_detach(host, targets, force), binder, host)
+            else:
+                outcomes = vfio.apply(vfio.plan_reattach(host, targets), binder, host)
+        except vfio.BindingError as error:
+            _print_outcomes(error.outcomes)
+            raise
+        _print_outcomes(outcomes)
+
+    method_option = click.option(
+        "--method", type=click.Choice(["libvirt", "sysfs"]), default="libvirt",
+        show_default=True,
+        help="libvirt: virNodeDeviceDetachFlags / ReAttach; sysfs: driver_override + unbind/probe.")
+    dry_run_option = click.option("--dry-run", is_flag=True,
+                                  help="Print every write / libvirt call; change nothing.")
+
+    @gpu.command()
+    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...")
+    @method_option
+    @dry_run_option
+    @click.option("--force", is_flag=True, help="Detach even if processes use the GPU.")
+    @click.option("--reset", is_flag=True,
+                  help="Re-attach then detach (clears stale vfio/iommufd state).")
+    @click.pass_obj
+    def detach(session, bdfs, method, dry_run, force, reset):
+        """Bind GPUs, and every endpoint of their IOMMU groups, to vfio-pci (all or nothing)."""
+        _move(session, bdfs, method, dry_run, "detach", force=force, reset=reset)
+
+    @gpu.command()
+    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...")
+    @method_option
+    @dry_run_option
+    @click.pass_obj
+    def reattach(session, bdfs, method, dry_run):
+        """Give GPUs (and their IOMMU groups) back to their host drivers (all or nothing)."""
+        _move(session, bdfs, method, dry_run, "reattach")
+
+    @gpu.command(name="cc-mode")
+    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...")
+    @click.option("--set", "cc", type=click.Choice(["on", "off", "devtools"]),
+                  help="Set CC mode (the GPU is reset after the switch).")
+    @click.option("--ppcie", type=click.Choice(["on", "off"]),
+                  help="Set PPCIe mode on the whole HGX board (all GPUs and NVSwitches).")
+    @click.option("--tool", metavar="PATH",
+                  help="nvidia_gpu_tools to use: nvtrust checkout, script or executable.")
+    @click.option("--dry-run", is_flag=True,
+                  help="Print the commands --set / --ppcie would run; change nothing.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_obj
+    def cc_mode(session, bdfs, cc, ppcie, tool, dry_run, as_json):
+        """Query (default) or set CC / PPCIe mode with NVIDIA's gpu-admin-tools, by BDF."""
+        from .errors import InputError
+        from .gpu import admin_tool, ccmode, devices, privilege
+
+        if cc and ppcie:
+            raise InputError("--set (CC mode) and --ppcie are exclusive: PPCIe mode runs "
+                             "with CC off; choose one")
+        setting = cc or ppcie
+        if setting and not dry_run:
+            privilege.require_root("tdxvirt gpu cc-mode --set/--ppcie", privilege.CHANGES_MODE,
+                                   hooks.euid)
+        elif not setting:
+            privilege.require_root("tdxvirt gpu cc-mode", privilege.READS_REGISTERS,
+                                   hooks.euid, dry_run_hint=False)
+        host = session.host
+        targets = devices.read_targets(host, bdfs)
+        if ppcie:
+            board = ccmode.ppcie_targets(host, targets)
+            extra = [str(d.address) for d in board if d not in targets]
+            if extra:
+                click.echo(f"PPCIe is board-wide: also setting {', '.join(extra)}", err=True)
+            targets = board
+        elif cc:
+            ccmode.cc_targets(targets)
+        tool_cmd = admin_tool.locate(tool)
+        if not setting:
+            results = ccmode.query(tool_cmd, targets, ccmode.has_nvswitches(host))
+            _print_modes(results, as_json)
+            failed = [r for r in results if not r.ok]
+            if failed:
+                raise ccmode.ModeError(f"cannot read the mode of {failed[0].address}: "
+                                       f"{failed[0].result.removeprefix('FAILED: ')}", results)
+            return
+        if dry_run:
+            ccmode.require_vfio_first(targets)
+            ccmode.require_idle(host, targets)
+            click.echo("cc-mode (dry run, nothing changed): devices already in that mode are "
+                       "skipped; each run is followed by a query to check the mode")
+            for argv in ccmode.set_commands(tool_cmd, targets, setting, bool(ppcie)):
+                click.echo("  " + shlex.join(argv))
+            return
+        try:
+            if ppcie:
+                results = ccmode.set_ppcie(host, tool_cmd, targets, ppcie)
+            else:
+                results = ccmode.set_cc(host, tool_cmd, targets, cc)
+        except ccmode.ModeError as error:
+            _print_modes(error.results, as_json)
+            raise
+        _print_modes(results, as_json)
+
+    return gpu
+
+
+gpu = make_group()
