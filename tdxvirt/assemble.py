@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import dialect as dialects
 from .config import Config, load_config
-from .conn import is_remote
+from .conn import is_remote, xml_of_listed
 from .errors import InputError, TdxvirtError
 from .host import HostRoot
 from .host.firmware import find_tdx_ovmf
@@ -40,7 +40,8 @@ def gpu_holders(conn) -> dict[str, str]:
     """PCI address -> name of the defined domain whose XML passes it through."""
     holders = {}
     for domain in conn.listAllDomains(0):
-        for address in read_domain_xml(domain.XMLDesc(0)).gpus:
+        xml = xml_of_listed(domain)
+        for address in read_domain_xml(xml).gpus if xml else ():
             holders.setdefault(address, domain.name())
     return holders
 

@@ -394,7 +394,9 @@ def _add_area_commands() -> None:
     """Command groups that live in modules of their own (each imports only click)."""
     from .cli_build import build
     from .cli_gpu import gpu
+    from .cli_host import host
 
+    main.add_command(host)
     main.add_command(build)
     main.add_command(gpu)
 

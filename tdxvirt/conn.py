@@ -68,3 +68,15 @@ def translate(error: Exception, what: str) -> TdxvirtError:
 
 def libvirt_error_type():
     return _libvirt().libvirtError
+
+
+def xml_of_listed(domain) -> str | None:
+    """A listed domain's XML, or None when it vanished since the listing (another
+    process undefined it): a race every bulk walk over domains must survive."""
+    libvirt = _libvirt()
+    try:
+        return domain.XMLDesc(0)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise translate(error, "cannot read a domain's XML") from None

@@ -10,7 +10,7 @@ import os
 
 from lxml import etree
 
-from .conn import is_remote
+from .conn import is_remote, xml_of_listed
 from .dialect import host_tdx_enabled
 from .errors import NotFoundError
 from .host import HostRoot
@@ -61,7 +61,8 @@ def _held_by_running(conn, name: str, gpus: tuple[str, ...]) -> list[str]:
     for other in conn.listAllDomains(VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         if other.name() == name:
             continue
-        shared = set(gpus) & set(read_domain_xml(other.XMLDesc(0)).gpus)
+        xml = xml_of_listed(other)
+        shared = set(gpus) & set(read_domain_xml(xml).gpus if xml else ())
         for address in sorted(shared):
             problems.append(f"{address} is in use by running domain {other.name()!r}; "
                             f"stop it first (`tdxvirt stop {other.name()}`)")

@@ -11,16 +11,22 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
 from . import locks
-from .assemble import AssembledTD, assemble_td, gpu_holders  # noqa: F401  (re-exported)
-from .conn import libvirt_error_type, translate
+from .conn import libvirt_error_type, translate, xml_of_listed
 from .errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
-from .host import HostRoot
 from .metadata import RUN_NAMESPACE, DomainFacts, read_domain_xml, started_at
-from .policy import Disk
-from .preflight import start_problems
-from .render import render_run_marker
-from .spec import TDSpec
+
+if TYPE_CHECKING:  # rendering and planning are imported only by the commands that use them
+    from .assemble import AssembledTD
+    from .host import HostRoot
+    from .policy import Disk
+    from .spec import TDSpec
+
+# libvirt serves concurrent calls on one connection; XML reads of many domains overlap.
+XML_READERS = 4
 
 # virDomainDefineFlags VIR_DOMAIN_DEFINE_VALIDATE: without it libvirt silently drops
 # unknown elements (and accepts a relative quote-service path).
@@ -85,6 +91,18 @@ def _create_overlay(disk: Disk) -> None:
             f"{' '.join(result.stderr.split()) or 'exit ' + str(result.returncode)}")
 
 
+def assemble_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
+    from .assemble import assemble_td as assemble
+
+    return assemble(conn, host, spec, config)
+
+
+def gpu_holders(conn) -> dict[str, str]:
+    from .assemble import gpu_holders as holders
+
+    return holders(conn)
+
+
 def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
     """Define the TD; on any failure nothing is left behind (no domain, no overlay).
 
@@ -118,6 +136,8 @@ def start(conn, host: HostRoot, name: str, skip_preflight: bool = False) -> bool
     gpus = read_domain_xml(domain.XMLDesc(0)).gpus
     with locks.held(locks.gpu_keys(gpus)):
         if not skip_preflight:
+            from .preflight import start_problems
+
             problems = start_problems(conn, host, domain)
             if problems:
                 more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
@@ -133,6 +153,8 @@ def start(conn, host: HostRoot, name: str, skip_preflight: bool = False) -> bool
 
 def _mark_started(domain) -> None:
     """Live-only metadata with the start time, so list can show uptime."""
+    from .render import render_run_marker
+
     try:
         domain.setMetadata(METADATA_ELEMENT, render_run_marker(time.time()), "tdxvirt-run",
                            RUN_NAMESPACE, AFFECT_LIVE)
@@ -263,8 +285,12 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     """
     rows = []
     now = time.time()
-    for domain, stats in conn.getAllDomainStats(STATS_STATE):
-        xml = domain.XMLDesc(0)
+    listed = conn.getAllDomainStats(STATS_STATE)
+    with ThreadPoolExecutor(XML_READERS) as readers:
+        xmls = list(readers.map(xml_of_listed, (domain for domain, _ in listed)))
+    for (domain, stats), xml in zip(listed, xmls):
+        if xml is None:
+            continue
         row = _row(domain, stats.get("state.state", 0), xml, now)
         if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
             rows.append(row)

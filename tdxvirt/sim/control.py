@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..paths import state_dir
 from . import SimLayout, chroot, keeper, layout
-from .hostroot import TDX_OVMF, build_host_root
+from .hostroot import SIM_HOST_VERSION, build_sim_host
 
 SCHEMAS = "usr/share/libvirt/schemas"
 
@@ -34,8 +34,11 @@ def install_schemas(sim: SimLayout) -> None:
 
 
 def ensure_host_root(sim: SimLayout) -> None:
-    if not (sim.host_root / "sys/bus/pci/devices").is_dir():
-        build_host_root(sim.host_root, ovmf_file=sim.chroot / TDX_OVMF.lstrip("/"))
+    """Build the simulated host's root unless this tdxvirt's version of it is there."""
+    marker = sim.host_root / ".tdxvirt-sim-version"
+    current = marker.read_text().strip() if marker.is_file() else None
+    if current != SIM_HOST_VERSION:
+        build_sim_host(sim.host_root, sim.chroot)
 
 
 def up(sim: SimLayout | None = None) -> list[str]:

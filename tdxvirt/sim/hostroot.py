@@ -96,3 +96,31 @@ def build_host_root(
             ovmf.parent.mkdir(parents=True, exist_ok=True)
             ovmf.write_bytes(b"")
     return HostRoot(root)
+
+
+# The simulated host is a host that is ready to run TDs: beyond build_host_root's
+# TDX-on CPU and H100, it has vfio and iommufd loaded with the GPU's cdev, and its
+# /etc files are the real ones of the forky root that runs its libvirt.
+SIM_HOST_VERSION = "2"
+_FROM_DAEMON_ROOT = ("etc/os-release", "etc/passwd", "etc/group", "etc/libvirt/qemu.conf")
+
+
+def build_sim_host(dest: str | os.PathLike, daemon_root: str | os.PathLike) -> HostRoot:
+    daemon = Path(daemon_root)
+    host = build_host_root(dest, ovmf_file=daemon / TDX_OVMF.lstrip("/"))
+    root = host.base
+    for module in ("vfio", "vfio_pci", "vfio_pci_core", "iommufd", "kvm", "kvm_intel"):
+        (root / "sys/module" / module).mkdir(parents=True, exist_ok=True)
+    (root / "dev/vfio/devices").mkdir(parents=True)
+    for node in ("dev/vfio/vfio", "dev/iommu", "dev/vfio/devices/vfio0"):
+        (root / node).write_text("")  # stand-ins for character devices: only their presence is read
+    (root / "sys/bus/pci/devices/0000:38:00.0/vfio-dev/vfio0").mkdir(parents=True)
+    for directory in ("etc/modprobe.d", "etc/udev/rules.d"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    for name in _FROM_DAEMON_ROOT:
+        source = daemon / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.resolve(), root / name)
+    (root / ".tdxvirt-sim-version").write_text(SIM_HOST_VERSION + "\n")
+    return host

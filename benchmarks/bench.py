@@ -1,0 +1,236 @@
+"""tdxvirt against virsh on the same machine, in the same run: medians and ratios.
+
+Run through ``scripts/bench`` (which sets everything up first). Targets (issue 9):
+``tdxvirt --help`` under 80 ms; ``list --json`` with 1,000 TDs within 1.5x of ``virsh
+list --all``; render + validate under 5 ms per TD after the first; defining 100 TDs
+within 1.2x of ``virsh define --validate``; a no-op build run under 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TDXVIRT = str(Path(sys.executable).parent / "tdxvirt")
+sys.path.insert(0, str(REPO / "tests"))  # the build benchmark reuses the tests' tiny sources
+
+
+def timed(argv, repeat, env=None) -> tuple[float, int]:
+    """Median wall seconds of a command, and its peak RSS (KiB) over the runs."""
+    samples, peak = [], 0
+    for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+        samples.append(time.perf_counter() - start)
+        peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    return statistics.median(samples), peak
+
+
+def peak_rss_kib(argv, env=None) -> int:
+    """Peak RSS of one run, measured in a fresh child so earlier runs do not count."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+            "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], check=True, env=env,
+                         capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def bench_cli_start(results, repeat):
+    empty = "test:///default"  # an in-process libvirt: nothing shared, nothing slow
+    results["help_s"], _ = timed([TDXVIRT, "--help"], repeat)
+    results["list_empty_s"], _ = timed([TDXVIRT, "-c", empty, "list", "--all"], repeat)
+    results["virsh_list_empty_s"], _ = timed(["virsh", "-c", empty, "list", "--all"], repeat)
+
+
+def _fake_host(count: int, base: Path):
+    from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
+
+    prefix = f"{uuid.uuid4().int % 0xE000 + 0x1000:04x}"
+    addresses = [f"{prefix}:{bus:02x}:{slot:02x}.0" for bus in range(256) for slot in range(32)][:count]
+    root = build_host_root(base, devices=tuple(FakePciDevice(a, iommu_group=i)
+                                               for i, a in enumerate(addresses)))
+    return root, addresses
+
+
+def bench_render(results, repeat):
+    from tdxvirt.host.pci import read_device
+    from tdxvirt.policy import plan_domain
+    from tdxvirt.render import render_domain
+    from tdxvirt.schema import validate_domain_xml
+    from tdxvirt.spec import TDSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, addresses = _fake_host(1, Path(tmp) / "root")
+        spec = TDSpec.from_user(name="bench", gpus=addresses)
+        devices = [read_device(root, g) for g in spec.gpus]
+
+        def once():
+            plan = plan_domain(spec, gpus=devices, dialect="native", libvirt_version=12_008_000,
+                               loader="/usr/share/ovmf/OVMF.inteltdx.ms.fd")
+            validate_domain_xml(render_domain(plan))
+
+        start = time.perf_counter()
+        once()
+        results["render_validate_first_s"] = time.perf_counter() - start
+        samples = []
+        for _ in range(max(repeat * 20, 100)):
+            start = time.perf_counter()
+            once()
+            samples.append(time.perf_counter() - start)
+        results["render_validate_s"] = statistics.median(samples)
+
+
+def bench_define_and_list(results, repeat, uri, count_define, count_list):
+    import libvirt
+
+    from tdxvirt import tds
+    from tdxvirt.conn import open_connection
+    from tdxvirt.spec import TDSpec
+
+    conn = open_connection(uri)
+    tag = uuid.uuid4().hex[:6]
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root, addresses = _fake_host(count_list + count_define, Path(tmp) / "root")
+        try:
+            # 1. define 100 TDs with tdxvirt, in one process
+            start = time.perf_counter()
+            for i in range(count_define):
+                name = f"bench-{tag}-t{i}"
+                tds.define_td(conn, root, TDSpec.from_user(name=name, gpus=[addresses[i]]))
+                names.append(name)
+            results["define_per_td_s"] = (time.perf_counter() - start) / count_define
+            start = time.perf_counter()
+            for name in names:
+                tds.start(conn, root, name)
+            results["start_per_td_s"] = (time.perf_counter() - start) / count_define
+            # the same XML files through `virsh define --validate`
+            files = []
+            for i, name in enumerate(names):
+                xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                path = Path(tmp) / f"v{i}.xml"
+                path.write_text(xml.replace(f"<name>{name}</name>", f"<name>{name}v</name>")
+                                .split("<uuid>")[0] + xml.split("</uuid>", 1)[1])
+                files.append(path)
+            start = time.perf_counter()
+            for i, path in enumerate(files):
+                subprocess.run(["virsh", "-q", "-c", uri, "define", "--validate", str(path)],
+                               check=True, stdout=subprocess.DEVNULL)
+                names.append(f"{names[i]}v")
+            results["virsh_define_per_td_s"] = (time.perf_counter() - start) / count_define
+            # 2. fill up to count_list TDs, then list
+            for i in range(count_define, count_list):
+                name = f"bench-{tag}-l{i}"
+                plan_xml = tds.assemble_td(conn, root, TDSpec.from_user(
+                    name=name, gpus=[addresses[i]], allow_shared=True)).xml
+                conn.defineXMLFlags(plan_xml, tds.DEFINE_VALIDATE)
+                names.append(name)
+            results["tds_listed"] = len(conn.listAllDomains(0))
+            results["list_json_s"], _ = timed([TDXVIRT, "-c", uri, "list", "--json"], repeat)
+            results["virsh_list_s"], _ = timed(["virsh", "-c", uri, "list", "--all"], repeat)
+            results["list_peak_rss_kib"] = peak_rss_kib([TDXVIRT, "-c", uri, "list", "--json"])
+            results["virsh_list_peak_rss_kib"] = peak_rss_kib(["virsh", "-c", uri, "list", "--all"])
+        finally:
+            for name in names:
+                try:
+                    domain = conn.lookupByName(name)
+                    if domain.isActive():
+                        domain.destroy()
+                    domain.undefine()
+                except libvirt.libvirtError:
+                    pass
+
+
+def bench_build_noop(results, repeat):
+    from test_build_runner import Sources
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        env = {**os.environ, "TDXVIRT_STATE_DIR": str(base / "state")}
+        manifest = Sources(base / "src").manifest(base / "m.toml", ["--enable-kvm"])
+        argv = [TDXVIRT, "build", "run", "qemu", "--manifest", str(manifest),
+                "--workdir", str(base / "work")]
+        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+        results["build_noop_s"], _ = timed(argv, repeat, env=env)
+
+
+TARGETS = [  # (label, value key, baseline key or None, limit, unit)
+    ("tdxvirt --help", "help_s", None, 0.080, "s"),
+    ("list (empty) vs virsh list --all", "list_empty_s", "virsh_list_empty_s", None, "x"),
+    ("list --json, 1,000 TDs vs virsh list --all", "list_json_s", "virsh_list_s", 1.5, "x"),
+    ("render + validate one TD (after the first)", "render_validate_s", None, 0.005, "s"),
+    ("define one TD vs virsh define --validate", "define_per_td_s", "virsh_define_per_td_s", 1.2, "x"),
+    ("build run, nothing to do", "build_noop_s", None, 1.0, "s"),
+]
+
+
+def report(results) -> bool:
+    from tabulate import tabulate
+
+    rows, ok = [], True
+    for label, key, base, limit, unit in TARGETS:
+        value = results.get(key)
+        if value is None:
+            continue
+        figure = value / results[base] if base else value
+        passed = limit is None or figure <= limit
+        ok &= passed
+        shown = f"{figure:.2f}x" if base else f"{value * 1000:.1f} ms"
+        rows.append([label, shown, "-" if limit is None else (f"<= {limit}x" if base else
+                                                           f"< {limit * 1000:.0f} ms"),
+                     "ok" if passed else "MISSED"])
+    print(tabulate(rows, headers=["measure", "figure", "target", ""]))
+    print()
+    print(tabulate(sorted((k, f"{v:.4f}" if isinstance(v, float) else v)
+                          for k, v in results.items()), headers=["raw", "value"]))
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tds", type=int, default=1000, help="TDs defined for the list benchmark")
+    parser.add_argument("--define", type=int, default=100, help="TDs defined one by one")
+    parser.add_argument("--json", default=str(REPO / "benchmarks/results/latest.json"))
+    args = parser.parse_args()
+
+    import libvirt
+
+    from tdxvirt.sim import control, layout
+
+    control.up()
+    uri = layout().uri
+    conn = libvirt.open(uri)
+    results = {"environment": {
+        "libvirt_daemon": conn.getLibVersion(), "libvirt_client": libvirt.getVersion(),
+        "uri": uri, "python": platform.python_version(), "machine": platform.machine(),
+        "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    conn.close()
+    figures: dict = {}
+    bench_cli_start(figures, args.repeat)
+    bench_render(figures, args.repeat)
+    bench_define_and_list(figures, args.repeat, uri, args.define, args.tds)
+    bench_build_noop(figures, args.repeat)
+    print("environment:", json.dumps(results["environment"]))
+    ok = report(figures)
+    results["figures"] = figures
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {args.json}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``tdxvirt host check`` and ``tdxvirt host setup``: the host preflight doctor and setup.
+
+Wired into the main command by ``main.add_command(host)``. Only click is imported at
+start-up; the doctor, the host editors and tabulate are imported by the commands.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group(name="host")
+def host():
+    """Check and set up this host for TDs with GPUs passed through."""
+
+
+@host.command(name="check")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--for-gpu", "gpus", multiple=True, metavar="BDF",
+              help="Check this GPU (repeat for more; default: every NVIDIA GPU).")
+@click.pass_context
+def check(ctx, as_json, gpus):
+    """Check everything a TD with GPUs needs; exit 1 if anything fails."""
+    from .doctor import Context, failed, run_checks
+    from .host.commands import SubprocessRunner
+    from .pci import PciAddress
+
+    session = ctx.obj
+    addresses = tuple(PciAddress.parse(gpu) for gpu in gpus)
+    root = session.host
+    context = Context(root, uri=session.uri, connect=session.conn,
+                      runner=SubprocessRunner(root), gpus=addresses)
+    results = run_checks(context)
+    if as_json:
+        click.echo(json.dumps({"uri": session.uri, "host_root": str(root.base),
+                               "failed": failed(results),
+                               "checks": [c.as_dict() for c in results]}, indent=2))
+    else:
+        from tabulate import tabulate
+
+        rows = [[c.name, c.status, c.found, c.remedy] for c in results]
+        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "FOUND", "REMEDY"],
+                            maxcolwidths=[None, None, 60, 50]))
+        counts = {s: sum(c.status == s for c in results) for s in ("ok", "warn", "fail", "skip")}
+        click.echo("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if failed(results):
+        ctx.exit(1)
+
+
+@host.command(name="setup")
+@click.option("--dry-run", is_flag=True, help="Print every diff and command; change nothing.")
+@click.option("--revert", is_flag=True, help="Restore what setup changed, from its backups.")
+@click.option("--user", metavar="U", help="User QEMU runs as (default: as configured, "
+              "else the distribution's, e.g. libvirt-qemu).")
+@click.option("--group", metavar="G", help="Group QEMU runs as (default: likewise).")
+@click.option("--security-driver", type=click.Choice(["none", "keep"]), default="none",
+              show_default=True, help="none: turn sVirt off, as the source document does; "
+              "keep: leave it on and install udev rules for the VFIO devices.")
+@click.option("--legacy-vfio", is_flag=True,
+              help="Also raise vfio_iommu_type1's dma_entry_limit (libvirt < 12.1).")
+@click.pass_context
+def setup(ctx, dry_run, revert, user, group, security_driver, legacy_vfio):
+    """Configure this host for TDs with GPUs (modprobe.d, kernel args, qemu.conf)."""
+    from .doctor.context import is_remote
+    from .errors import InputError
+    from .host.commands import SubprocessRunner
+    from .hostcfg import setup as host_setup
+    from .hostcfg.plan import render_step
+
+    session = ctx.obj
+    if is_remote(session.uri):
+        raise InputError(f"host setup changes the machine it runs on, and {session.uri} names "
+                         "another host; run tdxvirt host setup on that host")
+    if revert and (user or group or legacy_vfio or security_driver != "none"):
+        raise InputError("--revert takes no other setup options (it restores the backups)")
+    host_setup.check_privileges(dry_run)
+    root = session.host
+    runner = SubprocessRunner(root)
+
+    def show(step):
+        click.echo(render_step(step), nl=False)
+
+    if revert:
+        plan = host_setup.revert(root, runner, show, dry_run=dry_run)
+    else:
+        options = host_setup.SetupOptions(user=user, group=group,
+                                          security_driver=security_driver,
+                                          legacy_vfio=legacy_vfio)
+        plan = host_setup.setup(root, runner, options, show, dry_run=dry_run)
+    if dry_run:
+        for step in plan.steps:
+            show(step)
+    if not plan.changes:
+        click.echo("Nothing to change: " + ("no backups to restore" if revert else
+                                            "the host is already set up as asked"))
+    elif dry_run:
+        click.echo("(dry run: nothing was changed)")
+    cannot = [n for n in plan.notices if n.kind == "cannot"]
+    if cannot:
+        click.echo(f"tdxvirt: {len(cannot)} step(s) could not be done (see 'cannot:' above)",
+                   err=True)
+        ctx.exit(1)

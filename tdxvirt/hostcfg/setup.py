@@ -1,0 +1,379 @@
+"""``tdxvirt host setup``: the host facts it needs, and the plans for setup and revert.
+
+``gather_facts`` reads the host (through the host root, plus ``grubby --info`` through
+the runner); ``plan_setup`` and ``plan_revert`` are pure functions of those facts;
+``apply.apply_plan`` carries a plan out.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import HostNotReadyError, InputError
+from ..host.commands import CommandRunner
+from ..host.osrelease import OsRelease, read_os_release
+from ..host.root import HostRoot
+from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
+from .plan import HostPlan, Notice, RunCommand, Step, WriteFile
+
+QEMU_CONF = qemuconf.PATH
+GRUB = kernelargs.GRUB_DEFAULTS
+FILES = (modprobe.FILE, GRUB, QEMU_CONF, udev.FILE)
+DIRS = ("/etc/modprobe.d", "/etc/udev/rules.d", "/etc/libvirt")
+_TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+SECURITY_DRIVERS = ("none", "keep")
+
+SVIRT_WARNING = (
+    'security_driver = "none" turns off sVirt (SELinux/AppArmor) confinement of every '
+    "QEMU process libvirt starts on this host, as the source document requires; "
+    "`--security-driver keep` keeps confinement and installs udev rules instead"
+)
+
+
+@dataclass(frozen=True)
+class SetupOptions:
+    user: str | None = None
+    group: str | None = None
+    security_driver: str = "none"  # none | keep
+    legacy_vfio: bool = False
+
+    def __post_init__(self):
+        if self.security_driver not in SECURITY_DRIVERS:
+            raise InputError(f"--security-driver must be none or keep, not "
+                             f"{self.security_driver!r}")
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    os: OsRelease
+    files: dict[str, bytes | None]  # current bytes of every file setup may write
+    dirs: frozenset[str]  # which of DIRS exist
+    grubby: bool
+    grub_regen: tuple[str, ...] | None  # update-grub or grub-mkconfig argv
+    grubby_kernels: tuple[tuple[str, ...], ...] | None  # args of each kernel
+    grubby_error: str | None
+    tdx_options: tuple[modprobe.ModuleOption, ...]
+    dma_options: tuple[modprobe.ModuleOption, ...]
+    kvm_intel_tdx: str | None  # /sys/module/kvm_intel/parameters/tdx
+    daemon: daemon.DaemonInUse
+    users: frozenset[str] | None  # None: /etc/passwd not readable
+    groups: frozenset[str] | None
+
+
+def _tool(root: HostRoot, name: str) -> bool:
+    return any(root.exists(f"{d}/{name}") for d in _TOOL_DIRS)
+
+
+def _names(root: HostRoot, path: str) -> frozenset[str] | None:
+    try:
+        text = root.read_text(path)
+    except OSError:
+        return None
+    return frozenset(line.split(":", 1)[0] for line in text.splitlines() if ":" in line)
+
+
+def _grub_regen(root: HostRoot) -> tuple[str, ...] | None:
+    if _tool(root, "update-grub"):
+        return ("update-grub",)
+    if _tool(root, "grub2-mkconfig"):
+        return ("grub2-mkconfig", "-o", "/boot/grub2/grub.cfg")
+    if _tool(root, "grub-mkconfig"):
+        return ("grub-mkconfig", "-o", "/boot/grub/grub.cfg")
+    return None
+
+
+def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
+    grubby = _tool(root, "grubby")
+    kernels, grubby_error = None, None
+    if grubby:
+        result = runner.run(("grubby", "--info=ALL"))
+        if result.ok:
+            kernels = tuple(tuple(k) for k in kernelargs.parse_grubby_info(result.stdout))
+        else:
+            grubby_error = f"`grubby --info=ALL` failed: {result.tail() or 'no output'}"
+    return HostFacts(
+        os=read_os_release(root),
+        files={path: files.read_bytes(root.path(path)) for path in FILES},
+        dirs=frozenset(d for d in DIRS if root.path(d).is_dir()),
+        grubby=grubby,
+        grub_regen=_grub_regen(root),
+        grubby_kernels=kernels,
+        grubby_error=grubby_error,
+        tdx_options=tuple(modprobe.configured_options(root, "kvm_intel", "tdx")),
+        dma_options=tuple(modprobe.configured_options(root, "vfio_iommu_type1",
+                                                      "dma_entry_limit")),
+        kvm_intel_tdx=root.read_value("/sys/module/kvm_intel/parameters/tdx"),
+        daemon=daemon.detect(root),
+        users=_names(root, "/etc/passwd"),
+        groups=_names(root, "/etc/group"),
+    )
+
+
+def check_privileges(dry_run: bool, euid: int | None = None) -> None:
+    if dry_run:
+        return
+    if (os.geteuid() if euid is None else euid) != 0:
+        raise HostNotReadyError(
+            "tdxvirt host setup changes files in /etc and restarts libvirt: run it as "
+            "root (sudo); `--dry-run` shows what it would do without root")
+
+
+# --- planning (pure) --------------------------------------------------------------
+
+def _others(options: tuple[modprobe.ModuleOption, ...]) -> list[modprobe.ModuleOption]:
+    return [o for o in options if o.file != modprobe.FILE]
+
+
+def _plan_modprobe(facts: HostFacts, options: SetupOptions, out: list[Step]) -> bool:
+    """Returns whether kvm_intel must be reloaded (reboot) for the change to count."""
+    if "/etc/modprobe.d" not in facts.dirs:
+        out.append(Notice(f"cannot write {modprobe.FILE} on {facts.os.pretty_name}: there "
+                          "is no /etc/modprobe.d (kmod not installed?); load kvm_intel "
+                          "with tdx=on some other way", "cannot"))
+        return False
+    others = _others(facts.tdx_options)
+    tdx_elsewhere = bool(others) and others[-1].value in modprobe.TRUE_VALUES
+    dma_others = _others(facts.dma_options)
+    dma_elsewhere = bool(dma_others) and _int(dma_others[-1].value) >= modprobe.DMA_ENTRY_LIMIT
+    need_dma = options.legacy_vfio and not dma_elsewhere
+    current = facts.files[modprobe.FILE]
+    # Another file already does it: tdxvirt's file is not needed (left as it is).
+    wanted = current if tdx_elsewhere and not need_dma else modprobe.render(need_dma).encode()
+    if wanted != current:
+        out.append(WriteFile(modprobe.FILE, current, wanted,
+                             "load kvm_intel with tdx=on"
+                             + (" and raise VFIO's DMA entry limit" if need_dma else "")))
+    ours = modprobe.FILE.rsplit("/", 1)[1]
+    for option in others:
+        if option.file.rsplit("/", 1)[1] > ours and option.value not in modprobe.TRUE_VALUES:
+            out.append(Notice(f"{option.file} sets kvm_intel tdx={option.value} and is read "
+                              f"after {modprobe.FILE}, so it wins: remove that option",
+                              "warning"))
+    changed = any(isinstance(s, WriteFile) and s.path == modprobe.FILE for s in out)
+    return changed and facts.kvm_intel_tdx != "Y"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        return 0
+
+
+def _plan_kernel_args(facts: HostFacts, out: list[Step], later: list[Step]) -> bool:
+    """Returns whether the next boot's command line changes."""
+    wanted = kernelargs.TDX_HOST_ARGS
+    text = facts.files[GRUB]
+    use_grub_file = text is not None and facts.grub_regen is not None and (
+        not facts.grubby or facts.grub_regen == ("update-grub",))
+    if use_grub_file:
+        try:
+            new = kernelargs.edit_grub_defaults(text.decode("utf-8", "surrogateescape"),
+                                                wanted).encode("utf-8", "surrogateescape")
+        except kernelargs.GrubDefaultsError as error:
+            out.append(Notice(str(error), "cannot"))
+            return False
+        if new == text:
+            return False
+        out.append(WriteFile(GRUB, text, new,
+                             f"add {' '.join(wanted)} to GRUB_CMDLINE_LINUX"))
+        later.append(RunCommand(facts.grub_regen, "regenerate the boot loader's menu"))
+        return True
+    if facts.grubby:
+        if facts.grubby_kernels is None:
+            out.append(Notice(f"cannot set kernel arguments: {facts.grubby_error}", "cannot"))
+            return False
+        kernels = [list(k) for k in facts.grubby_kernels]
+        missing = [a for a in wanted
+                   if any(a in kernelargs.missing_args(k, wanted) for k in kernels)]
+        if not missing:
+            return False
+        # grubby --remove-args acts on every kernel: revert takes back only arguments
+        # that no kernel had before, never one a kernel was already booting with.
+        new_everywhere = [a for a in missing
+                          if all(a in kernelargs.missing_args(k, wanted) for k in kernels)]
+        later.append(RunCommand(
+            kernelargs.grubby_command(missing), "add the kernel arguments to every kernel",
+            undo=kernelargs.grubby_command(new_everywhere, remove=True)
+            if new_everywhere else None))
+        return True
+    reason = ("/etc/default/grub exists but neither update-grub nor grub-mkconfig does"
+              if text is not None else "no grubby and no /etc/default/grub")
+    out.append(Notice(f"cannot set kernel arguments on {facts.os.pretty_name}: {reason}; "
+                      f"add `{' '.join(wanted)}` to the boot loader's kernel command line "
+                      "by hand", "cannot"))
+    return False
+
+
+def _commented_value(conf: qemuconf.QemuConf, key: str) -> str | None:
+    default = conf.commented_default(key)
+    if default is None:
+        return None
+    try:
+        value = qemuconf.QemuConf.parse(default.text.lstrip("#").lstrip(), conf.source).get(key)
+    except qemuconf.QemuConfSyntaxError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _identity(options: SetupOptions, conf: qemuconf.QemuConf | None,
+              facts: HostFacts) -> tuple[str, str]:
+    """The user and group QEMU runs as: given, else configured, else the distro's default."""
+    def pick(given, key, known, fallbacks, what, flag):
+        value = given
+        if value is None and conf is not None:
+            active = conf.get(key)
+            value = active if isinstance(active, str) else _commented_value(conf, key)
+        if value is None and known is not None:
+            value = next((name for name in fallbacks if name in known), None)
+        if value is None:
+            raise InputError(f"cannot tell which {what} QEMU should run as; pass {flag} NAME")
+        numeric = value.lstrip("+").isdigit()
+        if known is not None and not numeric and value not in known:
+            source = "/etc/passwd" if what == "user" else "/etc/group"
+            raise InputError(f"no {what} {value!r} on this host ({source}); pass {flag} "
+                             f"with an existing {what}, or create it first")
+        return value
+
+    user = pick(options.user, "user", facts.users, ("libvirt-qemu", "qemu"), "user", "--user")
+    group = pick(options.group, "group", facts.groups, ("libvirt-qemu", "kvm", "qemu"),
+                 "group", "--group")
+    return user, group
+
+
+def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
+    steps: list[Step] = []
+    commands: list[Step] = []
+    notices: list[Step] = []
+    reload_module = _plan_modprobe(facts, options, steps)
+    new_cmdline = _plan_kernel_args(facts, steps, commands)
+
+    current = facts.files[QEMU_CONF]
+    conf = qemuconf.QemuConf.parse(current) if current is not None else None
+    try:
+        user, group = _identity(options, conf, facts)
+    except InputError:
+        if conf is not None or options.security_driver == "keep":
+            raise
+        user = group = ""  # nothing below needs them: qemu.conf is missing
+    if conf is None:
+        notices.append(Notice(
+            f"cannot edit {QEMU_CONF}: it does not exist (libvirt's QEMU driver is not "
+            f"installed on {facts.os.pretty_name}?); install it (Debian: "
+            "libvirt-daemon-system) and run setup again", "cannot"))
+    else:
+        settings: dict[str, qemuconf.Value] = {"user": user, "group": group,
+                                               "dynamic_ownership": 0}
+        if options.security_driver == "none":
+            settings["security_driver"] = "none"
+            notices.append(Notice(SVIRT_WARNING, "warning"))
+        elif conf.get("security_driver") == "none":
+            notices.append(Notice(f'{QEMU_CONF} already has security_driver = "none" '
+                                  "(sVirt off); --security-driver keep leaves it as it is "
+                                  "(`tdxvirt host setup --revert` restores the original)",
+                                  "warning"))
+        new = qemuconf.set_values(conf, settings).encode()
+        if new != current:
+            steps.append(WriteFile(QEMU_CONF, current, new,
+                                   f"run QEMU as {user}:{group} with "
+                                   + ", ".join(f"{k} = {qemuconf.format_value(k, v)}"
+                                               for k, v in settings.items()
+                                               if k not in ("user", "group"))))
+            argv = daemon.restart_argv(facts.daemon)
+            if argv:
+                commands.append(RunCommand(argv, "make libvirt reread qemu.conf"))
+            else:
+                notices.append(Notice(daemon.restart_advice(facts.daemon),
+                                      "warning" if facts.daemon.running else "info"))
+
+    if options.security_driver == "keep":
+        if "/etc/udev/rules.d" not in facts.dirs:
+            notices.append(Notice(f"cannot install {udev.FILE}: there is no "
+                                  "/etc/udev/rules.d (udev not installed?); give group "
+                                  f"{group} access to /dev/vfio/*, /dev/iommu and "
+                                  "/dev/vfio/devices/* some other way", "cannot"))
+        else:
+            rules = udev.render(group).encode()
+            if facts.files[udev.FILE] != rules:
+                steps.append(WriteFile(udev.FILE, facts.files[udev.FILE], rules,
+                                       f"let group {group} open the VFIO and iommufd devices"))
+                commands.append(RunCommand(udev.RELOAD, "make udev read the new rules"))
+                commands += [RunCommand(argv, "apply them to existing device nodes")
+                             for argv in udev.TRIGGER]
+    if new_cmdline or reload_module:
+        why = "the kernel command line changed" if new_cmdline else \
+            "kvm_intel reads tdx=on only when it loads"
+        notices.append(Notice(why, "reboot"))
+    return HostPlan(tuple(steps + commands + notices))
+
+
+def plan_revert(manifest: dict, current: dict[str, bytes | None],
+                originals: dict[str, bytes | None], facts: HostFacts) -> HostPlan:
+    """Steps that put back every file setup changed, unless someone changed it since."""
+    steps: list[Step] = []
+    commands: list[Step] = []
+    notices: list[Step] = []
+    restored = set()
+    for path, record in sorted(manifest["files"].items()):
+        now, original = current.get(path), originals.get(path)
+        if now == original:
+            continue
+        written = record.get("written_sha256")
+        if written is not None and apply.sha256(now or b"") != written:
+            notices.append(Notice(
+                f"{path} changed since tdxvirt wrote it; left as it is (the original is "
+                f"in {apply.STATE}/files{path})", "warning"))
+            continue
+        steps.append(WriteFile(path, now, original,
+                               "restore the original" if original is not None
+                               else "remove the file tdxvirt created",
+                               mode=record.get("mode", 0o644)))
+        restored.add(path)
+    for argv in manifest.get("undo", []):
+        commands.append(RunCommand(tuple(argv), "take back what setup ran"))
+    if GRUB in restored and facts.grub_regen:
+        commands.append(RunCommand(facts.grub_regen, "regenerate the boot loader's menu"))
+    if udev.FILE in restored:
+        commands.append(RunCommand(udev.RELOAD, "make udev forget tdxvirt's rules"))
+    if QEMU_CONF in restored:
+        argv = daemon.restart_argv(facts.daemon)
+        if argv:
+            commands.append(RunCommand(argv, "make libvirt reread qemu.conf"))
+        else:
+            notices.append(Notice(daemon.restart_advice(facts.daemon), "info"))
+    if restored & {GRUB, modprobe.FILE} or manifest.get("undo"):
+        notices.append(Notice("the boot settings were restored", "reboot"))
+    return HostPlan(tuple(steps + commands + notices))
+
+
+# --- running ----------------------------------------------------------------------
+
+def setup(root: HostRoot, runner: CommandRunner, options: SetupOptions,
+          echo: Callable[[Step], None], dry_run: bool = False) -> HostPlan:
+    facts = gather_facts(root, runner)
+    plan = plan_setup(facts, options)
+    if not dry_run:
+        apply.apply_plan(plan, root, runner, echo, store=apply.BackupStore(root))
+    return plan
+
+
+def revert(root: HostRoot, runner: CommandRunner, echo: Callable[[Step], None],
+           dry_run: bool = False) -> HostPlan:
+    store = apply.BackupStore(root)
+    manifest = store.load()
+    facts = gather_facts(root, runner)
+    current = {p: files.read_bytes(root.path(p)) for p in manifest["files"]}
+    originals = {p: store.original(p, r) for p, r in manifest["files"].items()}
+    plan = plan_revert(manifest, current, originals, facts)
+    if not dry_run:
+        apply.apply_plan(plan, root, runner, echo, store=store, reverting=True)
+        # Files already back to their original need no step; forget them too.
+        manifest = store.load()
+        for path in list(manifest["files"]):
+            if files.read_bytes(root.path(path)) == originals.get(path):
+                store.forget(manifest, path)
+        manifest["undo"] = []
+        store.clear_if_empty(manifest)
+    return plan
