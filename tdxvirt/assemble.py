@@ -110,11 +110,12 @@ def resolve_emulator(spec: TDSpec, config: Config, builds: dict) -> str | None:
 
 
 def _overlay_dir(spec: TDSpec, config: Config, uri: str) -> str | None:
-    if not spec.image:
+    """Where the files tdxvirt creates for a TD (overlay, cloud-init seed) go."""
+    if not spec.image and not spec.cloud_init:
         return None
     if is_remote(uri):
-        raise InputError("--image creates an overlay on this machine, but the URI is remote; "
-                         "create the overlay on that host and pass it with --disk")
+        raise InputError("--image and --cloud-init create files on this machine, but the URI "
+                         "is remote; create them on that host and pass the disk with --disk")
     if config.overlay_dir:
         return config.overlay_dir
     return LIBVIRT_IMAGES if os.path.isdir(LIBVIRT_IMAGES) else str(state_dir() / "images")

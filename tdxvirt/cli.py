@@ -135,6 +135,12 @@ def main(ctx, uri, sim, host_root):
 @click.option("--no-tdx", "no_tdx", is_flag=True, help="The same VM without TDX (plain mode).")
 @click.option("--virt-type", type=click.Choice(["kvm", "qemu"]), default="kvm", show_default=True,
               help="Domain type; 'qemu' (TCG) only for plain VMs on hosts without KVM.")
+@click.option("--cloud-init", is_flag=True,
+              help="Attach a cloud-init seed preparing the guest for an H100 in CC mode.")
+@click.option("--ssh-key", multiple=True, metavar="FILE",
+              help="Public key for the guest user (implies --cloud-init); repeatable.")
+@click.option("--user-data", metavar="FILE",
+              help="Your own cloud-init user-data, replacing tdxvirt's (implies --cloud-init).")
 @click.option("--print-xml", is_flag=True, help="Print the domain XML; define nothing.")
 @pass_session
 def define(session, name, print_xml, no_tdx, **options):
@@ -170,6 +176,8 @@ def _describe(td, uri: str) -> None:
     if plan.disk:
         made = f" (new overlay on {plan.disk.overlay_base})" if plan.disk.overlay_base else ""
         click.echo(f"  disk {plan.disk.path}{made}")
+    if plan.seed:
+        click.echo(f"  cloud-init seed {plan.seed} (new)")
     if not td.schema_checked:
         click.echo("  (no local libvirt schema knows TDX; libvirt validated the XML itself)")
 
@@ -380,6 +388,7 @@ def show(session, name, as_json):
     info = tds.show(session.conn(), name)
     record = {**_records([info.row])[0], "uuid": info.uuid, "autostart": info.autostart,
               "persistent": info.persistent, "overlay": info.row.facts.overlay,
+              "seed": info.row.facts.seed,
               "builds": list(info.builds), "problems": list(info.problems)}
     if as_json:
         click.echo(json.dumps(record, indent=2))
@@ -394,9 +403,11 @@ def _add_area_commands() -> None:
     """Command groups that live in modules of their own (each imports only click)."""
     from .cli_build import build
     from .cli_gpu import gpu
+    from .cli_guest import guest
     from .cli_host import host
 
     main.add_command(host)
+    main.add_command(guest)
     main.add_command(build)
     main.add_command(gpu)
 

@@ -30,6 +30,7 @@ class DomainFacts:
     memory_kib: int
     dialect: str | None = None
     overlay: str | None = None  # the disk overlay tdxvirt created, if any
+    seed: str | None = None  # the cloud-init seed ISO tdxvirt created, if any
 
 
 def read_domain_xml(xml: str) -> DomainFacts:
@@ -52,6 +53,7 @@ def read_domain_xml(xml: str) -> DomainFacts:
         memory_kib=_kib(root.find("memory")),
         dialect=None if mark is None else mark.findtext("t:dialect", namespaces=_NS),
         overlay=None if mark is None else mark.findtext("t:overlay", namespaces=_NS),
+        seed=None if mark is None else mark.findtext("t:seed", namespaces=_NS),
     )
 
 

@@ -74,6 +74,7 @@ class DomainPlan:
     vsock: bool
     hugepage_kib: int | None
     numa_nodeset: str | None
+    seed: str | None = None  # the cloud-init seed ISO tdxvirt creates
     qemu_args: tuple[str, ...] = ()
     tdxvirt_version: str = __version__
     warnings: tuple[str, ...] = field(default=())
@@ -166,6 +167,14 @@ def overlay_path(spec: TDSpec, overlay_dir: str) -> str:
     return os.path.join(overlay_dir, f"{spec.name}.qcow2")
 
 
+def seed_path(spec: TDSpec, overlay_dir: str | None) -> str | None:
+    if not spec.cloud_init:
+        return None
+    if overlay_dir is None:
+        raise InputError("--cloud-init needs a directory for the seed; set defaults.overlay_dir")
+    return os.path.join(overlay_dir, f"{spec.name}-seed.iso")
+
+
 def plan_disk(spec: TDSpec, overlay_dir: str | None) -> Disk | None:
     if spec.disk:
         return Disk(spec.disk, image_format(spec.disk))
@@ -227,6 +236,7 @@ def plan_domain(
         # TDX needs the split irqchip; a plain TCG guest cannot have it.
         split_irqchip=dialect != "plain" or spec.virt_type == "kvm",
         disk=plan_disk(spec, overlay_dir),
+        seed=seed_path(spec, overlay_dir),
         kernel=spec.kernel,
         initrd=spec.initrd,
         cmdline=spec.cmdline,

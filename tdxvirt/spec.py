@@ -123,6 +123,9 @@ class TDSpec:
     hugepages: str | None = None
     numa_auto: bool = False
     virt_type: str = "kvm"
+    cloud_init: bool = False  # attach a NoCloud seed prepared for an H100 in CC mode
+    ssh_keys: tuple[str, ...] = ()
+    user_data: str | None = None  # the user's own user-data, replacing tdxvirt's
 
     @classmethod
     def from_user(cls, *, name: str | None, gpus=(), vcpus: int = DEFAULT_VCPUS,
@@ -137,7 +140,8 @@ class TDSpec:
                   allow_shared: bool = False, ppcie: bool = False, network: str = "none",
                   ssh_port: int = DEFAULT_SSH_PORT, vsock: bool = False,
                   hugepages: str | None = None, numa: str | None = None,
-                  virt_type: str = "kvm") -> "TDSpec":
+                  virt_type: str = "kvm", cloud_init: bool = False, ssh_key=(),
+                  user_data: str | None = None) -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field."""
         addresses = parse_gpus(gpus)
         if name is None and not addresses and not ppcie:
@@ -153,8 +157,10 @@ class TDSpec:
                              "make no sense with --no-tdx; drop them or drop --no-tdx")
         if numa not in (None, "auto"):
             raise InputError(f"invalid --numa {numa!r}: the only placement is 'auto'")
+        name = validate_name(name if name is not None else default_name(addresses))
+        keys, own_user_data = _first_boot(name, ssh_key, user_data)
         return cls(
-            name=validate_name(name if name is not None else default_name(addresses)),
+            name=name,
             gpus=addresses,
             vcpus=validate_vcpus(vcpus),
             memory=parse_size(memory, "--memory"),
@@ -182,7 +188,23 @@ class TDSpec:
             hugepages=_choice(hugepages, tuple(HUGEPAGES), "--hugepages"),
             numa_auto=numa == "auto",
             virt_type=_choice(virt_type, ("kvm", "qemu"), "--virt-type"),
+            cloud_init=bool(cloud_init or ssh_key or user_data),
+            ssh_keys=keys,
+            user_data=own_user_data,
         )
+
+
+def _first_boot(name: str, ssh_key_files, user_data_file) -> tuple[tuple[str, ...], str | None]:
+    """Read and check --ssh-key / --user-data now, so bad input fails before anything."""
+    if not ssh_key_files and not user_data_file:
+        return (), None
+    from .guest.seed import plan_seed
+    from .guest.userdata import hostname_for, read_ssh_key_file, read_user_data_file
+
+    keys = tuple(k for path in ssh_key_files for k in read_ssh_key_file(path))
+    own = None if user_data_file is None else read_user_data_file(user_data_file)
+    plan_seed(hostname=hostname_for(name), ssh_keys=keys, user_data=own)  # checks, writes nothing
+    return keys, own
 
 
 def _file(path: str | None, option: str) -> str | None:

@@ -117,15 +117,41 @@ def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
             )
         td = assemble_td(conn, host, spec, config)
         overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
-        if overlay:
-            _create_overlay(overlay)
+        created = []
         try:
+            if overlay:
+                _create_overlay(overlay)
+                created.append(overlay.path)
+            if td.plan.seed:
+                _create_seed(spec, td.plan.seed)
+                created.append(td.plan.seed)
             conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
         except libvirt_error_type() as error:
-            if overlay:
-                os.unlink(overlay.path)
+            _remove(created)
             raise translate(error, f"libvirt refused to define {spec.name!r}") from None
+        except BaseException:
+            _remove(created)
+            raise
     return td
+
+
+def _create_seed(spec: TDSpec, path: str) -> None:
+    from .guest.seed import build_seed_iso
+    from .guest.userdata import hostname_for
+
+    if os.path.lexists(path):
+        raise InputError(f"{path} already exists; remove it or choose another TD name")
+    build_seed_iso(path, hostname=hostname_for(spec.name), ssh_keys=spec.ssh_keys,
+                   user_data=spec.user_data)
+
+
+def _remove(paths: list[str]) -> None:
+    """Undo what a failed define created, newest first."""
+    for path in reversed(paths):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def start(conn, host: HostRoot, name: str, skip_preflight: bool = False) -> bool:
@@ -206,10 +232,10 @@ def reboot(conn, name: str) -> None:
 
 
 def undefine(conn, name: str, remove_storage: bool = False) -> list[str]:
-    """Remove a stopped TD's definition; with remove_storage, the overlay tdxvirt made.
+    """Remove a stopped TD's definition; with remove_storage, the files tdxvirt made.
 
-    Returns the files removed. A base image is never removed: only the path recorded
-    in tdxvirt's metadata as the overlay it created.
+    Returns the files removed. A base image is never removed: only the paths recorded
+    in tdxvirt's metadata as the overlay and the cloud-init seed it created.
     """
     domain = lookup(conn, name)
     if domain.isActive():
@@ -224,9 +250,10 @@ def undefine(conn, name: str, remove_storage: bool = False) -> list[str]:
     except libvirt_error_type() as error:
         raise translate(error, f"cannot undefine {name!r}") from None
     removed = []
-    if remove_storage and facts.overlay and os.path.exists(facts.overlay):
-        os.unlink(facts.overlay)
-        removed.append(facts.overlay)
+    for path in (facts.overlay, facts.seed) if remove_storage else ():
+        if path and os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
     return removed
 
 
@@ -287,11 +314,12 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     now = time.time()
     listed = conn.getAllDomainStats(STATS_STATE)
     with ThreadPoolExecutor(XML_READERS) as readers:
-        xmls = list(readers.map(xml_of_listed, (domain for domain, _ in listed)))
-    for (domain, stats), xml in zip(listed, xmls):
-        if xml is None:
-            continue
-        row = _row(domain, stats.get("state.state", 0), xml, now)
-        if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
-            rows.append(row)
+        # Parse each XML as it arrives, while the readers wait on libvirt for the next.
+        xmls = readers.map(xml_of_listed, (domain for domain, _ in listed))
+        for (domain, stats), xml in zip(listed, xmls):
+            if xml is None:
+                continue
+            row = _row(domain, stats.get("state.state", 0), xml, now)
+            if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
+                rows.append(row)
     return sorted(rows, key=lambda row: row.facts.name)

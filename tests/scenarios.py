@@ -42,7 +42,11 @@ def files() -> dict[str, str]:
     made = {}
     for name, content in (("base.qcow2", b"QFI\xfb" + b"\0" * 508), ("disk.raw", b"\0" * 512),
                           ("vmlinuz", b"kernel"), ("initrd.img", b"initrd"),
-                          ("qemu-system-x86_64", b""), ("OVMF.inteltdx.fd", b"")):
+                          ("qemu-system-x86_64", b""), ("OVMF.inteltdx.fd", b""),
+                          ("user-data", b"#cloud-config\npackages: [qemu-guest-agent]\n"),
+                          # a public key made by ssh-keygen (ed25519; not secret)
+                          ("id_ed25519.pub", b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDAZ9tagleOFYwvu"
+                                             b"HWmc3qFL2SoZ9/RVL9v7UAyDBNxk tdx@golden\n")):
         path = FILES / name
         if not path.exists():
             path.write_bytes(content)
@@ -85,10 +89,11 @@ def scenarios() -> list[Scenario]:
         Scenario("direct-kernel-boot", {
             "name": "dkb", "gpus": ["38:00.0"], "kernel": f["vmlinuz"], "initrd": f["initrd.img"],
             "cmdline": "console=ttyS0 root=/dev/vda1", "network": "user", "ssh_port": 2222,
-            "vsock": True}),
-        Scenario("image-overlay", {
+            "vsock": True, "user_data": f["user-data"]},
+            overlay_dir="/var/lib/libvirt/images"),
+        Scenario("image-overlay-cloud-init", {
             "name": "ovl", "gpus": ["38:00.0"], "image": f["base.qcow2"], "ovmf": f["OVMF.inteltdx.fd"],
-            "network": "default"},
+            "network": "default", "ssh_key": [f["id_ed25519.pub"]]},
             overlay_dir="/var/lib/libvirt/images"),
         Scenario("plain", {
             "name": "plain", "gpus": ["38:00.0"], "tdx": False, "virt_type": "qemu",

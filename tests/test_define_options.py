@@ -213,3 +213,43 @@ def test_define_uses_recorded_builds_and_show_names_them(conn, gpu_host, td_name
     explicit = tds.assemble_td(conn, host, spec(td_name + "x", gpu, allow_shared=True,
                                                 qemu=str(ovmf), ovmf=str(qemu)))
     assert (explicit.plan.emulator, explicit.plan.loader) == (str(ovmf), str(qemu))
+
+
+@pytest.fixture
+def ssh_public_key(tmp_path):
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
+def test_cloud_init_seed_is_created_attached_and_removed_with_storage(
+        conn, gpu_host, td_name, tmp_path, ssh_public_key):
+    from tdxvirt.guest.seed import read_seed_iso
+
+    host, gpu = gpu_host
+    td = tds.define_td(conn, host, spec(td_name, gpu, ssh_key=[f"{ssh_public_key}.pub"]),
+                       Config(overlay_dir=str(tmp_path / "img")))
+    seed = tmp_path / "img" / f"{td_name}-seed.iso"
+    assert td.plan.seed == str(seed) and seed.exists()
+    label, files = read_seed_iso(seed)
+    user_data = files["user-data"].decode()
+    assert label == "cidata"
+    assert open(f"{ssh_public_key}.pub").read().split()[1] in user_data
+    assert "clearcpuid=mtrr" in user_data
+    root = domain_xml(conn, td_name)
+    assert root.find("devices/disk/source").get("file") == str(seed)
+    assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
+    assert tds.undefine(conn, td_name, remove_storage=True) == [str(seed)]
+    assert not seed.exists()
+
+
+def test_private_key_or_bad_user_data_fail_before_anything(conn, gpu_host, td_name, tmp_path,
+                                                          ssh_public_key):
+    host, gpu = gpu_host
+    with pytest.raises(InputError, match=r"\.pub"):
+        spec(td_name, gpu, ssh_key=[str(ssh_public_key)])
+    bad = tmp_path / "user-data"
+    bad.write_text("packages: [x]\n")
+    with pytest.raises(InputError, match="cloud-config"):
+        spec(td_name, gpu, user_data=str(bad))
+    assert not (tmp_path / "img").exists()

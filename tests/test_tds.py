@@ -65,10 +65,9 @@ def test_existing_name_is_refused_and_left_alone(conn, gpu_host, td_name):
 def test_gpu_held_by_another_domain_is_refused(conn, gpu_host, td_name):
     host, gpu = gpu_host
     tds.define_td(conn, host, _spec(td_name, gpu))
-    count = len(conn.listAllDomains(0))
     with pytest.raises(InputError, match=f"already given to domain '{td_name}'"):
         tds.define_td(conn, host, _spec(td_name + "b", gpu))
-    assert len(conn.listAllDomains(0)) == count
+    assert td_name + "b" not in [d.name() for d in conn.listAllDomains(0)]
 
 
 def test_foreign_tdx_domain_is_listed_only_with_all(conn, gpu_host, td_name):
@@ -97,7 +96,18 @@ def test_libvirt_without_tdx_is_host_not_ready(gpu_host, td_name):
 
 
 def test_missing_gpu_defines_nothing(conn, host_root, td_name):
-    count = len(conn.listAllDomains(0))
     with pytest.raises(NotFoundError, match="no PCI device 0000:39:00.0"):
         tds.define_td(conn, host_root, TDSpec.from_user(name=td_name, gpus=["39:00.0"]))
-    assert len(conn.listAllDomains(0)) == count
+    assert td_name not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_domain_undefined_between_listing_and_reading_is_skipped(conn, gpu_host, td_name):
+    """Another process may undefine a domain while tdxvirt walks the list."""
+    from tdxvirt.conn import xml_of_listed
+
+    host, gpu = gpu_host
+    tds.define_td(conn, host, _spec(td_name, gpu))
+    stale = conn.lookupByName(td_name)
+    conn.lookupByName(td_name).undefine()
+    assert xml_of_listed(stale) is None
+    assert td_name not in [r.facts.name for r in tds.list_tds(conn)]

@@ -1,0 +1,76 @@
+"""``tdxvirt guest``: the TD's own kernel config, and read-only checks inside a running TD."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.group()
+def guest():
+    """The guest side of a TD: its kernel config and in-guest checks."""
+
+
+@guest.command(name="check-config")
+@click.argument("config_file", metavar="CONFIG_FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def check_config(config_file, as_json):
+    """Check a guest kernel config for a TD with an NVIDIA GPU.
+
+    CONFIG_FILE is a /boot/config-* file, a kernel build's .config, or /proc/config.gz.
+    Exit 1 when a required option is missing.
+    """
+    from .guest import GuestNotReadyError
+    from .guest.checks import check_config as run_checks
+    from .guest.kconfig import load_kernel_config
+
+    report = run_checks(load_kernel_config(config_file))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        from tabulate import tabulate
+
+        rows = [[r.requirement.group, f"CONFIG_{r.requirement.symbol}", r.needs, r.has, r.result, r.note]
+                for r in report.results]
+        kernel = f" (Linux {report.config.version})" if report.config.version else ""
+        click.echo(f"Guest kernel config {config_file}{kernel}")
+        click.echo(tabulate(rows, headers=["GROUP", "OPTION", "NEEDS", "HAS", "RESULT", "NOTE"]))
+        if report.advised:
+            names = ", ".join(f"CONFIG_{r.requirement.symbol}" for r in report.advised)
+            click.echo(f"Advised, not required: {names}")
+        if report.ok:
+            click.echo("Every required option is set.")
+    if not report.ok:
+        raise GuestNotReadyError(report.failure_message())
+
+
+@guest.command()
+@click.argument("name")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30, show_default=True,
+              help="Seconds to wait for each command in the guest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def verify(session, name, timeout, as_json):
+    """Check TDX and the GPU inside a running TD (QEMU guest agent).
+
+    Runs read-only commands in the guest through its agent. Exit 1 when a check fails.
+    """
+    from .guest import GuestNotReadyError
+    from .guest.verify import verify_domain
+
+    report = verify_domain(session.conn(), name, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        from tabulate import tabulate
+
+        rows = [[c.name, c.result, c.detail] for c in report.checks]
+        click.echo(tabulate(rows, headers=["CHECK", "RESULT", "DETAIL"]))
+        for check in report.failed:
+            if check.fix:
+                click.echo(f"fix ({check.name}): {check.fix}")
+        if report.ok:
+            click.echo(f"TD '{name}' sees TDX and its GPU is ready for confidential computing.")
+    if not report.ok:
+        raise GuestNotReadyError(report.failure_message())
