@@ -23,7 +23,7 @@ def check_config(config_file, as_json):
     """
     from .guest import GuestNotReadyError
     from .guest.checks import check_config as run_checks
-    from .guest.kconfig import load_kernel_config
+    from .kconfig import load_kernel_config
 
     report = run_checks(load_kernel_config(config_file))
     if as_json:

@@ -13,10 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..kconfig import parse_kernel_config
 from . import BuildFailedError
 
-_SET = re.compile(r"CONFIG_([A-Za-z0-9_]+)=(.*)")
-_UNSET = re.compile(r"# CONFIG_([A-Za-z0-9_]+) is not set")
 _SIMPLE_DEP = re.compile(r"(!?)([A-Z0-9_]+)")
 WANTED = {"enable": "y", "module": "m", "disable": "n"}
 
@@ -32,14 +31,7 @@ def scripts_config_argv(config_file: str, enable=(), module=(), disable=()) -> l
 
 def read_config(path: str | Path) -> dict[str, str]:
     """Symbol -> value from a .config: 'y', 'm', 'n' (unset) or the literal value."""
-    values: dict[str, str] = {}
-    for line in Path(path).read_text(errors="replace").splitlines():
-        line = line.strip()
-        if match := _SET.fullmatch(line):
-            values[match.group(1)] = match.group(2)
-        elif match := _UNSET.fullmatch(line):
-            values[match.group(1)] = "n"
-    return values
+    return parse_kernel_config(Path(path).read_text(errors="replace")).values
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kconfig import BUILTIN, MODULE, NOT_SET, KernelConfig
+from ..kconfig import BUILTIN, MODULE, NOT_SET, KernelConfig
 
 BUILTIN_ONLY = frozenset({BUILTIN})
 BUILTIN_OR_MODULE = frozenset({BUILTIN, MODULE})

@@ -8,13 +8,10 @@ Found as distributions install it, ``/boot/config-$(uname -r)``, else the kernel
 from __future__ import annotations
 
 import gzip
-import re
 from dataclasses import dataclass
 
+from ..kconfig import NOT_SET, parse_kernel_config
 from .root import HostRoot
-
-_SET = re.compile(r"CONFIG_(?P<name>[A-Za-z0-9_]+)=(?P<value>.*)")
-_UNSET = re.compile(r"# CONFIG_(?P<name>[A-Za-z0-9_]+) is not set")
 
 
 @dataclass(frozen=True)
@@ -32,14 +29,7 @@ class KernelConfig:
 
 def parse_config(text: str) -> dict[str, str]:
     """Symbols that are set; ``# CONFIG_X is not set`` and absent symbols are left out."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        match = _SET.fullmatch(line.strip())
-        if match:
-            values[match["name"]] = match["value"]
-        elif _UNSET.fullmatch(line.strip()):
-            values.pop(line.strip()[len("# CONFIG_"):].split()[0], None)
-    return values
+    return {k: v for k, v in parse_kernel_config(text).values.items() if v != NOT_SET}
 
 
 def kernel_release(root: HostRoot) -> str | None:
