@@ -31,30 +31,45 @@ class DomainFacts:
     dialect: str | None = None
     overlay: str | None = None  # the disk overlay tdxvirt created, if any
     seed: str | None = None  # the cloud-init seed ISO tdxvirt created, if any
+    started: float | None = None  # when tdxvirt started it (live metadata), epoch seconds
+
+
+# Compiled once: `list` reads a thousand domains, and compiling per call cost more
+# than parsing the XML.
+_QEMU_ARGS = etree.XPath("q:commandline/q:arg/@value", namespaces={"q": QEMU_NS})
+_HOSTDEV_ADDRESSES = etree.XPath("devices/hostdev[@type='pci']/source/address")
 
 
 def read_domain_xml(xml: str) -> DomainFacts:
     root = etree.fromstring(xml.encode())
     mark = root.find("metadata/t:td", _NS)
+    run = root.find("metadata/r:run", {"r": RUN_NAMESPACE})
     hostdev_gpus = tuple(
         "{:04x}:{:02x}:{:02x}.{:x}".format(
             *(int(a.get(k), 16) for k in ("domain", "bus", "slot", "function"))
         )
-        for a in root.iterfind("devices/hostdev[@type='pci']/source/address")
+        for a in _HOSTDEV_ADDRESSES(root)
     )
     return DomainFacts(
         name=root.findtext("name"),
         managed_by_tdxvirt=mark is not None,
         tdx=root.find("launchSecurity[@type='tdx']") is not None
-        or any("tdx-guest" in v for v in root.xpath(
-            "q:commandline/q:arg/@value", namespaces={"q": QEMU_NS})),
+        or any("tdx-guest" in v for v in _QEMU_ARGS(root)),
         gpus=hostdev_gpus,
         vcpus=int(root.findtext("vcpu") or 0),
         memory_kib=_kib(root.find("memory")),
         dialect=None if mark is None else mark.findtext("t:dialect", namespaces=_NS),
         overlay=None if mark is None else mark.findtext("t:overlay", namespaces=_NS),
         seed=None if mark is None else mark.findtext("t:seed", namespaces=_NS),
+        started=_float(run.get("started")) if run is not None else None,
     )
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 _UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024,
@@ -65,13 +80,3 @@ def _kib(memory) -> int:
     if memory is None or not memory.text:
         return 0
     return int(int(memory.text) * _UNIT_KIB.get(memory.get("unit", "KiB").lower(), 1))
-
-
-def started_at(xml: str) -> float | None:
-    """The start time tdxvirt recorded in a running domain's live metadata."""
-    root = etree.fromstring(xml.encode())
-    mark = root.find("metadata/r:run", {"r": RUN_NAMESPACE})
-    try:
-        return float(mark.get("started")) if mark is not None else None
-    except (TypeError, ValueError):
-        return None
