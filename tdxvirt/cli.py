@@ -14,8 +14,14 @@ import click
 from .errors import TdxvirtError
 
 
+def one_line(text: str) -> str:
+    """Messages may quote what the user typed; control characters are shown escaped,
+    so an error stays one line whatever the input held."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(f"tdxvirt: error: {message}", err=True)
+    click.echo(f"tdxvirt: error: {one_line(message)}", err=True)
     sys.exit(code)
 
 
@@ -53,6 +59,15 @@ class TdxvirtGroup(click.Group):
             _fail(error.format_message(), error.exit_code)
         except (click.Abort, KeyboardInterrupt):
             _fail("interrupted", 130)
+        except Exception as error:
+            # Any libvirt call the library did not wrap (the daemon vanished between two
+            # calls, say) still ends as one line, never a traceback.
+            if type(error).__module__ != "libvirt":
+                raise
+            from .conn import translate
+
+            translated = translate(error, "libvirt")
+            _fail(str(translated), translated.exit_code)
         sys.exit(result if isinstance(result, int) else 0)
 
 

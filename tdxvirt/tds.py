@@ -57,14 +57,22 @@ class TDInfo:
     builds: tuple[str, ...]  # the `tdxvirt build` results its emulator and firmware come from
 
 
+def _absent(error) -> bool:
+    """True when libvirt said the domain does not exist (not: the connection broke)."""
+    import libvirt
+
+    return error.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_INVALID_ARG)
+
+
 def lookup(conn, name: str):
     """A domain by name or UUID, as virsh looks them up."""
     libvirt_error = libvirt_error_type()
     for finder in (conn.lookupByName, conn.lookupByUUIDString):
         try:
             return finder(name)
-        except libvirt_error:
-            continue
+        except libvirt_error as error:
+            if not _absent(error):
+                raise translate(error, f"cannot look up {name!r}") from None
     raise NotFoundError(
         f"no domain named {name!r} at {conn.getURI()}; `tdxvirt list --all` shows the TDs there"
     )
@@ -74,8 +82,10 @@ def _exists(conn, name: str) -> bool:
     try:
         conn.lookupByName(name)
         return True
-    except libvirt_error_type():
-        return False
+    except libvirt_error_type() as error:
+        if _absent(error):
+            return False
+        raise translate(error, f"cannot look up {name!r}") from None
 
 
 def _create_overlay(disk: Disk) -> None:

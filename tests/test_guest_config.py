@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tdxvirt.errors import InputError, NotFoundError
 from tdxvirt.guest.checks import REQUIREMENTS, check_config
-from tdxvirt.guest.kconfig import load_kernel_config, parse_kernel_config
+from tdxvirt.kconfig import load_kernel_config, parse_kernel_config
 from tdxvirt.paths import state_dir
 
 # role -> metapackages to try, first known wins. "cloud": the kernel Debian's cloud
