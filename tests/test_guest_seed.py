@@ -227,7 +227,7 @@ def test_seed_iso_reads_back_with_pycdlib(seed_iso):
     assert yaml.safe_load(files["user-data"])["users"][0]["ssh_authorized_keys"] == keys
     assert yaml.safe_load(files["meta-data"]) == {
         "instance-id": "6f1c1a4e-0000-4000-8000-000000000001", "local-hostname": "td-38-00-0"}
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # QEMU's user must read it
     assert [p.name for p in path.parent.iterdir()] == ["td-seed.iso"]  # no temporary left
 
 

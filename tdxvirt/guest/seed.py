@@ -28,9 +28,11 @@ from .userdata import DEFAULT_USER, check_hostname, check_user_data, render_user
 VOLUME_LABEL = "cidata"
 USER_DATA = "user-data"
 META_DATA = "meta-data"
-# The seed may carry a user's own user-data (passwords, tokens): readable by its owner
-# only. libvirt's DAC driver hands the file to QEMU when the domain starts.
-SEED_MODE = 0o600
+# World-readable like the overlay qemu-img makes: `tdxvirt host setup` sets
+# dynamic_ownership = 0 (as the source document requires), so libvirt no longer
+# chowns disk files to QEMU's user, and a root-only seed would stop the TD from
+# starting. The README says to keep secrets out of user-data for this reason.
+SEED_MODE = 0o644
 
 
 @dataclass(frozen=True)
