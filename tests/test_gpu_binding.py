@@ -25,6 +25,8 @@ from gpu_fakes import (HGX_GPUS, FakeKernel, RecordingConnect, audio, build, dri
                        override_of)
 
 GPUS = ("0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0")
+# Paths as the binder names them inside the fake host root (FakeKernel records them).
+FAKE_ROOT_DEVICES = "/sys/bus/pci/devices"
 
 
 def snapshot(root):
@@ -57,8 +59,8 @@ def test_sysfs_detach_writes_override_unbind_probe_and_ends_on_vfio(tmp_path):
         ("0000:38:00.0", "nvidia", "vfio-pci", True),
         ("0000:38:00.1", "snd_hda_intel", "vfio-pci", True)]
     assert kernel.writes[:3] == [
-        ("/sys/bus/pci/devices/0000:38:00.0/driver_override", "vfio-pci"),
-        ("/sys/bus/pci/devices/0000:38:00.0/driver/unbind", "0000:38:00.0"),
+        (f"{FAKE_ROOT_DEVICES}/0000:38:00.0/driver_override", "vfio-pci"),
+        (f"{FAKE_ROOT_DEVICES}/0000:38:00.0/driver/unbind", "0000:38:00.0"),
         ("/sys/bus/pci/drivers_probe", "0000:38:00.0")]
     assert snapshot(root) == {"0000:38:00.0": ("vfio-pci", "vfio-pci"),
                               "0000:38:00.1": ("vfio-pci", "vfio-pci")}
@@ -104,7 +106,7 @@ def test_failure_on_the_third_puts_the_first_two_back_and_reports_all(tmp_path):
 
 
 def test_a_write_the_kernel_rejects_as_busy_is_reported_and_undone(tmp_path):
-    unbind = f"/sys/bus/pci/devices/{GPUS[1]}/driver/unbind"
+    unbind = f"{FAKE_ROOT_DEVICES}/{GPUS[1]}/driver/unbind"
     root, kernel = three_gpus(tmp_path, fail={(unbind, GPUS[1]): errno.EBUSY})
     start = snapshot(root)
     with pytest.raises(vfio.BindingError) as failed:
@@ -119,7 +121,7 @@ def test_reattach_failure_puts_the_others_back_on_vfio(tmp_path):
     root = build(tmp_path / "r", tuple(h100(a, group=10 + i, driver="vfio-pci")
                                       for i, a in enumerate(GPUS)))
     kernel = FakeKernel(root, natural={a: "nvidia" for a in GPUS},
-                        fail={(f"/sys/bus/pci/devices/{GPUS[1]}/driver/unbind", GPUS[1]): errno.EIO})
+                        fail={(f"{FAKE_ROOT_DEVICES}/{GPUS[1]}/driver/unbind", GPUS[1]): errno.EIO})
     start = snapshot(root)
     with pytest.raises(vfio.BindingError, match=f"reattach failed on {GPUS[1]}"):
         reattach(root, SysfsBinder(root, kernel), *GPUS)
@@ -180,9 +182,9 @@ def test_any_failure_leaves_every_device_as_it_was(count, data):
         if how == "probe":
             refuse = {(bad, "vfio-pci")}
         elif how == "override":
-            fail = {(f"/sys/bus/pci/devices/{bad}/driver_override", "vfio-pci"): errno.EINVAL}
+            fail = {(f"{FAKE_ROOT_DEVICES}/{bad}/driver_override", "vfio-pci"): errno.EINVAL}
         elif how == "unbind":
-            fail = {(f"/sys/bus/pci/devices/{bad}/driver/unbind", bad): errno.EBUSY}
+            fail = {(f"{FAKE_ROOT_DEVICES}/{bad}/driver/unbind", bad): errno.EBUSY}
         else:
             fail = {("/sys/bus/pci/drivers_probe", bad): errno.ENODEV}
         start = snapshot(root)
