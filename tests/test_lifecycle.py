@@ -45,11 +45,13 @@ def plain_vm(qemu_conn, daemon_root):
     domain.undefineFlags(tds.UNDEFINE_NVRAM)
 
 
-def test_real_qemu_start_shutdown_timeout_force_autostart_undefine(qemu_conn, daemon_root, plain_vm):
+def test_real_qemu_start_shutdown_timeout_force_autostart_undefine(qemu_conn, daemon_root, plain_vm,
+                                                                   sim):
     assert tds.start(qemu_conn, daemon_root, plain_vm) is True
     domain = qemu_conn.lookupByName(plain_vm)
     assert domain.isActive()
-    assert "-fw_cfg" in open(f"/var/lib/tdxvirt/sim/forky/run/libvirt/qemu/{plain_vm}.xml").read()
+    # the live status file of the real qemu driver: OVMF's MMIO window reached QEMU
+    assert "-fw_cfg" in (sim.chroot / f"run/libvirt/qemu/{plain_vm}.xml").read_text()
     ticks = []
     assert tds.stop(qemu_conn, plain_vm, timeout=1.5, poll=0.2, progress=ticks.append) is False
     assert ticks and domain.isActive()  # the firmware ignored ACPI: the timeout path
