@@ -79,6 +79,13 @@ class Session:
         self._uri = uri
         self._host_root = host_root
         self._conn = None
+        if sim and host_root is None:
+            import os
+
+            from .sim import layout
+
+            for key, value in layout().gpu_tool_env.items():
+                os.environ.setdefault(key, value)  # an explicit tool or state wins
 
     @property
     def uri(self) -> str:
@@ -224,12 +231,17 @@ def _warn(warnings) -> None:
 @click.argument("name")
 @click.option("--skip-preflight", is_flag=True, help="Start without the safety checks.")
 @click.option("--console", is_flag=True, help="Attach to the serial console after starting.")
+@click.option("--gpu-tool", metavar="PATH",
+              help="NVIDIA's gpu-admin-tools (script or nvtrust checkout) to read CC modes.")
 @pass_session
-def start(session, name, skip_preflight, console):
+def start(session, name, skip_preflight, console, gpu_tool):
     """Start a TD after checking what would make it fail or run unprotected."""
     from . import tds
+    from .preflight import mode_reader
 
-    if tds.start(session.conn(), session.host, name, skip_preflight=skip_preflight):
+    read_modes = None if skip_preflight else mode_reader(session.host, gpu_tool)
+    if tds.start(session.conn(), session.host, name, skip_preflight=skip_preflight,
+                 read_modes=read_modes):
         click.echo(f"Started '{name}'")
     else:
         click.echo(f"'{name}' is already running; nothing to do")

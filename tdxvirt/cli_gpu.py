@@ -99,7 +99,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             privilege.require_root("reading CC / PPCIe modes", privilege.READS_REGISTERS,
                                    hooks.euid, dry_run_hint=False)
             found = devices.read_targets(session.host, [r.address for r in records])
-            results = ccmode.query(admin_tool.locate(tool), found,
+            results = ccmode.query(admin_tool.locate(tool, session.host), found,
                                    ccmode.has_nvswitches(session.host))
             for result in results:
                 if not result.ok:
@@ -214,7 +214,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             targets = board
         elif cc:
             ccmode.cc_targets(targets)
-        tool_cmd = admin_tool.locate(tool)
+        tool_cmd = admin_tool.locate(tool, host)
         if not setting:
             results = ccmode.query(tool_cmd, targets, ccmode.has_nvswitches(host))
             _print_modes(results, as_json)

@@ -14,6 +14,7 @@ from .conn import is_remote, xml_of_listed
 from .dialect import host_tdx_enabled
 from .errors import NotFoundError
 from .host import HostRoot
+from .host.nvidia import is_nvswitch
 from .host.pci import read_device
 from .metadata import read_domain_xml
 from .pci import PciAddress
@@ -69,7 +70,59 @@ def _held_by_running(conn, name: str, gpus: tuple[str, ...]) -> list[str]:
     return problems
 
 
-def start_problems(conn, host: HostRoot, domain) -> list[str]:
+def mode_reader(host: HostRoot, tool_path: str | None = None):
+    """A reader of the GPUs' CC / PPCIe modes through NVIDIA's tool, or None when they
+    cannot be read here (the tool is not installed, not root, or a fake host root
+    with no tool named for it)."""
+    from .errors import TdxvirtError
+    from .gpu import admin_tool, ccmode
+    from .gpu.devices import NVSWITCH, kind_of
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        tool = admin_tool.locate(tool_path, host)
+    except TdxvirtError:
+        return None
+
+    def read(devices):
+        with_ppcie = any(kind_of(d) == NVSWITCH for d in devices)
+        return ccmode.query(tool, devices, with_ppcie=with_ppcie)
+
+    return read
+
+
+def _mode_problems(host: HostRoot, facts, read_modes) -> list[str]:
+    """A TD needs its GPUs in CC mode (PPCIe mode with NVSwitches); a plain VM needs
+    CC off. Devices whose mode could not be read are left to the start itself."""
+    devices = []
+    for address in facts.gpus:
+        try:
+            devices.append(read_device(host, PciAddress.parse(address)))
+        except NotFoundError:
+            continue  # reported by the hostdev check
+    if not devices:
+        return []
+    ppcie = facts.tdx and any(is_nvswitch(d) for d in devices)
+    problems = []
+    for result in read_modes(devices):
+        if not result.ok:
+            continue
+        if ppcie:
+            if result.ppcie_mode != "on":
+                problems.append(f"{result.address} is not in PPCIe mode (it is "
+                                f"{result.ppcie_mode or 'unknown'}); `tdxvirt gpu cc-mode "
+                                f"{result.address} --ppcie on` sets the whole board")
+        elif facts.tdx and result.cc_mode not in ("on", "devtools"):
+            problems.append(f"GPU {result.address} has CC mode {result.cc_mode}; a TD needs it "
+                            f"on: `tdxvirt gpu cc-mode {result.address} --set on`")
+        elif not facts.tdx and result.cc_mode not in (None, "off"):
+            problems.append(f"GPU {result.address} has CC mode {result.cc_mode}; a VM without "
+                            f"TDX needs it off: `tdxvirt gpu cc-mode {result.address} --set off`")
+    return problems
+
+
+def start_problems(conn, host: HostRoot, domain, read_modes=None) -> list[str]:
     xml = domain.XMLDesc(0)
     facts = read_domain_xml(xml)
     root = etree.fromstring(xml.encode())
@@ -81,5 +134,7 @@ def start_problems(conn, host: HostRoot, domain) -> list[str]:
         for address in facts.gpus:
             problems.extend(_hostdev_problems(host, root, address))
         problems.extend(_file_problems(host, root))
+        if read_modes is not None:
+            problems.extend(_mode_problems(host, facts, read_modes))
     problems.extend(_held_by_running(conn, facts.name, facts.gpus))
     return problems

@@ -165,8 +165,12 @@ def _remove(paths: list[str]) -> None:
             pass
 
 
-def start(conn, host: HostRoot, name: str, skip_preflight: bool = False) -> bool:
-    """Start a TD after a preflight; False when it was already running."""
+def start(conn, host: HostRoot, name: str, skip_preflight: bool = False,
+          read_modes=None) -> bool:
+    """Start a TD after a preflight; False when it was already running.
+
+    ``read_modes`` reads the GPUs' CC / PPCIe modes (preflight.mode_reader); None
+    leaves them unchecked."""
     domain = lookup(conn, name)
     if domain.isActive():
         return False
@@ -175,7 +179,7 @@ def start(conn, host: HostRoot, name: str, skip_preflight: bool = False) -> bool
         if not skip_preflight:
             from .preflight import start_problems
 
-            problems = start_problems(conn, host, domain)
+            problems = start_problems(conn, host, domain, read_modes)
             if problems:
                 more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
                 raise HostNotReadyError(f"{domain.name()!r} would not start safely: "

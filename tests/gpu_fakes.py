@@ -23,7 +23,7 @@ from tdxvirt.gpu.binding import SysfsWriter
 from tdxvirt.host import HostRoot
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
 
-STANDIN = Path(__file__).resolve().parent / "standins" / "nvidia_gpu_tools.py"
+STANDIN = Path(__file__).resolve().parents[1] / "tdxvirt" / "sim" / "standin_gpu_tools.py"
 HOST_DRIVERS = ("nvidia", "vfio-pci", "snd_hda_intel", "ice", "pcieport", "nvidia-nvswitch")
 
 _ZERO_BAR = "0x0000000000000000 0x0000000000000000 0x0000000000000000"

@@ -318,8 +318,8 @@ def test_h100_on_vfio_alone_in_its_group(host_root):
     assert gpus.checks(ctx_for(host_root)) == [
         Check("gpu 0000:38:00.0: driver", "ok", "H100 SXM5 80GB: vfio-pci"),
         Check("gpu 0000:38:00.0: iommu group", "ok", "group 42 alone: viable"),
-        Check("gpu 0000:38:00.0: cc mode", "skip", "unknown (not readable from sysfs)",
-              "nvidia_gpu_tools --gpu-bdf 0000:38:00.0 --query-cc-mode"),
+        Check("gpu 0000:38:00.0: cc mode", "skip", "unknown (NVIDIA's tool not installed, "
+              "not root, or not this machine's GPU)", "`pip install 'tdxvirt[gpu]'`, run as root"),
     ]
 
 

@@ -195,3 +195,82 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, monkeypatch):
     started = time.monotonic()
     with locks.held(["pci-0000:38:00.0"], timeout=5):
         assert time.monotonic() - started < 1
+
+
+@pytest.fixture
+def standin_tool(tmp_path, monkeypatch):
+    """NVIDIA's tool replaced by the stand-in that prints its real output format."""
+    from gpu_fakes import STANDIN, StandinTool
+
+    def make(host):
+        tool = StandinTool(host, tmp_path / "tool")
+        for key, value in tool.env.items():
+            monkeypatch.setenv(key, value)
+        return tool
+
+    (tmp_path / "tool").mkdir()
+    return make, str(STANDIN)
+
+
+def test_preflight_reads_cc_mode_with_nvidias_tool(conn, gpu_host, td_name, standin_tool):
+    from tdxvirt.preflight import mode_reader
+
+    host, gpu = gpu_host
+    make, script = standin_tool
+    tool = make(host)
+    tds.define_td(conn, host, TDSpec.from_user(name=td_name, gpus=[gpu]))
+    tool.set_state(**{gpu: {"cc": "off", "ppcie": "off"}})
+    with pytest.raises(HostNotReadyError, match=f"GPU {gpu} has CC mode off; a TD needs it on"):
+        tds.start(conn, host, td_name, read_modes=mode_reader(host, script))
+    assert any("--query-cc-mode" in run for run in tool.runs())
+    assert all("--gpu-name" not in run for run in tool.runs())  # by address, never by name
+    tool.update(gpu, cc="on")
+    assert tds.start(conn, host, td_name, read_modes=mode_reader(host, script)) is True
+
+
+def test_preflight_wants_cc_off_for_a_plain_vm(conn, gpu_host, td_name, standin_tool):
+    from tdxvirt.preflight import mode_reader
+
+    host, gpu = gpu_host
+    make, script = standin_tool
+    make(host).set_state(**{gpu: {"cc": "on", "ppcie": "off"}})
+    tds.define_td(conn, host, TDSpec.from_user(name=td_name, gpus=[gpu], tdx=False))
+    with pytest.raises(HostNotReadyError, match="a VM without TDX needs it off"):
+        tds.start(conn, host, td_name, read_modes=mode_reader(host, script))
+
+
+def test_no_tool_means_modes_are_not_checked(monkeypatch):
+    from tdxvirt.preflight import mode_reader
+
+    from tdxvirt.host import HostRoot
+
+    monkeypatch.delenv("TDXVIRT_GPU_TOOLS", raising=False)
+    assert mode_reader(HostRoot("/"), "/nonexistent/nvidia_gpu_tools.py") is None
+
+
+def test_real_tool_is_never_run_below_a_fake_root(host_root, monkeypatch):
+    """NVIDIA's real tool reads real devices; below a fake root only a named one runs."""
+    from tdxvirt.errors import HostNotReadyError as NotReady
+    from tdxvirt.gpu.admin_tool import locate
+    from tdxvirt.preflight import mode_reader
+
+    monkeypatch.delenv("TDXVIRT_GPU_TOOLS", raising=False)
+    assert mode_reader(host_root) is None
+    with pytest.raises(NotReady, match="not the host root"):
+        locate(None, host_root)
+
+
+def test_host_check_reads_cc_mode_through_the_named_tool(gpu_host, standin_tool, monkeypatch):
+    from tdxvirt.doctor import gpus
+    from tdxvirt.doctor.context import Context
+
+    host, gpu = gpu_host
+    make, script = standin_tool
+    tool = make(host)
+    monkeypatch.setenv("TDXVIRT_GPU_TOOLS", script)
+    tool.set_state(**{gpu: {"cc": "off", "ppcie": "off"}})
+    row = {c.name: c for c in gpus.checks(Context(host))}[f"gpu {gpu}: cc mode"]
+    assert (row.status, row.found) == ("warn", "CC off: a TD needs it on (fine for a VM without TDX)")
+    tool.update(gpu, cc="on")
+    row = {c.name: c for c in gpus.checks(Context(host))}[f"gpu {gpu}: cc mode"]
+    assert (row.status, row.found) == ("ok", "CC on")

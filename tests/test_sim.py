@@ -60,3 +60,15 @@ def test_default_sim_host_has_the_h100_at_38(sim):
     assert read_device(root, PciAddress.parse("38:00.0")).device == 0x2330
     ovmf = find_tdx_ovmf(root)
     assert root.path(ovmf).stat().st_size > 1024 * 1024  # the real forky OVMF, linked
+
+
+def test_simulated_gpu_has_cc_mode_through_the_tool_stand_in(sim):
+    """The simulated host answers CC-mode queries like NVIDIA's tool, from a file."""
+    before = tdxvirt("gpu", "cc-mode", "38:00.0", "--json")
+    assert before.returncode == 0, before.stderr
+    original = json.loads(before.stdout)[0]["cc_mode"]
+    try:
+        assert tdxvirt("gpu", "cc-mode", "38:00.0", "--set", "on").returncode == 0
+        assert json.loads(tdxvirt("gpu", "cc-mode", "38:00.0", "--json").stdout)[0]["cc_mode"] == "on"
+    finally:
+        tdxvirt("gpu", "cc-mode", "38:00.0", "--set", original)

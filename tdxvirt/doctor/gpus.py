@@ -39,13 +39,13 @@ class Gpu:
 
     @property
     def candidate(self) -> bool:
-        return nvidia.is_passthrough_candidate(self._pci())
+        return nvidia.is_passthrough_candidate(self.pci())
 
     @property
     def model(self) -> str:
-        return nvidia.model_name(self._pci())
+        return nvidia.model_name(self.pci())
 
-    def _pci(self) -> PciDevice:
+    def pci(self) -> PciDevice:
         return PciDevice(PciAddress.parse(self.address), self.vendor, self.device,
                          self.pci_class, None, self.driver, self.group, ())
 
@@ -133,7 +133,7 @@ def _nodedev_gpus(ctx: Context, wanted: tuple[PciAddress, ...]) -> list[Gpu | st
     return result
 
 
-def _gpu_checks(gpu: Gpu, remote: bool) -> list[Check]:
+def _gpu_checks(gpu: Gpu, remote: bool, read_modes=None) -> list[Check]:
     name = f"gpu {gpu.address}"
     if not gpu.candidate:
         return [Check(name, FAIL, f"not an NVIDIA GPU or NVSwitch (vendor {gpu.vendor:#06x}, "
@@ -175,9 +175,23 @@ def _gpu_checks(gpu: Gpu, remote: bool) -> list[Check]:
         else:
             others = f" with {len(gpu.members)} other device(s)" if gpu.members else " alone"
             checks.append(Check(f"{name}: iommu group", OK, f"group {gpu.group}{others}: viable"))
-    checks.append(Check(f"{name}: cc mode", SKIP, "unknown (not readable from sysfs)",
-                        f"nvidia_gpu_tools --gpu-bdf {gpu.address} --query-cc-mode"))
+    checks.append(_cc_check(name, gpu, read_modes))
     return checks
+
+
+def _cc_check(name: str, gpu: Gpu, read_modes) -> Check:
+    """CC mode through NVIDIA's tool (preflight.mode_reader) when it can run here."""
+    if read_modes is None:
+        return Check(f"{name}: cc mode", SKIP, "unknown (NVIDIA's tool not installed, not "
+                     "root, or not this machine's GPU)", "`pip install 'tdxvirt[gpu]'`, run as root")
+    result = read_modes([gpu.pci()])[0]
+    if not result.ok:
+        return Check(f"{name}: cc mode", WARN, f"unknown: {result.result}",
+                     f"`tdxvirt gpu cc-mode {gpu.address}` shows the tool's error")
+    if result.cc_mode in ("on", "devtools"):
+        return Check(f"{name}: cc mode", OK, f"CC {result.cc_mode}")
+    return Check(f"{name}: cc mode", WARN, f"CC {result.cc_mode}: a TD needs it on (fine "
+                 "for a VM without TDX)", f"`tdxvirt gpu cc-mode {gpu.address} --set on`")
 
 
 def checks(ctx: Context) -> list[Check]:
@@ -196,11 +210,16 @@ def checks(ctx: Context) -> list[Check]:
     if not found:
         return [Check("gpus", WARN, "no NVIDIA GPU found",
                       "check `lspci -D -d 10de:`; pass --for-gpu BDF to check one")]
+    read_modes = None
+    if not ctx.remote:
+        from ..preflight import mode_reader
+
+        read_modes = mode_reader(ctx.root)
     result = []
     for gpu in found:
         if isinstance(gpu, str):
             result.append(Check(f"gpu {gpu}", FAIL, "no such PCI device on this host",
                                 "`lspci -D -d 10de:` lists the NVIDIA devices"))
         else:
-            result += _gpu_checks(gpu, ctx.remote)
+            result += _gpu_checks(gpu, ctx.remote, read_modes)
     return result

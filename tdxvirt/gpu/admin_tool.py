@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import HostNotReadyError, NotFoundError
+from ..host import HostRoot
 
 MODULE = "nvidia_gpu_tools"
 ENV_PATH = "TDXVIRT_GPU_TOOLS"
@@ -53,10 +54,18 @@ class Tool:
     origin: str
 
 
-def locate(path: str | None = None) -> Tool:
+def locate(path: str | None = None, host: HostRoot | None = None) -> Tool:
     """``path`` (or $TDXVIRT_GPU_TOOLS): an nvtrust checkout, the script, or an
-    executable; else the ``nvidia_gpu_tools`` module installed beside tdxvirt."""
+    executable; else the ``nvidia_gpu_tools`` module installed beside tdxvirt.
+
+    NVIDIA's tool reads this machine's real devices, whatever host root tdxvirt reads:
+    below any other root (the simulated host, a test's fake tree) only an explicitly
+    named tool (a stand-in) is run, so no real device is touched from there."""
     path = path or os.environ.get(ENV_PATH) or None
+    if path is None and host is not None and host.base.resolve() != Path("/"):
+        raise HostNotReadyError(
+            f"NVIDIA's tool reads this machine's devices, not the host root {host.base}; "
+            "name a tool made for that root with --tool (or $TDXVIRT_GPU_TOOLS)")
     if path is None:
         if importlib.util.find_spec(MODULE) is None:
             raise HostNotReadyError(INSTALL_HINT)

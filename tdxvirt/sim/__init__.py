@@ -41,6 +41,20 @@ class SimLayout:
         return self.base / "keeper.log"
 
     @property
+    def gpu_tool_env(self) -> dict[str, str]:
+        """NVIDIA's tool for the simulated host: a stand-in printing the real tool's
+        output, keeping the fake GPU's CC / PPCIe modes in a file (CC off, as the
+        real H100 reported)."""
+        from pathlib import Path as _Path
+
+        return {
+            "TDXVIRT_GPU_TOOLS": str(_Path(__file__).with_name("standin_gpu_tools.py")),
+            "STANDIN_SYSFS": str(self.host_root),
+            "STANDIN_STATE": str(self.base / "gpu-modes.json"),
+            "STANDIN_RECORD": str(self.base / "gpu-tool-runs.jsonl"),
+        }
+
+    @property
     def uri(self) -> str:
         return f"test+unix:///default?socket={self.socket}"
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..paths import state_dir
 from . import SimLayout, chroot, keeper, layout
@@ -39,6 +41,9 @@ def ensure_host_root(sim: SimLayout) -> None:
     current = marker.read_text().strip() if marker.is_file() else None
     if current != SIM_HOST_VERSION:
         build_sim_host(sim.host_root, sim.chroot)
+    modes = Path(sim.gpu_tool_env["STANDIN_STATE"])
+    if not modes.exists():  # the real H100 reported CC off (fixture nvidia-smi output)
+        modes.write_text(json.dumps({"0000:38:00.0": {"cc": "off", "ppcie": "off"}}) + "\n")
 
 
 def up(sim: SimLayout | None = None) -> list[str]:
