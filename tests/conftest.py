@@ -94,3 +94,12 @@ def qemu_conn(sim):
     connection = open_connection(sim.qemu_uri)
     yield connection
     connection.close()
+
+
+@pytest.fixture(scope="session")
+def legacy_qemu_conn(sim):
+    """libvirt 11.x's real qemu driver (trixie root): a libvirt that knows no TDX XML."""
+    connection = open_connection(sim.legacy_qemu_uri)
+    assert 11_000_000 <= connection.getLibVersion() < 11_006_000
+    yield connection
+    connection.close()

@@ -71,3 +71,31 @@ def test_forcing_a_dialect_skips_host_checks():
 def test_host_tdx_from_the_kvm_intel_parameter(tmp_path):
     assert host_tdx_enabled(build_host_root(tmp_path / "on")) is True
     assert host_tdx_enabled(build_host_root(tmp_path / "off", tdx_enabled=False)) is False
+
+
+def test_real_libvirt_11_is_refused_unless_qemu_args_is_forced(legacy_qemu_conn, gpu_host):
+    """Against a real libvirt 11.x daemon: auto-detection names what is missing; the
+    forced native XML is refused by libvirt itself in one line; qemu-args defines."""
+    import uuid
+
+    from tdxvirt import tds
+    from tdxvirt.errors import LibvirtOperationError
+    from tdxvirt.spec import TDSpec
+
+    host, gpu = gpu_host
+    name = f"l-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(HostNotReadyError, match=r"libvirt 11\.\d+\.\d+ .* does not know TDX"):
+        tds.define_td(legacy_qemu_conn, host, TDSpec.from_user(name=name, gpus=[gpu]))
+    with pytest.raises(LibvirtOperationError, match="launchSecurity") as refused:
+        tds.define_td(legacy_qemu_conn, host, TDSpec.from_user(
+            name=name, gpus=[gpu], dialect="native", virt_type="qemu"))
+    assert "\n" not in str(refused.value)
+    assert name not in [d.name() for d in legacy_qemu_conn.listAllDomains(0)]
+    td = tds.define_td(legacy_qemu_conn, host, TDSpec.from_user(
+        name=name, gpus=[gpu], dialect="qemu-args", virt_type="qemu"))
+    try:
+        assert td.plan.dialect == "qemu-args" and not td.plan.iommufd
+        listed = {r.facts.name: r for r in tds.list_tds(legacy_qemu_conn)}
+        assert listed[name].facts.tdx and listed[name].facts.dialect == "qemu-args"
+    finally:
+        tds.undefine(legacy_qemu_conn, name)

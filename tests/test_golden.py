@@ -69,8 +69,12 @@ def test_defined_on_tdx_aware_libvirt_with_nothing_dropped(rendered, conn):
         domain.undefine()
 
 
-def test_qemu_args_dialect_defined_on_real_qemu_driver(tmp_path, qemu_conn):
-    """libvirt without TDX XML keeps the qemu:commandline dialect intact (TCG here)."""
+@pytest.mark.parametrize("which", ["libvirt 11.x (no TDX XML)", "libvirt 12.x"])
+def test_qemu_args_dialect_defined_on_real_qemu_driver(tmp_path, which, request):
+    """A real qemu driver keeps the qemu:commandline dialect intact (TCG here): libvirt
+    11.x, which rejects TDX XML (the dialect's reason to exist), and 12.x."""
+    qemu_conn = request.getfixturevalue(
+        "legacy_qemu_conn" if which.startswith("libvirt 11") else "qemu_conn")
     _, plan = plan_for(SCENARIOS["qemu-args"], tmp_path / "root")
     # No KVM here, and the test emulator path exists only outside the daemon's root.
     plan = dataclasses.replace(plan, name=f"g-{uuid.uuid4().hex[:10]}", virt_type="qemu",

@@ -3,6 +3,7 @@
 Layout under ``<state dir>/sim``:
 - ``forky/``: a Debian forky root whose libvirt 12.x daemon serves the TDX-aware
   test driver over ``forky/run/libvirt/libvirt-sock``
+- ``trixie/``: a Debian trixie root with libvirt 11.x (no TDX XML) and QEMU
 - ``hostroot/``: the fake sysfs / procfs / firmware tree (an H100 at 0000:38:00.0)
 - ``keeper.pid``: the process holding a connection open, because the test driver
   forgets every domain once no connection to it is left
@@ -27,6 +28,19 @@ class SimLayout:
     @property
     def socket(self) -> Path:
         return self.chroot / "run/libvirt/libvirt-sock"
+
+    @property
+    def legacy_chroot(self) -> Path:
+        """The trixie root: libvirt 11.x, which knows no TDX XML."""
+        return self.base / "trixie"
+
+    @property
+    def legacy_socket(self) -> Path:
+        return self.legacy_chroot / "run/libvirt/libvirt-sock"
+
+    @property
+    def legacy_qemu_uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.legacy_socket}"
 
     @property
     def host_root(self) -> Path:

@@ -1,7 +1,9 @@
-"""The Debian forky root that runs libvirt 12.x's daemon for the simulated host.
+"""Debian roots whose libvirt daemons serve the simulated host, reached by socket.
 
-libvirt 12.x cannot be installed on Debian 12 (it needs a newer glibc), so it runs
-in a forky root reached through its UNIX socket (see README, "Simulated host").
+- forky: libvirt 12.x (TDX-aware test driver, qemu driver with QEMU 11.x). libvirt
+  12.x cannot be installed on Debian 12 (it needs a newer glibc), hence a chroot.
+- trixie: libvirt 11.x, which rejects TDX XML: the "libvirt without TDX" that the
+  qemu-args dialect and the dialect checks are tested against, on Debian 12 and 13.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 import stat
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SimulatorError
@@ -19,10 +22,18 @@ from ..errors import SimulatorError
 MIRROR = "http://deb.debian.org/debian"
 # The forky index is frozen past its Valid-Until date.
 APT_OPTIONS = ["-o", "Acquire::Check-Valid-Until=false"]
-PACKAGES = [
-    "libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
-    "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx",
-]
+@dataclass(frozen=True)
+class Distribution:
+    suite: str
+    packages: tuple[str, ...]
+    what: str
+
+
+FORKY = Distribution("forky", ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
+                               "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx"),
+                     "libvirt 12.x, QEMU and OVMF")
+TRIXIE = Distribution("trixie", ("libvirt-daemon", "libvirt-daemon-driver-qemu",
+                                 "qemu-system-x86"), "libvirt 11.x and QEMU (no TDX XML)")
 # Without this every domain start fails: "Failed disable mount propagation out of the
 # root filesystem: Invalid argument" (no private mount namespace in a chroot here).
 QEMU_CONF_LINE = "namespaces = [ ]\n"
@@ -40,21 +51,22 @@ def is_provisioned(root: Path) -> bool:
     return (root / "usr/sbin/libvirtd").exists() and (root / ".tdxvirt-provisioned").exists()
 
 
-def provision(root: Path, log=print) -> None:
-    """debootstrap forky and install libvirt 12.x, QEMU and TDX OVMF (idempotent)."""
+def provision(root: Path, distribution: Distribution = FORKY, log=print) -> None:
+    """debootstrap the distribution and install its libvirt and QEMU (idempotent)."""
     if is_provisioned(root):
         return
     root.parent.mkdir(parents=True, exist_ok=True)
     if not (root / "usr/bin/apt-get").exists():
-        log(f"creating a Debian forky root at {root} (about 30 s)")
-        _run(["debootstrap", "--variant=minbase", "forky", str(root), MIRROR,
+        log(f"creating a Debian {distribution.suite} root at {root} (about 30 s)")
+        # debootstrap's sid script serves every suite newer than the host's.
+        _run(["debootstrap", "--variant=minbase", distribution.suite, str(root), MIRROR,
               "/usr/share/debootstrap/scripts/sid"], "debootstrap")
     mount(root)
-    log("installing libvirt 12.x, QEMU and OVMF into it")
+    log(f"installing {distribution.what} into it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run(["chroot", str(root), "apt-get", *APT_OPTIONS, "update", "-qq"], "apt-get update")
     _run(["chroot", str(root), "apt-get", *APT_OPTIONS, "install", "-y", "-qq",
-          "--no-install-recommends", *PACKAGES], "apt-get install", env=env)
+          "--no-install-recommends", *distribution.packages], "apt-get install", env=env)
     qemu_conf = root / "etc/libvirt/qemu.conf"
     if QEMU_CONF_LINE not in qemu_conf.read_text():
         with qemu_conf.open("a") as conf:
@@ -147,15 +159,25 @@ def start_daemons(root: Path, sock: Path, wait: float = 15.0) -> bool:
     return True
 
 
-def stop_daemons(root: Path) -> list[str]:
-    """Stop the daemons started in this root, by the pid files they wrote."""
-    stopped = []
+def stop_daemons(root: Path, wait: float = 10.0) -> list[str]:
+    """Stop the daemons started in this root, by the pid files they wrote, and wait for
+    them to go (a start right after must not find a dying daemon's socket)."""
+    stopped, pids = [], []
     for daemon in reversed(DAEMONS):
         pidfile = root / "run" / f"{daemon}.pid"
         try:
             pid = int(pidfile.read_text().strip())
             os.kill(pid, signal.SIGTERM)
-            stopped.append(daemon)
         except (OSError, ValueError):
             continue
+        stopped.append(daemon)
+        pids.append(pid)
+    deadline = time.monotonic() + wait
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
     return stopped

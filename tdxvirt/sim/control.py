@@ -52,6 +52,9 @@ def up(sim: SimLayout | None = None) -> list[str]:
     started = []
     if chroot.start_daemons(sim.chroot, sim.socket):
         started.append("libvirt 12.x daemon")
+    if chroot.is_provisioned(sim.legacy_chroot) and chroot.start_daemons(
+            sim.legacy_chroot, sim.legacy_socket):
+        started.append("libvirt 11.x daemon")
     install_schemas(sim)
     ensure_host_root(sim)
     if keeper.start(sim.uri, sim.keeper_pidfile, sim.keeper_log):
@@ -63,7 +66,7 @@ def down(sim: SimLayout | None = None) -> list[str]:
     """Stop the keeper (the test driver's domains are then forgotten) and the daemons."""
     sim = sim or layout()
     stopped = ["test-driver keeper"] if keeper.stop(sim.keeper_pidfile) else []
-    return stopped + chroot.stop_daemons(sim.chroot)
+    return stopped + chroot.stop_daemons(sim.chroot) + chroot.stop_daemons(sim.legacy_chroot)
 
 
 def status(sim: SimLayout | None = None) -> SimStatus:
@@ -80,5 +83,6 @@ def status(sim: SimLayout | None = None) -> SimStatus:
 def provision(sim: SimLayout | None = None, log=print) -> list[str]:
     """Install the simulated host if needed, then bring it up (scripts/setup)."""
     sim = sim or layout()
-    chroot.provision(sim.chroot, log=log)
+    chroot.provision(sim.chroot, chroot.FORKY, log=log)
+    chroot.provision(sim.legacy_chroot, chroot.TRIXIE, log=log)
     return up(sim)
