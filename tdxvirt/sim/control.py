@@ -63,10 +63,15 @@ def up(sim: SimLayout | None = None) -> list[str]:
 
 
 def down(sim: SimLayout | None = None) -> list[str]:
-    """Stop the keeper (the test driver's domains are then forgotten) and the daemons."""
+    """Stop the keeper (the test driver's domains are then forgotten) and the daemons,
+    and unmount the roots' /proc, /sys, /dev and /run, so the state directory can be
+    deleted without reaching through a bind mount."""
     sim = sim or layout()
     stopped = ["test-driver keeper"] if keeper.stop(sim.keeper_pidfile) else []
-    return stopped + chroot.stop_daemons(sim.chroot) + chroot.stop_daemons(sim.legacy_chroot)
+    for root in (sim.chroot, sim.legacy_chroot):
+        stopped += chroot.stop_daemons(root)
+        chroot.unmount(root)
+    return stopped
 
 
 def status(sim: SimLayout | None = None) -> SimStatus:
