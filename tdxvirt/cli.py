@@ -308,7 +308,7 @@ def reboot(session, name):
 @main.command()
 @click.argument("name")
 @click.option("--remove-storage", is_flag=True,
-              help="Also delete the disk overlay tdxvirt created (never a base image).")
+              help="Also delete the disk overlay and cloud-init seed tdxvirt created (never a base image).")
 @pass_session
 def undefine(session, name, remove_storage):
     """Remove a stopped TD's definition."""
