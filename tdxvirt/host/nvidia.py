@@ -37,18 +37,38 @@ _GPU_CLASSES = {0x0300, 0x0302}
 _NVSWITCH_CLASS = 0x0680
 
 
-def model_name(device: PciDevice) -> str:
-    names = {**GPU_MODELS, **NVSWITCH_IDS}
-    if device.device not in names and is_nvswitch(device):
-        return "NVSwitch"
-    return names.get(device.device, f"NVIDIA {device.device:#06x}")
+GPU = "GPU"
+NVSWITCH = "NVSwitch"
+
+
+def kind_of(device: PciDevice) -> str | None:
+    """GPU, NVSwitch, or None for anything else (an audio function, another vendor).
+
+    The one place that decides what tdxvirt passes through and manages."""
+    if device.vendor != NVIDIA_VENDOR:
+        return None
+    if device.device in NVSWITCH_IDS or (device.pci_class >> 8) == _NVSWITCH_CLASS:
+        return NVSWITCH
+    if (device.pci_class >> 8) in _GPU_CLASSES:
+        return GPU
+    return None
+
+
+def is_nvswitch(device: PciDevice) -> bool:
+    return kind_of(device) == NVSWITCH
 
 
 def is_passthrough_candidate(device: PciDevice) -> bool:
     """An NVIDIA GPU (VGA or 3D class) or NVSwitch."""
-    if device.vendor != NVIDIA_VENDOR:
-        return False
-    return (device.pci_class >> 8) in _GPU_CLASSES or is_nvswitch(device)
+    return kind_of(device) is not None
+
+
+def model_name(device: PciDevice) -> str:
+    """Model name from the device id; an unknown id is shown as hex, never dropped."""
+    names = {**GPU_MODELS, **NVSWITCH_IDS}
+    if device.device not in names and is_nvswitch(device):
+        return "NVSwitch"
+    return names.get(device.device, f"NVIDIA {device.device:#06x}")
 
 
 def require_gpu(device: PciDevice) -> None:
@@ -61,20 +81,15 @@ def require_gpu(device: PciDevice) -> None:
 
 
 def nvidia_devices(root: HostRoot) -> list[PciDevice]:
-    """Every NVIDIA GPU and NVSwitch under the host root's /sys/bus/pci/devices."""
+    """Every NVIDIA GPU and NVSwitch under the host root, in address order."""
     devices = []
     for name in root.listdir(PCI_DEVICES):
         if root.read_value(f"{PCI_DEVICES}/{name}/vendor") != f"{NVIDIA_VENDOR:#06x}":
-            continue
+            continue  # skip reading every other device's files
         try:
             device = read_device(root, PciAddress.parse(name))
         except InputError:
             continue  # not a PCI address: nothing of ours
         if is_passthrough_candidate(device):
             devices.append(device)
-    return devices
-
-
-def is_nvswitch(device: PciDevice) -> bool:
-    return device.vendor == NVIDIA_VENDOR and (
-        device.device in NVSWITCH_IDS or device.pci_class >> 8 == _NVSWITCH_CLASS)
+    return sorted(devices, key=lambda device: device.address)
