@@ -8,8 +8,6 @@ that does not apply is aborted with `git am --abort` and named with its files.
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,24 +15,7 @@ import pytest
 from tdxvirt.build import BuildFailedError, artifacts, gitops, manifest as manifests, progress, runner, steps
 from tdxvirt.host import HostRoot
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "Test Author", "GIT_AUTHOR_EMAIL": "author@example.org",
-           "GIT_COMMITTER_NAME": "Test Committer", "GIT_COMMITTER_EMAIL": "committer@example.org",
-           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV},
-                          capture_output=True, text=True, check=True).stdout.strip()
-
-
-def commit(repo: Path, files: dict[str, str], message: str) -> str:
-    for name, text in files.items():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_text(text)
-        git(repo, "add", name)
-    git(repo, "commit", "-q", "--allow-empty", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
-
+from gitrepo import GIT_ENV, commit, git  # noqa: F401
 
 @pytest.fixture
 def upstream(tmp_path) -> Path:

@@ -26,9 +26,8 @@ from tdxvirt.cli import TdxvirtGroup
 from tdxvirt.cli_build import build
 from tdxvirt.host import HostRoot
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "Test Author", "GIT_AUTHOR_EMAIL": "author@example.org",
-           "GIT_COMMITTER_NAME": "Test Committer", "GIT_COMMITTER_EMAIL": "committer@example.org",
-           "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"}
+from gitrepo import commit, git
+
 
 CONFIGURE = """#!/bin/sh
 # a stand-in for QEMU's configure: records its flags for the Makefile
@@ -63,19 +62,6 @@ install: build/qemu-system-x86_64
 """
 
 
-def git(cwd: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **GIT_ENV},
-                            capture_output=True, text=True, check=True)
-    return result.stdout.strip()
-
-
-def commit_file(repo: Path, name: str, text: str, message: str) -> None:
-    (repo / name).parent.mkdir(parents=True, exist_ok=True)
-    (repo / name).write_text(text)
-    git(repo, "add", name)
-    git(repo, "commit", "-q", "-m", message)
-
-
 class Sources:
     """An upstream tiny QEMU and a tdx-linux-like repository carrying its mbox."""
 
@@ -99,15 +85,15 @@ class Sources:
         """A real mbox: one patch per version, plus an empty one git am must drop."""
         git(self.qemu, "checkout", "-q", "-B", "tdx", "v9.1.0-rc0")
         for version in versions:
-            commit_file(self.qemu, "version.txt", version + "\n", f"tdx: version {version}")
+            commit(self.qemu, {"version.txt": version + "\n"}, f"tdx: version {version}")
         git(self.qemu, "commit", "-q", "--allow-empty", "-m", "tdx: empty placeholder")
-        commit_file(self.qemu, "hw/i386/tdx.c", "/* TDX */\n", "tdx: add hw/i386/tdx.c")
+        commit(self.qemu, {"hw/i386/tdx.c": "/* TDX */\n"}, "tdx: add hw/i386/tdx.c")
         mbox = git(self.qemu, "format-patch", "--always", "--stdout", "v9.1.0-rc0")
         git(self.qemu, "checkout", "-q", "master")
         (self.tdx / "tdx-qemu").mkdir(exist_ok=True)
         for old in (self.tdx / "tdx-qemu").glob("*.mbox"):
             git(self.tdx, "rm", "-q", str(old.relative_to(self.tdx)))
-        commit_file(self.tdx, f"tdx-qemu/{name}", mbox + "\n", f"tdx-qemu: {name}")
+        commit(self.tdx, {f"tdx-qemu/{name}": mbox + "\n"}, f"tdx-qemu: {name}")
 
     def manifest(self, path: Path, configure: list[str]) -> Path:
         path.write_text(f"""

@@ -26,7 +26,6 @@ import libvirt
 import pytest
 
 from test_guest_config import KERNEL_ROLES, _resolve
-from tdxvirt.conn import open_connection
 from tdxvirt.guest.verify import AGENT_CHANNEL_XML, agent_channel_state, verify_domain
 from tdxvirt.paths import state_dir
 
@@ -112,13 +111,6 @@ def build_agent_guest(directory: Path) -> tuple[Path, Path]:
         initrd.write_bytes(_newc(entries))
         shutil.copyfile(vmlinuz, kernel)
     return kernel, initrd
-
-
-@pytest.fixture(scope="module")
-def qemu_conn(sim):
-    connection = open_connection(sim.qemu_uri)
-    yield connection
-    connection.close()
 
 
 @pytest.fixture(scope="module")
