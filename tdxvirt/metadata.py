@@ -34,33 +34,54 @@ class DomainFacts:
     started: float | None = None  # when tdxvirt started it (live metadata), epoch seconds
 
 
-# Compiled once: `list` reads a thousand domains, and compiling per call cost more
-# than parsing the XML.
-_QEMU_ARGS = etree.XPath("q:commandline/q:arg/@value", namespaces={"q": QEMU_NS})
-_HOSTDEV_ADDRESSES = etree.XPath("devices/hostdev[@type='pci']/source/address")
+_TD = f"{{{NAMESPACE}}}td"
+_RUN = f"{{{RUN_NAMESPACE}}}run"
+_QEMU_COMMANDLINE = f"{{{QEMU_NS}}}commandline"
+_MARK_TEXT = {name: f"{{{NAMESPACE}}}{name}" for name in ("dialect", "overlay", "seed")}
+
+
+def _bdf(address) -> str:
+    return "%04x:%02x:%02x.%x" % tuple(
+        int(address.get(k), 16) for k in ("domain", "bus", "slot", "function"))
 
 
 def read_domain_xml(xml: str) -> DomainFacts:
+    """One pass over the domain's top-level elements: `list` reads a thousand of these,
+    and path lookups per field cost more than parsing the XML itself."""
     root = etree.fromstring(xml.encode())
-    mark = root.find("metadata/t:td", _NS)
-    run = root.find("metadata/r:run", {"r": RUN_NAMESPACE})
-    hostdev_gpus = tuple(
-        "{:04x}:{:02x}:{:02x}.{:x}".format(
-            *(int(a.get(k), 16) for k in ("domain", "bus", "slot", "function"))
-        )
-        for a in _HOSTDEV_ADDRESSES(root)
-    )
+    name = vcpu = memory = mark = run = None
+    tdx, gpus = False, []
+    for child in root:
+        tag = child.tag
+        if tag == "name":
+            name = child.text
+        elif tag == "vcpu":
+            vcpu = child.text
+        elif tag == "memory":
+            memory = child
+        elif tag == "metadata":
+            mark = child.find(_TD)
+            run = child.find(_RUN)
+        elif tag == "devices":
+            for hostdev in child.iterchildren("hostdev"):
+                address = hostdev.find("source/address")
+                if hostdev.get("type") == "pci" and address is not None:
+                    gpus.append(_bdf(address))
+        elif tag == "launchSecurity":
+            tdx = tdx or child.get("type") == "tdx"
+        elif tag == _QEMU_COMMANDLINE:  # the qemu-args dialect
+            tdx = tdx or any("tdx-guest" in (arg.get("value") or "") for arg in child)
+    marked = {} if mark is None else {k: mark.findtext(t) for k, t in _MARK_TEXT.items()}
     return DomainFacts(
-        name=root.findtext("name"),
+        name=name,
         managed_by_tdxvirt=mark is not None,
-        tdx=root.find("launchSecurity[@type='tdx']") is not None
-        or any("tdx-guest" in v for v in _QEMU_ARGS(root)),
-        gpus=hostdev_gpus,
-        vcpus=int(root.findtext("vcpu") or 0),
-        memory_kib=_kib(root.find("memory")),
-        dialect=None if mark is None else mark.findtext("t:dialect", namespaces=_NS),
-        overlay=None if mark is None else mark.findtext("t:overlay", namespaces=_NS),
-        seed=None if mark is None else mark.findtext("t:seed", namespaces=_NS),
+        tdx=tdx,
+        gpus=tuple(gpus),
+        vcpus=int(vcpu or 0),
+        memory_kib=_kib(memory),
+        dialect=marked.get("dialect"),
+        overlay=marked.get("overlay"),
+        seed=marked.get("seed"),
         started=_float(run.get("started")) if run is not None else None,
     )
 
