@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from . import dialect as dialects
 from .config import Config, load_config
-from .conn import is_remote, xml_of_listed
+from .conn import is_remote, xmls_of_listed
 from .errors import InputError, TdxvirtError
 from .host import HostRoot
 from .host.firmware import find_tdx_ovmf
@@ -39,8 +39,8 @@ class AssembledTD:
 def gpu_holders(conn) -> dict[str, str]:
     """PCI address -> name of the defined domain whose XML passes it through."""
     holders = {}
-    for domain in conn.listAllDomains(0):
-        xml = xml_of_listed(domain)
+    domains = conn.listAllDomains(0)
+    for domain, xml in zip(domains, xmls_of_listed(domains)):
         for address in read_domain_xml(xml).gpus if xml else ():
             holders.setdefault(address, domain.name())
     return holders

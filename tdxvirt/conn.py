@@ -80,3 +80,28 @@ def xml_of_listed(domain) -> str | None:
         if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise translate(error, "cannot read a domain's XML") from None
+
+
+def xmls_of_listed(domains: list):
+    """Each listed domain's XML in order (None for one that vanished), read by one
+    thread while the caller parses the previous one. Measured on 1,000 TDs: more
+    readers only add GIL contention (the test driver serialises calls), and
+    concurrent.futures costs more to import than this saves."""
+    import queue
+    import threading
+
+    results: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read():
+        try:
+            for domain in domains:
+                results.put((xml_of_listed(domain), None))
+        except BaseException as error:  # handed to the caller, raised there
+            results.put((None, error))
+
+    threading.Thread(target=read, daemon=True).start()
+    for _ in domains:
+        xml, error = results.get()
+        if error is not None:
+            raise error
+        yield xml

@@ -11,12 +11,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-import queue
-import threading
 from typing import TYPE_CHECKING
 
 from . import locks
-from .conn import libvirt_error_type, translate, xml_of_listed
+from .conn import libvirt_error_type, translate, xmls_of_listed
 from .errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
 from .metadata import RUN_NAMESPACE, DomainFacts, read_domain_xml
 
@@ -327,7 +325,7 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     rows = []
     now = time.time()
     listed = conn.getAllDomainStats(STATS_STATE)
-    xmls = _prefetched([domain for domain, _ in listed])
+    xmls = xmls_of_listed([domain for domain, _ in listed])
     for (domain, stats), xml in zip(listed, xmls):
         if xml is None:
             continue
@@ -335,25 +333,3 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
         if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
             rows.append(row)
     return sorted(rows, key=lambda row: row.facts.name)
-
-
-def _prefetched(domains: list):
-    """Each domain's XML in order, read by one thread while the caller parses the
-    previous one. Measured on 1,000 TDs: more readers only add GIL contention (the
-    test driver serialises calls), and concurrent.futures costs more to import than
-    this saves."""
-    results: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read():
-        try:
-            for domain in domains:
-                results.put((xml_of_listed(domain), None))
-        except BaseException as error:  # handed to the caller, raised there
-            results.put((None, error))
-
-    threading.Thread(target=read, daemon=True).start()
-    for _ in domains:
-        xml, error = results.get()
-        if error is not None:
-            raise error
-        yield xml
