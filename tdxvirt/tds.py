@@ -61,9 +61,12 @@ def _absent(error) -> bool:
 
 
 def lookup(conn, name: str):
-    """A domain by name or UUID, as virsh looks them up."""
+    """A domain by name, UUID or (running) ID, as virsh looks them up."""
     libvirt_error = libvirt_error_type()
-    for finder in (conn.lookupByName, conn.lookupByUUIDString):
+    finders = [conn.lookupByName, conn.lookupByUUIDString]
+    if name.isascii() and name.isdigit() and len(name) < 10:
+        finders.append(lambda text: conn.lookupByID(int(text)))
+    for finder in finders:
         try:
             return finder(name)
         except libvirt_error as error:

@@ -46,11 +46,13 @@ def test_lifecycle_start_list_stop_destroy_undefine(conn, gpu_host, td_name):
         tds.lookup(conn, td_name)
 
 
-def test_lookup_by_uuid_like_virsh(conn, gpu_host, td_name):
+def test_lookup_by_uuid_and_id_like_virsh(conn, gpu_host, td_name):
     host, gpu = gpu_host
     tds.define_td(conn, host, _spec(td_name, gpu))
     uuid = conn.lookupByName(td_name).UUIDString()
     assert tds.lookup(conn, uuid).name() == td_name
+    tds.start(conn, host, td_name)
+    assert tds.lookup(conn, str(conn.lookupByName(td_name).ID())).name() == td_name
 
 
 def test_existing_name_is_refused_and_left_alone(conn, gpu_host, td_name):
