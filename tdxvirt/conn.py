@@ -99,9 +99,13 @@ def xmls_of_listed(domains: list):
         except BaseException as error:  # handed to the caller, raised there
             results.put((None, error))
 
-    threading.Thread(target=read, daemon=True).start()
-    for _ in domains:
-        xml, error = results.get()
-        if error is not None:
-            raise error
-        yield xml
+    threading.Thread(target=read, daemon=True).start()  # now, not at the first next()
+
+    def delivered():
+        for _ in domains:
+            xml, error = results.get()
+            if error is not None:
+                raise error
+            yield xml
+
+    return delivered()

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 from . import locks
 from .conn import libvirt_error_type, translate, xmls_of_listed
 from .errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
-from .metadata import RUN_NAMESPACE, DomainFacts, read_domain_xml
 
-if TYPE_CHECKING:  # rendering and planning are imported only by the commands that use them
+if TYPE_CHECKING:  # rendering, planning and XML reading (lxml) are imported only by the
+    # functions that use them: `list` starts reading domains before lxml is loaded
     from .assemble import AssembledTD
     from .host import HostRoot
+    from .metadata import DomainFacts
     from .policy import Disk
     from .spec import TDSpec
 
@@ -173,6 +174,8 @@ def start(conn, host: HostRoot, name: str, skip_preflight: bool = False,
     domain = lookup(conn, name)
     if domain.isActive():
         return False
+    from .metadata import read_domain_xml
+
     gpus = read_domain_xml(domain.XMLDesc(0)).gpus
     with locks.held(locks.gpu_keys(gpus)):
         if not skip_preflight:
@@ -193,6 +196,7 @@ def start(conn, host: HostRoot, name: str, skip_preflight: bool = False,
 
 def _mark_started(domain) -> None:
     """Live-only metadata with the start time, so list can show uptime."""
+    from .metadata import RUN_NAMESPACE
     from .render import render_run_marker
 
     try:
@@ -256,6 +260,8 @@ def undefine(conn, name: str, remove_storage: bool = False) -> list[str]:
         raise LibvirtOperationError(
             f"{name!r} is running; stop it first (`tdxvirt stop {name}` or `tdxvirt destroy {name}`)"
         )
+    from .metadata import read_domain_xml
+
     xml = domain.XMLDesc(0)
     facts = read_domain_xml(xml)
     has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
@@ -284,6 +290,8 @@ def domain_xml(conn, name: str, inactive: bool = False) -> str:
 
 
 def _row(domain, state_code: int, xml: str, now: float) -> TDRow:
+    from .metadata import read_domain_xml
+
     facts = read_domain_xml(xml)
     started = facts.started if state_code == 1 else None
     return TDRow(facts, STATE_NAMES.get(state_code, "unknown"),
@@ -328,7 +336,9 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     rows = []
     now = time.time()
     listed = conn.getAllDomainStats(STATS_STATE)
-    xmls = xmls_of_listed([domain for domain, _ in listed])
+    xmls = xmls_of_listed([domain for domain, _ in listed])  # reading starts now
+    from .metadata import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
+
     for (domain, stats), xml in zip(listed, xmls):
         if xml is None:
             continue
