@@ -11,6 +11,7 @@ from lxml import etree
 from tdxvirt import tds
 from tdxvirt.config import Config, load_config
 from tdxvirt.errors import HostNotReadyError, InputError, LibvirtOperationError
+from tdxvirt.metadata import read_domain_xml
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
 from tdxvirt.spec import TDSpec
 from tdxvirt.td_rules import td_problems
@@ -40,7 +41,7 @@ def test_image_boots_a_new_overlay_and_never_touches_the_base(conn, gpu_host, td
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before
     assert domain_xml(conn, td_name).find("devices/disk/source").get("file") == str(overlay)
     assert td.plan.disk.overlay_base == str(base)
-    assert tds.read_domain_xml(conn.lookupByName(td_name).XMLDesc(0)).overlay == str(overlay)
+    assert read_domain_xml(conn.lookupByName(td_name).XMLDesc(0)).overlay == str(overlay)
 
 
 def test_failed_define_removes_the_overlay_it_made(conn, gpu_host, td_name, tmp_path):
