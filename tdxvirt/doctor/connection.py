@@ -7,7 +7,9 @@ TDX; *qemu-args* when libvirt has no TDX XML but the QEMU it drives has tdx-gues
 
 from __future__ import annotations
 
-from ..policy import LIBVIRT_HOSTDEV_IOMMUFD, LIBVIRT_NATIVE_TDX, version_text
+from ..dialect import LIBVIRT_NATIVE_TDX, LibvirtFacts, choose, version_text
+from ..errors import HostNotReadyError
+from ..policy import LIBVIRT_HOSTDEV_IOMMUFD
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 from .qemu import TDX_OBJECT
@@ -18,13 +20,18 @@ KVM_TDX = "/sys/module/kvm_intel/parameters/tdx"
 
 
 def dialect(ctx: Context) -> str | None:
-    version, tdx = ctx.libvirt_version, ctx.domcaps_tdx()
+    """The dialect `define` would pick (tdxvirt.dialect.choose, the one place that
+    decides), else qemu-args when this libvirt lacks TDX XML but its QEMU has
+    tdx-guest (define uses it when told --dialect qemu-args), else None."""
+    version = ctx.libvirt_version
     if version is None:
         return None
-    if version >= LIBVIRT_NATIVE_TDX and (tdx or ctx.test_driver):
-        return "native"
-    if version < LIBVIRT_NATIVE_TDX and tdx:
-        return "canonical"
+    facts = LibvirtFacts(version, ctx.driver or "",
+                         None if ctx.test_driver else bool(ctx.domcaps_tdx()), ctx.uri or "")
+    try:
+        return choose(None, facts, host_tdx=None)  # KVM's TDX state has checks of its own
+    except HostNotReadyError:
+        pass
     objects, _ = ctx.qemu_objects if not ctx.remote else (None, None)
     if version < LIBVIRT_NATIVE_TDX and objects and TDX_OBJECT in objects:
         return "qemu-args"
@@ -74,9 +81,13 @@ def checks(ctx: Context) -> list[Check]:
     chosen = dialect(ctx)
     if chosen == "native":
         result.append(Check("libvirt: dialect", OK, "native (<launchSecurity type='tdx'>)"))
-    elif chosen in ("canonical", "qemu-args"):
-        result.append(Check("libvirt: dialect", WARN, f"{chosen}: tdxvirt defines the native "
-                            "dialect only so far", "libvirt >= 11.6 for the native dialect"))
+    elif chosen == "canonical":
+        result.append(Check("libvirt: dialect", OK, "canonical (Canonical's patched libvirt: "
+                            "<launchSecurity type='tdx'>, quote service as SocketAddress)"))
+    elif chosen == "qemu-args":
+        result.append(Check("libvirt: dialect", WARN, "qemu-args: this libvirt has no TDX XML, "
+                            "its QEMU has tdx-guest", "`tdxvirt define --dialect qemu-args`, or "
+                            "libvirt >= 11.6 for the native dialect"))
     else:
         result.append(Check("libvirt: dialect", FAIL, "none: neither libvirt nor QEMU can "
                             "start a TD on this host", "fix the failures above"))
