@@ -7,6 +7,7 @@ TDX; *qemu-args* when libvirt has no TDX XML but the QEMU it drives has tdx-gues
 
 from __future__ import annotations
 
+from ..dialect import KVM_INTEL_TDX as KVM_TDX
 from ..dialect import LIBVIRT_NATIVE_TDX, LibvirtFacts, choose, version_text
 from ..errors import HostNotReadyError
 from ..policy import LIBVIRT_HOSTDEV_IOMMUFD
@@ -16,7 +17,6 @@ from .qemu import TDX_OBJECT
 
 # Before 11.10 libvirt could report TDX on hosts without it.
 LIBVIRT_TRUSTED_TDX_CAPS = 11_010_000
-KVM_TDX = "/sys/module/kvm_intel/parameters/tdx"
 
 
 def dialect(ctx: Context) -> str | None:

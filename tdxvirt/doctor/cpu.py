@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ..dialect import KVM_INTEL_TDX as KVM_TDX
 from ..host.kmsg import KernelLogUnreadable, read_kernel_log
 from .check import FAIL, OK, SKIP, Check
 from .context import Context
 
 TDX_FLAG = "tdx_host_platform"
-KVM_TDX = "/sys/module/kvm_intel/parameters/tdx"
 BIOS_REMEDY = ("enable TDX in the BIOS (TME, TME-MT/MKTME, TDX, TDX SEAM loader) and boot "
                "a kernel with CONFIG_INTEL_TDX_HOST (Linux >= 6.16)")
 

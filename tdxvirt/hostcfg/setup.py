@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..dialect import KVM_INTEL_TDX
 from ..errors import HostNotReadyError, InputError
 from ..host.commands import CommandRunner
 from ..host.osrelease import OsRelease, read_os_release
@@ -104,7 +105,7 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
         tdx_options=tuple(modprobe.configured_options(root, "kvm_intel", "tdx")),
         dma_options=tuple(modprobe.configured_options(root, "vfio_iommu_type1",
                                                       "dma_entry_limit")),
-        kvm_intel_tdx=root.read_value("/sys/module/kvm_intel/parameters/tdx"),
+        kvm_intel_tdx=root.read_value(KVM_INTEL_TDX),
         daemon=daemon.detect(root),
         users=_names(root, "/etc/passwd"),
         groups=_names(root, "/etc/group"),
