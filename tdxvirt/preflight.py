@@ -122,8 +122,8 @@ def _mode_problems(host: HostRoot, facts, read_modes) -> list[str]:
     return problems
 
 
-def start_problems(conn, host: HostRoot, domain, read_modes=None) -> list[str]:
-    xml = domain.XMLDesc(0)
+def start_problems(conn, host: HostRoot, xml: str, read_modes=None) -> list[str]:
+    """Problems of the domain whose (inactive or live) XML this is."""
     facts = read_domain_xml(xml)
     root = etree.fromstring(xml.encode())
     problems = list(td_problems(xml))

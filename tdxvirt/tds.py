@@ -176,12 +176,12 @@ def start(conn, host: HostRoot, name: str, skip_preflight: bool = False,
         return False
     from .metadata import read_domain_xml
 
-    gpus = read_domain_xml(domain.XMLDesc(0)).gpus
-    with locks.held(locks.gpu_keys(gpus)):
+    xml = domain.XMLDesc(0)
+    with locks.held(locks.gpu_keys(read_domain_xml(xml).gpus)):
         if not skip_preflight:
             from .preflight import start_problems
 
-            problems = start_problems(conn, host, domain, read_modes)
+            problems = start_problems(conn, host, xml, read_modes)
             if problems:
                 more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
                 raise HostNotReadyError(f"{domain.name()!r} would not start safely: "
