@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, NotFoundError
+from .errors import InputError
+from .userfile import read_user_file
 
 _ASSIGNMENT = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _NOT_SET = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set\s*$")
@@ -63,14 +64,7 @@ def parse_kernel_config(text: str, source: str | None = None) -> KernelConfig:
 def load_kernel_config(path: str | Path) -> KernelConfig:
     """Read a config file; refuse a file that holds no CONFIG_ line at all."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"kernel config {path} does not exist; pass a /boot/config-* file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path} is a directory; pass a kernel config file (/boot/config-*)") from None
-    except OSError as error:
-        raise InputError(f"cannot read kernel config {path}: {error.strerror}") from None
+    raw = read_user_file(path, "kernel config", "pass a /boot/config-* file")
     if raw[:2] == b"\x1f\x8b":  # /proc/config.gz
         try:
             raw = gzip.decompress(raw)

@@ -15,7 +15,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..errors import InputError, NotFoundError
+from ..errors import InputError
+from ..userfile import read_user_file
 
 TEMPLATE = "user-data.j2"
 DEFAULT_USER = "tdx"
@@ -128,15 +129,9 @@ def parse_ssh_public_keys(text: str, source: str = "ssh key") -> list[str]:
 
 def _read_text(path: Path, what: str) -> str:
     try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise InputError(f"{what} {path} is a directory; pass a file") from None
+        return read_user_file(path, what, "pass a file").decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{what} {path} is not UTF-8 text") from None
-    except OSError as error:
-        raise InputError(f"cannot read {what} {path}: {error.strerror}") from None
 
 
 def read_ssh_key_file(path: str | Path) -> list[str]:
