@@ -490,4 +490,5 @@ def sim_status():
     click.echo(f"daemon:     {'running' if status.daemon else 'stopped'}")
     click.echo(f"keeper:     {status.keeper_pid or 'stopped'}")
     click.echo(f"host root:  {layout().host_root}")
-    click.echo(f"libvirt:    {status.uri}")
+    click.echo(f"qemu driver: {status.uri}")
+    click.echo(f"test driver: {status.test_uri}")

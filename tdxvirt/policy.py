@@ -137,8 +137,14 @@ def mmio_args(mmio_mb: int) -> tuple[str, ...]:
     return ("-fw_cfg", f"name={MMIO_FWCFG_NAME},string={mmio_mb}")
 
 
-def qemu_tdx_args(spec: TDSpec, loader: str) -> tuple[str, ...]:
-    """The qemu-args dialect: what a TDX-patched QEMU needs on its command line."""
+def qemu_tdx_args(spec: TDSpec) -> tuple[str, ...]:
+    """The qemu-args dialect: what libvirt cannot say for a TD without TDX XML.
+
+    libvirt itself already emits the firmware (``<loader type='rom'>`` is ``-bios``) and
+    the split irqchip (``<ioapic driver='qemu'/>`` is ``kernel_irqchip=split``), so only
+    the tdx-guest object and the machine property naming it are added. The second
+    ``-machine`` names no machine type: QEMU merges every ``-machine`` option into one,
+    so libvirt's machine type and properties stay as libvirt chose them."""
     tdx_object = {"qom-type": "tdx-guest", "id": "tdx", "attributes": spec.policy}
     for key, value in (("mrconfigid", spec.mr_config_id), ("mrowner", spec.mr_owner),
                        ("mrownerconfig", spec.mr_owner_config)):
@@ -150,8 +156,7 @@ def qemu_tdx_args(spec: TDSpec, loader: str) -> tuple[str, ...]:
             if spec.qgs.is_vsock else {"type": "unix", "path": spec.qgs.path})
     return (
         "-object", json.dumps(tdx_object, separators=(",", ":")),  # JSON: no option-string quoting
-        "-machine", "q35,kernel_irqchip=split,confidential-guest-support=tdx",
-        "-bios", loader,
+        "-machine", "confidential-guest-support=tdx",
     )
 
 
@@ -221,7 +226,7 @@ def plan_domain(
         virt_type=spec.virt_type,
         vcpus=spec.vcpus,
         memory_kib=memory // 1024,
-        loader=None if dialect == "qemu-args" else loader,
+        loader=loader,
         emulator=emulator,
         mmio_mb=mmio_mb,
         policy_hex=f"{spec.policy:#x}",
@@ -245,6 +250,6 @@ def plan_domain(
         vsock=spec.vsock,
         hugepage_kib=HUGEPAGES[spec.hugepages] if spec.hugepages else None,
         numa_nodeset=nodeset,
-        qemu_args=(qemu_tdx_args(spec, loader) if dialect == "qemu-args" else ()) + mmio_args(mmio_mb),
+        qemu_args=(qemu_tdx_args(spec) if dialect == "qemu-args" else ()) + mmio_args(mmio_mb),
         warnings=tuple(w for w in warnings if w),
     )

@@ -155,6 +155,15 @@ class TDSpec:
                         or dialect):
             raise InputError("TDX options (--policy, --debug, --mr-*, --qgs, --dialect) "
                              "make no sense with --no-tdx; drop them or drop --no-tdx")
+        if tdx and hugepages:
+            # QEMU gives a TD's private memory from guest_memfd (4 KiB pages; backends/
+            # hostmem.c sets RAM_GUEST_MEMFD for confidential guests, system/physmem.c
+            # ram_block_add creates the guest_memfd beside the backend's own memory).
+            # A hugetlbfs backend would back only the shared side and reserve the
+            # whole size a second time in huge pages.
+            raise InputError("--hugepages backs only a TD's shared memory (its private memory "
+                             "is guest_memfd) and would reserve the memory twice; drop "
+                             "--hugepages, or use it with --no-tdx")
         if numa not in (None, "auto"):
             raise InputError(f"invalid --numa {numa!r}: the only placement is 'auto'")
         name = validate_name(name if name is not None else default_name(addresses))

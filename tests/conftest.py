@@ -23,7 +23,9 @@ def sim():
 
 @pytest.fixture(scope="session")
 def sim_uri(sim) -> str:
-    return sim.uri
+    """The TDX-aware test driver: fast fixtures (the emulated TDX host's qemu driver is
+    ``qemu_conn``; what --sim targets)."""
+    return sim.test_uri
 
 
 @pytest.fixture(scope="session")

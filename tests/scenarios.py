@@ -67,7 +67,7 @@ def scenarios() -> list[Scenario]:
         Scenario("one-gpu", {"name": "td-38-00-0", "gpus": ["38:00.0"]}),
         Scenario("two-gpus-numa", {
             "name": "two-numa", "gpus": ["38:00.0", "b8:00.0"], "vcpus": 16, "memory": "64G",
-            "numa": "auto", "hugepages": "1G"},
+            "numa": "auto"},
             devices=(FakePciDevice("0000:38:00.0", overrides={"numa_node": "0"}),
                      FakePciDevice("0000:b8:00.0", iommu_group=43, overrides={"numa_node": "1"}))),
         Scenario("ppcie-8gpu-4nvswitch", {
@@ -97,7 +97,7 @@ def scenarios() -> list[Scenario]:
             overlay_dir="/var/lib/libvirt/images"),
         Scenario("plain", {
             "name": "plain", "gpus": ["38:00.0"], "tdx": False, "virt_type": "qemu",
-            "disk": f["disk.raw"], "memory": "4G", "vcpus": 2},
+            "disk": f["disk.raw"], "memory": "4G", "vcpus": 2, "hugepages": "2M"},
             dialect="plain"),
     ]
 

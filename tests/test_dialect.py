@@ -16,22 +16,30 @@ def facts(version, domcaps_tdx, driver="QEMU"):
 
 @pytest.fixture(scope="module")
 def real_domcaps(qemu_conn):
-    """Domain capabilities of the real QEMU 11.x driver here (TCG: no TDX)."""
-    return qemu_conn.getDomainCapabilities(None, "x86_64", "q35", "qemu", 0)
+    """Domain capabilities of the emulated TDX host's real qemu driver (libvirt 12.x)."""
+    return qemu_conn.getDomainCapabilities(None, "x86_64", "q35", "kvm", 0)
 
 
-def test_real_tcg_domcaps_report_no_tdx(real_domcaps):
-    assert domcaps_report_tdx(real_domcaps) is False
-
-
-def test_domcaps_with_tdx_feature_are_recognised(real_domcaps):
-    # The same real document with the element libvirt >= 11.6 adds on a TDX host.
+def test_the_emulated_tdx_hosts_domcaps_report_tdx(real_domcaps):
+    assert domcaps_report_tdx(real_domcaps) is True
     caps = etree.fromstring(real_domcaps.encode())
-    features = caps.find("features")
-    for old in features.findall("tdx"):
-        features.remove(old)
-    etree.SubElement(features, "tdx", supported="yes")
-    assert domcaps_report_tdx(etree.tostring(caps).decode()) is True
+    assert caps.findtext("domain") == "kvm"
+    assert "tdx" in caps.xpath("features/launchSecurity/enum[@name='sectype']/value/text()")
+
+
+def test_domcaps_without_the_tdx_feature_report_no_tdx(real_domcaps):
+    # The same real document as a host without TDX gives it.
+    caps = etree.fromstring(real_domcaps.encode())
+    for tdx in caps.findall("features/tdx"):
+        tdx.set("supported", "no")
+    for value in caps.xpath("features/launchSecurity/enum/value[.='tdx']"):
+        value.getparent().remove(value)
+    assert domcaps_report_tdx(etree.tostring(caps).decode()) is False
+
+
+def test_libvirt_11_with_qemu_10_reports_no_tdx(legacy_qemu_conn):
+    caps = legacy_qemu_conn.getDomainCapabilities(None, "x86_64", "q35", "kvm", 0)
+    assert domcaps_report_tdx(caps) is False
 
 
 def test_probe_of_the_test_driver_leaves_domcaps_unknown(conn):
@@ -40,8 +48,14 @@ def test_probe_of_the_test_driver_leaves_domcaps_unknown(conn):
     assert probed.version >= 12_000_000
 
 
-def test_probe_of_the_real_qemu_driver_says_no_tdx(qemu_conn):
-    assert probe(qemu_conn, "qemu").domcaps_tdx is False
+def test_probe_of_the_emulated_tdx_host_says_tdx(qemu_conn):
+    probed = probe(qemu_conn)
+    assert probed.driver.upper() == "QEMU" and probed.domcaps_tdx is True
+    assert probed.version >= 12_000_000
+
+
+def test_probe_of_libvirt_11_says_no_tdx(legacy_qemu_conn):
+    assert probe(legacy_qemu_conn).domcaps_tdx is False
 
 
 @pytest.mark.parametrize("libvirt_facts, host_tdx, expected", [

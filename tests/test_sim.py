@@ -12,30 +12,34 @@ from tdxvirt.sim import control, keeper
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 
 
-def tdxvirt(*args, host_root=None):
+def tdxvirt(*args, host_root=None, uri=None):
     extra = ["--host-root", str(host_root)] if host_root else []
+    extra += ["-c", uri] if uri else []
     return subprocess.run([SCRIPT, "--sim", *extra, *args], capture_output=True, text=True,
                           check=False)
 
 
-def test_state_survives_across_separate_processes(gpu_host, td_name):
+def test_test_driver_state_survives_across_separate_processes(gpu_host, td_name, sim_uri):
     host, gpu = gpu_host
-    assert tdxvirt("define", td_name, "--gpu", gpu, host_root=host.base).returncode == 0
-    listed = json.loads(tdxvirt("list", "--json").stdout)
+    assert tdxvirt("define", td_name, "--gpu", gpu, host_root=host.base, uri=sim_uri).returncode == 0
+    listed = json.loads(tdxvirt("list", "--json", uri=sim_uri).stdout)
     assert [r["gpus"] for r in listed if r["name"] == td_name] == [[gpu]]
-    assert tdxvirt("start", td_name, host_root=host.base).returncode == 0
-    assert tdxvirt("destroy", td_name).returncode == 0
-    assert tdxvirt("undefine", td_name).returncode == 0
-    assert td_name not in tdxvirt("list").stdout
+    assert tdxvirt("start", td_name, host_root=host.base, uri=sim_uri).returncode == 0
+    assert tdxvirt("destroy", td_name, uri=sim_uri).returncode == 0
+    assert tdxvirt("undefine", td_name, uri=sim_uri).returncode == 0
+    assert td_name not in tdxvirt("list", uri=sim_uri).stdout
 
 
 def test_status_reports_a_running_simulated_host(sim):
     status = control.status(sim)
     assert status.installed and status.daemon and status.host_root
     assert status.keeper_pid == keeper.running_pid(sim.keeper_pidfile)
-    assert status.uri.startswith("test+unix:///default?socket=")
+    assert status.uri.startswith("qemu+unix:///system?socket=")  # what --sim targets
+    assert status.test_uri.startswith("test+unix:///default?socket=")
     done = tdxvirt("sim", "status")
     assert "daemon:     running" in done.stdout
+    assert f"qemu driver: {status.uri}" in done.stdout
+    assert f"test driver: {status.test_uri}" in done.stdout
 
 
 def test_up_is_idempotent(sim):

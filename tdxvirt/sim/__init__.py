@@ -1,9 +1,15 @@
-"""The simulated TDX host: a fake host root plus libvirt 12.x's test driver.
+"""The simulated TDX host: libvirt's real qemu driver made to believe in KVM + TDX,
+libvirt 12.x's test driver, and a fake host root.
 
 Layout under ``<state dir>/sim``:
-- ``forky/``: a Debian forky root whose libvirt 12.x daemon serves the TDX-aware
-  test driver over ``forky/run/libvirt/libvirt-sock``
-- ``trixie/``: a Debian trixie root with libvirt 11.x (no TDX XML) and QEMU
+- ``forky/``: a Debian forky root whose libvirt 12.x daemon runs as the emulated TDX
+  host (tdxhost.py) and serves, over ``forky/run/libvirt/libvirt-sock``, both its
+  qemu driver (``qemu_uri``, what ``--sim`` targets) and the TDX-aware test driver
+  (``test_uri``: fast fixtures, 1,000-TD benchmarks)
+- ``forky-devices/``, ``trixie-devices/``: each daemon's device tree (sysfs of the
+  simulated H100, ``kvm_intel`` ``tdx=Y``), bound into its namespace only
+- ``trixie/``: a Debian trixie root with libvirt 11.x (no TDX XML) and QEMU, run the
+  same way (its libvirt believes in KVM; its QEMU 10.0 has no ``tdx-guest``)
 - ``hostroot/``: the fake sysfs / procfs / firmware tree (an H100 at 0000:38:00.0)
 - ``keeper.pid``: the process holding a connection open, because the test driver
   forgets every domain once no connection to it is left
@@ -43,6 +49,14 @@ class SimLayout:
         return f"qemu+unix:///system?socket={self.legacy_socket}"
 
     @property
+    def devices(self) -> Path:
+        return self.base / "forky-devices"
+
+    @property
+    def legacy_devices(self) -> Path:
+        return self.base / "trixie-devices"
+
+    @property
     def host_root(self) -> Path:
         return self.base / "hostroot"
 
@@ -69,12 +83,18 @@ class SimLayout:
         }
 
     @property
-    def uri(self) -> str:
+    def test_uri(self) -> str:
+        """libvirt 12.x's TDX-aware test driver (kept alive by the keeper)."""
         return f"test+unix:///default?socket={self.socket}"
 
     @property
+    def uri(self) -> str:
+        """What ``--sim`` targets: the emulated TDX host's real qemu driver."""
+        return self.qemu_uri
+
+    @property
     def qemu_uri(self) -> str:
-        """The forky daemon's real qemu driver (TCG only here)."""
+        """The forky daemon's real qemu driver, believing in KVM + TDX."""
         return f"qemu+unix:///system?socket={self.socket}"
 
 

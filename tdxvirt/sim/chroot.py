@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SimulatorError
+from .mirror import debian_mirror
 
-MIRROR = "http://deb.debian.org/debian"
 # The forky index is frozen past its Valid-Until date.
 APT_OPTIONS = ["-o", "Acquire::Check-Valid-Until=false"]
+
+
 @dataclass(frozen=True)
 class Distribution:
     suite: str
@@ -29,49 +31,59 @@ class Distribution:
     what: str
 
 
+# python3-minimal: the emulated TDX host's QEMU wrapper (tdxhost.py) runs under it.
 FORKY = Distribution("forky", ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
-                               "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx"),
+                               "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx",
+                               "python3-minimal"),
                      "libvirt 12.x, QEMU and OVMF")
 TRIXIE = Distribution("trixie", ("libvirt-daemon", "libvirt-daemon-driver-qemu",
-                                 "qemu-system-x86"), "libvirt 11.x and QEMU (no TDX XML)")
+                                 "qemu-system-x86", "python3-minimal"), "libvirt 11.x and QEMU (no TDX XML)")
 # Without this every domain start fails: "Failed disable mount propagation out of the
 # root filesystem: Invalid argument" (no private mount namespace in a chroot here).
 QEMU_CONF_LINE = "namespaces = [ ]\n"
 DAEMONS = ("virtlogd", "libvirtd")
 
 
-def _run(argv: list[str], what: str, **kwargs) -> None:
+def run(argv: list[str], what: str, **kwargs) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
         tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-2:])
         raise SimulatorError(f"{what} failed ({argv[0]} exit {result.returncode}): {tail}")
 
 
-def is_provisioned(root: Path) -> bool:
-    return (root / "usr/sbin/libvirtd").exists() and (root / ".tdxvirt-provisioned").exists()
+def _marker(distribution: Distribution) -> str:
+    return " ".join(distribution.packages) + "\n"
+
+
+def is_provisioned(root: Path, distribution: Distribution | None = None) -> bool:
+    """Installed (with this distribution's current package set, when one is named)."""
+    marker = root / ".tdxvirt-provisioned"
+    if not (root / "usr/sbin/libvirtd").exists() or not marker.exists():
+        return False
+    return distribution is None or marker.read_text() == _marker(distribution)
 
 
 def provision(root: Path, distribution: Distribution = FORKY, log=print) -> None:
     """debootstrap the distribution and install its libvirt and QEMU (idempotent)."""
-    if is_provisioned(root):
+    if is_provisioned(root, distribution):
         return
     root.parent.mkdir(parents=True, exist_ok=True)
     if not (root / "usr/bin/apt-get").exists():
         log(f"creating a Debian {distribution.suite} root at {root} (about 30 s)")
         # debootstrap's sid script serves every suite newer than the host's.
-        _run(["debootstrap", "--variant=minbase", distribution.suite, str(root), MIRROR,
+        run(["debootstrap", "--variant=minbase", distribution.suite, str(root), debian_mirror(),
               "/usr/share/debootstrap/scripts/sid"], "debootstrap")
     mount(root)
     log(f"installing {distribution.what} into it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    _run(["chroot", str(root), "apt-get", *APT_OPTIONS, "update", "-qq"], "apt-get update")
-    _run(["chroot", str(root), "apt-get", *APT_OPTIONS, "install", "-y", "-qq",
+    run(["chroot", str(root), "apt-get", *APT_OPTIONS, "update", "-qq"], "apt-get update")
+    run(["chroot", str(root), "apt-get", *APT_OPTIONS, "install", "-y", "-qq",
           "--no-install-recommends", *distribution.packages], "apt-get install", env=env)
     qemu_conf = root / "etc/libvirt/qemu.conf"
     if QEMU_CONF_LINE not in qemu_conf.read_text():
         with qemu_conf.open("a") as conf:
             conf.write(QEMU_CONF_LINE)
-    (root / ".tdxvirt-provisioned").write_text("ok\n")
+    (root / ".tdxvirt-provisioned").write_text(_marker(distribution))
 
 
 def _mounted(path: Path) -> bool:
@@ -86,16 +98,16 @@ _DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
               "urandom": (1, 9), "tty": (5, 0)}
 
 
-def _populate_dev(dev: Path) -> None:
+def populate_dev(dev: Path) -> None:
     for name, (major, minor) in _DEV_NODES.items():
         os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(dev / name, 0o666)
     (dev / "pts").mkdir()
-    _run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts",
+    run(["mount", "-t", "devpts", "-o", "newinstance,ptmxmode=0666,mode=620", "devpts",
           str(dev / "pts")], "mounting devpts")
     os.symlink("pts/ptmx", dev / "ptmx")
     (dev / "shm").mkdir()
-    _run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(dev / "shm")], "mounting /dev/shm")
+    run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", str(dev / "shm")], "mounting /dev/shm")
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{fd}", dev / name)
     os.symlink("/proc/self/fd", dev / "fd")
@@ -105,25 +117,25 @@ def mount(root: Path) -> None:
     """proc, /sys (rslave, so nothing propagates back), a private /dev, a tmpfs /run."""
     dev = root / "dev"
     if _mounted(dev) and (dev / "kvm").exists():  # an older layout bound the host's /dev
-        _run(["umount", "-R", str(dev)], f"unmounting {dev}")
+        run(["umount", "-R", str(dev)], f"unmounting {dev}")
     if not _mounted(root / "proc"):
-        _run(["mount", "-t", "proc", "proc", str(root / "proc")], "mounting proc")
+        run(["mount", "-t", "proc", "proc", str(root / "proc")], "mounting proc")
     if not _mounted(root / "sys"):
-        _run(["mount", "--rbind", "/sys", str(root / "sys")], "binding /sys")
-        _run(["mount", "--make-rslave", str(root / "sys")], "making /sys rslave")
+        run(["mount", "--rbind", "/sys", str(root / "sys")], "binding /sys")
+        run(["mount", "--make-rslave", str(root / "sys")], "making /sys rslave")
     if not _mounted(dev):
         dev.mkdir(exist_ok=True)
-        _run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", str(dev)], "mounting /dev")
-        _populate_dev(dev)
+        run(["mount", "-t", "tmpfs", "-o", "mode=755", "tmpfs", str(dev)], "mounting /dev")
+        populate_dev(dev)
     if not _mounted(root / "run"):
         (root / "run").mkdir(exist_ok=True)
-        _run(["mount", "-t", "tmpfs", "tmpfs", str(root / "run")], "mounting /run")
+        run(["mount", "-t", "tmpfs", "tmpfs", str(root / "run")], "mounting /run")
 
 
 def unmount(root: Path) -> None:
     for name in ("run", "dev", "sys", "proc"):
         if _mounted(root / name):
-            _run(["umount", "-R", str(root / name)], f"unmounting {root / name}")
+            run(["umount", "-R", str(root / name)], f"unmounting {root / name}")
 
 
 def socket_answers(path: Path) -> bool:
@@ -136,8 +148,11 @@ def socket_answers(path: Path) -> bool:
             return False
 
 
-def start_daemons(root: Path, sock: Path, wait: float = 15.0) -> bool:
-    """Start virtlogd and libvirtd in the root; False when they already ran."""
+def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0) -> bool:
+    """Start virtlogd and libvirtd in the root, in the emulated host's own mount and
+    network namespace (tdxhost.py) with ``devices`` as its device tree; False when they
+    already ran. The wait covers libvirt probing QEMU afresh (each namespace has a new
+    /dev/kvm, whose ctime is part of libvirt's capability cache key)."""
     if socket_answers(sock):
         return False
     if not is_provisioned(root):
@@ -149,8 +164,11 @@ def start_daemons(root: Path, sock: Path, wait: float = 15.0) -> bool:
     mount(root)
     for stale in (root / "run" / "libvirt").glob("*-sock"):  # left by a killed daemon
         stale.unlink()
-    for daemon in DAEMONS:
-        _run(["chroot", str(root), daemon, "-d"], f"starting {daemon}")
+    from . import tdxhost
+
+    tdxhost.install(root)
+    tdxhost.build_devices(devices, root)
+    run(tdxhost.unshare_argv(root, devices), f"starting the emulated TDX host in {root}")
     deadline = time.monotonic() + wait
     while not socket_answers(sock):
         if time.monotonic() > deadline:

@@ -20,7 +20,8 @@ class SimStatus:
     daemon: bool
     keeper_pid: int | None
     host_root: bool
-    uri: str
+    uri: str  # the emulated TDX host's qemu driver: what --sim targets
+    test_uri: str  # libvirt 12.x's TDX-aware test driver
 
 
 def install_schemas(sim: SimLayout) -> None:
@@ -50,14 +51,14 @@ def up(sim: SimLayout | None = None) -> list[str]:
     """Start whatever is not running; return what was started."""
     sim = sim or layout()
     started = []
-    if chroot.start_daemons(sim.chroot, sim.socket):
-        started.append("libvirt 12.x daemon")
+    if chroot.start_daemons(sim.chroot, sim.socket, sim.devices):
+        started.append("emulated TDX host (libvirt 12.x)")
     if chroot.is_provisioned(sim.legacy_chroot) and chroot.start_daemons(
-            sim.legacy_chroot, sim.legacy_socket):
-        started.append("libvirt 11.x daemon")
+            sim.legacy_chroot, sim.legacy_socket, sim.legacy_devices):
+        started.append("libvirt 11.x host")
     install_schemas(sim)
     ensure_host_root(sim)
-    if keeper.start(sim.uri, sim.keeper_pidfile, sim.keeper_log):
+    if keeper.start(sim.test_uri, sim.keeper_pidfile, sim.keeper_log):
         started.append("test-driver keeper")
     return started
 
@@ -82,6 +83,7 @@ def status(sim: SimLayout | None = None) -> SimStatus:
         keeper_pid=keeper.running_pid(sim.keeper_pidfile),
         host_root=(sim.host_root / "sys").is_dir(),
         uri=sim.uri,
+        test_uri=sim.test_uri,
     )
 
 

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..host import HostRoot
+from .pciconfig import config_space, modalias
 
 H100_FIXTURE = "h100-sxm5-80gb"
 CPUINFO = """processor\t: 0
@@ -56,6 +57,10 @@ def _add_pci_device(root: Path, dev: FakePciDevice) -> None:
         shutil.copyfile(source, sysfs / source.name)
     for name, value in dev.overrides.items():
         (sysfs / name).write_text(value if value.endswith("\n") else value + "\n")
+    if "config" not in dev.overrides:  # not in the fixture: derived from its values
+        (sysfs / "config").write_bytes(config_space(sysfs))
+    if "modalias" not in dev.overrides:
+        (sysfs / "modalias").write_text(modalias(sysfs))
     if dev.driver:
         (root / "sys/bus/pci/drivers" / dev.driver).mkdir(parents=True, exist_ok=True)
         _symlink(f"../../drivers/{dev.driver}", sysfs / "driver")
@@ -101,7 +106,7 @@ def build_host_root(
 # The simulated host is a host that is ready to run TDs: beyond build_host_root's
 # TDX-on CPU and H100, it has vfio and iommufd loaded with the GPU's cdev, and its
 # /etc files are the real ones of the forky root that runs its libvirt.
-SIM_HOST_VERSION = "2"
+SIM_HOST_VERSION = "4"
 _FROM_DAEMON_ROOT = ("etc/os-release", "etc/passwd", "etc/group", "etc/libvirt/qemu.conf")
 
 

@@ -1,0 +1,154 @@
+"""The emulated TDX host: a libvirt daemon whose real qemu driver believes in KVM + TDX.
+
+libvirtd runs in a Debian root (chroot.py), in a mount and network namespace of its
+own, made by ``unshare``. Inside that namespace only:
+
+- ``/dev`` is a private tmpfs that also holds ``kvm``, ``iommu``, ``vfio/vfio``,
+  ``vfio/<group>`` and ``vfio/devices/vfio0``: inert nodes with the numbers of
+  ``/dev/null`` (never this machine's real devices), group ``kvm``, mode 0660, as
+  libvirt wants them;
+- ``/sys/bus/pci``, ``/sys/kernel/iommu_groups`` and ``/sys/module`` are the
+  simulated host's device tree (hostroot.build_sim_host: the real H100's sysfs values,
+  bound to vfio-pci, in IOMMU group 42, with its vfio cdev; ``kvm_intel`` ``tdx=Y``);
+- ``/usr/bin/qemu-system-x86_64`` is qemu_wrapper.py, which runs the root's real QEMU
+  under TCG and answers libvirt's KVM probes;
+- libvirtd alone loads kvm_tdx_shim.so, which answers the two ioctls a file cannot
+  (``KVM_CAP_VM_TYPES`` with the TDX bit, ``IOMMU_OPTION``).
+
+Nothing of this machine changes: the host's /dev, /sys, network and modules are not
+touched; the namespace goes away with its last process.
+
+This module is run as ``unshare --mount --net --propagation private -- python -m
+tdxvirt.sim.tdxhost ROOT DEVICES`` by chroot.start_daemons; it sets the namespace up,
+starts virtlogd and libvirtd in it, and exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+from ..errors import SimulatorError
+
+SIM_LIB = "usr/local/lib/tdxvirt-sim"
+QEMU = "usr/bin/qemu-system-x86_64"
+SHIM = f"{SIM_LIB}/kvm_tdx_shim.so"
+WRAPPER = f"{SIM_LIB}/qemu-wrapper"
+REAL_QEMU = f"{SIM_LIB}/qemu-system-x86_64.real"
+RECORD_DIR = "var/log/tdxvirt-sim"  # qemu_wrapper.RECORD_DIR, written as QEMU's user
+# Inert stand-ins: the numbers of /dev/null. libvirt stats, opens and passes them; the
+# shim answers the two ioctls it makes; QEMU under TCG never uses them.
+NULL_DEVICE = os.makedev(1, 3)
+KVM_NODES = ("kvm", "iommu", "vfio/vfio", "vfio/devices/vfio0")
+SYSFS_FROM_DEVICES = ("sys/bus/pci", "sys/kernel/iommu_groups", "sys/module")
+
+
+def _source(name: str) -> bytes:
+    return resources.files("tdxvirt.sim").joinpath(name).read_bytes()
+
+
+def install(root: Path) -> None:
+    """Put the wrapper and the compiled shim into the root (idempotent, by content)."""
+    lib = root / SIM_LIB
+    lib.mkdir(parents=True, exist_ok=True)
+    wrapper = root / WRAPPER
+    source = _source("qemu_wrapper.py")
+    if not wrapper.exists() or wrapper.read_bytes() != source:
+        wrapper.write_bytes(source)
+    wrapper.chmod(0o755)
+    (root / REAL_QEMU).touch()  # a mount point for the real binary
+    records = root / RECORD_DIR
+    records.mkdir(parents=True, exist_ok=True)
+    os.chown(records, _id(root / "etc/passwd", "libvirt-qemu"), _id(root / "etc/group", "libvirt-qemu"))
+    records.chmod(0o755)
+    shim_source = _source("kvm_tdx_shim.c")
+    stamp = lib / "kvm_tdx_shim.sha256"
+    digest = hashlib.sha256(shim_source).hexdigest()
+    if (root / SHIM).exists() and stamp.exists() and stamp.read_text() == digest:
+        return
+    c_file = lib / "kvm_tdx_shim.c"
+    c_file.write_bytes(shim_source)
+    result = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(root / SHIM), str(c_file),
+                             "-ldl"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SimulatorError(f"compiling the emulated host's ioctl shim failed: {result.stderr.strip()}")
+    stamp.write_text(digest)
+
+
+def _mount(*argv: str) -> None:
+    result = subprocess.run(["mount", *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SimulatorError(f"mount {' '.join(argv)}: {result.stderr.strip()}")
+
+
+def _id(table: Path, name: str) -> int:
+    """A user's or group's number in the root's own passwd/group file."""
+    for line in table.read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2])
+    raise SimulatorError(f"{table} has no entry '{name}'; reinstall the simulated host (scripts/setup)")
+
+
+def _populate_dev(root: Path, devices: Path) -> None:
+    from .chroot import populate_dev
+
+    dev = root / "dev"
+    _mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", str(dev))
+    populate_dev(dev)
+    groups = sorted(p.name for p in (devices / "sys/kernel/iommu_groups").iterdir())
+    gid = _id(root / "etc/group", "kvm")
+    for name in (*KVM_NODES, *(f"vfio/{group}" for group in groups)):
+        node = dev / name
+        node.parent.mkdir(parents=True, exist_ok=True)
+        os.mknod(node, 0o660 | stat.S_IFCHR, NULL_DEVICE)
+        os.chown(node, 0, gid)
+        os.chmod(node, 0o660)
+
+
+def enter(root: Path, devices: Path) -> None:
+    """Inside the new namespaces: lay out /dev, /sys and the emulator, start the daemons."""
+    from .chroot import DAEMONS, run
+
+    run(["ip", "link", "set", "lo", "up"], "bringing up the namespace's loopback")
+    _populate_dev(root, devices)
+    for relative in SYSFS_FROM_DEVICES:
+        _mount("--bind", str(devices / relative), str(root / relative))
+    _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
+    _mount("--bind", str(root / WRAPPER), str(root / QEMU))
+    for daemon in DAEMONS:
+        env = ["env", f"LD_PRELOAD=/{SHIM}"] if daemon == "libvirtd" else []
+        run(["chroot", str(root), *env, daemon, "-d"], f"starting {daemon}")
+
+
+def unshare_argv(root: Path, devices: Path) -> list[str]:
+    return ["unshare", "--mount", "--net", "--propagation", "private", "--",
+            sys.executable, "-m", "tdxvirt.sim.tdxhost", str(root), str(devices)]
+
+
+def build_devices(devices: Path, root: Path) -> None:
+    """The emulated host's device tree: the simulated host's (one H100 at 38:00.0)."""
+    from .hostroot import SIM_HOST_VERSION, build_sim_host
+
+    marker = devices / ".tdxvirt-sim-version"
+    if marker.is_file() and marker.read_text().strip() == SIM_HOST_VERSION:
+        return
+    staging = devices.with_name(devices.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    build_sim_host(staging, root)
+    shutil.rmtree(devices, ignore_errors=True)
+    staging.rename(devices)
+
+
+if __name__ == "__main__":
+    try:
+        enter(Path(sys.argv[1]), Path(sys.argv[2]))
+    except SimulatorError as error:
+        print(f"tdxvirt sim: {error}", file=sys.stderr)
+        sys.exit(1)
