@@ -116,6 +116,12 @@ def _overlay_dir(spec: TDSpec, config: Config, uri: str) -> str | None:
     if is_remote(uri):
         raise InputError("--image and --cloud-init create files on this machine, but the URI "
                          "is remote; create them on that host and pass the disk with --disk")
+    return storage_dir(config)
+
+
+def storage_dir(config: Config) -> str:
+    """The directory of this machine where tdxvirt creates overlays and seeds; also the
+    only directory `undefine --remove-storage` deletes from (tdxvirt.storage_paths)."""
     if config.overlay_dir:
         return config.overlay_dir
     return LIBVIRT_IMAGES if os.path.isdir(LIBVIRT_IMAGES) else str(state_dir() / "images")

@@ -249,11 +249,14 @@ def reboot(conn, name: str) -> None:
         raise translate(error, f"cannot reboot {name!r}") from None
 
 
-def undefine(conn, name: str, remove_storage: bool = False) -> list[str]:
+def undefine(conn, name: str, remove_storage: bool = False, config=None) -> list[str]:
     """Remove a stopped TD's definition; with remove_storage, the files tdxvirt made.
 
-    Returns the files removed. A base image is never removed: only the paths recorded
-    in tdxvirt's metadata as the overlay and the cloud-init seed it created.
+    Returns the files removed. A base image is never removed: only the overlay and
+    the cloud-init seed tdxvirt created, and only when tdxvirt.storage_paths accepts
+    them (``config`` picks the storage directory, as for define; default: the config
+    files). The paths are checked before libvirt's undefine: on a refusal nothing is
+    deleted and the domain stays defined, so the user can fix it and run it again.
     """
     domain = lookup(conn, name)
     if domain.isActive():
@@ -265,16 +268,20 @@ def undefine(conn, name: str, remove_storage: bool = False) -> list[str]:
     xml = domain.XMLDesc(0)
     facts = read_domain_xml(xml)
     has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
-    try:
-        domain.undefineFlags(UNDEFINE_NVRAM) if has_nvram else domain.undefine()
-    except libvirt_error_type() as error:
-        raise translate(error, f"cannot undefine {name!r}") from None
-    removed = []
-    for path in (facts.overlay, facts.seed) if remove_storage else ():
-        if path and os.path.exists(path):
-            os.unlink(path)
-            removed.append(path)
-    return removed
+    with _checked_storage(conn, domain.name(), xml, facts, config, remove_storage) as storage:
+        try:
+            domain.undefineFlags(UNDEFINE_NVRAM) if has_nvram else domain.undefine()
+        except libvirt_error_type() as error:
+            raise translate(error, f"cannot undefine {name!r}") from None
+        return storage.remove()
+
+
+def _checked_storage(conn, name: str, xml: str, facts: DomainFacts, config, remove_storage: bool):
+    """The files undefine may delete, all checked now (issue #14: the XML is not trusted)."""
+    from .storage_paths import StorageRemoval
+
+    recorded = {"overlay": facts.overlay, "seed": facts.seed} if remove_storage else {}
+    return StorageRemoval(name, xml, conn.getURI(), recorded, config)
 
 
 def set_autostart(conn, name: str, enabled: bool) -> None:

@@ -240,7 +240,8 @@ def test_cloud_init_seed_is_created_attached_and_removed_with_storage(
     root = domain_xml(conn, td_name)
     assert root.find("devices/disk/source").get("file") == str(seed)
     assert root.find("devices/channel/target").get("name") == "org.qemu.guest_agent.0"
-    assert tds.undefine(conn, td_name, remove_storage=True) == [str(seed)]
+    assert tds.undefine(conn, td_name, remove_storage=True,
+                        config=Config(overlay_dir=str(seed.parent))) == [str(seed)]
     assert not seed.exists()
 
 

@@ -83,7 +83,9 @@ def test_undefine_remove_storage_removes_only_the_overlay(conn, gpu_host, td_nam
     tds.define_td(conn, host, TDSpec.from_user(name=td_name, gpus=[gpu], image=str(base)),
                   Config(overlay_dir=str(tmp_path / "img")))
     overlay = tmp_path / "img" / f"{td_name}.qcow2"
-    assert tds.undefine(conn, td_name, remove_storage=True) == [str(overlay)]
+    # undefine trusts no directory recorded in the domain: it takes the configured one
+    assert tds.undefine(conn, td_name, remove_storage=True,
+                        config=Config(overlay_dir=str(tmp_path / "img"))) == [str(overlay)]
     assert not overlay.exists() and base.exists()
 
 
