@@ -32,7 +32,10 @@ class Distribution:
 
 
 # python3-minimal: the emulated TDX host's QEMU wrapper (tdxhost.py) runs under it.
+# The storage and node-device drivers: what a real host's libvirt has, and what
+# virt-xml/virt-install need to add a disk by path on a connection they call remote.
 FORKY = Distribution("forky", ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
+                               "libvirt-daemon-driver-storage", "libvirt-daemon-driver-nodedev",
                                "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx",
                                "python3-minimal"),
                      "libvirt 12.x, QEMU and OVMF")

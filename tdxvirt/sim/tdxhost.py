@@ -117,6 +117,8 @@ def enter(root: Path, devices: Path) -> None:
     from .chroot import DAEMONS, run
 
     run(["ip", "link", "set", "lo", "up"], "bringing up the namespace's loopback")
+    # /var/lock is /run/lock, and /run a fresh tmpfs: libvirt locks a console's pty there
+    (root / "run/lock").mkdir(mode=0o1777, exist_ok=True)
     _populate_dev(root, devices)
     for relative in SYSFS_FROM_DEVICES:
         _mount("--bind", str(devices / relative), str(root / relative))
