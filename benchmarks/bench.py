@@ -205,6 +205,25 @@ def bench_build_noop(results, repeat):
         results["build_noop_s"], _ = timed(argv, repeat, env=env)
 
 
+def bench_sim_up(results, repeat):
+    """The emulated TDX host: cold (down, then up until its qemu driver answers domain
+    capabilities with TDX, which makes libvirt probe QEMU afresh) and warm (up again)."""
+    from tdxvirt.sim import layout
+
+    domcaps = ["virsh", "-c", layout().qemu_uri, "domcapabilities", "--virttype", "kvm",
+               "--machine", "q35"]
+    cold = []
+    for _ in range(max(1, repeat // 2)):
+        subprocess.run([TDXVIRT, "sim", "down"], check=True, stdout=subprocess.DEVNULL)
+        start = time.perf_counter()
+        subprocess.run([TDXVIRT, "sim", "up"], check=True, stdout=subprocess.DEVNULL)
+        caps = subprocess.run(domcaps, check=True, capture_output=True, text=True).stdout
+        cold.append(time.perf_counter() - start)
+        assert "<tdx supported='yes'/>" in caps
+    results["sim_up_cold_s"] = statistics.median(cold)
+    results["sim_up_warm_s"], _ = timed([TDXVIRT, "sim", "up"], repeat)
+
+
 TARGETS = [  # (label, value key, baseline key (or "ratio": value is one) or None, limit, unit)
     ("tdxvirt --help", "help_s", None, 0.080, "s"),
     ("list (empty) vs virsh list --all", "list_empty_ratio", "ratio", None, "x"),
@@ -212,6 +231,8 @@ TARGETS = [  # (label, value key, baseline key (or "ratio": value is one) or Non
     ("render + validate one TD (after the first)", "render_validate_s", None, 0.005, "s"),
     ("define one TD vs virsh define --validate", "define_per_td_s", "virsh_define_per_td_s", 1.2, "x"),
     ("build run, nothing to do", "build_noop_s", None, 1.0, "s"),
+    ("sim up, cold (until domcaps say TDX)", "sim_up_cold_s", None, 30.0, "s"),
+    ("sim up, warm", "sim_up_warm_s", None, 1.0, "s"),
 ]
 
 
@@ -256,7 +277,7 @@ def main() -> int:
     from tdxvirt.sim import control, layout
 
     control.up()
-    uri = layout().uri
+    uri = layout().test_uri  # the test driver: 1,000 TDs without a QEMU each
     conn = libvirt.open(uri)
     results = {"environment": {
         "libvirt_daemon": conn.getLibVersion(), "libvirt_client": libvirt.getVersion(),
@@ -269,6 +290,7 @@ def main() -> int:
     bench_render(figures, args.repeat)
     bench_define_and_list(figures, args.repeat, uri, args.define, args.tds)
     bench_build_noop(figures, args.repeat)
+    bench_sim_up(figures, args.repeat)  # last: taking the host down forgets the test driver's TDs
     print("environment:", json.dumps(results["environment"]))
     ok = report(figures)
     results["figures"] = figures

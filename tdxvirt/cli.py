@@ -145,7 +145,13 @@ def main(ctx, uri, sim, host_root):
 @click.option("--memory", default="16G", show_default=True,
               help="Memory: number with K, M, G or T (bare number: MiB); 2 MiB aligned.")
 @click.option("--image", metavar="PATH", help="Base image: boot a new qcow2 overlay on it.")
+@click.option("--image-format", type=click.Choice(["raw", "qcow2"]),
+              help="Format of --image (default raw, as libvirt assumes; never guessed).")
 @click.option("--disk", metavar="PATH", help="Boot disk image, used as is.")
+@click.option("--disk-format", type=click.Choice(["raw", "qcow2"]),
+              help="Format of --disk (default raw, as libvirt assumes; never guessed).")
+@click.option("--allow-backing-file", is_flag=True,
+              help="Accept a --disk / --image that has a backing file (refused by default).")
 @click.option("--kernel", metavar="PATH", help="Direct kernel boot: the guest kernel.")
 @click.option("--initrd", metavar="PATH", help="Direct kernel boot: the initrd.")
 @click.option("--cmdline", metavar="ARGS", help="Direct kernel boot: kernel arguments "
@@ -200,9 +206,11 @@ def define(session, name, print_xml, no_tdx, **options):
 
 
 def _describe(td, uri: str) -> None:
+    from .textsafe import safe
+
     plan = td.plan
     kind, how = ("VM", "plain, no TDX") if plan.dialect == "plain" else ("TD", f"{plan.dialect} dialect")
-    click.echo(f"Defined {kind} '{plan.name}' at {uri} ({how})")
+    click.echo(f"Defined {kind} '{safe(plan.name)}' at {safe(uri)} ({how})")
     for hostdev in plan.hostdevs:
         mode = "managed" if plan.managed else "unmanaged"
         vfio = "iommufd" if plan.iommufd else "legacy VFIO"
@@ -210,21 +218,24 @@ def _describe(td, uri: str) -> None:
                    f"{mode} hostdev, {vfio}, root port {hostdev.guest_bus}")
     policy = f", TDX policy {plan.policy_hex}" if plan.tdx else ""
     click.echo(f"  {plan.vcpus} vCPUs, {plan.memory_kib // 1024} MiB{policy}")
-    firmware = f"firmware {plan.loader} (ROM)" if plan.loader else (
+    firmware = f"firmware {safe(plan.loader)} (ROM)" if plan.loader else (
         "firmware via -bios" if plan.dialect == "qemu-args" else "firmware chosen by libvirt (UEFI)")
     click.echo(f"  {firmware}, 64-bit MMIO window {plan.mmio_mb} MiB")
     if plan.disk:
-        made = f" (new overlay on {plan.disk.overlay_base})" if plan.disk.overlay_base else ""
-        click.echo(f"  disk {plan.disk.path}{made}")
+        made = (f" (new overlay on {safe(plan.disk.overlay_base)}, {plan.disk.base_format})"
+                if plan.disk.overlay_base else f" ({plan.disk.format})")
+        click.echo(f"  disk {safe(plan.disk.path)}{made}")
     if plan.seed:
-        click.echo(f"  cloud-init seed {plan.seed} (new)")
+        click.echo(f"  cloud-init seed {safe(plan.seed)} (new)")
     if not td.schema_checked:
         click.echo("  (no local libvirt schema knows TDX; libvirt validated the XML itself)")
 
 
 def _warn(warnings) -> None:
+    from .textsafe import safe
+
     for warning in warnings:
-        click.echo(f"tdxvirt: warning: {warning}", err=True)
+        click.echo(f"tdxvirt: warning: {safe(warning)}", err=True)
 
 
 @main.command()
@@ -239,14 +250,16 @@ def start(session, name, skip_preflight, console, gpu_tool):
     from . import tds
     from .preflight import mode_reader
 
+    domain = tds.lookup(session.conn(), name)
+    shown = _quoted(domain.name())
     read_modes = None if skip_preflight else mode_reader(session.host, gpu_tool)
-    if tds.start(session.conn(), session.host, name, skip_preflight=skip_preflight,
+    if tds.start(session.conn(), session.host, domain, skip_preflight=skip_preflight,
                  read_modes=read_modes):
-        click.echo(f"Started '{name}'")
+        click.echo(f"Started {shown}")
     else:
-        click.echo(f"'{name}' is already running; nothing to do")
+        click.echo(f"{shown} is already running; nothing to do")
     if console:
-        _console(session.uri, name)
+        _console(session.uri, domain.UUIDString())
 
 
 @main.command()
@@ -260,24 +273,26 @@ def stop(session, name, timeout, force):
     from . import tds
     from .errors import LibvirtOperationError
 
+    domain = tds.lookup(session.conn(), name)
+    label, uuid = _quoted(domain.name()), domain.UUIDString()
     shown = [0]
 
     def progress(elapsed):
         if elapsed >= shown[0] + 5:  # a line every 5 s, on stderr
             shown[0] = int(elapsed)
-            click.echo(f"tdxvirt: waiting for '{name}' to power off ({shown[0]}/{timeout:g} s)",
+            click.echo(f"tdxvirt: waiting for {label} to power off ({shown[0]}/{timeout:g} s)",
                        err=True)
 
-    if tds.stop(session.conn(), name, timeout=timeout, progress=progress):
-        click.echo(f"'{name}' is shut off")
+    if tds.stop(session.conn(), domain, timeout=timeout, progress=progress):
+        click.echo(f"{label} is shut off")
         return
     if not force:
         raise LibvirtOperationError(
-            f"'{name}' did not power off within {timeout:g} s; `tdxvirt stop {name} --force` "
-            f"or `tdxvirt destroy {name}` powers it off at once"
+            f"{label} did not power off within {timeout:g} s; `tdxvirt stop {uuid} --force` "
+            f"or `tdxvirt destroy {uuid}` powers it off at once"
         )
-    tds.destroy(session.conn(), name)
-    click.echo(f"'{name}' did not power off within {timeout:g} s; destroyed it")
+    tds.destroy(session.conn(), domain)
+    click.echo(f"{tds.resolved(domain)} did not power off within {timeout:g} s; destroyed it")
 
 
 @main.command()
@@ -287,10 +302,11 @@ def destroy(session, name):
     """Power a TD off at once (like pulling the plug)."""
     from . import tds
 
-    if tds.destroy(session.conn(), name):
-        click.echo(f"Destroyed '{name}'")
+    domain = tds.lookup(session.conn(), name)
+    if tds.destroy(session.conn(), domain):
+        click.echo(f"Destroyed {tds.resolved(domain)}")
     else:
-        click.echo(f"'{name}' is not running; nothing to do")
+        click.echo(f"{tds.resolved(domain)} is not running; nothing to do")
 
 
 @main.command()
@@ -300,8 +316,9 @@ def reboot(session, name):
     """Reboot a TD (a TD cannot be reset: libvirt restarts its QEMU process)."""
     from . import tds
 
-    tds.reboot(session.conn(), name)
-    click.echo(f"Asked '{name}' to reboot; a TD cannot reset, so libvirt starts a new "
+    domain = tds.lookup(session.conn(), name)
+    tds.reboot(session.conn(), domain)
+    click.echo(f"Asked {_quoted(domain.name())} to reboot; a TD cannot reset, so libvirt starts a new "
                "QEMU process for it (a new TD, measured afresh)")
 
 
@@ -314,10 +331,14 @@ def undefine(session, name, remove_storage):
     """Remove a stopped TD's definition."""
     from . import tds
 
-    removed = tds.undefine(session.conn(), name, remove_storage=remove_storage)
-    click.echo(f"Undefined '{name}'")
+    from .textsafe import safe
+
+    domain = tds.lookup(session.conn(), name)
+    identity = tds.resolved(domain)  # read before: an undefined domain has no name to ask
+    removed = tds.undefine(session.conn(), domain, remove_storage=remove_storage)
+    click.echo(f"Undefined {identity}")
     for path in removed:
-        click.echo(f"  removed {path}")
+        click.echo(f"  removed {safe(path)}")
 
 
 @main.command()
@@ -328,8 +349,9 @@ def autostart(session, name, disable):
     """Start a TD when the host (libvirt) starts."""
     from . import tds
 
-    tds.set_autostart(session.conn(), name, not disable)
-    click.echo(f"Autostart of '{name}' {'disabled' if disable else 'enabled'}")
+    domain = tds.lookup(session.conn(), name)
+    tds.set_autostart(session.conn(), domain, not disable)
+    click.echo(f"Autostart of {_quoted(domain.name())} {'disabled' if disable else 'enabled'}")
 
 
 @main.command()
@@ -340,7 +362,12 @@ def xml(session, name, inactive):
     """Print a TD's domain XML."""
     from . import tds
 
-    click.echo(tds.domain_xml(session.conn(), name, inactive=inactive), nl=False)
+    text = tds.domain_xml(session.conn(), name, inactive=inactive)
+    if sys.stdout.isatty():  # a terminal acts on ESC, CR or bidi marks libvirt let in
+        from .textsafe import terminal_lines
+
+        text = terminal_lines(text)
+    click.echo(text, nl=False)  # piped: libvirt's XML byte for byte, like virsh dumpxml
 
 
 @main.command()
@@ -350,11 +377,19 @@ def console(session, name):
     """Attach to a TD's serial console (hands over to `virsh console`)."""
     from . import tds
 
-    tds.lookup(session.conn(), name)  # a clear error before handing over
-    _console(session.uri, name)
+    domain = tds.lookup(session.conn(), name)  # a clear error before handing over
+    _console(session.uri, domain.UUIDString())  # virsh resolves a UUID to that domain only
 
 
-def _console(uri: str, name: str) -> None:
+def _quoted(name: str) -> str:
+    from .textsafe import quoted
+
+    return quoted(name)
+
+
+def _console(uri: str, uuid: str) -> None:
+    """Hand over to `virsh console` with the resolved domain's UUID, never the text the
+    user typed (virsh would look that up again, by ID first, then UUID, then name)."""
     import os
     import shutil
 
@@ -363,7 +398,7 @@ def _console(uri: str, name: str) -> None:
     virsh = shutil.which("virsh")
     if virsh is None:
         raise HostNotReadyError("virsh is not installed (Debian: libvirt-clients); it provides the console")
-    os.execv(virsh, [virsh, "-c", uri, "console", name])
+    os.execv(virsh, [virsh, "-c", uri, "console", uuid])
 
 
 def _records(rows):
@@ -417,9 +452,9 @@ def list_(session, include_foreign, as_json):
         hint = "" if include_foreign else " (--all also shows TDX domains other tools defined)"
         click.echo(f"No TDs at {session.uri}{hint}")
         return
-    from tabulate import tabulate
-
     headers = ["NAME", "STATE", "TYPE", "DIALECT", "VCPUS", "MEMORY", "GPUS", "UPTIME"]
+    from .textsafe import table as safe_table
+
     table = [[r["name"], r["state"], "TDX" if r["tdx"] else "plain", r["dialect"] or "-",
               r["vcpus"], f"{r['memory_mib']} MiB", " ".join(r["gpus"]) or "-",
               _duration(r["uptime_s"])] for r in records]
@@ -427,7 +462,9 @@ def list_(session, include_foreign, as_json):
         headers.append("DEFINED BY")
         for line, r in zip(table, records):
             line.append("tdxvirt" if r["managed_by_tdxvirt"] else "other")
-    click.echo(tabulate(table, headers=headers))
+    # Names and metadata come from libvirt, where others may have put CR, ESC or bidi
+    # marks: every cell is escaped, so no value can move the cursor or forge a row.
+    click.echo(safe_table(table, headers))
 
 
 @main.command()
@@ -446,9 +483,13 @@ def show(session, name, as_json):
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
+    from .textsafe import safe
+
     for key, value in record.items():
-        if isinstance(value, list):
-            value = ", ".join(value) or "-"
+        if isinstance(value, list):  # each item escaped: a ', ' inside one stays visible
+            value = ", ".join(safe(item) for item in value) or "-"
+        elif value is not None:
+            value = safe(value)
         click.echo(f"{key + ':':<20}{'-' if value is None else value}")
 
 
@@ -492,3 +533,4 @@ def sim_status():
     click.echo(f"host root:  {layout().host_root}")
     click.echo(f"qemu driver: {status.uri}")
     click.echo(f"test driver: {status.test_uri}")
+    click.echo(f"daemon root: {layout().chroot}")
