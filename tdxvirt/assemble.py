@@ -18,9 +18,8 @@ from .host import HostRoot
 from .host.firmware import find_tdx_ovmf
 from .host.nvidia import is_nvswitch, nvidia_devices, require_gpu
 from .host.pci import PciDevice, read_device
-from .metadata import read_domain_xml
 from .paths import state_dir
-from .policy import DomainPlan, plan_domain
+from .policy import DomainPlan, inspect_image, plan_domain
 from .render import render_domain
 from .schema import validate_domain_xml
 from .spec import TDSpec
@@ -38,10 +37,12 @@ class AssembledTD:
 
 def gpu_holders(conn) -> dict[str, str]:
     """PCI address -> name of the defined domain whose XML passes it through."""
+    from .tds import read_facts  # survives a domain whose XML lxml refuses (issue #18)
+
     holders = {}
     domains = conn.listAllDomains(0)
     for domain, xml in zip(domains, xmls_of_listed(domains)):
-        for address in read_domain_xml(xml).gpus if xml else ():
+        for address in read_facts(xml).gpus if xml else ():
             holders.setdefault(address, domain.name())
     return holders
 
@@ -137,6 +138,7 @@ def assemble_td(conn, host: HostRoot, spec: TDSpec, config: Config | None = None
         dialect = "plain"
     gpus, switches, warnings = select_devices(host, spec)
     _check_not_shared(conn, spec, [*gpus, *switches])
+    warnings += _checked_images(spec, facts.uri)
     builds = recorded_builds(facts.uri)
     plan = plan_domain(
         spec, gpus=gpus, switches=switches, dialect=dialect, libvirt_version=facts.version,
@@ -151,6 +153,90 @@ def assemble_td(conn, host: HostRoot, spec: TDSpec, config: Config | None = None
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's
         raise TdxvirtError(f"internal error: generated TD breaks TDX rules: {problems[0]}")
     return AssembledTD(plan=plan, xml=xml, schema_checked=validate_domain_xml(xml))
+
+
+def _checked_images(spec: TDSpec, uri: str) -> list[str]:
+    """The user's --disk / --image read as the declared format (never guessed), and
+    refused with a backing file unless --allow-backing-file (tdxvirt.policy.inspect_image).
+    A remote URI's disk lives on that host, where this machine cannot read it."""
+    if is_remote(uri):
+        return []
+    if spec.disk:
+        return inspect_image(spec.disk, spec.disk_format, "--disk", spec.allow_backing_file)
+    if spec.image:
+        return inspect_image(spec.image, spec.disk_format, "--image", spec.allow_backing_file)
+    return []
+
+
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+
+
+@dataclass(frozen=True)
+class StorageOwner:
+    """Who owns the overlays and seeds tdxvirt creates: root and QEMU's group."""
+
+    gid: int
+    group: str | None  # None: QEMU's group is unknown, the files stay root:root
+    note: str | None = None  # why it is unknown (shown as a warning)
+
+
+def storage_owner(host: HostRoot) -> StorageOwner:
+    """QEMU's group from the host's qemu.conf: its ``group`` setting, else the commented
+    default libvirt's build wrote there (what libvirt then uses), resolved in the host's
+    /etc/group (``+N`` is a numeric gid, as in qemu.conf).
+
+    `host setup` sets dynamic_ownership = 0, so libvirt no longer chowns disk files to
+    QEMU: the files tdxvirt creates must already be readable by QEMU's group, and by
+    nobody else (a seed's user-data may hold secrets, an overlay holds the guest's disk)."""
+    from .hostcfg.qemuconf import QemuConf, QemuConfSyntaxError
+
+    def unknown(why: str) -> StorageOwner:
+        return StorageOwner(0, None, f"QEMU's group is unknown ({why}): the overlay and seed "
+                                     "tdxvirt creates stay root:root, mode 0660/0640; unless QEMU "
+                                     "runs as root, `chgrp` them to QEMU's group")
+
+    path = host.path(QEMU_CONF)
+    try:
+        conf = QemuConf.parse(path.read_bytes(), QEMU_CONF)
+    except FileNotFoundError:
+        return unknown(f"no {path}")
+    except (OSError, QemuConfSyntaxError) as error:
+        return unknown(f"{path} is not readable: {getattr(error, 'strerror', None) or error}")
+    group = conf.get("group")
+    if not isinstance(group, str):
+        default = conf.commented_default("group")
+        try:
+            group = QemuConf.parse(default.text.lstrip("#").lstrip(), QEMU_CONF).get("group") \
+                if default is not None else None
+        except QemuConfSyntaxError:
+            group = None
+    if not isinstance(group, str) or not group:
+        return unknown(f"{path} names no group")
+    if group.startswith("+") and group[1:].isdigit():
+        return StorageOwner(int(group[1:]), group)
+    gid = _gid_of(host, group)
+    if gid is None:
+        return unknown(f"group {group!r} of {QEMU_CONF} is not in the host's /etc/group")
+    return StorageOwner(gid, group)
+
+
+def _gid_of(host: HostRoot, group: str) -> int | None:
+    try:
+        lines = host.path("/etc/group").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == group and fields[2].isdigit():
+            return int(fields[2])
+    if str(host.base) == "/":  # the real host: NSS may know groups /etc/group does not
+        import grp
+
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            return None
+    return None
 
 
 def _with_warnings(plan: DomainPlan, extra: list[str]) -> DomainPlan:

@@ -43,21 +43,25 @@ def _binder(session, method: str, hooks: Hooks):
                          else session.conn)
 
 
+# Every table cell and message value read from sysfs, libvirt (domain names) or NVIDIA's
+# tool goes through tdxvirt.textsafe: none of them may drive the terminal.
+
+
 def _print_outcomes(outcomes) -> None:
-    from tabulate import tabulate
+    from .textsafe import table
 
     rows = [[o.address, o.label, o.before or "-", o.after or "-", o.result] for o in outcomes]
-    click.echo(tabulate(rows, headers=["DEVICE", "WHAT", "BEFORE", "NOW", "RESULT"]))
+    click.echo(table(rows, ["DEVICE", "WHAT", "BEFORE", "NOW", "RESULT"]))
 
 
 def _print_modes(results, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
         return
-    from tabulate import tabulate
+    from .textsafe import table
 
     rows = [[r.address, r.model, r.cc_mode or "-", r.ppcie_mode or "-", r.result] for r in results]
-    click.echo(tabulate(rows, headers=["DEVICE", "MODEL", "CC", "PPCIE", "RESULT"]))
+    click.echo(table(rows, ["DEVICE", "MODEL", "CC", "PPCIE", "RESULT"]))
 
 
 def _group_cell(record) -> str:
@@ -95,6 +99,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         records = discovery.discover(session.host, conn)
         if modes and records:
             from .gpu import admin_tool, ccmode, devices, privilege
+            from .textsafe import safe
 
             privilege.require_root("reading CC / PPCIe modes", privilege.READS_REGISTERS,
                                    hooks.euid, dry_run_hint=False)
@@ -103,7 +108,8 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                                    ccmode.has_nvswitches(session.host))
             for result in results:
                 if not result.ok:
-                    click.echo(f"tdxvirt: warning: {result.address}: {result.result}", err=True)
+                    click.echo(f"tdxvirt: warning: {safe(result.address)}: {safe(result.result)}",
+                               err=True)
             records = discovery.with_modes(
                 records, {r.address: (r.cc_mode, r.ppcie_mode) for r in results})
         if as_json:
@@ -112,13 +118,14 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         if not records:
             click.echo("No NVIDIA GPU or NVSwitch on this host")
             return
-        from tabulate import tabulate
+        from .textsafe import table
 
+        # TD is a domain name from libvirt, which accepts CR, ESC and bidi marks in it
         rows = [[r.address, r.model, r.driver or "-", _group_cell(r),
                  "-" if r.numa_node is None else r.numa_node, _size(r.largest_bar),
                  r.cc_mode or "-", r.ppcie_mode or "-", r.td or "-"] for r in records]
-        click.echo(tabulate(rows, headers=["DEVICE", "MODEL", "DRIVER", "IOMMU GROUP", "NUMA",
-                                           "LARGEST BAR", "CC", "PPCIE", "TD"]))
+        click.echo(table(rows, ["DEVICE", "MODEL", "DRIVER", "IOMMU GROUP", "NUMA",
+                                "LARGEST BAR", "CC", "PPCIE", "TD"]))
 
     def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
         from .gpu import devices, privilege, vfio
@@ -135,7 +142,9 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                 lines = vfio.dry_run(vfio.plan_detach(host, targets, force), binder)
             else:
                 lines = vfio.dry_run(vfio.plan_reattach(host, targets), binder)
-            click.echo("\n".join(lines))
+            from .textsafe import safe
+
+            click.echo("\n".join(safe(line) for line in lines))
             return
         try:
             if reset:
@@ -210,7 +219,9 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             board = ccmode.ppcie_targets(host, targets)
             extra = [str(d.address) for d in board if d not in targets]
             if extra:
-                click.echo(f"PPCIe is board-wide: also setting {', '.join(extra)}", err=True)
+                from .textsafe import safe
+
+                click.echo(f"PPCIe is board-wide: also setting {safe(', '.join(extra))}", err=True)
             targets = board
         elif cc:
             ccmode.cc_targets(targets)
@@ -228,8 +239,10 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             ccmode.require_idle(host, targets)
             click.echo("cc-mode (dry run, nothing changed): devices already in that mode are "
                        "skipped; each run is followed by a query to check the mode")
+            from .textsafe import safe
+
             for argv in ccmode.set_commands(tool_cmd, targets, setting, bool(ppcie)):
-                click.echo("  " + shlex.join(argv))
+                click.echo("  " + safe(shlex.join(argv)))
             return
         try:
             if ppcie:

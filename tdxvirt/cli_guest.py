@@ -29,13 +29,14 @@ def check_config(config_file, as_json):
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        from tabulate import tabulate
+        from .textsafe import safe, table
 
+        # values read from the config file (a state such as CONFIG_X="...") are escaped
         rows = [[r.requirement.group, f"CONFIG_{r.requirement.symbol}", r.needs, r.has, r.result, r.note]
                 for r in report.results]
-        kernel = f" (Linux {report.config.version})" if report.config.version else ""
-        click.echo(f"Guest kernel config {config_file}{kernel}")
-        click.echo(tabulate(rows, headers=["GROUP", "OPTION", "NEEDS", "HAS", "RESULT", "NOTE"]))
+        kernel = f" (Linux {safe(report.config.version)})" if report.config.version else ""
+        click.echo(f"Guest kernel config {safe(config_file)}{kernel}")
+        click.echo(table(rows, ["GROUP", "OPTION", "NEEDS", "HAS", "RESULT", "NOTE"]))
         if report.advised:
             names = ", ".join(f"CONFIG_{r.requirement.symbol}" for r in report.advised)
             click.echo(f"Advised, not required: {names}")
@@ -63,14 +64,20 @@ def verify(session, name, timeout, as_json):
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        from tabulate import tabulate
+        from .textsafe import quoted, safe, table
 
+        # Every detail is the guest's own output (capped by verify, escaped here): a
+        # guest decides what its agent answers, so none of it is shown raw, and none of
+        # it is called verified: only attestation (a TD quote) proves what a TD runs.
         rows = [[c.name, c.result, c.detail] for c in report.checks]
-        click.echo(tabulate(rows, headers=["CHECK", "RESULT", "DETAIL"]))
+        click.echo(table(rows, ["CHECK", "RESULT", "DETAIL"]))
         for check in report.failed:
             if check.fix:
-                click.echo(f"fix ({check.name}): {check.fix}")
+                click.echo(f"fix ({check.name}): {safe(check.fix)}")
+        click.echo(f"Results are what the guest in TD {quoted(report.domain)} reported through its "
+                   "agent, not verified: only attestation (a TD quote) proves TDX.")
         if report.ok:
-            click.echo(f"TD '{name}' sees TDX and its GPU is ready for confidential computing.")
+            click.echo(f"The guest reports TDX active and its GPU ready for confidential "
+                       f"computing (reported by the guest; attest the TD to verify it).")
     if not report.ok:
         raise GuestNotReadyError(report.failure_message())

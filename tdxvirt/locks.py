@@ -11,17 +11,35 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import DeviceBusyError
+from .errors import DeviceBusyError, TdxvirtError
 from .paths import state_dir
 
 
 def _lock_path(key: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
     return state_dir() / "locks" / f"{safe}.lock"
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, never through a symlink (O_NOFOLLOW): a link planted at its name
+    would have root create or open another file (issue #18)."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0), 0o600)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise TdxvirtError(f"lock file {path} is a symlink; tdxvirt never follows one "
+                               "there: remove it and try again") from None
+        raise TdxvirtError(f"cannot open the lock file {path}: {error.strerror}") from None
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise TdxvirtError(f"lock file {path} is not a regular file; remove it and try again")
+    return handle
 
 
 @contextmanager
@@ -32,7 +50,7 @@ def held(keys, timeout: float = 30.0, poll: float = 0.05):
         for key in sorted(set(keys)):
             path = _lock_path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            handle = _open_lock(path)
             handles.append(handle)
             deadline = time.monotonic() + timeout
             while True:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .dialect import LIBVIRT_NATIVE_TDX, version_text  # noqa: F401  (re-exported)
-from .errors import InputError
+from .errors import HostNotReadyError, InputError
 from .host.pci import PciDevice
 from .pci import PciAddress
 from .spec import HUGEPAGES, TDSpec
@@ -108,10 +108,81 @@ def mmio_window_mb(devices: list[PciDevice]) -> int:
     return window
 
 
-def image_format(path: str) -> str:
-    """qcow2 when the file starts with qcow2's magic, raw otherwise."""
-    with open(path, "rb") as image:
-        return "qcow2" if image.read(4) == b"QFI\xfb" else "raw"
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def _qemu_img_info(path: str, fmt: str, option: str, chain: bool) -> dict | list:
+    """``qemu-img info --output=json -f FMT [--backing-chain] PATH``, parsed.
+
+    The format is always given: qemu-img never probes the user's file (a guest that
+    wrote a qcow2 header into its raw disk must not make it a qcow2 with a backing file)."""
+    import subprocess
+
+    argv = ["qemu-img", "info", "--output=json", "-f", fmt, *(["--backing-chain"] if chain else []),
+            path]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60,
+                                stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise HostNotReadyError("qemu-img is not installed (Debian: qemu-utils); tdxvirt reads "
+                                "disk images with it") from None
+    except subprocess.TimeoutExpired:
+        raise InputError(f"{option} {path}: qemu-img info did not finish within 60 s; is it a "
+                         "regular file on a responsive file system?") from None
+    if result.returncode != 0:
+        why = " ".join(result.stderr.split())[:300] or f"exit {result.returncode}"
+        if "lock" in why:  # in use by a running QEMU: the format is not the problem
+            raise InputError(f"{option} {path}: qemu-img cannot read it ({why}); stop what "
+                             "uses it first")
+        other = "raw" if fmt == "qcow2" else "qcow2"
+        raise InputError(f"{option} {path}: qemu-img cannot read it as {fmt} ({why}); if it is "
+                         f"a {other} image, say so with {format_option(option)} {other}")
+    try:
+        return json.loads(result.stdout)
+    except ValueError:
+        raise InputError(f"{option} {path}: qemu-img info gave no readable JSON") from None
+
+
+def format_option(option: str) -> str:
+    """--disk -> --disk-format, --image -> --image-format."""
+    return f"{option}-format"
+
+
+def inspect_image(path: str, fmt: str, option: str, allow_backing_file: bool = False) -> list[str]:
+    """Check a user-given --disk or --image file as the format the user declared
+    (default raw, as libvirt assumes; never a guess from its content); the warnings.
+
+    A file with a backing file is refused unless ``allow_backing_file``: its chain
+    would hand QEMU (and the TD) files the user never named. With the opt-in, every
+    link of the chain must name its own format, or QEMU would probe it."""
+    info = _qemu_img_info(path, fmt, option, chain=False)
+    backing = info.get("backing-filename") if isinstance(info, dict) else None
+    if backing is not None:
+        if not allow_backing_file:
+            raise InputError(
+                f"{option} {path}: the {fmt} image has a backing file ({backing!r}), which the "
+                "TD would read too; refusing: flatten it (`qemu-img convert`), or pass "
+                "--allow-backing-file if you trust its whole chain")
+        chain = _qemu_img_info(path, fmt, option, chain=True)
+        for link in chain if isinstance(chain, list) else [chain]:
+            if link.get("backing-filename") is not None and not link.get("backing-filename-format"):
+                raise InputError(
+                    f"{option} {path}: {link.get('filename')!r} in its backing chain does not "
+                    "name the format of its backing file, which QEMU would then guess; fix it "
+                    "with `qemu-img rebase -u -F FORMAT -b BACKING FILE`")
+    warnings = []
+    if fmt == "raw":
+        try:
+            with open(path, "rb") as image:
+                looks_qcow2 = image.read(4) == QCOW2_MAGIC
+        except OSError:
+            looks_qcow2 = False
+        if looks_qcow2:
+            warnings.append(
+                f"{option} {path} starts with a qcow2 header but is used as raw (the default; "
+                f"the format is never guessed); if it is a qcow2 image, pass "
+                f"{format_option(option)} qcow2")
+    return warnings
 
 
 def numa_nodeset(gpus: list[PciDevice]) -> tuple[str | None, str | None]:
@@ -181,12 +252,15 @@ def seed_path(spec: TDSpec, overlay_dir: str | None) -> str | None:
 
 
 def plan_disk(spec: TDSpec, overlay_dir: str | None) -> Disk | None:
+    """The boot disk: --disk as is, or a new qcow2 overlay on --image. Both in the format
+    the user declared (spec.disk_format, default raw): never guessed from the content
+    (tdxvirt.assemble has the file checked with inspect_image before)."""
     if spec.disk:
-        return Disk(spec.disk, image_format(spec.disk))
+        return Disk(spec.disk, spec.disk_format)
     if spec.image:
         if overlay_dir is None:
             raise InputError("--image needs an overlay directory; set defaults.overlay_dir")
-        return Disk(overlay_path(spec, overlay_dir), "qcow2", spec.image, image_format(spec.image))
+        return Disk(overlay_path(spec, overlay_dir), "qcow2", spec.image, spec.disk_format)
     return None
 
 

@@ -14,7 +14,7 @@ from .conn import is_remote, xml_of_listed
 from .dialect import host_tdx_enabled
 from .errors import NotFoundError
 from .host import HostRoot
-from .host.nvidia import is_nvswitch
+from .host.nvidia import is_nvswitch, kind_of
 from .host.pci import read_device
 from .metadata import read_domain_xml
 from .pci import PciAddress
@@ -58,12 +58,14 @@ def _file_problems(host: HostRoot, root) -> list[str]:
 
 
 def _held_by_running(conn, name: str, gpus: tuple[str, ...]) -> list[str]:
+    from .tds import read_facts
+
     problems = []
     for other in conn.listAllDomains(VIR_CONNECT_LIST_DOMAINS_ACTIVE):
         if other.name() == name:
             continue
         xml = xml_of_listed(other)
-        shared = set(gpus) & set(read_domain_xml(xml).gpus if xml else ())
+        shared = set(gpus) & set(read_facts(xml).gpus if xml else ())
         for address in sorted(shared):
             problems.append(f"{address} is in use by running domain {other.name()!r}; "
                             f"stop it first (`tdxvirt stop {other.name()}`)")
@@ -96,11 +98,13 @@ def _mode_problems(host: HostRoot, facts, read_modes) -> list[str]:
     """A TD needs its GPUs in CC mode (PPCIe mode with NVSwitches); a plain VM needs
     CC off. Devices whose mode could not be read are left to the start itself."""
     devices = []
-    for address in facts.gpus:
+    for address in facts.gpus:  # every PCI hostdev, NICs and other devices included
         try:
-            devices.append(read_device(host, PciAddress.parse(address)))
+            device = read_device(host, PciAddress.parse(address))
         except NotFoundError:
             continue  # reported by the hostdev check
+        if kind_of(device) is not None:  # NVIDIA's tool is run on GPUs and NVSwitches only
+            devices.append(device)
     if not devices:
         return []
     ppcie = facts.tdx and any(is_nvswitch(d) for d in devices)
@@ -124,6 +128,9 @@ def _mode_problems(host: HostRoot, facts, read_modes) -> list[str]:
 
 def start_problems(conn, host: HostRoot, xml: str, read_modes=None) -> list[str]:
     """Problems of the domain whose (inactive or live) XML this is."""
+    from .tds import parsable_xml
+
+    xml = parsable_xml(xml)  # libvirt may write characters XML forbids (issue #18)
     facts = read_domain_xml(xml)
     root = etree.fromstring(xml.encode())
     problems = list(td_problems(xml))

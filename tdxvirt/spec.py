@@ -71,7 +71,9 @@ def validate_existing_file(path: str, option: str) -> str:
 
 DIALECTS = ("native", "canonical", "qemu-args")
 NETWORKS = ("none", "default", "user")
-HUGEPAGES = {"2M": 2048, "1G": 1048576}  # KiB, as libvirt's <page size=...> wants
+HUGEPAGES = {"2M": 2048, "1G": 1048576}
+# Formats of a user-given --disk / --image: declared, never guessed from the content.
+DISK_FORMATS = ("raw", "qcow2")  # KiB, as libvirt's <page size=...> wants
 DEFAULT_SSH_PORT = 10022  # Canonical's TD scripts forward host 10022 to guest 22
 
 
@@ -109,6 +111,8 @@ class TDSpec:
     qgs: QuoteService | None = None
     image: str | None = None  # base image: the TD boots a new qcow2 overlay on it
     disk: str | None = None  # image used as is
+    disk_format: str = "raw"  # of --disk, or of --image's base (never guessed; libvirt's default)
+    allow_backing_file: bool = False  # accept a --disk / --image that has a backing file
     ovmf: str | None = None  # None: from config, build artifacts or firmware descriptors
     qemu: str | None = None  # None: from config, build artifacts or libvirt's default
     kernel: str | None = None
@@ -134,6 +138,8 @@ class TDSpec:
                   mr_config_id: str | None = None, mr_owner: str | None = None,
                   mr_owner_config: str | None = None, qgs: str | None = None,
                   image: str | None = None, disk: str | None = None,
+                  disk_format: str | None = None, image_format: str | None = None,
+                  allow_backing_file: bool = False,
                   ovmf: str | None = None, qemu: str | None = None,
                   kernel: str | None = None, initrd: str | None = None,
                   cmdline: str | None = None, managed: bool = True,
@@ -148,6 +154,7 @@ class TDSpec:
             raise InputError("give the TD a NAME, or at least one --gpu to derive it from")
         if image and disk:
             raise InputError("give either --image (boot a new overlay on it) or --disk (use as is), not both")
+        fmt = _disk_format(disk, image, disk_format, image_format, allow_backing_file)
         if (initrd or cmdline) and not kernel:
             raise InputError("--initrd and --cmdline need --kernel (direct kernel boot)")
         parsed_policy = DEFAULT_POLICY if policy is None else parse_policy(policy)
@@ -183,6 +190,8 @@ class TDSpec:
             qgs=None if qgs is None else parse_qgs(qgs),
             image=_file(image, "--image"),
             disk=_file(disk, "--disk"),
+            disk_format=fmt,
+            allow_backing_file=bool(allow_backing_file),
             ovmf=_file(ovmf, "--ovmf"),
             qemu=_file(qemu, "--qemu"),
             kernel=_file(kernel, "--kernel"),
@@ -201,6 +210,21 @@ class TDSpec:
             ssh_keys=keys,
             user_data=own_user_data,
         )
+
+
+def _disk_format(disk, image, disk_format, image_format, allow_backing_file) -> str:
+    """The declared format of --disk (--disk-format) or --image (--image-format)."""
+    if disk_format is not None and not disk:
+        raise InputError("--disk-format is the format of --disk; give --disk, or use "
+                         "--image-format with --image")
+    if image_format is not None and not image:
+        raise InputError("--image-format is the format of --image; give --image, or use "
+                         "--disk-format with --disk")
+    if allow_backing_file and not (disk or image):
+        raise InputError("--allow-backing-file applies to --disk or --image; give one of them")
+    _choice(disk_format, DISK_FORMATS, "--disk-format")
+    _choice(image_format, DISK_FORMATS, "--image-format")
+    return disk_format or image_format or "raw"
 
 
 def _first_boot(name: str, ssh_key_files, user_data_file) -> tuple[tuple[str, ...], str | None]:

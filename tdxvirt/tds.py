@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 
 from . import locks
 from .conn import libvirt_error_type, translate, xmls_of_listed
-from .errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
+from .errors import (
+    HostNotReadyError,
+    InputError,
+    LibvirtOperationError,
+    NotFoundError,
+    TdxvirtError,
+)
 
 if TYPE_CHECKING:  # rendering, planning and XML reading (lxml) are imported only by the
     # functions that use them: `list` starts reading domains before lxml is loaded
@@ -62,20 +68,81 @@ def _absent(error) -> bool:
 
 
 def lookup(conn, name: str):
-    """A domain by name, UUID or (running) ID, as virsh looks them up."""
+    """A domain by ID, UUID or name, tried in virsh's order (vshLookupDomainInternal:
+    ID, then UUID, then name).
+
+    libvirt lets a domain be *named* like another domain's UUID, or like a number. An
+    argument that matches different domains by different keys is refused (virsh would
+    silently take the first match; root must not be steered to another domain by a
+    name someone else chose). Callers act on the returned domain object, and hand
+    its UUID, never the raw argument, to anything that looks it up again.
+    """
+    if not isinstance(name, str):
+        return name  # already a domain object (the CLI resolves once, then acts on it)
+    from .textsafe import safe
+
     libvirt_error = libvirt_error_type()
-    finders = [conn.lookupByName, conn.lookupByUUIDString]
+    finders = []
     if name.isascii() and name.isdigit() and len(name) < 10:
-        finders.append(lambda text: conn.lookupByID(int(text)))
-    for finder in finders:
+        finders.append(("ID", lambda text: conn.lookupByID(int(text))))
+    finders += [("UUID", conn.lookupByUUIDString), ("name", conn.lookupByName)]
+    found = []
+    for key, finder in finders:
         try:
-            return finder(name)
+            found.append((key, finder(name)))
         except libvirt_error as error:
             if not _absent(error):
                 raise translate(error, f"cannot look up {name!r}") from None
-    raise NotFoundError(
-        f"no domain named {name!r} at {conn.getURI()}; `tdxvirt list --all` shows the TDs there"
-    )
+    if not found:
+        raise NotFoundError(
+            f"no domain named {name!r} (nor with that ID or UUID) at {conn.getURI()}; "
+            "`tdxvirt list --all` shows the TDs there"
+        )
+    distinct: dict[str, tuple[str, object]] = {}
+    for key, domain in found:
+        distinct.setdefault(domain.UUIDString(), (key, domain))
+    if len(distinct) > 1:
+        matches = "; ".join(f"by {key} it is '{safe(domain.name())}' (UUID {uuid})"
+                            for uuid, (key, domain) in distinct.items())
+        raise InputError(
+            f"{name!r} matches different domains: {matches}; refusing to guess: name the "
+            "domain you mean by another of its handles (its UUID or name as shown here)"
+        )
+    return found[0][1]
+
+
+def resolved(domain) -> str:
+    """'name' (UUID ...) of a resolved domain, terminal-safe: what destructive commands
+    echo, so the user sees which domain was acted on."""
+    from .textsafe import quoted
+
+    return f"{quoted(domain.name())} (UUID {domain.UUIDString()})"
+
+
+def parsable_xml(xml: str) -> str:
+    """A domain's XML as lxml can read it: libvirt writes some characters XML forbids
+    (an ESC in a name given to virDomainRename) raw into it; those become U+FFFD. The
+    same text when there is none."""
+    from .textsafe import xml_parsable
+
+    return xml_parsable(xml)
+
+
+def read_facts(xml: str, name: str | None = None) -> DomainFacts:
+    """read_domain_xml that survives a hostile domain (see parsable_xml); ``name``, the
+    name libvirt reports, replaces the one parsed from the XML (which the XML parser
+    normalises: a CR in a name reads back as LF)."""
+    from dataclasses import replace
+
+    from lxml import etree
+
+    from .metadata import read_domain_xml
+
+    try:
+        facts = read_domain_xml(xml)
+    except etree.XMLSyntaxError:  # rare: only then the extra pass over the text
+        facts = read_domain_xml(parsable_xml(xml))
+    return facts if name is None or facts.name == name else replace(facts, name=name)
 
 
 def _exists(conn, name: str) -> bool:
@@ -88,18 +155,141 @@ def _exists(conn, name: str) -> bool:
         raise translate(error, f"cannot look up {name!r}") from None
 
 
-def _create_overlay(disk: Disk) -> None:
-    """A qcow2 overlay on the base image; the base is only ever read."""
-    if os.path.lexists(disk.path):
+# Modes of the files tdxvirt creates, owned by root and QEMU's group (assemble.storage_owner):
+# QEMU writes the overlay (the TD's disk) and only reads the seed. Nobody else may read
+# either: the overlay holds the guest's disk, the seed's user-data may hold secrets.
+OVERLAY_MODE = 0o660
+SEED_MODE = 0o640
+_RENAME_NOREPLACE = 1  # linux/fs.h
+
+
+def checked_storage_dir(directory: str) -> str:
+    """The storage directory's real path, created when missing (mode 0711, like
+    /var/lib/libvirt/images).
+
+    For root, the directory must be root-owned and writable by nobody else, and so
+    must every directory above it (a sticky one such as /tmp excepted): anyone who can
+    write there could plant ``NAME.qcow2 -> /victim`` or swap a directory, and root
+    would write through it (issue #18)."""
+    import stat
+
+    try:
+        os.makedirs(directory, mode=0o711, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the storage directory {directory}: "
+                         f"{error.strerror}; create it, or set defaults.overlay_dir") from None
+    real = os.path.realpath(directory)
+    if os.geteuid() != 0:
+        return real
+    parts = [part for part in real.split("/") if part]
+    for depth in range(len(parts) + 1):
+        path = "/" + "/".join(parts[:depth])
+        info = os.lstat(path)
+        last = depth == len(parts)
+        what = "the storage directory" if last else f"{path}, a directory above the storage directory"
+        fix = f"; `chown root {path}` and `chmod go-w {path}`, or set defaults.overlay_dir"
+        if not stat.S_ISDIR(info.st_mode):
+            raise InputError(f"{what} {path} changed while tdxvirt checked it; try again")
+        if info.st_uid != 0:
+            raise InputError(f"{what} {real} is owned by uid {info.st_uid}, not root; root "
+                             f"creates files there that its owner could redirect" + fix)
+        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
+            raise InputError(f"{what} {real if last else path} is writable by group or others "
+                             f"(mode {stat.S_IMODE(info.st_mode):04o}), who could plant links "
+                             f"root would write through" + fix)
+    return real
+
+
+def _place(temporary: str, final: str) -> None:
+    """Move ``temporary`` to ``final`` only if nothing is there, not even a dangling
+    symlink: link(2) never replaces (nor follows) its target; where hard links are
+    not supported, renameat2(RENAME_NOREPLACE)."""
+    try:
+        os.link(temporary, final, follow_symlinks=False)
+        os.unlink(temporary)
+        return
+    except FileExistsError:
+        raise InputError(f"{final} already exists; remove it or choose another TD name") from None
+    except OSError as error:
+        import errno
+
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise TdxvirtError(f"cannot create {final}: {error.strerror}") from None
+    _rename_noreplace(temporary, final)
+
+
+def _rename_noreplace(source: str, target: str) -> None:
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise TdxvirtError(f"cannot create {target}: its file system has no hard links and "
+                           "this C library no renameat2")
+    if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target),
+                 _RENAME_NOREPLACE) != 0:
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            raise InputError(f"{target} already exists; remove it or choose another TD name")
+        raise TdxvirtError(f"cannot create {target}: {os.strerror(code)}")
+
+
+def _private_file(directory: str, name: str):
+    """A path in a new private (0700) directory inside ``directory`` (same file system,
+    so the result can be linked into place), and a cleanup for that directory."""
+    import shutil
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix=".tdxvirt-", dir=directory)
+    return os.path.join(private, name), lambda: shutil.rmtree(private, ignore_errors=True)
+
+
+def _own(path: str, owner, mode: int) -> None:
+    """root:<QEMU's group> (as root; another user keeps its own files) and ``mode``."""
+    if owner is not None:
+        os.chown(path, 0, owner.gid, follow_symlinks=False)
+    os.chmod(path, mode, follow_symlinks=False)
+
+
+def _storage_owner(host: HostRoot):
+    """Who the created files belong to (None when not root: the files stay the user's)."""
+    if os.geteuid() != 0:
+        return None
+    from .assemble import storage_owner
+
+    return storage_owner(host)
+
+
+def _create_overlay(disk: Disk, owner=None) -> None:
+    """A qcow2 overlay on the base image; the base is only ever read.
+
+    qemu-img writes it in a private directory, then it is linked into place without
+    replacing anything: a symlink planted at the overlay's name makes define fail, it
+    never makes root write through it (issue #18)."""
+    directory = checked_storage_dir(os.path.dirname(disk.path))
+    final = os.path.join(directory, os.path.basename(disk.path))
+    if os.path.lexists(final):
         raise InputError(f"{disk.path} already exists; remove it or choose another TD name")
-    os.makedirs(os.path.dirname(disk.path), exist_ok=True)
-    result = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.base_format, "-b",
-         disk.overlay_base, disk.path], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise LibvirtOperationError(
-            f"qemu-img could not create the overlay {disk.path}: "
-            f"{' '.join(result.stderr.split()) or 'exit ' + str(result.returncode)}")
+    temporary, cleanup = _private_file(directory, os.path.basename(disk.path))
+    try:
+        try:
+            result = subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.base_format, "-b",
+                 disk.overlay_base, temporary], capture_output=True, text=True, check=False,
+                stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise HostNotReadyError("qemu-img is not installed (Debian: qemu-utils); it "
+                                    "creates the overlay") from None
+        if result.returncode != 0:
+            raise LibvirtOperationError(
+                f"qemu-img could not create the overlay {disk.path}: "
+                f"{' '.join(result.stderr.split()) or 'exit ' + str(result.returncode)}")
+        _own(temporary, owner, OVERLAY_MODE)
+        _place(temporary, final)
+    finally:
+        cleanup()
 
 
 def assemble_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
@@ -128,13 +318,16 @@ def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
             )
         td = assemble_td(conn, host, spec, config)
         overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
+        owner = _storage_owner(host) if overlay or td.plan.seed else None
+        if owner is not None and owner.note:
+            td = _with_warning(td, owner.note)
         created = []
         try:
             if overlay:
-                _create_overlay(overlay)
+                _create_overlay(overlay, owner)
                 created.append(overlay.path)
             if td.plan.seed:
-                _create_seed(spec, td.plan.seed)
+                _create_seed(spec, td.plan.seed, owner)
                 created.append(td.plan.seed)
             conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
         except libvirt_error_type() as error:
@@ -146,14 +339,30 @@ def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
     return td
 
 
-def _create_seed(spec: TDSpec, path: str) -> None:
+def _with_warning(td: AssembledTD, warning: str) -> AssembledTD:
+    from dataclasses import replace
+
+    return replace(td, plan=replace(td.plan, warnings=(*td.plan.warnings, warning)))
+
+
+def _create_seed(spec: TDSpec, path: str, owner=None) -> None:
+    """The cloud-init seed, written privately and linked into place like the overlay,
+    mode 0640 root:<QEMU's group> (user-data may hold secrets)."""
     from .guest.seed import build_seed_iso
     from .guest.userdata import hostname_for
 
-    if os.path.lexists(path):
+    directory = checked_storage_dir(os.path.dirname(path))
+    final = os.path.join(directory, os.path.basename(path))
+    if os.path.lexists(final):
         raise InputError(f"{path} already exists; remove it or choose another TD name")
-    build_seed_iso(path, hostname=hostname_for(spec.name), ssh_keys=spec.ssh_keys,
-                   user_data=spec.user_data)
+    temporary, cleanup = _private_file(directory, os.path.basename(path))
+    try:
+        build_seed_iso(temporary, hostname=hostname_for(spec.name), ssh_keys=spec.ssh_keys,
+                       user_data=spec.user_data)
+        _own(temporary, owner, SEED_MODE)
+        _place(temporary, final)
+    finally:
+        cleanup()
 
 
 def _remove(paths: list[str]) -> None:
@@ -165,19 +374,18 @@ def _remove(paths: list[str]) -> None:
             pass
 
 
-def start(conn, host: HostRoot, name: str, skip_preflight: bool = False,
+def start(conn, host: HostRoot, name, skip_preflight: bool = False,
           read_modes=None) -> bool:
     """Start a TD after a preflight; False when it was already running.
 
     ``read_modes`` reads the GPUs' CC / PPCIe modes (preflight.mode_reader); None
     leaves them unchecked."""
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name, for messages
     if domain.isActive():
         return False
-    from .metadata import read_domain_xml
-
-    xml = domain.XMLDesc(0)
-    with locks.held(locks.gpu_keys(read_domain_xml(xml).gpus)):
+    xml = parsable_xml(domain.XMLDesc(0))
+    with locks.held(locks.gpu_keys(read_facts(xml).gpus)):
         if not skip_preflight:
             from .preflight import start_problems
 
@@ -206,9 +414,10 @@ def _mark_started(domain) -> None:
         pass  # uptime is a convenience; a driver without live metadata shows '-'
 
 
-def stop(conn, name: str, timeout: float = 120.0, poll: float = 0.5, progress=None) -> bool:
+def stop(conn, name, timeout: float = 120.0, poll: float = 0.5, progress=None) -> bool:
     """ACPI shutdown, then wait up to ``timeout`` seconds; False when it did not stop."""
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name, for messages
     if not domain.isActive():
         return True
     try:
@@ -226,9 +435,10 @@ def stop(conn, name: str, timeout: float = 120.0, poll: float = 0.5, progress=No
     return True
 
 
-def destroy(conn, name: str) -> bool:
+def destroy(conn, name) -> bool:
     """Power a TD off at once; False when it was not running."""
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name, for messages
     if not domain.isActive():
         return False
     try:
@@ -238,9 +448,10 @@ def destroy(conn, name: str) -> bool:
     return True
 
 
-def reboot(conn, name: str) -> None:
+def reboot(conn, name) -> None:
     """Ask the guest to reboot. A TD cannot be reset: libvirt restarts its QEMU."""
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name, for messages
     if not domain.isActive():
         raise LibvirtOperationError(f"{name!r} is not running; `tdxvirt start {name}` starts it")
     try:
@@ -249,7 +460,7 @@ def reboot(conn, name: str) -> None:
         raise translate(error, f"cannot reboot {name!r}") from None
 
 
-def undefine(conn, name: str, remove_storage: bool = False, config=None) -> list[str]:
+def undefine(conn, name, remove_storage: bool = False, config=None) -> list[str]:
     """Remove a stopped TD's definition; with remove_storage, the files tdxvirt made.
 
     Returns the files removed. A base image is never removed: only the overlay and
@@ -259,14 +470,13 @@ def undefine(conn, name: str, remove_storage: bool = False, config=None) -> list
     deleted and the domain stays defined, so the user can fix it and run it again.
     """
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name, for messages
     if domain.isActive():
         raise LibvirtOperationError(
             f"{name!r} is running; stop it first (`tdxvirt stop {name}` or `tdxvirt destroy {name}`)"
         )
-    from .metadata import read_domain_xml
-
-    xml = domain.XMLDesc(0)
-    facts = read_domain_xml(xml)
+    xml = parsable_xml(domain.XMLDesc(0))  # unchanged unless libvirt wrote XML lxml refuses
+    facts = read_facts(xml)
     has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
     with _checked_storage(conn, domain.name(), xml, facts, config, remove_storage) as storage:
         try:
@@ -284,22 +494,21 @@ def _checked_storage(conn, name: str, xml: str, facts: DomainFacts, config, remo
     return StorageRemoval(name, xml, conn.getURI(), recorded, config)
 
 
-def set_autostart(conn, name: str, enabled: bool) -> None:
+def set_autostart(conn, name, enabled: bool) -> None:
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name, for messages
     try:
         domain.setAutostart(1 if enabled else 0)
     except libvirt_error_type() as error:
         raise translate(error, f"cannot change autostart of {name!r}") from None
 
 
-def domain_xml(conn, name: str, inactive: bool = False) -> str:
+def domain_xml(conn, name, inactive: bool = False) -> str:
     return lookup(conn, name).XMLDesc(2 if inactive else 0)  # VIR_DOMAIN_XML_INACTIVE
 
 
 def _row(domain, state_code: int, xml: str, now: float) -> TDRow:
-    from .metadata import read_domain_xml
-
-    facts = read_domain_xml(xml)
+    facts = read_facts(xml, domain.name())
     started = facts.started if state_code == 1 else None
     return TDRow(facts, STATE_NAMES.get(state_code, "unknown"),
                  None if started is None else max(0.0, now - started))
@@ -319,11 +528,11 @@ def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
     return tuple(build.describe() for build in found if build is not None)
 
 
-def show(conn, name: str) -> TDInfo:
+def show(conn, name) -> TDInfo:
     from .td_rules import td_problems
 
     domain = lookup(conn, name)
-    xml = domain.XMLDesc(0)
+    xml = parsable_xml(domain.XMLDesc(0))  # every parser below gets XML lxml accepts
     return TDInfo(
         row=_row(domain, domain.state()[0], xml, time.time()),
         uuid=domain.UUIDString(),

@@ -92,7 +92,8 @@ def scenarios() -> list[Scenario]:
             "vsock": True, "user_data": f["user-data"]},
             overlay_dir="/var/lib/libvirt/images"),
         Scenario("image-overlay-cloud-init", {
-            "name": "ovl", "gpus": ["38:00.0"], "image": f["base.qcow2"], "ovmf": f["OVMF.inteltdx.fd"],
+            "name": "ovl", "gpus": ["38:00.0"], "image": f["base.qcow2"], "image_format": "qcow2",
+            "allow_backing_file": True, "ovmf": f["OVMF.inteltdx.fd"],
             "network": "default", "ssh_key": [f["id_ed25519.pub"]]},
             overlay_dir="/var/lib/libvirt/images"),
         Scenario("plain", {

@@ -61,7 +61,7 @@ def test_native_td_is_schema_valid_and_has_every_tdx_constraint(host_root, schem
 def test_image_path_is_escaped_not_injected(host_root, schema_dir, tmp_path):
     image = tmp_path / "a&b'<c>\".qcow2"
     image.write_bytes(b"QFI\xfb" + b"\0" * 508)
-    xml = _render(host_root, disk=str(image))
+    xml = _render(host_root, disk=str(image), disk_format="qcow2")  # never guessed
     validate_domain_xml(xml, schema_dir)
     disk = etree.fromstring(xml.encode()).find("devices/disk")
     assert disk.find("source").get("file") == str(image)

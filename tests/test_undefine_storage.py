@@ -225,8 +225,9 @@ def test_cli_ordinary_case(conn, sim_uri, td, td_name, config_file):
     _, overlay, seed = td
     result = CliRunner().invoke(main, ["-c", sim_uri, "undefine", td_name, "--remove-storage"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == [f"Undefined '{td_name}'", f"  removed {overlay}",
-                                          f"  removed {seed}"]
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"Undefined '{td_name}' (UUID ")  # the domain acted on, as resolved
+    assert lines[1:] == [f"  removed {overlay}", f"  removed {seed}"]
     assert not overlay.exists() and not seed.exists()
 
 

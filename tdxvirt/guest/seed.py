@@ -28,10 +28,11 @@ from .userdata import DEFAULT_USER, check_hostname, check_user_data, render_user
 VOLUME_LABEL = "cidata"
 USER_DATA = "user-data"
 META_DATA = "meta-data"
-# World-readable like the overlay qemu-img makes: `tdxvirt host setup` sets
-# dynamic_ownership = 0 (as the source document requires), so libvirt no longer
-# chowns disk files to QEMU's user, and a root-only seed would stop the TD from
-# starting. The README says to keep secrets out of user-data for this reason.
+# The mode write_seed_iso gives a seed on its own. `define` never leaves it so: it
+# writes the seed in a private directory, makes it 0640 root:<QEMU's group> (tdxvirt.tds
+# SEED_MODE, assemble.storage_owner: `host setup` sets dynamic_ownership = 0, so libvirt
+# no longer chowns disk files and QEMU reads the seed through its group) and only then
+# links it into place, because user-data may hold secrets (issue #18).
 SEED_MODE = 0o644
 
 
@@ -85,8 +86,9 @@ def _iso9660_name(name: str) -> str:
     return "/" + name.upper().replace("-", "_") + ".;1"
 
 
-def write_seed_iso(seed: Seed, path: str | Path) -> Path:
-    """Write the ISO atomically (a temporary file renamed into place); nothing is left on failure."""
+def write_seed_iso(seed: Seed, path: str | Path, mode: int = SEED_MODE) -> Path:
+    """Write the ISO atomically (a temporary file renamed into place), with ``mode``;
+    nothing is left on failure."""
     import pycdlib
     from pycdlib.pycdlibexception import PyCdlibException
 
@@ -104,7 +106,7 @@ def write_seed_iso(seed: Seed, path: str | Path) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             iso.write_fp(out)
-        os.chmod(temporary, SEED_MODE)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except (OSError, PyCdlibException) as error:
         os.unlink(temporary)

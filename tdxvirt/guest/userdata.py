@@ -30,6 +30,9 @@ KEY_TYPES = frozenset({
     "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
 })
 # First lines cloud-init acts on (cloudinit/handlers, user_data.py); anything else it ignores.
+# The most tdxvirt reads of a --user-data or --ssh-key file (userfile.read_user_file).
+USER_DATA_LIMIT = 1024 * 1024
+SSH_KEY_FILE_LIMIT = 1024 * 1024
 USER_DATA_HEADERS = (
     "#cloud-config", "#!", "#include", "#cloud-boothook", "#part-handler",
     "## template: jinja", "Content-Type:", "MIME-Version:",
@@ -127,32 +130,38 @@ def parse_ssh_public_keys(text: str, source: str = "ssh key") -> list[str]:
     return keys
 
 
-def _read_text(path: Path, what: str) -> str:
+def _read_text(path: Path, what: str, limit: int) -> str:
+    """The file as text; errors name the file, never its content (tdxvirt often runs
+    as root, and the file may be one only root can read)."""
     try:
-        return read_user_file(path, what, "pass a file").decode("utf-8")
+        return read_user_file(path, what, "pass a regular file", limit=limit).decode("utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{what} {path} is not UTF-8 text") from None
 
 
 def read_ssh_key_file(path: str | Path) -> list[str]:
     path = Path(path)
-    return parse_ssh_public_keys(_read_text(path, "ssh key file"), source=f"ssh key file {path}")
+    return parse_ssh_public_keys(_read_text(path, "ssh key file", SSH_KEY_FILE_LIMIT),
+                                 source=f"ssh key file {path}")
 
 
 def check_user_data(text: str, source: str = "user-data") -> str:
     """A user's own user-data, refused when cloud-init would silently ignore it."""
     first = text.lstrip("\ufeff").split("\n", 1)[0].rstrip("\r")
     if not first.startswith(USER_DATA_HEADERS):
+        # The content is never quoted: the file may be one only root can read.
         raise InputError(
-            f"{source} starts with {first[:40]!r}; cloud-init ignores user-data whose first line "
-            "is not '#cloud-config' (or '#!', '#include', a MIME header): add '#cloud-config' as line 1"
+            f"{source} does not start with '#cloud-config'; cloud-init ignores user-data whose "
+            "first line is not '#cloud-config' (or '#!', '#include', a MIME header): add "
+            "'#cloud-config' as line 1"
         )
     return text
 
 
 def read_user_data_file(path: str | Path) -> str:
     path = Path(path)
-    return check_user_data(_read_text(path, "user-data file"), source=f"user-data file {path}")
+    return check_user_data(_read_text(path, "user-data file", USER_DATA_LIMIT),
+                           source=f"user-data file {path}")
 
 
 def _load(name: str) -> str:
@@ -176,9 +185,9 @@ def render_user_data(*, hostname: str, user: str = DEFAULT_USER, ssh_keys=(),
                      template: str = TEMPLATE) -> str:
     """tdxvirt's default user-data (domains/user-data.j2) for this guest."""
     keys = list(ssh_keys)
-    for key in keys:  # one valid key per entry, whatever the caller passed
-        if not isinstance(key, str) or parse_ssh_public_keys(key) != [key.strip()]:
-            raise InputError(f"ssh key {key!r:.60} must be one public key on one line")
+    for number, key in enumerate(keys, start=1):  # one valid key per entry, whatever the caller passed
+        if not isinstance(key, str) or parse_ssh_public_keys(key, f"ssh key {number}") != [key.strip()]:
+            raise InputError(f"ssh key {number} must be one public key on one line")
     return _environment().get_template(template).render(
         hostname=check_hostname(hostname), user=check_user(user),
         ssh_keys=[key.strip() for key in keys]

@@ -14,6 +14,12 @@ checked, and why (the usual reasons ``nvidia-smi`` finds no GPU in a TD):
 
 The agent sits behind ``AgentChannel`` (one JSON request in, one JSON reply out) so
 tests can answer for a guest that does not exist here.
+
+Everything here is the guest's own account: its agent runs the programs and returns
+their output, and a compromised or hostile guest can say anything. So each value taken
+from the guest is capped (textsafe.GUEST_TEXT_LIMIT characters) before it reaches a
+report, the CLI escapes it, and results are worded as what the guest reported: only
+attestation (a TD quote checked against its measurements) verifies a TD.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import LibvirtOperationError
+from ..textsafe import guest_text
 from . import GuestNotReadyError
 
 AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"
@@ -107,10 +114,11 @@ class ExecResult:
         return self.exitcode == 0
 
     def first_line(self) -> str:
+        """The first non-empty line of its output (guest text, capped)."""
         for text in (self.stderr, self.stdout):
             for line in text.splitlines():
                 if line.strip():
-                    return line.strip()
+                    return guest_text(line.strip())
         return f"exit code {self.exitcode}"
 
 
@@ -143,7 +151,7 @@ class GuestExec:
         except AgentCommandError as error:
             if "disabled" in str(error).lower():
                 raise GuestNotReadyError(
-                    f"the guest agent in {self.name} refuses guest-exec ({error}); allow "
+                    f"the guest agent in {self.name} refuses guest-exec ({guest_text(str(error))}); allow "
                     "guest-exec and guest-exec-status in its configuration (e.g. --allow-rpcs)"
                 ) from None
             raise
@@ -206,7 +214,7 @@ class VerifyReport:
 def _reason(agent_error: str) -> str:
     """qemu-ga's own words from libvirt's wrapping ("... error was 'Failed to execute ...'")."""
     match = re.search(r"error was '(.*)'\s*$", agent_error)
-    return match.group(1) if match else agent_error
+    return guest_text(match.group(1) if match else agent_error)
 
 
 def _run(guest: GuestExec, argv) -> ExecResult | str:
@@ -233,7 +241,7 @@ def check_tdx_device(guest: GuestExec) -> GuestCheck:
 def _tdx_line(text: str) -> str | None:
     for line in text.splitlines():
         if TDX_LINE in line:
-            return line[line.index(TDX_LINE):].strip()
+            return guest_text(line[line.index(TDX_LINE):].strip())
     return None
 
 
@@ -271,7 +279,7 @@ def check_cmdline(guest: GuestExec) -> GuestCheck:
                for value in token.split("=", 1)[1].split(",")]
     if "mtrr" in cleared:
         return GuestCheck(name, True, "/proc/cmdline has clearcpuid=mtrr")
-    return GuestCheck(name, False, f"/proc/cmdline lacks it: {result.stdout.strip()}", fix)
+    return GuestCheck(name, False, f"/proc/cmdline lacks it: {guest_text(result.stdout.strip())}", fix)
 
 
 def check_spdm_crypto(guest: GuestExec) -> GuestCheck:
@@ -299,7 +307,7 @@ def check_nvidia_loaded(guest: GuestExec) -> GuestCheck:
     modules = [line.split()[0] for line in result.stdout.splitlines()[1:] if line.strip()]
     nvidia = [module for module in modules if module == "nvidia" or module.startswith("nvidia_")]
     if "nvidia" in nvidia:
-        return GuestCheck(name, True, "loaded: " + ", ".join(nvidia))
+        return GuestCheck(name, True, "loaded: " + guest_text(", ".join(nvidia)))
     return GuestCheck(name, False, "no nvidia module in lsmod", fix)
 
 
@@ -310,7 +318,7 @@ def _nvidia_smi(guest: GuestExec, flag: str, pattern: str) -> tuple[str | None, 
         return None, f"nvidia-smi did not run: {result}"
     match = re.search(pattern, result.stdout, flags=re.M)
     if result.ok and match:
-        return match.group(1), ""
+        return guest_text(match.group(1)), ""
     return None, f"nvidia-smi conf-compute {flag}: {result.first_line()}"
 
 
@@ -358,7 +366,9 @@ def agent_channel_state(domain_xml: str) -> str | None:
     """None without a guest-agent channel; else its live state ('connected', 'disconnected', '')."""
     from lxml import etree
 
-    root = etree.fromstring(domain_xml.encode())
+    from ..textsafe import xml_parsable
+
+    root = etree.fromstring(xml_parsable(domain_xml).encode())
     targets = root.xpath("./devices/channel/target[@type='virtio'][@name=$name]", name=AGENT_CHANNEL_NAME)
     if not targets:
         return None
@@ -369,6 +379,7 @@ def verify_domain(conn, name: str, timeout: float = DEFAULT_TIMEOUT) -> VerifyRe
     from ..tds import lookup
 
     domain = lookup(conn, name)
+    name = domain.name()  # the resolved name (lookup refuses an ambiguous argument)
     if not domain.isActive():
         raise GuestNotReadyError(
             f"TD {name!r} is not running; start it (`tdxvirt start {name}`), let it boot, then verify again"
