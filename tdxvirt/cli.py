@@ -413,6 +413,7 @@ def _records(rows):
             "memory_mib": row.facts.memory_kib // 1024,
             "gpus": list(row.facts.gpus),
             "uptime_s": None if row.uptime is None else int(row.uptime),
+            "problems": list(row.problems),
         }
         for row in rows
     ]
@@ -455,7 +456,11 @@ def list_(session, include_foreign, as_json):
     headers = ["NAME", "STATE", "TYPE", "DIALECT", "VCPUS", "MEMORY", "GPUS", "UPTIME"]
     from .textsafe import table as safe_table
 
-    table = [[r["name"], r["state"], "TDX" if r["tdx"] else "plain", r["dialect"] or "-",
+    # TYPE is what the TD was defined as (tdxvirt's metadata), marked '!' when its XML
+    # no longer is that: `show` names what changed.
+    table = [[r["name"], r["state"],
+              ("TDX" if r["tdx"] or (r["dialect"] or "plain") != "plain" else "plain")
+              + (" !" if r["problems"] else ""), r["dialect"] or "-",
               r["vcpus"], f"{r['memory_mib']} MiB", " ".join(r["gpus"]) or "-",
               _duration(r["uptime_s"])] for r in records]
     if include_foreign:
@@ -465,6 +470,9 @@ def list_(session, include_foreign, as_json):
     # Names and metadata come from libvirt, where others may have put CR, ESC or bidi
     # marks: every cell is escaped, so no value can move the cursor or forge a row.
     click.echo(safe_table(table, headers))
+    if any(r["problems"] for r in records):
+        click.echo("! no longer the TD it was defined as (weakened or broken by an edit); "
+                   "`tdxvirt show NAME` names what changed; `start` refuses it")
 
 
 @main.command()

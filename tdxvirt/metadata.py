@@ -48,7 +48,11 @@ def _bdf(address) -> str:
 def read_domain_xml(xml: str) -> DomainFacts:
     """One pass over the domain's top-level elements: `list` reads a thousand of these,
     and path lookups per field cost more than parsing the XML itself."""
-    root = etree.fromstring(xml.encode())
+    return read_domain_root(etree.fromstring(xml.encode()))
+
+
+def read_domain_root(root) -> DomainFacts:
+    """read_domain_xml on an already parsed domain (list also checks its integrity)."""
     name = vcpu = memory = mark = run = None
     tdx, gpus = False, []
     for child in root:

@@ -38,6 +38,7 @@ DEFINE_VALIDATE = 1
 # virDomainState values, as virsh names them.
 STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
                5: "shut off", 6: "crashed", 7: "suspended"}
+SHUTOFF, SHUTOFF_SAVED = 5, 5  # VIR_DOMAIN_SHUTOFF, reason VIR_DOMAIN_SHUTOFF_SAVED
 STATS_STATE = 1  # VIR_DOMAIN_STATS_STATE
 UNDEFINE_NVRAM = 4  # VIR_DOMAIN_UNDEFINE_NVRAM
 METADATA_ELEMENT, AFFECT_LIVE = 2, 1  # VIR_DOMAIN_METADATA_ELEMENT, VIR_DOMAIN_AFFECT_LIVE
@@ -48,6 +49,7 @@ class TDRow:
     facts: DomainFacts
     state: str
     uptime: float | None = None  # seconds, when tdxvirt started it
+    problems: tuple[str, ...] = ()  # tdxvirt.integrity: how it is no longer the TD defined
 
 
 @dataclass(frozen=True)
@@ -132,17 +134,63 @@ def read_facts(xml: str, name: str | None = None) -> DomainFacts:
     """read_domain_xml that survives a hostile domain (see parsable_xml); ``name``, the
     name libvirt reports, replaces the one parsed from the XML (which the XML parser
     normalises: a CR in a name reads back as LF)."""
+    return _parse(xml, name)[1]
+
+
+def _parse(xml: str, name: str | None = None):
+    """(root, facts) of a domain's XML, as read_facts reads it."""
     from dataclasses import replace
 
     from lxml import etree
 
-    from .metadata import read_domain_xml
+    from .metadata import read_domain_root
 
     try:
-        facts = read_domain_xml(xml)
+        root = etree.fromstring(xml.encode())
     except etree.XMLSyntaxError:  # rare: only then the extra pass over the text
-        facts = read_domain_xml(parsable_xml(xml))
-    return facts if name is None or facts.name == name else replace(facts, name=name)
+        root = etree.fromstring(parsable_xml(xml).encode())
+    facts = read_domain_root(root)
+    return root, facts if name is None or facts.name == name else replace(facts, name=name)
+
+
+def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
+    """tdxvirt.integrity's problems of a domain, with the facts this connection has:
+    the target libvirt's version, a managed-save image, and (given a local host root)
+    the MMIO window the hostdevs' BARs need."""
+    from .integrity import problems
+
+    needed = None
+    if host is not None:
+        from .conn import is_remote
+
+        if not is_remote(conn.getURI()):
+            needed = _window_needed(host)
+    try:
+        saved = bool(domain.hasManagedSaveImage(0))
+    except libvirt_error_type():
+        saved = False
+    return problems(xml_or_root, libvirt_version=conn.getLibVersion(),
+                    window_needed_mib=needed, managed_save=saved,
+                    commandline_kept=_keeps_commandline(conn))
+
+
+def _keeps_commandline(conn) -> bool:
+    """libvirt's test driver drops <qemu:commandline>; every real driver keeps it."""
+    return conn.getType().upper() != "TEST"
+
+
+def _window_needed(host):
+    """The MMIO window (MiB) define would size for these devices, read from the host."""
+    def needed(bdfs: list[str]) -> int | None:
+        from .host.pci import read_device
+        from .pci import PciAddress
+        from .policy import mmio_window_mb
+
+        try:
+            return mmio_window_mb([read_device(host, PciAddress.parse(bdf)) for bdf in bdfs])
+        except (TdxvirtError, OSError, ValueError):  # a device the host lacks: preflight names it
+            return None
+    return needed
 
 
 def _exists(conn, name: str) -> bool:
@@ -386,6 +434,13 @@ def start(conn, host: HostRoot, name, skip_preflight: bool = False,
         return False
     xml = parsable_xml(domain.XMLDesc(0))
     with locks.held(locks.gpu_keys(read_facts(xml).gpus)):
+        # Not a preflight to skip: a TD never boots unprotected or broken by an edit.
+        weakened = integrity_problems(conn, domain, xml, host)
+        if weakened:
+            more = (f" (and {len(weakened) - 1} more: {'; '.join(map(str, weakened[1:]))})"
+                    if len(weakened) > 1 else "")
+            raise HostNotReadyError(f"{name!r} is no longer the TD it was defined as: "
+                                    f"{weakened[0].what}; {weakened[0].fix}{more}")
         if not skip_preflight:
             from .preflight import start_problems
 
@@ -394,6 +449,10 @@ def start(conn, host: HostRoot, name, skip_preflight: bool = False,
                 more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
                 raise HostNotReadyError(f"{domain.name()!r} would not start safely: "
                                         f"{problems[0]}{more}; --skip-preflight overrides")
+        # What was checked is what starts: another tool may have redefined it meanwhile.
+        if parsable_xml(domain.XMLDesc(0)) != xml:
+            raise HostNotReadyError(f"{name!r} was redefined while tdxvirt checked it; "
+                                    f"run `tdxvirt start {name}` again to check the new definition")
         try:
             domain.create()
         except libvirt_error_type() as error:
@@ -475,6 +534,10 @@ def undefine(conn, name, remove_storage: bool = False, config=None) -> list[str]
         raise LibvirtOperationError(
             f"{name!r} is running; stop it first (`tdxvirt stop {name}` or `tdxvirt destroy {name}`)"
         )
+    if _saved(domain):
+        raise LibvirtOperationError(
+            f"{name!r} has a managed-save image, which libvirt will not undefine; remove it "
+            f"first (`virsh managedsave-remove {name}`): a TD boots afresh, never from saved memory")
     xml = parsable_xml(domain.XMLDesc(0))  # unchanged unless libvirt wrote XML lxml refuses
     facts = read_facts(xml)
     has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
@@ -484,6 +547,20 @@ def undefine(conn, name, remove_storage: bool = False, config=None) -> list[str]
         except libvirt_error_type() as error:
             raise translate(error, f"cannot undefine {name!r}") from None
         return storage.remove()
+
+
+def _saved(domain) -> bool:
+    try:
+        return bool(domain.hasManagedSaveImage(0))
+    except libvirt_error_type():
+        return False
+
+
+def _state_name(state_code: int, reason: int | None) -> str:
+    """virsh's words, and "saved" for a shut-off domain with a managed-save image."""
+    if state_code == SHUTOFF and reason == SHUTOFF_SAVED:
+        return "saved"
+    return STATE_NAMES.get(state_code, "unknown")
 
 
 def _checked_storage(conn, name: str, xml: str, facts: DomainFacts, config, remove_storage: bool):
@@ -507,11 +584,16 @@ def domain_xml(conn, name, inactive: bool = False) -> str:
     return lookup(conn, name).XMLDesc(2 if inactive else 0)  # VIR_DOMAIN_XML_INACTIVE
 
 
-def _row(domain, state_code: int, xml: str, now: float) -> TDRow:
-    facts = read_facts(xml, domain.name())
+def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | None = None,
+         reason: int | None = None, commandline_kept: bool = True) -> TDRow:
+    from .integrity import problems
+
+    root, facts = _parse(xml, domain.name())
     started = facts.started if state_code == 1 else None
-    return TDRow(facts, STATE_NAMES.get(state_code, "unknown"),
-                 None if started is None else max(0.0, now - started))
+    found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept) \
+        if facts.managed_by_tdxvirt or facts.tdx else ()
+    return TDRow(facts, _state_name(state_code, reason),
+                 None if started is None else max(0.0, now - started), tuple(map(str, found)))
 
 
 def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
@@ -529,16 +611,21 @@ def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
 
 
 def show(conn, name) -> TDInfo:
+    """The TD and every problem: how it is no longer the TD defined (integrity), else
+    what TDX's rules say of its XML (td_rules)."""
     from .td_rules import td_problems
 
     domain = lookup(conn, name)
     xml = parsable_xml(domain.XMLDesc(0))  # every parser below gets XML lxml accepts
+    state, reason = domain.state()[:2]
+    row = _row(domain, state, xml, time.time(), conn.getLibVersion(), reason, _keeps_commandline(conn))
+    found = [str(p) for p in integrity_problems(conn, domain, xml)]
     return TDInfo(
-        row=_row(domain, domain.state()[0], xml, time.time()),
+        row=row,
         uuid=domain.UUIDString(),
         autostart=bool(domain.autostart()),
         persistent=bool(domain.isPersistent()),
-        problems=tuple(td_problems(xml)),
+        problems=tuple(found or td_problems(xml)),
         builds=_builds_used(xml, conn.getURI()),
     )
 
@@ -555,10 +642,12 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     xmls = xmls_of_listed([domain for domain, _ in listed])  # reading starts now
     from .metadata import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
 
+    version, kept = conn.getLibVersion(), _keeps_commandline(conn)
     for (domain, stats), xml in zip(listed, xmls):
         if xml is None:
             continue
-        row = _row(domain, stats.get("state.state", 0), xml, now)
+        row = _row(domain, stats.get("state.state", 0), xml, now, version,
+                   stats.get("state.reason"), kept)
         if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
             rows.append(row)
     return sorted(rows, key=lambda row: row.facts.name)

@@ -1,0 +1,165 @@
+"""Is this TD still a TD? What tdxvirt defined against what the domain XML is now.
+
+TDs are ordinary libvirt domains, so virsh, virt-xml and virt-manager edit them. Some
+edits strip a TD's protection (launch security deleted: it boots as an ordinary VM)
+or break it far from the cause (the MMIO window removed: the GPU fails inside the
+guest). The intent comes from tdxvirt's metadata (its dialect says TD or plain, its
+devices which GPUs); a domain other tools defined is judged from its XML alone (a TD
+there is one with TDX launch security or a ``tdx-guest`` object).
+
+``problems`` is used by ``show`` (listed), ``list`` (a marker) and ``start`` (refused
+before anything runs, one line naming what changed and how to restore it; not
+overridable, because a TD must never boot unprotected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lxml import etree
+
+from .metadata import NAMESPACE, QEMU_NS
+from .tdx_options import POLICY_ALLOWED
+
+MMIO_FWCFG = "opt/ovmf/X-PciMmio64Mb"
+LIBVIRT_HOSTDEV_IOMMUFD = 12_001_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    what: str  # what is wrong now
+    fix: str  # how to get the TD back
+
+    def __str__(self) -> str:
+        return f"{self.what} ({self.fix})"
+
+
+_COMMANDLINE = f"{{{QEMU_NS}}}commandline"
+_ARG = f"{{{QEMU_NS}}}arg"
+_DIALECT = f"metadata/{{{NAMESPACE}}}td/{{{NAMESPACE}}}dialect"
+
+
+def _arg_values(root) -> list[str]:
+    return [arg.get("value", "") for line in root.iterfind(_COMMANDLINE) for arg in line.iterfind(_ARG)]
+
+
+def intended_tdx(root) -> bool:
+    """tdxvirt's metadata says TD (any dialect but plain); unmarked: TDX in the XML."""
+    dialect = root.findtext(_DIALECT)
+    if dialect is not None:
+        return dialect.strip() != "plain"
+    return root.find("launchSecurity[@type='tdx']") is not None or any(
+        "tdx-guest" in a for a in _arg_values(root))
+
+
+def _window_mib(args: list[str]) -> list[int | None]:
+    """Each -fw_cfg MMIO window's size in MiB (None when unreadable)."""
+    sizes = []
+    for value in args:
+        if value.startswith(f"name={MMIO_FWCFG},"):
+            text = value.split("string=", 1)[-1]
+            sizes.append(int(text) if text.isdigit() else None)
+    return sizes
+
+
+def _pci_hostdevs(root) -> list[tuple[str, object]]:
+    """(BDF, element) of each PCI hostdev with a source address."""
+    found = []
+    for hostdev in root.iterfind("devices/hostdev[@type='pci']"):
+        address = hostdev.find("source/address")
+        if address is not None:
+            found.append(("%04x:%02x:%02x.%x" % tuple(
+                int(address.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")),
+                hostdev))
+    return found
+
+
+def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
+             window_needed_mib: Callable[[list[str]], int | None] | None = None,
+             managed_save: bool = False, commandline_kept: bool = True) -> list[Problem]:
+    """Every way the domain no longer is the TD it was defined as; [] when it is one.
+
+    ``libvirt_version``: the target libvirt's, to expect iommufd hostdevs (>= 12.1);
+    ``window_needed_mib``: the MMIO window the hostdevs' BARs need (None: unknown);
+    ``managed_save``: libvirt holds a managed-save image of the domain;
+    ``commandline_kept``: False for libvirt's test driver, which drops
+    ``<qemu:commandline>`` from every domain (so its absence says nothing there)."""
+    root = etree.fromstring(xml.encode()) if isinstance(xml, str) else xml
+    if not intended_tdx(root):
+        return []
+    name = root.findtext("name") or "NAME"
+    edit = f"restore it with `virsh edit {name}`, or undefine and `tdxvirt define` it again"
+    dialect = (root.findtext(_DIALECT) or "").strip()
+    args = _arg_values(root)
+    found: list[Problem] = []
+
+    launch = root.find("launchSecurity[@type='tdx']")
+    if dialect == "qemu-args" or (not dialect and launch is None):
+        if commandline_kept and not any("tdx-guest" in a for a in args):
+            found.append(Problem("its tdx-guest object is gone from <qemu:commandline>: it would "
+                                 "boot as an ordinary, unprotected VM", edit))
+    elif launch is None:
+        found.append(Problem("<launchSecurity type='tdx'> was removed: it would boot as an "
+                             "ordinary, unprotected VM", edit))
+    else:
+        policy = (launch.findtext("policy") or "").strip()
+        try:
+            bad = int(policy.removeprefix("0x"), 16) & ~POLICY_ALLOWED
+        except ValueError:
+            bad = -1
+        if bad:
+            found.append(Problem(f"TDX policy {policy!r} is not one libvirt allows "
+                                 "(only 0x1 debug and 0x10000000 SEPT #VE disable)", edit))
+
+    loader = root.find("os/loader")
+    if loader is None or not (loader.text or "").strip():
+        found.append(Problem("its firmware (<os><loader>) was removed", edit))
+    elif loader.get("type") != "rom":
+        found.append(Problem(f"its firmware is loaded as {loader.get('type') or 'pflash'}, "
+                             "not ROM", edit))
+    if root.find("os/nvram") is not None:
+        found.append(Problem("it has NVRAM (a TD keeps no UEFI variables)", edit))
+    if root.find("features/ioapic[@driver='qemu']") is None and not any(
+            "kernel_irqchip=split" in a for a in args):
+        found.append(Problem("the split irqchip (<ioapic driver='qemu'/>) is gone", edit))
+    smm = root.find("features/smm")
+    if smm is None or smm.get("state") != "off":
+        found.append(Problem("SMM is no longer off", edit))
+    pmu = root.find("features/pmu")
+    if pmu is None or pmu.get("state") != "off":
+        found.append(Problem("the PMU is no longer off", edit))
+
+    if root.find("memoryBacking/access[@mode='shared']") is not None or \
+            root.find("cpu/numa/cell[@memAccess='shared']") is not None:
+        found.append(Problem("its memory is shared with other processes (virt-manager's "
+                             "\"Enable shared memory\")", edit))
+    if root.find("memoryBacking/hugepages") is not None:
+        found.append(Problem("huge pages back only a TD's shared memory and reserve the "
+                             "memory twice", edit))
+
+    pci = _pci_hostdevs(root)
+    hostdevs = [bdf for bdf, _ in pci]
+    windows = _window_mib(args)
+    if hostdevs and not windows and commandline_kept:
+        found.append(Problem("the 64-bit MMIO window (-fw_cfg name=opt/ovmf/X-PciMmio64Mb) "
+                             "is gone: its GPUs would fail inside the guest", edit))
+    elif hostdevs and windows and window_needed_mib is not None:
+        needed = window_needed_mib(hostdevs)
+        have = max((w or 0) for w in windows)
+        if needed is not None and have < needed:
+            found.append(Problem(f"its 64-bit MMIO window ({have} MiB) is smaller than its "
+                                 f"devices' BARs need ({needed} MiB)", edit))
+    if len(windows) > 1:
+        found.append(Problem("it passes the MMIO window more than once", edit))
+    if libvirt_version is not None and libvirt_version >= LIBVIRT_HOSTDEV_IOMMUFD \
+            and dialect in ("native", ""):
+        legacy = [bdf for bdf, hostdev in pci if hostdev.find("driver[@iommufd='yes']") is None]
+        if legacy:
+            found.append(Problem(f"hostdev {', '.join(legacy)} lost <driver iommufd='yes'/>",
+                                 edit))
+    if managed_save:
+        found.append(Problem("libvirt holds a managed-save image: starting would resume "
+                             "saved memory instead of booting a freshly measured TD",
+                             f"`virsh managedsave-remove {name}`"))
+    return found
