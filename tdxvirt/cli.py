@@ -126,10 +126,11 @@ pass_session = click.make_pass_decorator(Session)
 @click.option("-c", "--connect", "uri", metavar="URI",
               help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system).")
 @click.option("--sim", is_flag=True, envvar="TDXVIRT_SIM",
-              help="Use the simulated TDX host (libvirt test driver + fake host root).")
+              help="Use the simulated TDX host (libvirt's qemu driver on the emulated TDX host + fake host root).")
 @click.option("--host-root", metavar="DIR", envvar="TDXVIRT_HOST_ROOT",
               type=click.Path(exists=True, file_okay=False),
-              help="Read host facts (sysfs, /proc, firmware) below DIR instead of /.")
+              help="Read host facts (sysfs, /proc, firmware) below DIR instead of /; "
+                   "programs below DIR are never run, except by `host setup --run-below-root`.")
 @click.version_option(package_name="tdxvirt", prog_name="tdxvirt")
 @click.pass_context
 def main(ctx, uri, sim, host_root):

@@ -24,14 +24,16 @@ def host():
 def check(ctx, as_json, gpus):
     """Check everything a TD with GPUs needs; exit 1 if anything fails."""
     from .doctor import Context, failed, run_checks
-    from .host.commands import SubprocessRunner
+    from .host.commands import host_runner
     from .pci import PciAddress
 
     session = ctx.obj
     addresses = tuple(PciAddress.parse(gpu) for gpu in gpus)
     root = session.host
+    # Programs run only from /: below any other host root the checks that need one
+    # (QEMU's -object help) are reported as skipped, whoever runs this.
     context = Context(root, uri=session.uri, connect=session.conn,
-                      runner=SubprocessRunner(root), gpus=addresses)
+                      runner=host_runner(root), gpus=addresses)
     results = run_checks(context)
     if as_json:
         click.echo(json.dumps({"uri": session.uri, "host_root": str(root.base),
@@ -60,12 +62,15 @@ def check(ctx, as_json, gpus):
               "keep: leave it on and install udev rules for the VFIO devices.")
 @click.option("--legacy-vfio", is_flag=True,
               help="Also raise vfio_iommu_type1's dma_entry_limit (libvirt < 12.1).")
+@click.option("--run-below-root", is_flag=True,
+              help="With a host root other than /: run that tree's own grubby, update-grub, "
+              "systemctl and udevadm inside it (chroot) as root; the tree and each program "
+              "must be root's and not group/other-writable. --dry-run never runs them.")
 @click.pass_context
-def setup(ctx, dry_run, revert, user, group, security_driver, legacy_vfio):
+def setup(ctx, dry_run, revert, user, group, security_driver, legacy_vfio, run_below_root):
     """Configure this host for TDs with GPUs (modprobe.d, kernel args, qemu.conf)."""
     from .doctor.context import is_remote
     from .errors import InputError
-    from .host.commands import SubprocessRunner
     from .hostcfg import setup as host_setup
     from .hostcfg.plan import render_step
 
@@ -77,7 +82,7 @@ def setup(ctx, dry_run, revert, user, group, security_driver, legacy_vfio):
         raise InputError("--revert takes no other setup options (it restores the backups)")
     host_setup.check_privileges(dry_run)
     root = session.host
-    runner = SubprocessRunner(root)
+    runner = host_setup.runner_for(root, dry_run, run_below_root)
 
     def show(step):
         click.echo(render_step(step), nl=False)

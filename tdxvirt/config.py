@@ -7,6 +7,11 @@ Read from ``$TDXVIRT_CONFIG`` alone when set, else ``/etc/tdxvirt/config.toml`` 
     ovmf = "/opt/tdx/OVMF.fd"                 # TDX firmware for define
     qemu = "/usr/local/bin/qemu-system-x86_64" # emulator for define
     overlay_dir = "/var/lib/libvirt/images"   # where --image overlays are created
+
+As root (euid 0) a config file chooses what root runs (``qemu``) and where it writes
+(``overlay_dir``), so one is read only if root owns it and no group or other user can
+change it or a directory above it (``sudo -E`` keeps ``$TDXVIRT_CONFIG`` and the
+user's ``$HOME``); anything else is refused with one line saying how to fix it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .host.trust import require_trusted
 
 SYSTEM_CONFIG = Path("/etc/tdxvirt/config.toml")
 USER_CONFIG = Path("~/.config/tdxvirt/config.toml")
@@ -63,5 +69,12 @@ def load_config() -> Config:
         paths = [p for p in (SYSTEM_CONFIG, USER_CONFIG.expanduser()) if p.is_file()]
     merged: dict = {}
     for path in paths:
+        if explicit:
+            require_trusted(path, "config file", otherwise="unset TDXVIRT_CONFIG")
+        elif path == SYSTEM_CONFIG:
+            require_trusted(path, "config file")
+        else:
+            require_trusted(path, "config file", otherwise="run sudo without -E (it keeps "
+                            "your HOME, and so your own config file)")
         merged.update(_read(path))
     return Config(**merged)

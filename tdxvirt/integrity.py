@@ -154,9 +154,13 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
         found.append(Problem("it passes the MMIO window more than once", edit))
     if libvirt_version is not None and libvirt_version >= LIBVIRT_HOSTDEV_IOMMUFD \
             and dialect in ("native", ""):
-        legacy = [bdf for bdf, hostdev in pci if hostdev.find("driver[@iommufd='yes']") is None]
+        # the GPUs and NVSwitches tdxvirt passed (its metadata); unmarked: every hostdev
+        marked = {e.get("bdf") for e in root.iterfind(f"metadata/{{{NAMESPACE}}}td/*")
+                  if e.get("bdf")} or {bdf for bdf, _ in pci}
+        legacy = [bdf for bdf, hostdev in pci
+                  if bdf in marked and hostdev.find("driver[@iommufd='yes']") is None]
         if legacy:
-            found.append(Problem(f"hostdev {', '.join(legacy)} lost <driver iommufd='yes'/>",
+            found.append(Problem(f"GPU hostdev {', '.join(legacy)} lost <driver iommufd='yes'/>",
                                  edit))
     if managed_save:
         found.append(Problem("libvirt holds a managed-save image: starting would resume "

@@ -84,6 +84,8 @@ def mode_reader(host: HostRoot, tool_path: str | None = None):
         return None
     try:
         tool = admin_tool.locate(tool_path, host)
+    except admin_tool.UntrustedToolError:
+        raise  # a tool others could change is refused, never silently skipped
     except TdxvirtError:
         return None
 

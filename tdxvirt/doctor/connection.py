@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..dialect import KVM_INTEL_TDX as KVM_TDX
 from ..dialect import LIBVIRT_NATIVE_TDX, LibvirtFacts, choose, version_text
 from ..errors import HostNotReadyError
+from ..host.commands import NOT_RUN
 from ..policy import LIBVIRT_HOSTDEV_IOMMUFD
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
@@ -88,6 +89,11 @@ def checks(ctx: Context) -> list[Check]:
         result.append(Check("libvirt: dialect", WARN, "qemu-args: this libvirt has no TDX XML, "
                             "its QEMU has tdx-guest", "`tdxvirt define --dialect qemu-args`, or "
                             "libvirt >= 11.6 for the native dialect"))
+    elif (version < LIBVIRT_NATIVE_TDX and not ctx.remote and not ctx.runs_programs
+          and ctx.emulator is not None):
+        result.append(Check("libvirt: dialect", SKIP, "this libvirt has no TDX XML, and "
+                            f"whether its QEMU has tdx-guest is unknown: {NOT_RUN}",
+                            "run `tdxvirt host check` on that system itself"))
     else:
         result.append(Check("libvirt: dialect", FAIL, "none: neither libvirt nor QEMU can "
                             "start a TD on this host", "fix the failures above"))

@@ -3,6 +3,10 @@
 libvirt answers for the host it is connected to, local or remote; the host root and
 the runner only describe the machine tdxvirt runs on, so sysfs-only checks are skipped
 when the URI names another host.
+
+Below a host root other than ``/`` no program is run by default (``host_runner``): a
+check that needs one (QEMU's ``-object help``) is reported as skipped. Code that means
+to run a tree's programs passes ``runner=SubprocessRunner(root)`` itself.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from functools import cached_property
 from urllib.parse import urlsplit
 
 from ..errors import TdxvirtError
-from ..host.commands import CommandRunner, SubprocessRunner
+from ..host.commands import NOT_RUN, CommandRunner, host_runner, refuses
 from ..host.root import HostRoot
 from ..pci import PciAddress
 from .check import SKIP, Check
@@ -55,9 +59,14 @@ class Context:
         self.root = root
         self.uri = uri
         self._connect = connect
-        self.runner = runner or SubprocessRunner(root)
+        self.runner = runner or host_runner(root)
         self.gpus = gpus
         self.conn_error: str | None = None
+
+    @property
+    def runs_programs(self) -> bool:
+        """False below a host root other than ``/`` unless a runner was given for it."""
+        return not refuses(self.runner)
 
     @property
     def remote(self) -> bool:
@@ -133,6 +142,8 @@ class Context:
         """(object types, None) from ``-object help``, or (None, why not)."""
         if self.emulator is None:
             return None, "no QEMU found"
+        if not self.runs_programs:
+            return None, NOT_RUN
         result = self.runner.run((self.emulator, "-object", "help"), timeout=30)
         if not result.ok:
             return None, f"`{self.emulator} -object help` failed: {result.tail() or 'no output'}"
@@ -140,7 +151,7 @@ class Context:
 
     @cached_property
     def qemu_version(self) -> tuple[int, int, int] | None:
-        if self.emulator is None:
+        if self.emulator is None or not self.runs_programs:
             return None
         result = self.runner.run((self.emulator, "--version"), timeout=30)
         return parse_qemu_version(result.stdout) if result.ok else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InputError, NotFoundError
+from ..errors import InputError, NotFoundError, TdxvirtError
 from ..host import nvidia
 from ..host.pci import PCI_DEVICES, PciDevice, read_device
 from ..pci import PciAddress
@@ -181,6 +181,9 @@ def _gpu_checks(gpu: Gpu, remote: bool, read_modes=None) -> list[Check]:
 
 def _cc_check(name: str, gpu: Gpu, read_modes) -> Check:
     """CC mode through NVIDIA's tool (preflight.mode_reader) when it can run here."""
+    if isinstance(read_modes, str):  # the named tool was refused (run as root)
+        return Check(f"{name}: cc mode", FAIL, f"not read: {read_modes}",
+                     "give a tool only root can change (see FOUND)")
     if read_modes is None:
         return Check(f"{name}: cc mode", SKIP, "unknown (NVIDIA's tool not installed, not "
                      "root, or not this machine's GPU)", "`pip install 'tdxvirt[gpu]'`, run as root")
@@ -212,9 +215,17 @@ def checks(ctx: Context) -> list[Check]:
                       "check `lspci -D -d 10de:`; pass --for-gpu BDF to check one")]
     read_modes = None
     if not ctx.remote:
+        from ..gpu.admin_tool import UntrustedToolError, locate
         from ..preflight import mode_reader
 
-        read_modes = mode_reader(ctx.root)
+        try:
+            locate(None, ctx.root)
+        except UntrustedToolError as refused:
+            read_modes = str(refused)  # shown on each GPU's cc mode row, never run
+        except TdxvirtError:
+            pass  # no tool: mode_reader says so below
+        if read_modes is None:
+            read_modes = mode_reader(ctx.root)
     result = []
     for gpu in found:
         if isinstance(gpu, str):

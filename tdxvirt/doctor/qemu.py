@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..host.commands import NOT_RUN
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 
@@ -27,6 +28,11 @@ def checks(ctx: Context) -> list[Check]:
         return [Check("qemu: tdx-guest", FAIL, f"libvirt names {ctx.emulator}, which is not "
                       f"on this host (host root {ctx.root.base})",
                       "install QEMU >= 10.1 or fix the emulator libvirt uses")]
+    if not ctx.runs_programs:
+        found = f"{ctx.emulator}: {NOT_RUN} (host root {ctx.root.base})"
+        remedy = "run `tdxvirt host check` on that system itself to run its QEMU"
+        return [Check("qemu: tdx-guest", SKIP, found, remedy),
+                Check("qemu: version", SKIP, found, remedy)]
     objects, error = ctx.qemu_objects
     version = ctx.qemu_version
     shown = f"{ctx.emulator}" + (f" {_version_text(version)}" if version else "")

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from ..errors import HostNotReadyError, NotFoundError
 from ..host import HostRoot
+from ..host.trust import refusal, require_trusted, tree_problem
 
 MODULE = "nvidia_gpu_tools"
 ENV_PATH = "TDXVIRT_GPU_TOOLS"
@@ -46,6 +47,10 @@ _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<name>[A-Z]\w*(?:Error|Excep
                         r"(?::\s*(?P<text>.*))?$")
 
 
+class UntrustedToolError(HostNotReadyError):
+    """A named tool root should not run: someone other than root can change it."""
+
+
 @dataclass(frozen=True)
 class Tool:
     """How to start the tool: an argv prefix, and where it came from."""
@@ -60,7 +65,13 @@ def locate(path: str | None = None, host: HostRoot | None = None) -> Tool:
 
     NVIDIA's tool reads this machine's real devices, whatever host root tdxvirt reads:
     below any other root (the simulated host, a test's fake tree) only an explicitly
-    named tool (a stand-in) is run, so no real device is touched from there."""
+    named tool (a stand-in) is run, so no real device is touched from there.
+
+    As root a named tool (``--tool`` or ``$TDXVIRT_GPU_TOOLS``, which ``sudo -E``
+    keeps) is run only if root owns it and no group or other user can change it or a
+    directory above it; a Python script's own directory (on its import path) must not
+    be writable by others at all, sticky or not."""
+    from_environment = not path
     path = path or os.environ.get(ENV_PATH) or None
     if path is None and host is not None and host.base.resolve() != Path("/"):
         raise HostNotReadyError(
@@ -78,15 +89,31 @@ def locate(path: str | None = None, host: HostRoot | None = None) -> Tool:
         if not scripts:
             raise NotFoundError(f"{path} holds no {' or '.join(CHECKOUT_SCRIPTS)}; give the "
                                 "nvtrust checkout or the script itself")
+        _require_trusted_tool(Path(path), from_environment)
         candidate = scripts[0]
     elif not candidate.is_file():
         raise NotFoundError(f"NVIDIA GPU tool {path} does not exist; {INSTALL_HINT}")
+    _require_trusted_tool(candidate, from_environment, script=candidate.suffix == ".py")
     if candidate.suffix == ".py":
         # The script's own directory must stay on sys.path: it imports its siblings.
         return Tool((sys.executable, str(candidate)), str(candidate))
     if not os.access(candidate, os.X_OK):
         raise HostNotReadyError(f"{candidate} is not executable; give a .py script or an executable")
     return Tool((str(candidate),), str(candidate))
+
+
+def _require_trusted_tool(path: Path, from_environment: bool, script: bool = False) -> None:
+    if from_environment:
+        what, otherwise = (f"NVIDIA GPU tool (${ENV_PATH})",
+                           f"unset {ENV_PATH} (sudo -E keeps it)")
+    else:
+        what, otherwise = "NVIDIA GPU tool", "give a tool root owns"
+    require_trusted(path, what, otherwise=otherwise, strict_parent=script,
+                    error=UntrustedToolError)
+    if script:  # Python imports the script's siblings: none may be someone else's
+        problem = tree_problem(path.parent)
+        if problem is not None:
+            raise UntrustedToolError(refusal(what, path, problem, otherwise))
 
 
 # ------------------------------------------------------------------ argv

@@ -6,6 +6,13 @@ wrote, and the commands that take back what setup ran (grubby). A later setup ru
 never replaces an original, so ``--revert`` returns the host to how it was before the
 first run. If any step fails, the files this run already changed are put back and the
 manifest is left as it was.
+
+Every file is reached through ``files.HostFiles`` (never through a symlinked
+directory; as root, only below directories only root can change). Backups sit under
+flat names (``etc%2Flibvirt%2Fqemu.conf``) in the one directory ``files/``, so no
+directory tree below it can redirect them. Before the first change, ``preflight``
+checks every directory the plan writes to and every program it runs, so a refusal
+leaves the host untouched.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import HostNotReadyError
 from ..host.commands import CommandRunner
@@ -25,10 +33,26 @@ from .plan import HostPlan, Notice, Step, WriteFile
 
 STATE = "/var/lib/tdxvirt/host-setup"
 MANIFEST = f"{STATE}/manifest.json"
+BACKUPS = f"{STATE}/files"
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def backup_name(host_path: str) -> str:
+    """A host path as one file name: ``/etc/libvirt/qemu.conf`` -> ``etc%2Flibvirt%2Fqemu.conf``."""
+    return quote(host_path.lstrip("/"), safe="")
+
+
+def backup_file(host_path: str, record: dict | None = None) -> str:
+    """Where the original of ``host_path`` is kept (a host path).
+
+    Records written before backups were flat (no ``backup`` key) kept it in a tree
+    mirroring the host path; it is still read (never through a link) from there."""
+    if record is not None and record.get("existed") and not record.get("backup"):
+        return f"{BACKUPS}{host_path}"
+    return f"{BACKUPS}/{backup_name(host_path)}"
 
 
 @dataclass
@@ -36,14 +60,18 @@ class BackupStore:
     root: HostRoot
 
     @property
+    def host(self) -> files.HostFiles:
+        return files.HostFiles(self.root)
+
+    @property
     def base(self) -> Path:
         return self.root.path(STATE)
 
-    def backup_path(self, host_path: str) -> Path:
-        return self.base / "files" / host_path.lstrip("/")
+    def backup_path(self, host_path: str, record: dict | None = None) -> Path:
+        return self.root.path(backup_file(host_path, record))
 
     def load(self) -> dict:
-        data = files.read_bytes(self.root.path(MANIFEST))
+        data = self.host.read_bytes(MANIFEST)
         if data is None:
             return {"version": 1, "files": {}, "undo": []}
         try:
@@ -51,15 +79,18 @@ class BackupStore:
         except ValueError:
             raise HostNotReadyError(
                 f"{MANIFEST} is not valid JSON; tdxvirt cannot tell what it changed "
-                f"(backups are in {STATE}/files)") from None
+                f"(backups are in {BACKUPS})") from None
+        if not isinstance(manifest, dict):
+            raise HostNotReadyError(f"{MANIFEST} is not a tdxvirt manifest; tdxvirt cannot "
+                                    f"tell what it changed (backups are in {BACKUPS})")
         manifest.setdefault("files", {})
         manifest.setdefault("undo", [])
         return manifest
 
     def save(self, manifest: dict) -> None:
-        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
         text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        files.atomic_write(self.root.path(MANIFEST), text.encode(), new_mode=0o600)
+        self.host.make_dir(STATE, 0o700)
+        self.host.atomic_write(MANIFEST, text.encode(), new_mode=0o600, dir_mode=0o700)
 
     def remember(self, manifest: dict, host_path: str, state: files.FileState | None) -> None:
         """Keep the original of ``host_path`` unless an earlier run already kept one."""
@@ -67,34 +98,55 @@ class BackupStore:
             return
         record: dict = {"existed": state is not None}
         if state is not None:
-            backup = self.backup_path(host_path)
-            backup.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            files.atomic_write(backup, state.data, new_mode=0o600)
-            record.update(mode=state.mode, uid=state.uid, gid=state.gid)
+            self.host.make_dir(STATE, 0o700)
+            self.host.atomic_write(backup_file(host_path), state.data, new_mode=0o600,
+                                   dir_mode=0o700)
+            record.update(mode=state.mode, uid=state.uid, gid=state.gid,
+                          backup=backup_name(host_path))
         manifest["files"][host_path] = record
 
     def original(self, host_path: str, record: dict) -> bytes | None:
         if not record.get("existed"):
             return None
-        data = files.read_bytes(self.backup_path(host_path))
+        data = self.host.read_bytes(backup_file(host_path, record))
         if data is None:
             raise HostNotReadyError(
-                f"the backup of {host_path} is missing from {STATE}/files; restore it by hand")
+                f"the backup of {host_path} is missing from {BACKUPS} "
+                f"({backup_file(host_path, record)}); restore it by hand")
         return data
 
     def forget(self, manifest: dict, host_path: str) -> None:
-        manifest["files"].pop(host_path, None)
-        files.remove_file(self.backup_path(host_path))
+        record = manifest["files"].pop(host_path, None)
+        self.host.remove_file(backup_file(host_path, record))
 
     def clear_if_empty(self, manifest: dict) -> None:
         if manifest["files"] or manifest["undo"]:
             self.save(manifest)
         else:
-            files.remove_file(self.root.path(MANIFEST))
+            self.host.remove_file(MANIFEST)
 
 
-def _current(root: HostRoot, step: WriteFile) -> files.FileState | None:
-    state = files.read_state(root.path(step.path))
+def _parent(host_path: str) -> str:
+    return host_path.rpartition("/")[0] or "/"
+
+
+def preflight(plan: HostPlan, root: HostRoot, runner: CommandRunner,
+              store: BackupStore | None = None) -> None:
+    """Raise (one line) before any change if a step would be refused: a directory
+    written to that is a symlink or someone else's, a program that would not be run."""
+    host = files.HostFiles(root)
+    for step in plan.files():
+        host.check_writable(_parent(step.path))
+    if store is not None and plan.files():
+        host.check_writable(BACKUPS)
+    check = getattr(runner, "check", None)
+    if check is not None:
+        for command in plan.commands():
+            check(command.argv)
+
+
+def _current(host: files.HostFiles, step: WriteFile) -> files.FileState | None:
+    state = host.read_state(step.path)
     if (state.data if state else None) != step.old:
         raise HostNotReadyError(
             f"{step.path} changed while tdxvirt was planning; run the command again")
@@ -109,6 +161,8 @@ def apply_plan(plan: HostPlan, root: HostRoot, runner: CommandRunner,
     ``store`` keeps backups of what a setup run changes; a revert passes the store it
     restores from with ``reverting=True`` and it forgets each file once restored.
     """
+    preflight(plan, root, runner, store)
+    host = files.HostFiles(root)
     manifest = store.load() if store else None
     snapshot = json.loads(json.dumps(manifest)) if manifest is not None else None
     undo: list[tuple[WriteFile, files.FileState | None]] = []
@@ -119,15 +173,18 @@ def apply_plan(plan: HostPlan, root: HostRoot, runner: CommandRunner,
         for step, state in reversed(undo):
             try:
                 if state is None:
-                    files.remove_file(root.path(step.path))
+                    host.remove_file(step.path)
                 else:
-                    files.atomic_write(root.path(step.path), state.data)
+                    host.atomic_write(step.path, state.data)
                 restored.append(step.path)
             except HostNotReadyError as error:
                 reason += f"; could not restore {step.path} ({error})"
         if store is not None and snapshot is not None and not reverting:
             for path in set(manifest["files"]) - set(snapshot["files"]):
-                files.remove_file(store.backup_path(path))
+                try:
+                    host.remove_file(backup_file(path, manifest["files"][path]))
+                except HostNotReadyError as error:
+                    reason += f"; could not remove the backup of {path} ({error})"
             store.clear_if_empty(snapshot)
         if restored:
             reason += f"; tdxvirt put back {', '.join(restored)}"
@@ -141,16 +198,16 @@ def apply_plan(plan: HostPlan, root: HostRoot, runner: CommandRunner,
             continue
         if isinstance(step, WriteFile):
             try:
-                state = _current(root, step)
+                state = _current(host, step)
                 if store is not None and manifest is not None and not reverting:
                     # The backup and its record exist before the file changes, so a
                     # run killed right after the write can still be reverted.
                     store.remember(manifest, step.path, state)
                     store.save(manifest)
                 if step.new is None:
-                    files.remove_file(root.path(step.path))
+                    host.remove_file(step.path)
                 else:
-                    files.atomic_write(root.path(step.path), step.new, new_mode=step.mode)
+                    host.atomic_write(step.path, step.new, new_mode=step.mode)
             except HostNotReadyError as error:
                 raise roll_back(str(error)) from None
             undo.append((step, state))

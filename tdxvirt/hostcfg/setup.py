@@ -3,17 +3,26 @@
 ``gather_facts`` reads the host (through the host root, plus ``grubby --info`` through
 the runner); ``plan_setup`` and ``plan_revert`` are pure functions of those facts;
 ``apply.apply_plan`` carries a plan out.
+
+The files setup may write are read the way they are written (``files.HostFiles``:
+never through a symlinked directory), so a tree that would redirect a write is
+refused before anything is planned, ``--dry-run`` included. Below a host root other
+than ``/`` a dry run runs nothing (a ``RefusingRunner``): what ``grubby --info``
+would have said is reported as skipped.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..dialect import KVM_INTEL_TDX
 from ..errors import HostNotReadyError, InputError
-from ..host.commands import CommandRunner
+from ..host import trust
+from ..host.commands import (NOT_RUN, CommandRunner, RefusingRunner, SubprocessRunner,
+                             refuses)
 from ..host.osrelease import OsRelease, read_os_release
 from ..host.root import HostRoot
 from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
@@ -61,6 +70,7 @@ class HostFacts:
     daemon: daemon.DaemonInUse
     users: frozenset[str] | None  # None: /etc/passwd not readable
     groups: frozenset[str] | None
+    grubby_skipped: bool = False  # grubby not run: below a host root other than /
 
 
 def _tool(root: HostRoot, name: str) -> bool:
@@ -88,7 +98,14 @@ def _grub_regen(root: HostRoot) -> tuple[str, ...] | None:
 def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
     grubby = _tool(root, "grubby")
     kernels, grubby_error = None, None
-    if grubby:
+    skipped = grubby and refuses(runner)
+    host = files.HostFiles(root)
+    if skipped:
+        grubby_error = f"`grubby --info=ALL` {NOT_RUN}"
+    elif grubby:
+        check = getattr(runner, "check", None)
+        if check is not None:
+            check(("grubby", "--info=ALL"))  # refused: one line, before anything is planned
         result = runner.run(("grubby", "--info=ALL"))
         if result.ok:
             kernels = tuple(tuple(k) for k in kernelargs.parse_grubby_info(result.stdout))
@@ -96,8 +113,8 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
             grubby_error = f"`grubby --info=ALL` failed: {result.tail() or 'no output'}"
     return HostFacts(
         os=read_os_release(root),
-        files={path: files.read_bytes(root.path(path)) for path in FILES},
-        dirs=frozenset(d for d in DIRS if root.path(d).is_dir()),
+        files={path: host.read_bytes(path) for path in FILES},
+        dirs=frozenset(d for d in DIRS if host.is_dir(d)),
         grubby=grubby,
         grub_regen=_grub_regen(root),
         grubby_kernels=kernels,
@@ -109,6 +126,7 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
         daemon=daemon.detect(root),
         users=_names(root, "/etc/passwd"),
         groups=_names(root, "/etc/group"),
+        grubby_skipped=skipped,
     )
 
 
@@ -119,6 +137,25 @@ def check_privileges(dry_run: bool, euid: int | None = None) -> None:
         raise HostNotReadyError(
             "tdxvirt host setup changes files in /etc and restarts libvirt: run it as "
             "root (sudo); `--dry-run` shows what it would do without root")
+
+
+def runner_for(root: HostRoot, dry_run: bool, run_below_root: bool) -> CommandRunner:
+    """What setup may run: this machine's programs for host root /; below any other
+    root nothing on a dry run, and the tree's own programs only when asked for
+    (``--run-below-root``) and only a tree that root alone can change."""
+    if trust.is_real_root(root.base):
+        return SubprocessRunner()
+    if dry_run:
+        return RefusingRunner(root)
+    if not run_below_root:
+        raise InputError(
+            f"host setup below host root {root.base} would run that tree's own programs "
+            "(grubby, update-grub, systemctl, udevadm) as root, and a chroot does not "
+            "contain root: pass --run-below-root if it is a system tree you trust, or see "
+            "what setup would do with --dry-run")
+    trust.require_trusted(root.base, "host root", error=HostNotReadyError,
+                          otherwise="see what setup would do with --dry-run")
+    return SubprocessRunner(root)
 
 
 # --- planning (pure) --------------------------------------------------------------
@@ -183,6 +220,12 @@ def _plan_kernel_args(facts: HostFacts, out: list[Step], later: list[Step]) -> b
         later.append(RunCommand(facts.grub_regen, "regenerate the boot loader's menu"))
         return True
     if facts.grubby:
+        if facts.grubby_skipped:
+            out.append(Notice(
+                f"kernel arguments: {facts.grubby_error}; a real run adds whichever of "
+                f"`{' '.join(wanted)}` a kernel lacks with "
+                f"`{shlex.join(kernelargs.grubby_command(list(wanted)))}`", "warning"))
+            return False
         if facts.grubby_kernels is None:
             out.append(Notice(f"cannot set kernel arguments: {facts.grubby_error}", "cannot"))
             return False
@@ -325,7 +368,7 @@ def plan_revert(manifest: dict, current: dict[str, bytes | None],
         if written is not None and apply.sha256(now or b"") != written:
             notices.append(Notice(
                 f"{path} changed since tdxvirt wrote it; left as it is (the original is "
-                f"in {apply.STATE}/files{path})", "warning"))
+                f"in {apply.backup_file(path, record)})", "warning"))
             continue
         steps.append(WriteFile(path, now, original,
                                "restore the original" if original is not None
@@ -365,7 +408,8 @@ def revert(root: HostRoot, runner: CommandRunner, echo: Callable[[Step], None],
     store = apply.BackupStore(root)
     manifest = store.load()
     facts = gather_facts(root, runner)
-    current = {p: files.read_bytes(root.path(p)) for p in manifest["files"]}
+    host = files.HostFiles(root)
+    current = {p: host.read_bytes(p) for p in manifest["files"]}
     originals = {p: store.original(p, r) for p, r in manifest["files"].items()}
     plan = plan_revert(manifest, current, originals, facts)
     if not dry_run:
@@ -373,7 +417,7 @@ def revert(root: HostRoot, runner: CommandRunner, echo: Callable[[Step], None],
         # Files already back to their original need no step; forget them too.
         manifest = store.load()
         for path in list(manifest["files"]):
-            if files.read_bytes(root.path(path)) == originals.get(path):
+            if host.read_bytes(path) == originals.get(path):
                 store.forget(manifest, path)
         manifest["undo"] = []
         store.clear_if_empty(manifest)
