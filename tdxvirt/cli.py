@@ -33,7 +33,8 @@ class TdxvirtGroup(click.Group):
     """
 
     LAZY = {"host": "tdxvirt.cli_host:host", "gpu": "tdxvirt.cli_gpu:gpu",
-            "guest": "tdxvirt.cli_guest:guest", "build": "tdxvirt.cli_build:build"}
+            "guest": "tdxvirt.cli_guest:guest", "build": "tdxvirt.cli_build:build",
+            "measure": "tdxvirt.cli_measure:measure"}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -142,7 +143,7 @@ def main(ctx, uri, sim, host_root):
 @click.argument("name", required=False)
 @click.option("--gpu", "gpus", multiple=True, metavar="BDF",
               help="GPU to pass through (38:00.0 or 0000:38:00.0); repeat for more.")
-@click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs (one socket).")
+@click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="16G", show_default=True,
               help="Memory: number with K, M, G or T (bare number: MiB); 2 MiB aligned.")
 @click.option("--image", metavar="PATH", help="Base image: boot a new qcow2 overlay on it.")
@@ -504,7 +505,7 @@ def show(session, name, as_json):
 
 @main.group()
 def sim():
-    """The simulated TDX host (libvirt 12.x test driver + fake host root)."""
+    """The simulated TDX host: the emulated TDX host's libvirt, the test driver, a fake host root."""
 
 
 @sim.command(name="up")

@@ -136,3 +136,34 @@ def test_damaged_images_fail_cleanly(cut, flip):
         parse(damaged)
     except InputError:
         pass
+
+
+def test_measure_through_the_cli_on_the_emulated_host(sim, qemu_conn, debian_tdx_firmware):
+    import json
+    import uuid
+
+    from click.testing import CliRunner
+
+    from tdxvirt.cli import main
+
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    runner = CliRunner()
+    assert runner.invoke(main, ["--sim", "define", name, "--gpu", "38:00.0", "--allow-shared",
+                                "--memory", "1G", "--vcpus", "1"]).exit_code == 0
+    try:
+        result = runner.invoke(main, ["--sim", "measure", name, "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["mrtd"] == firmware_mrtd(debian_tdx_firmware)[0]
+        assert report["rtmr0"].startswith("not predictable") and report["order"] == SINGLE_PASS
+    finally:
+        runner.invoke(main, ["--sim", "undefine", name])
+
+
+def test_a_firmware_on_another_host_is_unknown_not_read_here(tmp_path):
+    from tdxvirt.measure import predict
+
+    xml = "<domain><name>r</name><os><loader type='rom'>/usr/share/ovmf/X.fd</loader></os></domain>"
+    asked = []
+    result = predict(xml, lambda path: asked.append(path))  # a remote host: nothing readable
+    assert result.mrtd is None and "--firmware FILE" in result.unknown and asked == ["/usr/share/ovmf/X.fd"]

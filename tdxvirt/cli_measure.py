@@ -1,0 +1,47 @@
+"""`tdxvirt measure`: what a TD's measurements must be (tdxvirt.measure)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cli import pass_session
+from .tdvf import SINGLE_PASS, TWO_PASS
+
+
+@click.command()
+@click.argument("name")
+@click.option("--firmware", metavar="FILE", type=click.Path(dir_okay=False),
+              help="The TD's firmware image as a file here (for a remote host, a copy of its file).")
+@click.option("--page-order", type=click.Choice([SINGLE_PASS, TWO_PASS]), default=SINGLE_PASS,
+              show_default=True, help="How the host adds firmware pages (single-pass: upstream KVM).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_session
+def measure(session, name, firmware, page_order, as_json):
+    """Predict a TD's measurements (MRTD) from its firmware; RTMRs say why they are not."""
+    from . import tds
+    from .conn import is_remote
+    from .measure import predict
+    from .textsafe import safe
+
+    conn = session.conn()
+    xml = tds.parsable_xml(tds.lookup(conn, name).XMLDesc(0))
+    remote = is_remote(session.uri)
+
+    def local_file(path: str):
+        # The firmware is a host fact: below the host root, and never read for a remote URI.
+        if remote:
+            return None
+        return str(session.host.path(path))
+
+    result = predict(xml, local_file, page_order, firmware)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"TD:        {safe(result.name)}")
+    click.echo(f"firmware:  {safe(result.firmware)}")
+    click.echo(f"MRTD:      {result.mrtd or 'unknown: ' + (result.unknown or '')}")
+    click.echo(f"           (page order {result.order}: {result.order_note})")
+    for register in ("rtmr0", "rtmr1", "rtmr2"):
+        click.echo(f"{register.upper() + ':':<11}{getattr(result, register)}")
