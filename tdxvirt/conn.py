@@ -30,8 +30,16 @@ def is_remote(uri: str) -> bool:
     return bool(urlparse(uri).hostname)
 
 
+BINDINGS_MISSING = ("libvirt's Python bindings are not installed; install them: Debian/Ubuntu "
+                    "`apt install python3-libvirt` (for the system Python), or `pip install "
+                    "libvirt-python` (needs libvirt-dev, pkg-config and gcc)")
+
+
 def _libvirt():
-    import libvirt
+    try:
+        import libvirt
+    except ImportError:
+        raise LibvirtUnavailableError(BINDINGS_MISSING) from None
 
     # libvirt prints every error to stderr by default; tdxvirt reports them itself.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
