@@ -77,7 +77,7 @@ def verify(session, name, timeout, as_json):
         click.echo(f"Results are what the guest in TD {quoted(report.domain)} reported through its "
                    "agent, not verified: only attestation (a TD quote) proves TDX.")
         if report.ok:
-            click.echo(f"The guest reports TDX active and its GPU ready for confidential "
-                       f"computing (reported by the guest; attest the TD to verify it).")
+            click.echo("The guest reports TDX active and its GPU ready for confidential "
+                       "computing (reported by the guest; attest the TD to verify it).")
     if not report.ok:
         raise GuestNotReadyError(report.failure_message())

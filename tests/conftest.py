@@ -105,3 +105,18 @@ def legacy_qemu_conn(sim):
     assert 11_000_000 <= connection.getLibVersion() < 11_006_000
     yield connection
     connection.close()
+
+
+@pytest.fixture
+def cc_on(sim):
+    """The simulated H100 in CC mode (start's preflight wants it), restored afterwards."""
+    import json
+    from pathlib import Path
+
+    state = Path(sim.gpu_tool_env["STANDIN_STATE"])
+    before = state.read_text()
+    modes = json.loads(before)
+    modes.setdefault("0000:38:00.0", {"ppcie": "off"})["cc"] = "on"
+    state.write_text(json.dumps(modes) + "\n")
+    yield
+    state.write_text(before)

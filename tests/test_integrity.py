@@ -94,8 +94,6 @@ def test_plain_vms_and_foreign_plain_domains_have_no_td_rules(tmp_path):
 
 # --- the same edits made by the tools users run, on the emulated TDX host ------------
 
-from test_tdx_host import cc_on  # noqa: E402,F401  (the simulated GPU in CC mode)
-
 def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([TDXVIRT, "--sim", *args], capture_output=True, text=True, timeout=120,
                           check=False)

@@ -231,16 +231,6 @@ def acpi_guest(sim):
     return paths
 
 
-@pytest.fixture
-def cc_on(sim):
-    """The simulated H100 in CC mode (start's preflight wants it), restored afterwards."""
-    state = Path(sim.gpu_tool_env["STANDIN_STATE"])
-    before = state.read_text()
-    run("gpu", "cc-mode", "38:00.0", "--set", "on")
-    yield
-    state.write_text(before)
-
-
 def run(*args, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([TDXVIRT, "--sim", *args], capture_output=True, text=True,
                           timeout=timeout, check=False)
