@@ -1,5 +1,7 @@
 """``tdxvirt build plan|run|status``: the TDX kernel, QEMU and OVMF from a manifest.
 
+``plan`` and ``run`` start by saying which components this host already has from its
+distribution (``build.distro``) and plan only the others; ``--all`` plans every one.
 Only click is imported here at start-up; the build modules are imported by the
 commands. Wired into the main command with ``main.add_command(build)``.
 """
@@ -14,38 +16,87 @@ import click
 def _build_options(command):
     options = [
         click.argument("component", required=False, default="all", metavar="[kernel|qemu|ovmf|all]"),
-        click.option("--manifest", metavar="FILE",
-                     help="Build manifest (TOML); default: the shipped one (Intel's instructions)."),
+        click.option("--manifest", metavar="NAME|FILE",
+                     help="Build manifest: a shipped one by name (upstream, the default: released "
+                          "Linux, QEMU and edk2; intel-device-passthrough: the source document's "
+                          "2024 stack) or a TOML file."),
         click.option("--workdir", metavar="DIR",
                      help="Where sources, stamps and logs go (default: <state dir>/build)."),
         click.option("-j", "--jobs", type=click.IntRange(min=1), metavar="N",
                      help="Parallel jobs for make and edk2's build (default: number of CPUs)."),
         click.option("--install", is_flag=True,
                      help="Also install the kernel (modules_install, install) and QEMU; needs root."),
+        click.option("--all", "build_all", is_flag=True,
+                     help="Plan every component, also those this host's distribution already has."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def _prepare(session, component, manifest, workdir, jobs, install):
+class _Selection:
+    """What the host has, what was asked for, and what is planned of it."""
+
+    def __init__(self, report, manifest, component: str, selected, build_all: bool):
+        self.report = report
+        self.build_all = build_all
+        self.selected = tuple(selected)  # the components asked for (in the manifest)
+        self.planned = self.selected if build_all else tuple(
+            name for name in self.selected if report.get(name).planned)
+        # missing here, but the manifest has no table to build it from
+        self.unbuildable = () if component != "all" or build_all else tuple(
+            f.component for f in report.findings
+            if f.planned and f.component not in manifest.components())
+
+
+def _prepare(session, component, manifest, workdir, jobs, install, build_all):
     from pathlib import Path
 
+    from .build import distro, steps
     from .build import manifest as manifests
-    from .build import steps
     from .host import HostRoot
     from .paths import state_dir
 
     loaded = manifests.load(manifest)
-    components = steps.select(loaded, component)
+    selected = steps.select(loaded, component)
+    host = session.host if session is not None else HostRoot("/")
+    selection = _Selection(distro.check(host), loaded, component, selected, build_all)
     ctx = steps.Context(
         manifest=loaded,
         workdir=Path(workdir).resolve() if workdir else state_dir() / "build",
         jobs=jobs or steps.default_jobs(),
         install=install,
-        host=session.host if session is not None else HostRoot("/"),
+        host=host,
     )
-    return ctx, steps.plan(loaded, components, install), components
+    return ctx, steps.plan(loaded, selection.planned, install), selection
+
+
+_STATE_LABELS = {"present": "has it", "missing": "missing", "unknown": "unknown"}
+_NAMES = {"kernel": "kernel", "qemu": "QEMU", "ovmf": "OVMF", "libvirt": "libvirt"}
+
+
+def _names(components) -> str:
+    names = [_NAMES[c] for c in components]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def _print_distribution(selection) -> None:
+    """What the host has, then what is planned, or that nothing is."""
+    report = selection.report
+    click.echo(f"What this host has from its distribution (host root {report.root}):")
+    for finding in report.findings:
+        click.echo(f"    {finding.component:<8} {_STATE_LABELS[finding.state]:<8} {finding.detail}")
+    if selection.build_all:
+        click.echo(f"Planned: {', '.join(selection.planned)} (--all: also what this host has)")
+    elif selection.planned:
+        click.echo(f"Planned: {', '.join(selection.planned)} (what this host lacks or cannot "
+                   "tell; --all plans every component)")
+    else:
+        click.echo(f"Nothing to build: this host has {_names(selection.selected)} with TDX "
+                   "(--all plans them anyway)")
+    if selection.unbuildable:
+        click.echo(f"Not planned: {', '.join(selection.unbuildable)} (missing here, but the "
+                   "manifest has no table for it)")
 
 
 def _expected_artifacts(ctx, components) -> dict[str, str]:
@@ -64,7 +115,11 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
     return expected
 
 
-def _print_plan(ctx, step_states, components, only_todo: bool) -> None:
+def _print_plan(ctx, step_states, selection, only_todo: bool) -> None:
+    _print_distribution(selection)
+    if not selection.planned:
+        return
+    components = selection.planned
     click.echo(f"Manifest:       {ctx.manifest.path}")
     click.echo(f"Work directory: {ctx.workdir} (sources in src/, stamps in stamps/, logs in logs/)")
     click.echo(f"Jobs:           {ctx.jobs}")
@@ -87,7 +142,8 @@ def _print_plan(ctx, step_states, components, only_todo: bool) -> None:
         click.echo(f"    {name}: {path}")
 
 
-def _plan_json(ctx, step_states, components) -> dict:
+def _plan_json(ctx, step_states, selection) -> dict:
+    components = selection.planned
     return {
         "manifest": ctx.manifest.path,
         "workdir": str(ctx.workdir),
@@ -99,28 +155,33 @@ def _plan_json(ctx, step_states, components) -> dict:
             for s in step_states
         ],
         "artifacts": _expected_artifacts(ctx, components),
+        # what the host has, and what of the asked-for components is planned
+        "distribution": selection.report.to_json(),
+        "selected": list(selection.selected),
+        "planned": list(components),
+        "all": selection.build_all,
     }
 
 
 @click.group(name="build")
 def build():
-    """Build the TDX host kernel, QEMU and OVMF from Intel's patch sets."""
+    """Build the TDX host kernel, QEMU and OVMF this host's distribution lacks."""
 
 
 @build.command()
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, as_json):
-    """Print every step and command, and which are up to date; run nothing."""
+def plan(session, component, manifest, workdir, jobs, install, build_all, as_json):
+    """Say what this host has; print every step and command of the rest; run nothing."""
     from .build.runner import states
 
-    ctx, steps, components = _prepare(session, component, manifest, workdir, jobs, install)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
     step_states = states(steps, ctx)
     if as_json:
-        click.echo(json.dumps(_plan_json(ctx, step_states, components), indent=2))
+        click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
     else:
-        _print_plan(ctx, step_states, components, only_todo=False)
+        _print_plan(ctx, step_states, selection, only_todo=False)
 
 
 @build.command()
@@ -129,7 +190,7 @@ def plan(session, component, manifest, workdir, jobs, install, as_json):
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, update, dry_run):
+def run(session, component, manifest, workdir, jobs, install, build_all, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from .build import artifacts
     from .build.progress import ConsoleReporter
@@ -137,12 +198,15 @@ def run(session, component, manifest, workdir, jobs, install, update, dry_run):
 
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
-    ctx, steps, components = _prepare(session, component, manifest, workdir, jobs, install)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
     if dry_run:
-        _print_plan(ctx, states(steps, ctx, update), components, only_todo=True)
+        _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
+        return
+    _print_distribution(selection)
+    if not selection.planned:
         return
     run_plan(steps, ctx, ConsoleReporter(), artifacts.record_file(), update=update)
-    _print_builds(artifacts.load(artifacts.record_file()), components)
+    _print_builds(artifacts.load(artifacts.record_file()), selection.planned)
 
 
 def _print_builds(record: dict, components) -> None:

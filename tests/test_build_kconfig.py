@@ -4,7 +4,9 @@ The Kconfig files, scripts/ (scripts/config, the kconfig sources) and the Makefi
 are taken out of /usr/src/linux-source-6.*.tar.xz (package linux-source-6.12), about
 25 MB; `make defconfig` / `make olddefconfig` then build and run the kernel's own
 kconfig. 6.12 knows INTEL_TDX_HOST, and really drops it from an x86_64 defconfig
-(it needs X86_X2APIC and CONTIG_ALLOC), which the step must name.
+(it needs X86_X2APIC and CONTIG_ALLOC), which the step must name. The upstream
+manifest's symbols meet 6.12's two limits: INTEL_TDX_HOST still depends on
+!KEXEC_CORE there (6.18 dropped that), and KVM_INTEL_TDX (6.16) does not exist yet.
 """
 
 from __future__ import annotations
@@ -48,10 +50,8 @@ def kernel_workdir(tmp_path_factory) -> Path:
     return workdir
 
 
-def _context(workdir: Path, extra_enable: list[str]) -> steps.Context:
-    file = workdir / f"manifest-{len(extra_enable)}.toml"
-    default = manifests.load().kernel.config
-    enable = list(default.enable) + extra_enable
+def _manifest_file(workdir: Path, name: str, enable, module=(), disable=()) -> Path:
+    file = workdir / f"manifest-{name}.toml"
     file.write_text(f"""
 [kernel]
 url = "{workdir / 'src' / 'kernel'}"
@@ -59,9 +59,18 @@ ref = "v6.12"
 
 [kernel.config]
 base = "defconfig"
-enable = {enable!r}
-disable = {list(default.disable)!r}
+enable = {list(enable)!r}
+module = {list(module)!r}
+disable = {list(disable)!r}
 """.replace("'", '"'))
+    return file
+
+
+def _context(workdir: Path, extra_enable: list[str]) -> steps.Context:
+    """The source document's symbols (its manifest) plus ``extra_enable``."""
+    legacy = manifests.load("intel-device-passthrough").kernel.config
+    file = _manifest_file(workdir, f"legacy-{len(extra_enable)}", list(legacy.enable) + extra_enable,
+                          disable=legacy.disable)
     return steps.Context(manifests.load(file), workdir, jobs=2, install=False, host=HostRoot("/"))
 
 
@@ -99,6 +108,37 @@ def test_configure_names_what_kconfig_dropped_then_keeps_what_is_asked(kernel_wo
 
     again = runner.run(configure, ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
     assert again.executed == [] and again.skipped == ["kernel.configure"]
+
+
+def test_the_upstream_symbols_on_6_12_need_what_6_18_brought(kernel_workdir, tmp_path):
+    """The upstream manifest's kernel config on the real 6.12 Kconfig: everything a TDX
+    host with GPU passthrough needs is kept, except what only newer kernels give."""
+    tree = kernel_workdir / "src" / "kernel"
+    record = tmp_path / "state" / "build" / "artifacts.json"
+    upstream = manifests.load("upstream").kernel.config
+    assert not upstream.disable  # kexec and kdump stay: 6.18 allows them with TDX
+    file = _manifest_file(kernel_workdir, "upstream", upstream.enable, upstream.module)
+    ctx = steps.Context(manifests.load(file), kernel_workdir, jobs=2, install=False, host=HostRoot("/"))
+    with pytest.raises(BuildFailedError) as caught:
+        runner.run([steps.KernelConfigure()], ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    message = str(caught.value)
+    assert "Kconfig did not keep 2 requested symbol(s): " in message
+    assert "INTEL_TDX_HOST (asked y, got n; unmet: !KEXEC_CORE; see arch/x86/Kconfig:" in message
+    assert "KVM_INTEL_TDX (asked y, got n; no Kconfig entry defines it in this tree)" in message
+
+    # without KVM_INTEL_TDX and with kexec off (6.12's rule), 6.12 keeps every other symbol,
+    # the dependencies listed for a defconfig base included, KVM and VFIO as modules
+    enable = [s for s in upstream.enable if s != "KVM_INTEL_TDX"]
+    file = _manifest_file(kernel_workdir, "upstream-6.12", enable, upstream.module,
+                          ["KEXEC", "KEXEC_FILE", "CRASH_DUMP"])
+    ctx = steps.Context(manifests.load(file), kernel_workdir, jobs=2, install=False, host=HostRoot("/"))
+    runner.run([steps.KernelConfigure()], ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    values = kconfig.read_config(tree / ".config")
+    for symbol in ("INTEL_TDX_HOST", "X86_X2APIC", "CMA", "INTEL_IOMMU", "IOMMUFD_DRIVER", "VFIO_DEVICE_CDEV"):
+        assert values[symbol] == "y", symbol
+    for symbol in ("KVM", "KVM_INTEL", "IOMMUFD", "VFIO", "VFIO_PCI"):
+        assert values[symbol] == "m", symbol
+    assert values["CONTIG_ALLOC"] == "y"  # CMA's doing: INTEL_TDX_HOST's dependency
 
 
 def test_kconfig_entries_carry_their_enclosing_conditions(kernel_workdir):

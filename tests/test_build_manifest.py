@@ -1,8 +1,11 @@
-"""The manifest: the shipped one reproduces Intel's instructions; bad ones are named.
+"""The manifests: the source document's reproduces Intel's instructions; bad ones are named.
 
 The expected values below are copied from the source document (the "Device
 Passthrough" build instructions): its clones, branches, mbox paths, kernel symbols,
-QEMU configure line and build_ovmf.sh.
+QEMU configure line and build_ovmf.sh. That manifest ships as
+``intel-device-passthrough``; the default (``upstream``) is tested in
+test_build_upstream.py. The plans here pass ``--all``: they must not depend on what
+the machine running the tests has.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tdxvirt.build import edk2, manifest as manifests, steps
-from tdxvirt.build.manifest import default_manifest_path
+from tdxvirt.build.manifest import default_manifest_path, shipped_path
 from tdxvirt.cli import TdxvirtGroup
 from tdxvirt.cli_build import build
 from tdxvirt.errors import InputError
@@ -33,9 +36,13 @@ MAX_CONCURRENT_THREAD_NUMBER = 4
 """
 
 
-def test_the_default_manifest_reproduces_the_source_document():
-    loaded = manifests.load()
-    assert loaded.path == str(default_manifest_path().resolve())
+LEGACY = "intel-device-passthrough"
+
+
+def test_the_source_documents_manifest_reproduces_it():
+    loaded = manifests.load(LEGACY)
+    assert loaded.path == str(shipped_path(LEGACY).resolve())
+    assert loaded.path != str(default_manifest_path().resolve())
     tdx = loaded.repos["tdx-linux"]
     assert (tdx.url, tdx.ref) == ("https://github.com/intel/tdx-linux.git", "device-passthrough")
     kernel, qemu, ovmf = loaded.kernel, loaded.qemu, loaded.ovmf
@@ -57,13 +64,14 @@ def test_the_default_manifest_reproduces_the_source_document():
 
 def _plan(workdir: Path, install=False, jobs=4):
     group = TdxvirtGroup(name="tdxvirt", commands={"build": build})
-    args = ["build", "plan", "--workdir", str(workdir), "-j", str(jobs), "--json"]
+    args = ["build", "plan", "--workdir", str(workdir), "-j", str(jobs), "--json", "--manifest", LEGACY,
+            "--all"]
     result = CliRunner().invoke(group, args + (["--install"] if install else []))
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
 
 
-def test_the_default_plan_matches_the_source_documents_steps(tmp_path):
+def test_the_source_documents_plan_matches_its_steps(tmp_path):
     w = tmp_path / "w"
     plan = _plan(w)
     assert [(s["component"], s["step"]) for s in plan["steps"]] == [
@@ -111,7 +119,7 @@ def test_the_default_plan_matches_the_source_documents_steps(tmp_path):
 
 
 def test_one_component_plans_only_what_it_needs(tmp_path):
-    loaded = manifests.load()
+    loaded = manifests.load(LEGACY)
     assert [s.id for s in steps.plan(loaded, steps.select(loaded, "ovmf"), True)] == [
         "ovmf.fetch", "ovmf.configure", "ovmf.build"]
     assert [s.id for s in steps.plan(loaded, steps.select(loaded, "qemu"), False)] == [
@@ -124,7 +132,7 @@ def test_the_ovmf_path_is_derived_from_the_dsc_target_and_tag(tmp_path):
     (tree / "OvmfPkg/OvmfPkgX64.dsc").write_text(
         "[Defines]\n  PLATFORM_NAME                  = Ovmf\n"
         "  OUTPUT_DIRECTORY               = Build/OvmfX64\n  SUPPORTED_ARCHITECTURES        = X64\n")
-    ovmf = manifests.load().ovmf
+    ovmf = manifests.load(LEGACY).ovmf
     assert edk2.image_path(tree, ovmf) == tree / "Build/OvmfX64/DEBUG_GCC6/FV/OVMF.fd"
     release = manifests.Ovmf(ovmf.repo, (), ovmf.platform, "RELEASE", "X64", "GCC5")
     assert edk2.image_path(tree, release) == tree / "Build/OvmfX64/RELEASE_GCC5/FV/OVMF.fd"
@@ -160,7 +168,7 @@ def test_kernel_config_base_current_reads_the_running_kernels_config(tmp_path):
     (root / "proc/sys/kernel/osrelease").write_text("6.8.0-tdx\n")
     (root / "boot").mkdir()
     (root / "boot/config-6.8.0-tdx").write_text("CONFIG_KVM=m\n")
-    loaded = manifests.load()
+    loaded = manifests.load()  # the default (upstream) starts from the running kernel's too
     ctx = steps.Context(loaded, tmp_path / "w", 2, False, HostRoot(root))
     configure = steps.KernelConfigure()
     assert configure.base_file(ctx) == root / "boot/config-6.8.0-tdx"
@@ -227,7 +235,8 @@ def test_missing_manifest_and_unknown_component_through_the_cli(tmp_path):
     missing = CliRunner().invoke(group, ["build", "plan", "--manifest", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 2
     assert missing.stderr == f"tdxvirt: error: manifest {tmp_path}/nope.toml: no such file; give an " \
-                             "existing --manifest (`tdxvirt build plan` shows the default one's path)\n"
+                             "existing --manifest FILE or a shipped one by name (upstream, " \
+                             "intel-device-passthrough)\n"
     unknown = CliRunner().invoke(group, ["build", "plan", "firmware"])
     assert unknown.exit_code == 2
     assert unknown.stderr == "tdxvirt: error: unknown component 'firmware': use kernel, qemu, ovmf or all\n"
@@ -264,7 +273,7 @@ WRONG = st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False, allow
 def test_any_wrong_value_in_any_field_is_an_input_error_naming_it(tmp_path, field, value):
     import tomllib
 
-    data = tomllib.loads(default_manifest_path().read_text())
+    data = tomllib.loads(shipped_path(LEGACY).read_text())
     wanted = FIELDS[field]
     if isinstance(value, wanted) and not (wanted is not bool and isinstance(value, bool)):
         return  # the right type: covered by the good manifests

@@ -1,9 +1,11 @@
 """Build pipelines: the TDX host kernel, QEMU and OVMF from a TOML manifest.
 
-``manifest`` reads and validates the manifest, ``steps`` turns it into a plan of
-steps (fetch, patch, configure, build, install), ``stamps`` decides which steps are
-already done, ``runner`` runs the rest with progress and a log per step, and
-``artifacts`` records what came out so ``define`` can use it.
+``distro`` finds what the host's distribution already provides (those components
+are not planned unless asked), ``manifest`` reads and validates the manifest (shipped:
+``upstream``, the default, and ``intel-device-passthrough``), ``steps`` turns it into
+a plan of steps (fetch, patch, configure, build, install), ``stamps`` decides which
+steps are already done, ``runner`` runs the rest with progress and a log per step,
+and ``artifacts`` records what came out so ``define`` can use it.
 """
 
 from __future__ import annotations

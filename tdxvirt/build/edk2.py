@@ -2,7 +2,8 @@
 
 edk2 writes a platform's images to ``<OUTPUT_DIRECTORY>/<TARGET>_<TOOL_CHAIN_TAG>/FV``,
 OUTPUT_DIRECTORY coming from the platform's .dsc (``Build/OvmfX64`` for
-OvmfPkg/OvmfPkgX64.dsc). Intel's script hard-codes ``DEBUG_GCC5`` while building
+OvmfPkg/OvmfPkgX64.dsc, ``Build/IntelTdx`` for the TDX firmware's
+OvmfPkg/IntelTdx/IntelTdxX64.dsc). Intel's script hard-codes ``DEBUG_GCC5`` while building
 with GCC6 and so looks in the wrong folder: here the path is always derived.
 """
 

@@ -4,6 +4,11 @@ A manifest names the git repositories (URLs or local paths/mirrors) and what to 
 with them: the mbox patch sets to apply, the kernel symbols, QEMU's configure flags
 and edk2's platform, target and toolchain tag. Every error names the file and the
 field (``kernel.config.enable[2]``) on one line.
+
+Two manifests ship with tdxvirt, chosen by name with ``--manifest NAME``: ``upstream``
+(the default: released Linux, QEMU and edk2 with TDX, no patches) and
+``intel-device-passthrough`` (the source document's 2024 stack with Intel's patch
+sets). Anything else given to ``--manifest`` is a file.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from pathlib import Path, PurePosixPath
 from ..errors import InputError
 from . import COMPONENTS
 
-DEFAULT_MANIFEST = "default-manifest.toml"
+# shipped manifests by name; files directly in this package (package data "*.toml")
+SHIPPED = {"upstream": "upstream.toml", "intel-device-passthrough": "intel-device-passthrough.toml"}
+DEFAULT_NAME = "upstream"
+DEFAULT_MANIFEST = SHIPPED[DEFAULT_NAME]
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:\S+")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -93,19 +101,36 @@ class Manifest:
         return tuple(name for name in COMPONENTS if self.component(name) is not None)
 
 
+def shipped_path(name: str) -> Path:
+    """The file of a shipped manifest (``upstream``, ``intel-device-passthrough``)."""
+    return Path(str(resources.files("tdxvirt.build").joinpath(SHIPPED[name])))
+
+
 def default_manifest_path() -> Path:
-    """The manifest shipped with tdxvirt (reproduces Intel's build instructions)."""
-    return Path(str(resources.files("tdxvirt.build").joinpath(DEFAULT_MANIFEST)))
+    """The default manifest: the upstream TDX stack."""
+    return shipped_path(DEFAULT_NAME)
+
+
+def resolve(reference: str | Path | None) -> Path:
+    """``--manifest``'s file: a shipped manifest's name, else a path (None: the default).
+
+    A name wins over a file of the same name in the current folder; ``./upstream``
+    names that file."""
+    if reference is None:
+        return default_manifest_path()
+    if isinstance(reference, str) and reference in SHIPPED:
+        return shipped_path(reference)
+    return Path(reference)
 
 
 def load(path: str | Path | None = None) -> Manifest:
-    """Read and check a manifest; None reads the shipped default."""
-    file = Path(path) if path is not None else default_manifest_path()
+    """Read and check a manifest: a file, a shipped name, or None for the default."""
+    file = resolve(path)
     try:
         data = tomllib.loads(file.read_text())
     except FileNotFoundError:
-        raise InputError(f"manifest {file}: no such file; give an existing --manifest "
-                         "(`tdxvirt build plan` shows the default one's path)") from None
+        raise InputError(f"manifest {file}: no such file; give an existing --manifest FILE "
+                         f"or a shipped one by name ({', '.join(SHIPPED)})") from None
     except IsADirectoryError:
         raise InputError(f"manifest {file} is a directory; give a .toml file") from None
     except UnicodeDecodeError:
@@ -114,6 +139,8 @@ def load(path: str | Path | None = None) -> Manifest:
         raise InputError(f"manifest {file}: not valid TOML: {error}") from None
     except OSError as error:
         raise InputError(f"manifest {file}: cannot be read ({error.strerror})") from None
+    except ValueError:  # a NUL byte in the path
+        raise InputError(f"manifest {str(file)!r}: not a usable path") from None
     return _Reader(file).manifest(data)
 
 
