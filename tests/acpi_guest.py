@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import lzma
 import stat
-import subprocess
 import tempfile
 from pathlib import Path
 
-from test_guest_config import KERNEL_ROLES, _resolve
-from test_guest_live_agent import _download, _newc
+from test_guest_live_agent import _newc, unpack_with_kernel
 
 READY = "tdxvirt-acpi-guest ready"
 APPLETS = ("sh", "mount", "mkdir", "insmod", "acpid", "poweroff", "sleep", "echo")
@@ -51,13 +49,8 @@ def build_acpi_guest(directory: Path) -> tuple[Path, Path]:
     if kernel.exists() and initrd.exists():
         return kernel, initrd
     directory.mkdir(parents=True, exist_ok=True)
-    kernel_package = next(filter(None, map(_resolve, KERNEL_ROLES["newest"])))
     with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
-        root = scratch / "root"
-        for deb in _download(("busybox-static", kernel_package), scratch):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-        [vmlinuz] = (root / "boot").glob("vmlinuz-*")
+        root, vmlinuz = unpack_with_kernel(("busybox-static",), Path(scratch))
         entries = [(d, stat.S_IFDIR | 0o755, b"") for d in (
             "bin", "dev", "proc", "sys", "etc", "etc/acpi", "etc/acpi/PWRF", "lib", "lib/modules")]
         entries.append(("init", stat.S_IFREG | 0o755, INIT.encode()))

@@ -81,19 +81,25 @@ def _shared_libraries(binary: Path, extra_lib_dir: Path) -> list[str]:
     return re.findall(r"(?:=>\s*)?(/\S+)\s+\(0x", output)
 
 
+def unpack_with_kernel(packages, scratch: Path) -> tuple[Path, Path]:
+    """(root, vmlinuz): the packages and Debian's newest kernel image unpacked below scratch."""
+    kernel_package = next(filter(None, map(_resolve, KERNEL_ROLES["newest"])))
+    root = scratch / "root"
+    for deb in _download((*packages, kernel_package), scratch):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    [vmlinuz] = (root / "boot").glob("vmlinuz-*")
+    return root, vmlinuz
+
+
 def build_agent_guest(directory: Path) -> tuple[Path, Path]:
     """(kernel, initramfs) of a tiny guest whose only job is to run qemu-ga."""
     kernel, initrd = directory / "vmlinuz", directory / "initrd.cpio"
     if kernel.exists() and initrd.exists():
         return kernel, initrd
     directory.mkdir(parents=True, exist_ok=True)
-    kernel_package = next(filter(None, map(_resolve, KERNEL_ROLES["newest"])))
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        root = scratch / "root"
-        for deb in _download((*GUEST_PACKAGES, kernel_package), scratch):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-        [vmlinuz] = (root / "boot").glob("vmlinuz-*")
+        root, vmlinuz = unpack_with_kernel(GUEST_PACKAGES, scratch)
         libraries = _shared_libraries(root / "usr/sbin/qemu-ga", root / "usr/lib/x86_64-linux-gnu")
         entries = [(d, stat.S_IFDIR | 0o755, b"") for d in (
             "bin", "dev", "proc", "sys", "run", "tmp", "var", "usr", "usr/sbin", "lib", "lib64",
