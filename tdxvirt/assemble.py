@@ -1,8 +1,9 @@
 """From a TDSpec to checked domain XML for one host and one libvirt.
 
-Gathers the facts (libvirt version and capabilities, host TDX state, GPU sysfs data,
-firmware, config), lets :mod:`tdxvirt.policy` decide, renders, and checks the result
-against TDX's rules and libvirt's schema. Changes nothing anywhere.
+Gathers the facts (libvirt version and capabilities; from the host that runs the TD,
+through tdxvirt.facts: its TDX state, GPUs, firmware and disk; tdxvirt's config),
+lets :mod:`tdxvirt.policy` decide, renders, and checks the result against TDX's rules
+and libvirt's schema. Changes nothing anywhere.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from dataclasses import dataclass
 
 from . import dialect as dialects
 from .config import Config, load_config
-from .conn import is_remote, xmls_of_listed
+from .conn import xmls_of_listed
 from .errors import InputError, TdxvirtError
+from .facts import HostFacts, facts_for
 from .host import HostRoot
-from .host.firmware import find_tdx_ovmf
-from .host.nvidia import is_nvswitch, nvidia_devices, require_gpu
-from .host.pci import PciDevice, read_device
+from .host.nvidia import is_nvswitch, require_gpu
+from .host.pci import PciDevice
 from .paths import state_dir
-from .policy import DomainPlan, inspect_image, plan_domain
+from .policy import DomainPlan, plan_domain
 from .render import render_domain
 from .schema import validate_domain_xml
 from .spec import TDSpec
@@ -47,19 +48,24 @@ def gpu_holders(conn) -> dict[str, str]:
     return holders
 
 
-def select_devices(host: HostRoot, spec: TDSpec) -> tuple[list[PciDevice], list[PciDevice], list[str]]:
-    """The GPUs and (for --ppcie) the board's NVSwitches, with warnings."""
+def select_devices(facts: HostFacts | HostRoot, spec: TDSpec) -> tuple[list[PciDevice], list[PciDevice], list[str]]:
+    """The GPUs and (for --ppcie) the board's NVSwitches, with warnings. A HostRoot
+    stands for this machine's facts."""
+    if not isinstance(facts, HostFacts):
+        from .facts.local import LocalFacts
+
+        facts = LocalFacts(facts, "")
     warnings = []
-    gpus = [read_device(host, address) for address in spec.gpus]
+    gpus = [facts.device(address) for address in spec.gpus]
     for gpu in gpus:
         require_gpu(gpu)
     if not spec.ppcie:
         return gpus, [], warnings
-    board = nvidia_devices(host)
+    board = facts.nvidia_devices()
     switches = [d for d in board if is_nvswitch(d)]
     board_gpus = [d for d in board if not is_nvswitch(d)]
     if not switches:
-        raise InputError("--ppcie: no NVSwitch found on this host; protected PCIe is for "
+        raise InputError(f"--ppcie: no NVSwitch found on {facts.where}; protected PCIe is for "
                          "HGX boards with NVSwitches (a single GPU uses CC mode)")
     if not gpus:
         gpus = board_gpus
@@ -83,24 +89,21 @@ def _check_not_shared(conn, spec: TDSpec, devices: list[PciDevice]) -> None:
             )
 
 
-def recorded_builds(uri: str) -> dict:
-    """What `tdxvirt build` recorded on this machine (nothing for a remote URI)."""
-    if is_remote(uri):
-        return {}
-    from .build.artifacts import recorded
-
-    return recorded()
-
-
-def resolve_loader(spec: TDSpec, config: Config, host: HostRoot, dialect: str,
+def resolve_loader(spec: TDSpec, config: Config, facts: HostFacts | HostRoot, dialect: str,
                    builds: dict | None = None) -> str | None:
-    """--ovmf, else the config file, else the recorded build, else the descriptors."""
+    """--ovmf, else the config file, else the recorded build, else the host's TDX
+    firmware (this machine: its QEMU descriptors; another host: None, libvirt picks
+    it there). ``config`` holds paths already chosen for this host (paths_from_config)."""
     explicit = spec.ovmf or config.ovmf
     if explicit or dialect == "plain":  # plain VMs let libvirt pick standard OVMF
         return explicit
     if builds and "ovmf" in builds:
         return builds["ovmf"].path
-    return find_tdx_ovmf(host)
+    if not isinstance(facts, HostFacts):
+        from .facts.local import LocalFacts
+
+        facts = LocalFacts(facts, "")
+    return facts.tdx_firmware(dialect)
 
 
 def resolve_emulator(spec: TDSpec, config: Config, builds: dict) -> str | None:
@@ -110,11 +113,11 @@ def resolve_emulator(spec: TDSpec, config: Config, builds: dict) -> str | None:
     return builds["qemu"].path if "qemu" in builds else None
 
 
-def _overlay_dir(spec: TDSpec, config: Config, uri: str) -> str | None:
+def _overlay_dir(spec: TDSpec, config: Config, facts: HostFacts) -> str | None:
     """Where the files tdxvirt creates for a TD (overlay, cloud-init seed) go."""
     if not spec.image and not spec.cloud_init:
         return None
-    if is_remote(uri):
+    if facts.remote:
         raise InputError("--image and --cloud-init create files on this machine, but the URI "
                          "is remote; create them on that host and pass the disk with --disk")
     return storage_dir(config)
@@ -128,23 +131,30 @@ def storage_dir(config: Config) -> str:
     return LIBVIRT_IMAGES if os.path.isdir(LIBVIRT_IMAGES) else str(state_dir() / "images")
 
 
-def assemble_td(conn, host: HostRoot, spec: TDSpec, config: Config | None = None) -> AssembledTD:
+def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
+                config: Config | None = None) -> AssembledTD:
+    """``host``: this machine's HostRoot (used only when the URI names no host), or the
+    host's facts already chosen (tdxvirt.facts.facts_for)."""
     config = config or load_config()
-    facts = dialects.probe(conn, spec.virt_type)
+    libvirt = dialects.probe(conn, spec.virt_type)
+    facts = facts_for(conn, host, libvirt.uri)
     if spec.tdx:
-        host_tdx = None if is_remote(facts.uri) else dialects.host_tdx_enabled(host)
-        dialect = dialects.choose(spec.dialect, facts, host_tdx)
+        dialect = dialects.choose(spec.dialect, libvirt, facts.tdx_enabled())
     else:
         dialect = "plain"
-    gpus, switches, warnings = select_devices(host, spec)
+    overlay_dir = _overlay_dir(spec, config, facts)
+    gpus, switches, warnings = select_devices(facts, spec)
     _check_not_shared(conn, spec, [*gpus, *switches])
-    warnings += _checked_images(spec, facts.uri)
-    builds = recorded_builds(facts.uri)
+    warnings += facts.check_disk(spec)
+    ovmf, qemu, config_warnings = facts.paths_from_config(config)
+    warnings += config_warnings
+    for_host = Config(ovmf=ovmf, qemu=qemu, overlay_dir=config.overlay_dir)
+    builds = facts.recorded_builds()
     plan = plan_domain(
-        spec, gpus=gpus, switches=switches, dialect=dialect, libvirt_version=facts.version,
-        loader=resolve_loader(spec, config, host, dialect, builds),
-        emulator=resolve_emulator(spec, config, builds),
-        overlay_dir=_overlay_dir(spec, config, facts.uri),
+        spec, gpus=gpus, switches=switches, dialect=dialect, libvirt_version=libvirt.version,
+        loader=resolve_loader(spec, for_host, facts, dialect, builds),
+        emulator=resolve_emulator(spec, for_host, builds),
+        overlay_dir=overlay_dir,
     )
     if warnings:
         plan = _with_warnings(plan, warnings)
@@ -153,19 +163,6 @@ def assemble_td(conn, host: HostRoot, spec: TDSpec, config: Config | None = None
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's
         raise TdxvirtError(f"internal error: generated TD breaks TDX rules: {problems[0]}")
     return AssembledTD(plan=plan, xml=xml, schema_checked=validate_domain_xml(xml))
-
-
-def _checked_images(spec: TDSpec, uri: str) -> list[str]:
-    """The user's --disk / --image read as the declared format (never guessed), and
-    refused with a backing file unless --allow-backing-file (tdxvirt.policy.inspect_image).
-    A remote URI's disk lives on that host, where this machine cannot read it."""
-    if is_remote(uri):
-        return []
-    if spec.disk:
-        return inspect_image(spec.disk, spec.disk_format, "--disk", spec.allow_backing_file)
-    if spec.image:
-        return inspect_image(spec.image, spec.disk_format, "--image", spec.allow_backing_file)
-    return []
 
 
 QEMU_CONF = "/etc/libvirt/qemu.conf"

@@ -108,6 +108,13 @@ class Session:
             return HostRoot(layout().host_root)
         return HostRoot(self._host_root or "/")
 
+    def facts(self, conn=None):
+        """The facts of the host the URI's TDs run on (tdxvirt.facts): this machine's,
+        read below the host root, or another host's, through its libvirt only."""
+        from .facts import facts_for
+
+        return facts_for(conn if conn is not None else self.conn(), self.host, self.uri)
+
     def conn(self):
         if self._conn is None:
             if self.sim:
@@ -123,16 +130,36 @@ class Session:
 pass_session = click.make_pass_decorator(Session)
 
 
+def _version(ctx, param, value):
+    from .completion import print_version
+
+    print_version(ctx, param, value)
+
+
+def _td_names(ctx, param, incomplete):
+    from .completion import td_names
+
+    return td_names(ctx, param, incomplete)
+
+
+def _gpu_addresses(ctx, param, incomplete):
+    from .completion import gpu_addresses
+
+    return gpu_addresses(ctx, param, incomplete)
+
+
 @click.group(cls=TdxvirtGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--connect", "uri", metavar="URI",
+@click.option("-c", "--connect", "uri", metavar="URI", is_eager=True,  # --version reads it
               help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system).")
-@click.option("--sim", is_flag=True, envvar="TDXVIRT_SIM",
+@click.option("--sim", is_flag=True, envvar="TDXVIRT_SIM", is_eager=True,
               help="Use the simulated TDX host (libvirt's qemu driver on the emulated TDX host + fake host root).")
 @click.option("--host-root", metavar="DIR", envvar="TDXVIRT_HOST_ROOT",
               type=click.Path(exists=True, file_okay=False),
               help="Read host facts (sysfs, /proc, firmware) below DIR instead of /; "
                    "programs below DIR are never run, except by `host setup --run-below-root`.")
-@click.version_option(package_name="tdxvirt", prog_name="tdxvirt")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, param, value: _version(ctx, param, value),
+              help="Show tdxvirt's version and libvirt's (library, and the daemon at the URI).")
 @click.pass_context
 def main(ctx, uri, sim, host_root):
     """Intel TDX trust domains with NVIDIA GPUs, through libvirt."""
@@ -140,8 +167,8 @@ def main(ctx, uri, sim, host_root):
 
 
 @main.command()
-@click.argument("name", required=False)
-@click.option("--gpu", "gpus", multiple=True, metavar="BDF",
+@click.argument("name", required=False, shell_complete=_td_names)
+@click.option("--gpu", "gpus", multiple=True, metavar="BDF", shell_complete=_gpu_addresses,
               help="GPU to pass through (38:00.0 or 0000:38:00.0); repeat for more.")
 @click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="16G", show_default=True,
@@ -180,6 +207,9 @@ def main(ctx, uri, sim, host_root):
 @click.option("--vsock", is_flag=True, help="Add a virtio vsock device.")
 @click.option("--hugepages", type=click.Choice(["2M", "1G"]), help="Back memory with huge pages.")
 @click.option("--numa", type=click.Choice(["auto"]), help="Place memory on the GPUs' NUMA node(s).")
+@click.option("--mmio-window", metavar="SIZE",
+              help="64-bit MMIO window for the GPUs' BARs, e.g. 256G (default: sized from the "
+                   "BARs; needed for a remote host's GPU whose BAR sizes tdxvirt does not know).")
 @click.option("--no-tdx", "no_tdx", is_flag=True, help="The same VM without TDX (plain mode).")
 @click.option("--virt-type", type=click.Choice(["kvm", "qemu"]), default="kvm", show_default=True,
               help="Domain type; 'qemu' (TCG) only for plain VMs on hosts without KVM.")
@@ -190,19 +220,33 @@ def main(ctx, uri, sim, host_root):
 @click.option("--user-data", metavar="FILE",
               help="Your own cloud-init user-data, replacing tdxvirt's (implies --cloud-init).")
 @click.option("--print-xml", is_flag=True, help="Print the domain XML; define nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Run every check, print the XML and the files define would create; change nothing.")
 @pass_session
-def define(session, name, print_xml, no_tdx, **options):
+def define(session, name, print_xml, dry_run, no_tdx, **options):
     """Define a TD with GPUs passed through (NAME defaults to one from the GPU)."""
     from . import tds
+    from .conn import is_remote
     from .spec import TDSpec
 
-    spec = TDSpec.from_user(name=name, tdx=not no_tdx, **options)
-    if print_xml:
-        td = tds.assemble_td(session.conn(), session.host, spec)
+    # For a remote URI the files named are that host's: not looked for here.
+    spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=is_remote(session.uri), **options)
+    if print_xml or dry_run:
+        td = tds.assemble_td(session.conn(), session.facts(), spec)
         _warn(td.plan.warnings)
         click.echo(td.xml, nl=False)
+        if dry_run:
+            from .textsafe import safe
+
+            plan = td.plan
+            made = [(plan.disk.path, f"qcow2 overlay on {plan.disk.overlay_base}")] \
+                if plan.disk and plan.disk.overlay_base else []
+            made += [(plan.seed, "cloud-init seed ISO")] if plan.seed else []
+            for path, what in made:
+                click.echo(f"would create {safe(path)} ({safe(what)})")
+            click.echo(f"would define {plan.name!r} at {safe(session.uri)} (dry run: nothing was changed)")
         return
-    td = tds.define_td(session.conn(), session.host, spec)
+    td = tds.define_td(session.conn(), session.facts(), spec)
     _warn(td.plan.warnings)
     _describe(td, session.uri)
 
@@ -221,7 +265,9 @@ def _describe(td, uri: str) -> None:
     policy = f", TDX policy {plan.policy_hex}" if plan.tdx else ""
     click.echo(f"  {plan.vcpus} vCPUs, {plan.memory_kib // 1024} MiB{policy}")
     firmware = f"firmware {safe(plan.loader)} (ROM)" if plan.loader else (
-        "firmware via -bios" if plan.dialect == "qemu-args" else "firmware chosen by libvirt (UEFI)")
+        "firmware via -bios" if plan.dialect == "qemu-args" else
+        "TDX firmware chosen by libvirt on the host (descriptor feature intel-tdx)" if plan.tdx
+        else "firmware chosen by libvirt (UEFI)")
     click.echo(f"  {firmware}, 64-bit MMIO window {plan.mmio_mb} MiB")
     if plan.disk:
         made = (f" (new overlay on {safe(plan.disk.overlay_base)}, {plan.disk.base_format})"
@@ -241,7 +287,7 @@ def _warn(warnings) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--skip-preflight", is_flag=True, help="Start without the safety checks.")
 @click.option("--console", is_flag=True, help="Attach to the serial console after starting.")
 @click.option("--gpu-tool", metavar="PATH",
@@ -250,12 +296,12 @@ def _warn(warnings) -> None:
 def start(session, name, skip_preflight, console, gpu_tool):
     """Start a TD after checking what would make it fail or run unprotected."""
     from . import tds
-    from .preflight import mode_reader
 
     domain = tds.lookup(session.conn(), name)
     shown = _quoted(domain.name())
-    read_modes = None if skip_preflight else mode_reader(session.host, gpu_tool)
-    if tds.start(session.conn(), session.host, domain, skip_preflight=skip_preflight,
+    facts = session.facts()  # CC modes: read on this machine only, never for another host
+    read_modes = None if skip_preflight else facts.mode_reader(gpu_tool)
+    if tds.start(session.conn(), facts, domain, skip_preflight=skip_preflight,
                  read_modes=read_modes):
         click.echo(f"Started {shown}")
     else:
@@ -265,7 +311,7 @@ def start(session, name, skip_preflight, console, gpu_tool):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--timeout", type=click.FloatRange(min=0), default=120, show_default=True,
               help="Seconds to wait for the guest to power off.")
 @click.option("--force", is_flag=True, help="Destroy the TD if it has not stopped by then.")
@@ -298,7 +344,7 @@ def stop(session, name, timeout, force):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @pass_session
 def destroy(session, name):
     """Power a TD off at once (like pulling the plug)."""
@@ -312,7 +358,7 @@ def destroy(session, name):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @pass_session
 def reboot(session, name):
     """Reboot a TD (a TD cannot be reset: libvirt restarts its QEMU process)."""
@@ -325,11 +371,13 @@ def reboot(session, name):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--remove-storage", is_flag=True,
               help="Also delete the disk overlay and cloud-init seed tdxvirt created (never a base image).")
+@click.option("--dry-run", is_flag=True,
+              help="Run every check and say what would be undefined and deleted; change nothing.")
 @pass_session
-def undefine(session, name, remove_storage):
+def undefine(session, name, remove_storage, dry_run):
     """Remove a stopped TD's definition."""
     from . import tds
 
@@ -337,14 +385,16 @@ def undefine(session, name, remove_storage):
 
     domain = tds.lookup(session.conn(), name)
     identity = tds.resolved(domain)  # read before: an undefined domain has no name to ask
-    removed = tds.undefine(session.conn(), domain, remove_storage=remove_storage)
-    click.echo(f"Undefined {identity}")
+    removed = tds.undefine(session.conn(), domain, remove_storage=remove_storage, dry_run=dry_run)
+    click.echo(f"Would undefine {identity}" if dry_run else f"Undefined {identity}")
     for path in removed:
-        click.echo(f"  removed {safe(path)}")
+        click.echo(f"  {'would remove' if dry_run else 'removed'} {safe(path)}")
+    if dry_run:
+        click.echo("(dry run: nothing was changed)")
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--disable", is_flag=True, help="Do not start it with the host.")
 @pass_session
 def autostart(session, name, disable):
@@ -357,7 +407,7 @@ def autostart(session, name, disable):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--inactive", is_flag=True, help="The persistent definition, not the live XML.")
 @pass_session
 def xml(session, name, inactive):
@@ -373,7 +423,7 @@ def xml(session, name, inactive):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @pass_session
 def console(session, name):
     """Attach to a TD's serial console (hands over to `virsh console`)."""
@@ -478,7 +528,7 @@ def list_(session, include_foreign, as_json):
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_session
 def show(session, name, as_json):

@@ -17,6 +17,13 @@ from typing import Callable
 import click
 
 
+def _gpu_addresses(ctx, param, incomplete):
+    """Shell completion (tdxvirt.completion), imported only when completing."""
+    from .completion import gpu_addresses
+
+    return gpu_addresses(ctx, param, incomplete)
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What tests replace: who we are, what writes sysfs, what libvirt is."""
@@ -72,6 +79,17 @@ def _group_cell(record) -> str:
     return record.iommu_group + (f" (+ {', '.join(others)})" if others else "")
 
 
+def _this_machine_only(session, what: str) -> None:
+    """detach, reattach and cc-mode read and change this machine's sysfs and run NVIDIA's
+    tool here: refused for a URI naming another host, before anything is read."""
+    from .conn import is_remote
+    from .errors import InputError
+
+    if is_remote(session.uri):
+        raise InputError(f"{what} reads and changes the GPUs of the machine it runs on, and "
+                         f"{session.uri} names another host; run it on that host")
+
+
 def make_group(hooks: Hooks | None = None) -> click.Group:
     hooks = hooks or Hooks()
 
@@ -88,15 +106,24 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
     @click.pass_obj
     def list_(session, as_json, modes, tool):
         """Every NVIDIA GPU and NVSwitch: model, driver, IOMMU group, NUMA, BARs, TD."""
-        from .errors import LibvirtUnavailableError
+        from .conn import is_remote
+        from .errors import InputError, LibvirtUnavailableError
         from .gpu import discovery
 
+        remote = is_remote(session.uri)
+        if remote and modes:
+            raise InputError(f"--modes runs NVIDIA's tool on this machine, but {session.uri} "
+                             "names another host: read CC / PPCIe modes there (`tdxvirt gpu "
+                             "list --modes` on that host)")
         try:
             conn = (hooks.libvirt_conn(session) if hooks.libvirt_conn else session.conn())
         except LibvirtUnavailableError as error:
+            if remote:  # another host's GPUs are known only to its libvirt
+                raise
             click.echo(f"tdxvirt: warning: no libvirt facts or TDs: {error}", err=True)
             conn = None
-        records = discovery.discover(session.host, conn)
+        facts = session.facts(conn) if conn is not None else None
+        records = discovery.discover(facts if facts is not None else session.host, conn)
         if modes and records:
             from .gpu import admin_tool, ccmode, devices, privilege
             from .textsafe import safe
@@ -116,13 +143,15 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             click.echo(json.dumps([r.to_json() for r in records], indent=2))
             return
         if not records:
-            click.echo("No NVIDIA GPU or NVSwitch on this host")
+            where = facts.where if facts is not None else "this host"
+            click.echo(f"No NVIDIA GPU or NVSwitch on {where}")
             return
         from .textsafe import table
 
         # TD is a domain name from libvirt, which accepts CR, ESC and bidi marks in it
         rows = [[r.address, r.model, r.driver or "-", _group_cell(r),
-                 "-" if r.numa_node is None else r.numa_node, _size(r.largest_bar),
+                 "-" if r.numa_node is None else r.numa_node,
+                 "unknown" if r.largest_bar is None else _size(r.largest_bar),
                  r.cc_mode or "-", r.ppcie_mode or "-", r.td or "-"] for r in records]
         click.echo(table(rows, ["DEVICE", "MODEL", "DRIVER", "IOMMU GROUP", "NUMA",
                                 "LARGEST BAR", "CC", "PPCIE", "TD"]))
@@ -130,6 +159,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
     def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
         from .gpu import devices, privilege, vfio
 
+        _this_machine_only(session, f"tdxvirt gpu {action}")
         if not dry_run:
             privilege.require_root(f"tdxvirt gpu {action}", privilege.CHANGES_DRIVERS, hooks.euid)
         host = session.host
@@ -166,7 +196,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                                   help="Print every write / libvirt call; change nothing.")
 
     @gpu.command()
-    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...")
+    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...", shell_complete=_gpu_addresses)
     @method_option
     @dry_run_option
     @click.option("--force", is_flag=True, help="Detach even if processes use the GPU.")
@@ -178,7 +208,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         _move(session, bdfs, method, dry_run, "detach", force=force, reset=reset)
 
     @gpu.command()
-    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...")
+    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...", shell_complete=_gpu_addresses)
     @method_option
     @dry_run_option
     @click.pass_obj
@@ -187,7 +217,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         _move(session, bdfs, method, dry_run, "reattach")
 
     @gpu.command(name="cc-mode")
-    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...")
+    @click.argument("bdfs", nargs=-1, required=True, metavar="BDF...", shell_complete=_gpu_addresses)
     @click.option("--set", "cc", type=click.Choice(["on", "off", "devtools"]),
                   help="Set CC mode (the GPU is reset after the switch).")
     @click.option("--ppcie", type=click.Choice(["on", "off"]),
@@ -203,6 +233,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         from .errors import InputError
         from .gpu import admin_tool, ccmode, devices, privilege
 
+        _this_machine_only(session, "tdxvirt gpu cc-mode")
         if cc and ppcie:
             raise InputError("--set (CC mode) and --ppcie are exclusive: PPCIe mode runs "
                              "with CC off; choose one")

@@ -7,6 +7,13 @@ import json
 import click
 
 
+def _td_names(ctx, param, incomplete):
+    """Shell completion (tdxvirt.completion), imported only when completing."""
+    from .completion import td_names
+
+    return td_names(ctx, param, incomplete)
+
+
 @click.group()
 def guest():
     """The guest side of a TD: its kernel config and in-guest checks."""
@@ -47,7 +54,7 @@ def check_config(config_file, as_json):
 
 
 @guest.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--timeout", type=click.FloatRange(min=1), default=30, show_default=True,
               help="Seconds to wait for each command in the guest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -6,12 +6,12 @@ import json
 
 import click
 
-from .cli import pass_session
+from .cli import _td_names, pass_session
 from .tdvf import SINGLE_PASS, TWO_PASS
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_td_names)
 @click.option("--firmware", metavar="FILE", type=click.Path(dir_okay=False),
               help="The TD's firmware image as a file here (for a remote host, a copy of its file).")
 @click.option("--page-order", type=click.Choice([SINGLE_PASS, TWO_PASS]), default=SINGLE_PASS,

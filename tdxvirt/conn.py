@@ -30,6 +30,27 @@ def is_remote(uri: str) -> bool:
     return bool(urlparse(uri).hostname)
 
 
+LOCAL_HOST = "localhost"
+_LOOPBACK = {"localhost", "localhost.localdomain", "::1", "ip6-localhost"}
+
+
+def host_of(uri: str) -> str:
+    """The host a URI's TDs run on, as tdxvirt names it in lock keys and messages: the
+    URI's hostname (lower case, port dropped), or ``localhost`` for a URI naming no host
+    or a loopback one. Two names of one host stay two names (DNS is never asked), and
+    two ports of one name are one host: a lock then serialises more than it must,
+    never less."""
+    from urllib.parse import urlparse
+
+    try:
+        host = (urlparse(uri).hostname or "").lower()
+    except ValueError:
+        host = ""
+    if not host or host in _LOOPBACK or host.startswith("127."):
+        return LOCAL_HOST
+    return host
+
+
 BINDINGS_MISSING = ("libvirt's Python bindings are not installed; install them: Debian/Ubuntu "
                     "`apt install python3-libvirt` (for the system Python), or `pip install "
                     "libvirt-python` (needs libvirt-dev, pkg-config and gcc)")

@@ -1,9 +1,13 @@
-"""Host-local locks, so two tdxvirt processes never give one GPU (or name) twice.
+"""Locks, so two tdxvirt processes never give one GPU (or name) twice.
 
 flock(2) locks on files under ``<state>/locks``: the kernel drops them when their
 process dies, so a killed tdxvirt never leaves a lock behind that blocks anyone.
 They serialise tdxvirt processes on this machine only; libvirt itself is the
 arbiter for other tools.
+
+A key names the host that runs the TD (tdxvirt.conn.host_of: the URI's hostname, or
+``localhost``) and the device or domain name: GPU 0000:38:00.0 of host A and of
+host B are different GPUs, and two TDs named alike on two hosts do not collide.
 """
 
 from __future__ import annotations
@@ -71,9 +75,11 @@ def held(keys, timeout: float = 30.0, poll: float = 0.05):
             os.close(handle)  # closing releases the flock
 
 
-def gpu_keys(addresses) -> list[str]:
-    return [f"pci-{address}" for address in addresses]
+def gpu_keys(host: str, addresses) -> list[str]:
+    """The keys of PCI devices of ``host`` (tdxvirt.conn.host_of of the URI)."""
+    return [f"pci-{address}@{host}" for address in addresses]
 
 
-def name_key(name: str) -> str:
-    return f"domain-{name}"
+def name_key(host: str, name: str) -> str:
+    """The key of a domain name on ``host``."""
+    return f"domain-{name}@{host}"

@@ -99,13 +99,53 @@ def align_memory(size: int) -> tuple[int, str | None]:
     return aligned, f"memory {size} bytes rounded up to {human(aligned)} (TDs want 2 MiB alignment)"
 
 
-def mmio_window_mb(devices: list[PciDevice]) -> int:
-    """Sum of the passed devices' memory BARs, rounded up to a power of two, in MiB."""
-    total_mb = -(-sum(d.mmio_bytes for d in devices) // MIB)
+def _power_of_two_mb(size_mb: int) -> int:
     window = MIN_MMIO_MB
-    while window < total_mb:
+    while window < size_mb:
         window *= 2
     return window
+
+
+def mmio_window_mb(devices: list[PciDevice]) -> int | None:
+    """Sum of the passed devices' memory BARs, rounded up to a power of two, in MiB;
+    None when a device's BAR sizes are unknown (a remote host's device tdxvirt's table
+    of known GPUs lacks)."""
+    sizes = [d.mmio_bytes for d in devices]
+    if any(size is None for size in sizes):
+        return None
+    return _power_of_two_mb(-(-sum(sizes) // MIB))
+
+
+def plan_mmio(devices: list[PciDevice], requested: int | None) -> tuple[int, str | None]:
+    """The 64-bit MMIO window in MiB, and a warning: ``requested`` (bytes, --mmio-window)
+    when given, else sized from the devices' BARs.
+
+    The window is a power of two of at least 32 GiB, like the sized one; a request
+    smaller than the known BARs is refused (the GPUs would fail inside the guest), and
+    devices whose BARs are unknown need a request."""
+    needed = mmio_window_mb(devices)
+    if requested is None:
+        if needed is None:
+            from .host.nvidia import model_name
+
+            unknown = [d for d in devices if d.bar_sizes is None]
+            named = ", ".join(f"{d.address} ({model_name(d)})" for d in unknown)
+            raise InputError(
+                f"the BAR sizes of {named} are unknown (libvirt does not report BARs and "
+                "tdxvirt's table of known GPUs lacks the device), so the TD's 64-bit MMIO window "
+                "cannot be sized; pass --mmio-window SIZE, at least the sum of the devices' BARs "
+                "(`lspci -vv` on that host shows them), e.g. 256G for one H100")
+        return needed, None
+    asked_mb = -(-requested // MIB)
+    window = _power_of_two_mb(asked_mb)
+    if needed is not None and window < needed:
+        raise InputError(f"--mmio-window {human(requested)} is smaller than the "
+                         f"{human(needed * MIB)} the devices' BARs need; drop --mmio-window "
+                         f"or give at least {human(needed * MIB)}")
+    if window != asked_mb or requested % MIB:
+        return window, (f"--mmio-window {human(requested)} rounded up to {human(window * MIB)} "
+                        "(a power of two, at least OVMF's own 32G)")
+    return window, None
 
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -287,7 +327,8 @@ def plan_domain(
         nodeset, numa_warning = numa_nodeset(gpus)
         warnings.append(numa_warning)
     devices = [*gpus, *switches]
-    mmio_mb = mmio_window_mb(devices)
+    mmio_mb, mmio_warning = plan_mmio(devices, spec.mmio_window)
+    warnings.append(mmio_warning)
     hostdevs = tuple(
         # Root port index i (1-based; 0 is pcie-root) carries device i.
         Hostdev(d.address, index, "nvswitch" if d in switches else "gpu")

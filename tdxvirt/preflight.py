@@ -1,7 +1,10 @@
 """Before a start: what would make it fail, or run a TD without the protection asked for.
 
-Each problem is one sentence naming its remedy. Checks that read this machine (sysfs
-through the host root, firmware and disk files) are skipped for a remote URI.
+Each problem is one sentence naming its remedy. Every fact comes from the host that
+runs the TD (tdxvirt.facts): this machine's sysfs, firmware and files for a local
+URI; that host's libvirt (node devices, domain capabilities, storage volumes) for a
+remote one, where what libvirt cannot tell (an unbound driver, a file in no storage
+pool, CC modes) is left to the start itself.
 """
 
 from __future__ import annotations
@@ -10,12 +13,11 @@ import os
 
 from lxml import etree
 
-from .conn import is_remote, xml_of_listed
-from .dialect import host_tdx_enabled
+from .conn import xml_of_listed
 from .errors import NotFoundError
+from .facts import HostFacts, facts_for
 from .host import HostRoot
 from .host.nvidia import is_nvswitch, kind_of
-from .host.pci import read_device
 from .metadata import read_domain_xml
 from .pci import PciAddress
 from .td_rules import td_problems
@@ -23,13 +25,15 @@ from .td_rules import td_problems
 VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1
 
 
-def _hostdev_problems(host: HostRoot, root, address: str) -> list[str]:
+def _hostdev_problems(facts: HostFacts, root, address: str) -> list[str]:
     hostdev = next(h for h in root.iterfind("devices/hostdev[@type='pci']")
                    if _address(h) == address)
     try:
-        device = read_device(host, PciAddress.parse(address))
+        device = facts.device(PciAddress.parse(address))
     except NotFoundError:
-        return [f"PCI device {address} is not on this host; `tdxvirt gpu list` shows the GPUs"]
+        return [f"PCI device {address} is not on {facts.where}; {facts.gpu_list_hint()}"]
+    if facts.remote and device.driver is None:
+        return []  # libvirt names no driver: unbound, or not reported; the start says
     if hostdev.get("managed") != "yes" and device.driver != "vfio-pci":
         return [f"{address} is bound to {device.driver or 'no driver'}, not vfio-pci, and its "
                 f"hostdev is unmanaged; run `tdxvirt gpu detach {address}`"]
@@ -42,17 +46,16 @@ def _address(hostdev) -> str:
         *(int(a.get(k), 16) for k in ("domain", "bus", "slot", "function")))
 
 
-def _file_problems(host: HostRoot, root) -> list[str]:
+def _file_problems(facts: HostFacts, root) -> list[str]:
+    """Firmware and disks the host lacks (unknown ones are left to the start)."""
     problems = []
     loader = root.findtext("os/loader")
-    # Firmware is a host fact (the host root models it); disk images are the user's
-    # files, which libvirt opens by their real path.
-    if loader and not host.exists(loader.strip()):
+    if loader and facts.firmware_exists(loader.strip()) is False:
         problems.append(f"firmware {loader.strip()} does not exist; install its package "
                         "(TDX: ovmf-inteltdx) or redefine with --ovmf")
     for source in root.iterfind("devices/disk/source"):
         path = source.get("file")
-        if path and not os.path.exists(path):
+        if path and facts.disk_exists(path) is False:
             problems.append(f"disk image {path} does not exist; restore it or redefine the TD")
     return problems
 
@@ -96,13 +99,13 @@ def mode_reader(host: HostRoot, tool_path: str | None = None):
     return read
 
 
-def _mode_problems(host: HostRoot, facts, read_modes) -> list[str]:
+def _mode_problems(host: HostFacts, facts, read_modes) -> list[str]:
     """A TD needs its GPUs in CC mode (PPCIe mode with NVSwitches); a plain VM needs
     CC off. Devices whose mode could not be read are left to the start itself."""
     devices = []
     for address in facts.gpus:  # every PCI hostdev, NICs and other devices included
         try:
-            device = read_device(host, PciAddress.parse(address))
+            device = host.device(PciAddress.parse(address))
         except NotFoundError:
             continue  # reported by the hostdev check
         if kind_of(device) is not None:  # NVIDIA's tool is run on GPUs and NVSwitches only
@@ -128,22 +131,23 @@ def _mode_problems(host: HostRoot, facts, read_modes) -> list[str]:
     return problems
 
 
-def start_problems(conn, host: HostRoot, xml: str, read_modes=None) -> list[str]:
-    """Problems of the domain whose (inactive or live) XML this is."""
+def start_problems(conn, host: HostRoot | HostFacts, xml: str, read_modes=None) -> list[str]:
+    """Problems of the domain whose (inactive or live) XML this is, on the host that
+    runs it (``host``: this machine's HostRoot, or that host's facts; see facts_for).
+    ``read_modes``: the GPUs' CC mode reader (HostFacts.mode_reader), None: unknown."""
     from .tds import parsable_xml
 
+    host = facts_for(conn, host)  # the host's facts; ``domain`` below: the domain's
     xml = parsable_xml(xml)  # libvirt may write characters XML forbids (issue #18)
-    facts = read_domain_xml(xml)
+    domain = read_domain_xml(xml)
     root = etree.fromstring(xml.encode())
     problems = list(td_problems(xml))
-    if not is_remote(conn.getURI()):
-        if facts.tdx and host_tdx_enabled(host) is False:
-            problems.append("TDX is not enabled in KVM on this host; load kvm_intel with "
-                            "tdx=on (`tdxvirt host setup`)")
-        for address in facts.gpus:
-            problems.extend(_hostdev_problems(host, root, address))
-        problems.extend(_file_problems(host, root))
-        if read_modes is not None:
-            problems.extend(_mode_problems(host, facts, read_modes))
-    problems.extend(_held_by_running(conn, facts.name, facts.gpus))
+    if domain.tdx and (missing := host.tdx_problem()):
+        problems.append(missing)
+    for address in domain.gpus:
+        problems.extend(_hostdev_problems(host, root, address))
+    problems.extend(_file_problems(host, root))
+    if read_modes is not None:
+        problems.extend(_mode_problems(host, domain, read_modes))
+    problems.extend(_held_by_running(conn, domain.name, domain.gpus))
     return problems

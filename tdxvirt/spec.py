@@ -130,6 +130,7 @@ class TDSpec:
     cloud_init: bool = False  # attach a NoCloud seed prepared for an H100 in CC mode
     ssh_keys: tuple[str, ...] = ()
     user_data: str | None = None  # the user's own user-data, replacing tdxvirt's
+    mmio_window: int | None = None  # bytes; None: sized from the devices' BARs
 
     @classmethod
     def from_user(cls, *, name: str | None, gpus=(), vcpus: int = DEFAULT_VCPUS,
@@ -147,8 +148,15 @@ class TDSpec:
                   ssh_port: int = DEFAULT_SSH_PORT, vsock: bool = False,
                   hugepages: str | None = None, numa: str | None = None,
                   virt_type: str = "kvm", cloud_init: bool = False, ssh_key=(),
-                  user_data: str | None = None) -> "TDSpec":
-        """Parse and check everything the user typed; raise InputError naming the field."""
+                  user_data: str | None = None, mmio_window: str | None = None,
+                  remote: bool = False) -> "TDSpec":
+        """Parse and check everything the user typed; raise InputError naming the field.
+
+        ``remote``: the TD runs on another host (tdxvirt.conn.is_remote), where the
+        files named (--disk, --ovmf, --qemu, --kernel, --initrd) are that host's: they
+        must be absolute and are not looked for on this machine (define asks libvirt
+        for the disk; the rest libvirt opens at the start)."""
+        _file = _remote_file if remote else _local_file
         addresses = parse_gpus(gpus)
         if name is None and not addresses and not ppcie:
             raise InputError("give the TD a NAME, or at least one --gpu to derive it from")
@@ -209,6 +217,7 @@ class TDSpec:
             cloud_init=bool(cloud_init or ssh_key or user_data),
             ssh_keys=keys,
             user_data=own_user_data,
+            mmio_window=None if mmio_window is None else parse_size(mmio_window, "--mmio-window"),
         )
 
 
@@ -240,8 +249,20 @@ def _first_boot(name: str, ssh_key_files, user_data_file) -> tuple[tuple[str, ..
     return keys, own
 
 
-def _file(path: str | None, option: str) -> str | None:
+def _local_file(path: str | None, option: str) -> str | None:
     return None if path is None else validate_existing_file(path, option)
+
+
+def _remote_file(path: str | None, option: str) -> str | None:
+    """A path on the host that runs the TD: absolute, never looked for here."""
+    if path is None:
+        return None
+    if not isinstance(path, str) or not path or "\0" in path or "\n" in path or "\r" in path:
+        raise InputError(f"{option} {path!r}: not a usable path")
+    if not os.path.isabs(path):
+        raise InputError(f"{option} {path!r}: give the absolute path of the file on the host "
+                         "that runs the TD (a relative path means nothing there)")
+    return os.path.normpath(path)
 
 
 def _one_line(text: str, option: str) -> str:

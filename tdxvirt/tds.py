@@ -26,6 +26,7 @@ from .errors import (
 if TYPE_CHECKING:  # rendering, planning and XML reading (lxml) are imported only by the
     # functions that use them: `list` starts reading domains before lxml is loaded
     from .assemble import AssembledTD
+    from .facts import HostFacts
     from .host import HostRoot
     from .metadata import DomainFacts
     from .policy import Disk
@@ -155,16 +156,16 @@ def _parse(xml: str, name: str | None = None):
 
 def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
     """tdxvirt.integrity's problems of a domain, with the facts this connection has:
-    the target libvirt's version, a managed-save image, and (given a local host root)
-    the MMIO window the hostdevs' BARs need."""
+    the target libvirt's version, a managed-save image, and (given the host's facts or
+    this machine's HostRoot, see tdxvirt.facts.facts_for) the MMIO window the
+    hostdevs' BARs need, where their sizes are known."""
     from .integrity import problems
 
     needed = None
     if host is not None:
-        from .conn import is_remote
+        from .facts import facts_for
 
-        if not is_remote(conn.getURI()):
-            needed = _window_needed(host)
+        needed = _window_needed(facts_for(conn, host))
     try:
         saved = bool(domain.hasManagedSaveImage(0))
     except libvirt_error_type():
@@ -179,16 +180,16 @@ def _keeps_commandline(conn) -> bool:
     return conn.getType().upper() != "TEST"
 
 
-def _window_needed(host):
-    """The MMIO window (MiB) define would size for these devices, read from the host."""
+def _window_needed(facts):
+    """The MMIO window (MiB) define would size for these devices, from the host's facts
+    (None: a device it lacks, which preflight names, or whose BARs are unknown)."""
     def needed(bdfs: list[str]) -> int | None:
-        from .host.pci import read_device
         from .pci import PciAddress
         from .policy import mmio_window_mb
 
         try:
-            return mmio_window_mb([read_device(host, PciAddress.parse(bdf)) for bdf in bdfs])
-        except (TdxvirtError, OSError, ValueError):  # a device the host lacks: preflight names it
+            return mmio_window_mb([facts.device(PciAddress.parse(bdf)) for bdf in bdfs])
+        except (TdxvirtError, OSError, ValueError):
             return None
     return needed
 
@@ -352,21 +353,29 @@ def gpu_holders(conn) -> dict[str, str]:
     return holders(conn)
 
 
-def define_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
+def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> AssembledTD:
     """Define the TD; on any failure nothing is left behind (no domain, no overlay).
 
-    The name and the GPUs are locked from the checks to the define, so a second
-    tdxvirt asking for either waits, then sees the first one's domain.
+    ``host``: this machine's HostRoot (read only for a URI naming no host), or the
+    host's facts (tdxvirt.facts.facts_for). The name and the GPUs are locked, per host,
+    from the checks to the define, so a second tdxvirt asking for either waits, then
+    sees the first one's domain.
     """
-    with locks.held([locks.name_key(spec.name), *locks.gpu_keys(spec.gpus)]):
+    from .facts import facts_for
+
+    facts = facts_for(conn, host)
+    with locks.held([locks.name_key(facts.lock_host, spec.name),
+                     *locks.gpu_keys(facts.lock_host, spec.gpus)]):
         if _exists(conn, spec.name):
             raise InputError(
                 f"a domain named {spec.name!r} already exists at {conn.getURI()}; "
                 "choose another name or `tdxvirt undefine` it first"
             )
-        td = assemble_td(conn, host, spec, config)
+        td = assemble_td(conn, facts, spec, config)
         overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
-        owner = _storage_owner(host) if overlay or td.plan.seed else None
+        # only a local URI creates files (assemble refuses them for a remote one)
+        owner = _storage_owner(facts.host) if (overlay or td.plan.seed) and not facts.remote \
+            else None
         if owner is not None and owner.note:
             td = _with_warning(td, owner.note)
         created = []
@@ -422,20 +431,24 @@ def _remove(paths: list[str]) -> None:
             pass
 
 
-def start(conn, host: HostRoot, name, skip_preflight: bool = False,
+def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
           read_modes=None) -> bool:
     """Start a TD after a preflight; False when it was already running.
 
-    ``read_modes`` reads the GPUs' CC / PPCIe modes (preflight.mode_reader); None
+    ``host``: this machine's HostRoot or the host's facts (tdxvirt.facts.facts_for).
+    ``read_modes`` reads the GPUs' CC / PPCIe modes (HostFacts.mode_reader); None
     leaves them unchecked."""
+    from .facts import facts_for
+
+    facts = facts_for(conn, host)
     domain = lookup(conn, name)
     name = domain.name()  # the resolved name, for messages
     if domain.isActive():
         return False
     xml = parsable_xml(domain.XMLDesc(0))
-    with locks.held(locks.gpu_keys(read_facts(xml).gpus)):
+    with locks.held(locks.gpu_keys(facts.lock_host, read_facts(xml).gpus)):
         # Not a preflight to skip: a TD never boots unprotected or broken by an edit.
-        weakened = integrity_problems(conn, domain, xml, host)
+        weakened = integrity_problems(conn, domain, xml, facts)
         if weakened:
             more = (f" (and {len(weakened) - 1} more: {'; '.join(map(str, weakened[1:]))})"
                     if len(weakened) > 1 else "")
@@ -444,7 +457,7 @@ def start(conn, host: HostRoot, name, skip_preflight: bool = False,
         if not skip_preflight:
             from .preflight import start_problems
 
-            problems = start_problems(conn, host, xml, read_modes)
+            problems = start_problems(conn, facts, xml, read_modes)
             if problems:
                 more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
                 raise HostNotReadyError(f"{domain.name()!r} would not start safely: "
@@ -519,7 +532,7 @@ def reboot(conn, name) -> None:
         raise translate(error, f"cannot reboot {name!r}") from None
 
 
-def undefine(conn, name, remove_storage: bool = False, config=None) -> list[str]:
+def undefine(conn, name, remove_storage: bool = False, config=None, dry_run: bool = False) -> list[str]:
     """Remove a stopped TD's definition; with remove_storage, the files tdxvirt made.
 
     Returns the files removed. A base image is never removed: only the overlay and
@@ -542,6 +555,8 @@ def undefine(conn, name, remove_storage: bool = False, config=None) -> list[str]
     facts = read_facts(xml)
     has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
     with _checked_storage(conn, domain.name(), xml, facts, config, remove_storage) as storage:
+        if dry_run:  # every check ran; nothing is undefined or deleted
+            return [removal.path for removal in storage.removals]
         try:
             domain.undefineFlags(UNDEFINE_NVRAM) if has_nvram else domain.undefine()
         except libvirt_error_type() as error:
@@ -564,11 +579,12 @@ def _state_name(state_code: int, reason: int | None) -> str:
 
 
 def _checked_storage(conn, name: str, xml: str, facts: DomainFacts, config, remove_storage: bool):
-    """The files undefine may delete, all checked now (issue #14: the XML is not trusted)."""
-    from .storage_paths import StorageRemoval
+    """The files undefine may delete, all checked now (issue #14: the XML is not trusted),
+    by the host's facts: this machine's files for a local URI; none on another host."""
+    from .facts import facts_for
 
     recorded = {"overlay": facts.overlay, "seed": facts.seed} if remove_storage else {}
-    return StorageRemoval(name, xml, conn.getURI(), recorded, config)
+    return facts_for(conn).storage_removal(name, xml, recorded, config)
 
 
 def set_autostart(conn, name, enabled: bool) -> None:

@@ -120,3 +120,15 @@ def cc_on(sim):
     state.write_text(json.dumps(modes) + "\n")
     yield
     state.write_text(before)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """`--sim` run in-process (CliRunner) exports the simulated GPU tool's variables;
+    no test may leave them, or anything else, to the next one."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from tdxvirt.assemble import resolve_loader, select_devices
 from tdxvirt.config import Config
+from tdxvirt.errors import NotFoundError
+from tdxvirt.facts import HostFacts
+from tdxvirt.host.pci import PciDevice
+from tdxvirt.pci import PciAddress
 from tdxvirt.policy import DomainPlan, plan_domain
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
 from tdxvirt.spec import TDSpec
@@ -34,6 +38,34 @@ class Scenario:
     overlay_dir: str | None = None
     round_trip: bool = True  # define on the TDX-aware test driver and read back
     notes: str = field(default="")
+    # A remote host as libvirt describes it (node devices: no BAR sizes; the firmware
+    # libvirt's to pick): set, these replace the fake host root.
+    libvirt_devices: tuple[PciDevice, ...] = ()
+
+
+class LibvirtView(HostFacts):
+    """A remote host's facts as tdxvirt.facts.libvirt gives them, for plan_for."""
+
+    remote = True
+    where = "host gpuhost"
+
+    def __init__(self, devices: tuple[PciDevice, ...]):
+        self.devices = {d.address: d for d in devices}
+
+    def device(self, address):
+        if address not in self.devices:
+            raise NotFoundError(f"no PCI device {address} on {self.where}")
+        return self.devices[address]
+
+    def tdx_firmware(self, dialect):
+        return None  # <os firmware='efi'>: libvirt picks the intel-tdx firmware there
+
+
+# An H200 (0x2335) of a remote host, as its node device says: tdxvirt's table of known
+# GPUs has no BAR sizes for it, so the MMIO window must be given (--mmio-window).
+REMOTE_H200 = PciDevice(PciAddress.parse("0000:17:00.0"), 0x10DE, 0x2335, 0x030200, 1,
+                        "vfio-pci", "7", None, "GH100 [H200 SXM 141GB]",
+                        (PciAddress.parse("0000:17:00.0"),))
 
 
 def files() -> dict[str, str]:
@@ -96,6 +128,11 @@ def scenarios() -> list[Scenario]:
             "allow_backing_file": True, "ovmf": f["OVMF.inteltdx.fd"],
             "network": "default", "ssh_key": [f["id_ed25519.pub"]]},
             overlay_dir="/var/lib/libvirt/images"),
+        Scenario("remote-mmio-window", {
+            "name": "remote", "gpus": ["17:00.0"], "mmio_window": "512G", "numa": "auto"},
+            libvirt_devices=(REMOTE_H200,),
+            notes="a remote host's GPU: NUMA from its node device, window given, firmware "
+                  "libvirt's pick"),
         Scenario("plain", {
             "name": "plain", "gpus": ["38:00.0"], "tdx": False, "virt_type": "qemu",
             "disk": f["disk.raw"], "memory": "4G", "vcpus": 2, "hugepages": "2M"},
@@ -105,8 +142,9 @@ def scenarios() -> list[Scenario]:
 
 def plan_for(scenario: Scenario, root_dir: Path) -> tuple[TDSpec, DomainPlan]:
     """The plan assemble_td would make on this host, minus the libvirt probe."""
-    host = build_host_root(root_dir, devices=scenario.devices)
-    spec = TDSpec.from_user(**scenario.options)
+    host = (LibvirtView(scenario.libvirt_devices) if scenario.libvirt_devices
+            else build_host_root(root_dir, devices=scenario.devices))
+    spec = TDSpec.from_user(**scenario.options, remote=bool(scenario.libvirt_devices))
     gpus, switches, _ = select_devices(host, spec)
     plan = plan_domain(spec, gpus=gpus, switches=switches, dialect=scenario.dialect,
                        libvirt_version=scenario.libvirt_version,

@@ -143,10 +143,11 @@ def test_direct_kernel_boot_adds_clearcpuid(conn, gpu_host, td_name, tmp_path):
 
 def test_remote_uri_with_image_is_refused(gpu_host, tmp_path):
     from tdxvirt.assemble import _overlay_dir
+    from tdxvirt.facts.libvirt import LibvirtFacts
 
     spec_ = TDSpec(name="x", gpus=(), image="/base.qcow2")
     with pytest.raises(InputError, match="URI is remote"):
-        _overlay_dir(spec_, Config(), "qemu+ssh://gpu-host/system")
+        _overlay_dir(spec_, Config(), LibvirtFacts(None, "qemu+ssh://gpu-host/system"))
 
 
 @pytest.mark.parametrize("mutation, problem", [

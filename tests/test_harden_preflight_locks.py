@@ -42,7 +42,7 @@ def test_a_lock_file_symlink_is_refused_and_never_followed(monkeypatch, tmp_path
     (state / "locks").mkdir(parents=True)
     monkeypatch.setenv("TDXVIRT_STATE_DIR", str(state))
     victim = tmp_path / "etc-nologin"  # O_CREAT through the link would create it
-    key = locks.name_key("td-x")
+    key = locks.name_key("localhost", "td-x")
     os.symlink(victim, locks._lock_path(key))
     with pytest.raises(TdxvirtError, match="is a symlink") as error:
         with locks.held([key], timeout=1):
@@ -55,7 +55,7 @@ def test_a_lock_file_that_is_a_fifo_is_refused(monkeypatch, tmp_path):
     state = tmp_path / "state"
     (state / "locks").mkdir(parents=True)
     monkeypatch.setenv("TDXVIRT_STATE_DIR", str(state))
-    key = locks.name_key("td-y")
+    key = locks.name_key("localhost", "td-y")
     os.mkfifo(locks._lock_path(key))
     with pytest.raises(TdxvirtError, match="not a regular file"):
         with locks.held([key], timeout=1):
@@ -64,5 +64,6 @@ def test_a_lock_file_that_is_a_fifo_is_refused(monkeypatch, tmp_path):
 
 def test_ordinary_locks_still_work(monkeypatch, tmp_path):
     monkeypatch.setenv("TDXVIRT_STATE_DIR", str(tmp_path / "state"))
-    with locks.held([locks.name_key("td-z"), *locks.gpu_keys(["0000:38:00.0"])], timeout=1):
-        assert locks._lock_path(locks.name_key("td-z")).is_file()
+    with locks.held([locks.name_key("localhost", "td-z"),
+                     *locks.gpu_keys("localhost", ["0000:38:00.0"])], timeout=1):
+        assert locks._lock_path(locks.name_key("localhost", "td-z")).is_file()

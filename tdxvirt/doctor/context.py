@@ -130,11 +130,14 @@ class Context:
 
     @cached_property
     def emulator(self) -> str | None:
-        """The QEMU libvirt uses (domain capabilities' path), else a standard install."""
+        """The QEMU libvirt uses (domain capabilities' path), else a standard install of
+        this machine (never for a remote URI: this machine's files say nothing there)."""
         if self.domcaps is not None:
             path = self.domcaps.findtext("path")
             if path:
                 return path
+        if self.remote:
+            return None
         return next((e for e in EMULATORS if self.root.exists(e)), None)
 
     @cached_property

@@ -1,17 +1,17 @@
 """NVIDIA GPUs: driver, IOMMU group viability, CC mode.
 
-Locally the facts come from sysfs; for a remote URI from libvirt's node devices.
-A group is viable when every other member is on vfio-pci, has no driver, or is a PCI
-bridge (QEMU refuses a group with a member bound to any other host driver).
+The facts come from tdxvirt.facts: sysfs for a local URI, libvirt's node devices for
+a remote one (the same device record, PciDevice, either way). A group is viable when
+every other member is on vfio-pci, has no driver, or is a PCI bridge (QEMU refuses a
+group with a member bound to any other host driver).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import InputError, NotFoundError, TdxvirtError
+from ..facts import HostFacts
 from ..host import nvidia
-from ..host.pci import PCI_DEVICES, PciDevice, read_device
+from ..host.pci import PciDevice
 from ..pci import PciAddress
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
@@ -20,166 +20,95 @@ BRIDGE_CLASS = 0x0604
 VIABLE_DRIVERS = (None, "vfio-pci", "pci-stub")
 
 
-@dataclass(frozen=True)
-class Member:
-    address: str
-    driver: str | None
-    pci_class: int
+def _facts(ctx: Context) -> HostFacts:
+    if ctx.remote:
+        from ..facts.libvirt import LibvirtFacts
 
+        return LibvirtFacts(ctx.conn, ctx.uri)
+    from ..facts.local import LocalFacts
 
-@dataclass(frozen=True)
-class Gpu:
-    address: str
-    vendor: int
-    device: int
-    pci_class: int
-    driver: str | None
-    group: str | None
-    members: tuple[Member, ...]  # the group's other devices
-
-    @property
-    def candidate(self) -> bool:
-        return nvidia.is_passthrough_candidate(self.pci())
-
-    @property
-    def model(self) -> str:
-        return nvidia.model_name(self.pci())
-
-    def pci(self) -> PciDevice:
-        return PciDevice(PciAddress.parse(self.address), self.vendor, self.device,
-                         self.pci_class, None, self.driver, self.group, ())
+    return LocalFacts(ctx.root, ctx.uri or "")
 
 
 def local_gpus(ctx: Context) -> list[PciDevice]:
     """Every NVIDIA GPU / NVSwitch in the host root's sysfs."""
-    found = []
-    for name in ctx.root.listdir(PCI_DEVICES):
-        try:
-            device = read_device(ctx.root, PciAddress.parse(name))
-        except (NotFoundError, InputError, ValueError):
-            continue  # gone meanwhile, or not a PCI address: not a GPU
-        if nvidia.is_passthrough_candidate(device):
-            found.append(device)
-    return found
+    from ..facts.local import LocalFacts
+
+    return LocalFacts(ctx.root, ctx.uri or "").nvidia_devices()
 
 
-def _from_sysfs(ctx: Context, address: PciAddress) -> Gpu:
-    device = read_device(ctx.root, address)
+def _unknown(address: PciAddress) -> PciDevice:
+    """A group member the host's facts do not describe: every fact unknown."""
+    return PciDevice(address, 0, 0, 0, None, None, None, None)
+
+
+def _members(facts: HostFacts, device: PciDevice) -> list[PciDevice]:
+    """The other devices of ``device``'s IOMMU group."""
     members = []
-    if device.iommu_group is not None:
-        for name in ctx.root.listdir(f"/sys/kernel/iommu_groups/{device.iommu_group}/devices"):
-            if name == str(address):
-                continue
-            base = f"{PCI_DEVICES}/{name}"
-            pci_class = ctx.root.read_value(f"{base}/class") or "0"
-            members.append(Member(name, ctx.root.link_name(f"{base}/driver"),
-                                  int(pci_class, 0) >> 8))
-    return Gpu(str(address), device.vendor, device.device, device.pci_class,
-               device.driver, device.iommu_group, tuple(members))
-
-
-def _nodedev_name(address: str) -> str:
-    return "pci_" + address.replace(":", "_").replace(".", "_")
-
-
-def _parse_nodedev(xml: str):
-    from lxml import etree
-
-    root = etree.fromstring(xml.encode())
-    cap = root.find("capability[@type='pci']")
-    if cap is None:
-        return None
-    address = "{:04x}:{:02x}:{:02x}.{:x}".format(
-        *(int(cap.findtext(f, "0"), 0) for f in ("domain", "bus", "slot", "function")))
-    group = cap.find("iommuGroup")
-    members = []
-    if group is not None:
-        for a in group.findall("address"):
-            members.append("{:04x}:{:02x}:{:02x}.{:x}".format(
-                *(int(a.get(f, "0"), 0) for f in ("domain", "bus", "slot", "function"))))
-    return {
-        "address": address,
-        "vendor": int(cap.find("vendor").get("id", "0"), 0) if cap.find("vendor") is not None else 0,
-        "device": int(cap.find("product").get("id", "0"), 0) if cap.find("product") is not None else 0,
-        "class": int(cap.findtext("class", "0"), 0),
-        "driver": root.findtext("driver/name"),
-        "group": group.get("number") if group is not None else None,
-        "members": members,
-    }
-
-
-def _nodedev_gpus(ctx: Context, wanted: tuple[PciAddress, ...]) -> list[Gpu | str]:
-    import libvirt
-
-    devices = {}
-    for dev in ctx.conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV):
-        facts = _parse_nodedev(dev.XMLDesc(0))
-        if facts:
-            devices[facts["address"]] = facts
-    result: list[Gpu | str] = []
-    addresses = [str(a) for a in wanted] or sorted(devices)
-    for address in addresses:
-        facts = devices.get(address)
-        if facts is None:
-            result.append(address)
+    for address in facts.group_members(device):
+        if address == device.address:
             continue
-        members = tuple(Member(m, devices.get(m, {}).get("driver"),
-                               devices.get(m, {}).get("class", 0) >> 8)
-                        for m in facts["members"] if m != address)
-        gpu = Gpu(address, facts["vendor"], facts["device"], facts["class"],
-                  facts["driver"], facts["group"], members)
-        if wanted or gpu.candidate:
-            result.append(gpu)
-    return result
+        try:
+            members.append(facts.device(address))
+        except (NotFoundError, InputError):
+            members.append(_unknown(address))
+    return members
 
 
-def _gpu_checks(gpu: Gpu, remote: bool, read_modes=None) -> list[Check]:
+def _gpu_checks(facts: HostFacts, gpu: PciDevice, read_modes=None) -> list[Check]:
+    from ..facts.libvirt import nodedev_name
+
+    remote = facts.remote
     name = f"gpu {gpu.address}"
-    if not gpu.candidate:
+    if not nvidia.is_passthrough_candidate(gpu):
         return [Check(name, FAIL, f"not an NVIDIA GPU or NVSwitch (vendor {gpu.vendor:#06x}, "
                       f"class {gpu.pci_class:#08x})", "pass a GPU's address (`lspci -D -d 10de:`)")]
+    model = nvidia.model_name(gpu)
     checks = []
     if gpu.driver == "vfio-pci":
-        checks.append(Check(f"{name}: driver", OK, f"{gpu.model}: vfio-pci"))
+        checks.append(Check(f"{name}: driver", OK, f"{model}: vfio-pci"))
     elif gpu.driver is None:
         checks.append(Check(f"{name}: driver", WARN if not remote else SKIP,
-                            f"{gpu.model}: no driver bound" + (" (or not reported by libvirt)"
-                                                               if remote else ""),
+                            f"{model}: no driver bound" + (" (or not reported by libvirt)"
+                                                           if remote else ""),
                             "bind it to vfio-pci before setting CC mode (NVIDIA's order); "
                             "a managed hostdev also binds it when the TD starts"))
     else:
-        checks.append(Check(f"{name}: driver", WARN, f"{gpu.model}: bound to {gpu.driver}",
+        checks.append(Check(f"{name}: driver", WARN, f"{model}: bound to {gpu.driver}",
                             "bind it to vfio-pci (`virsh nodedev-detach "
-                            f"{_nodedev_name(gpu.address)}`) before setting CC mode"))
-    if gpu.group is None:
+                            f"{nodedev_name(gpu.address)}`) before setting CC mode"))
+    if gpu.iommu_group is None:
         checks.append(Check(f"{name}: iommu group", FAIL, "in no IOMMU group: the IOMMU is off",
                             "`tdxvirt host setup` (intel_iommu=on), reboot"))
     else:
-        blocking = [m for m in gpu.members
-                    if m.driver not in VIABLE_DRIVERS and m.pci_class != BRIDGE_CLASS]
+        members = _members(facts, gpu)
+        bridges = {m.address for m in members if (m.pci_class >> 8) == BRIDGE_CLASS}
+        blocking = [m for m in members
+                    if m.driver not in VIABLE_DRIVERS and m.address not in bridges]
         # libvirt's node devices name no driver for an unbound device (and some drivers
         # drop it): remotely, a member without one is unknown rather than viable.
-        unknown = [m for m in gpu.members
-                   if remote and m.driver is None and m.pci_class != BRIDGE_CLASS]
+        unknown = [m for m in members
+                   if remote and m.driver is None and m.address not in bridges]
+        group = gpu.iommu_group
         if blocking:
             checks.append(Check(
-                f"{name}: iommu group", FAIL, f"group {gpu.group} not viable: " + ", ".join(
+                f"{name}: iommu group", FAIL, f"group {group} not viable: " + ", ".join(
                     f"{m.address} on {m.driver}" for m in blocking),
                 "bind every device of the group to vfio-pci (`virsh nodedev-detach`) "
                 "or pass them all to the TD"))
         elif unknown:
             checks.append(Check(
-                f"{name}: iommu group", WARN, f"group {gpu.group}: libvirt reports no driver "
-                "for " + ", ".join(m.address for m in unknown) + " (unbound, or not reported)",
+                f"{name}: iommu group", WARN, f"group {group}: libvirt reports no driver "
+                "for " + ", ".join(str(m.address) for m in unknown) + " (unbound, or not reported)",
                 "run `tdxvirt host check` on that host to read sysfs"))
         else:
-            others = f" with {len(gpu.members)} other device(s)" if gpu.members else " alone"
-            checks.append(Check(f"{name}: iommu group", OK, f"group {gpu.group}{others}: viable"))
+            others = f" with {len(members)} other device(s)" if members else " alone"
+            checks.append(Check(f"{name}: iommu group", OK, f"group {group}{others}: viable"))
     checks.append(_cc_check(name, gpu, read_modes))
     return checks
 
 
-def _cc_check(name: str, gpu: Gpu, read_modes) -> Check:
+def _cc_check(name: str, gpu: PciDevice, read_modes) -> Check:
     """CC mode through NVIDIA's tool (preflight.mode_reader) when it can run here."""
     if isinstance(read_modes, str):  # the named tool was refused (run as root)
         return Check(f"{name}: cc mode", FAIL, f"not read: {read_modes}",
@@ -187,7 +116,7 @@ def _cc_check(name: str, gpu: Gpu, read_modes) -> Check:
     if read_modes is None:
         return Check(f"{name}: cc mode", SKIP, "unknown (NVIDIA's tool not installed, not "
                      "root, or not this machine's GPU)", "`pip install 'tdxvirt[gpu]'`, run as root")
-    result = read_modes([gpu.pci()])[0]
+    result = read_modes([gpu])[0]
     if not result.ok:
         return Check(f"{name}: cc mode", WARN, f"unknown: {result.result}",
                      f"`tdxvirt gpu cc-mode {gpu.address}` shows the tool's error")
@@ -198,23 +127,21 @@ def _cc_check(name: str, gpu: Gpu, read_modes) -> Check:
 
 
 def checks(ctx: Context) -> list[Check]:
-    if ctx.remote:
-        if ctx.conn is None:
-            return [Check("gpus", SKIP, "libvirt not reachable: no node devices to read")]
-        found = _nodedev_gpus(ctx, ctx.gpus)
-    else:
-        addresses = ctx.gpus or tuple(d.address for d in local_gpus(ctx))
-        found = []
-        for address in addresses:
-            try:
-                found.append(_from_sysfs(ctx, address))
-            except NotFoundError:
-                found.append(str(address))
+    if ctx.remote and ctx.conn is None:
+        return [Check("gpus", SKIP, "libvirt not reachable: no node devices to read")]
+    facts = _facts(ctx)
+    addresses = ctx.gpus or tuple(d.address for d in facts.nvidia_devices())
+    found: list[PciDevice | str] = []
+    for address in addresses:
+        try:
+            found.append(facts.device(address))
+        except NotFoundError:
+            found.append(str(address))
     if not found:
         return [Check("gpus", WARN, "no NVIDIA GPU found",
                       "check `lspci -D -d 10de:`; pass --for-gpu BDF to check one")]
     read_modes = None
-    if not ctx.remote:
+    if not ctx.remote:  # NVIDIA's tool runs on this machine's GPUs only
         from ..gpu.admin_tool import UntrustedToolError, locate
         from ..preflight import mode_reader
 
@@ -229,8 +156,8 @@ def checks(ctx: Context) -> list[Check]:
     result = []
     for gpu in found:
         if isinstance(gpu, str):
-            result.append(Check(f"gpu {gpu}", FAIL, "no such PCI device on this host",
+            result.append(Check(f"gpu {gpu}", FAIL, f"no such PCI device on {facts.where}",
                                 "`lspci -D -d 10de:` lists the NVIDIA devices"))
         else:
-            result += _gpu_checks(gpu, ctx.remote, read_modes)
+            result += _gpu_checks(facts, gpu, read_modes)
     return result

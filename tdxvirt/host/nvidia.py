@@ -31,6 +31,21 @@ GPU_MODELS = {
     0x2342: "GH200",  # NVIDIA's gpu-admin-tools table; a Hopper (H100-class) GPU
 }
 
+# Memory BAR sizes of known devices, for hosts whose BARs cannot be read here: libvirt's
+# node devices do not report them (tdxvirt.facts.libvirt). Only sizes read from a real
+# device: 0x2330 from the H100 SXM5 80GB whose sysfs resource file is
+# tdxvirt/sim/data/h100-sxm5-80gb/sysfs/resource (BAR0 16 MiB, BAR2 128 GiB, BAR4 32 MiB).
+# Any other device is unknown: `define --mmio-window` then says how large the window is.
+KNOWN_BAR_SIZES = {
+    0x2330: (16 << 20, 128 << 30, 32 << 20),
+}
+
+
+def known_bar_sizes(vendor: int, device: int) -> tuple[int, ...] | None:
+    """The memory BAR sizes tdxvirt knows for this device id, or None."""
+    return KNOWN_BAR_SIZES.get(device) if vendor == NVIDIA_VENDOR else None
+
+
 # 0x0300 VGA and 0x0302 3D controller; the H100 SXM5 reports 0x0302.
 _GPU_CLASSES = {0x0300, 0x0302}
 # NVSwitches report "other bridge" (0x0680), which is also how NVIDIA's tool finds them.

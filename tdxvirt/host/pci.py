@@ -1,4 +1,6 @@
-"""PCI device facts from sysfs (``/sys/bus/pci/devices/<bdf>``)."""
+"""PCI device facts: the one device record, and reading it from sysfs
+(``/sys/bus/pci/devices/<bdf>``); tdxvirt.facts.libvirt reads the same record from
+libvirt's node devices."""
 
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ _IORESOURCE_MEM = 0x200
 
 @dataclass(frozen=True)
 class PciDevice:
+    """One PCI device of the host that runs the TD, wherever its facts came from:
+    sysfs (tdxvirt.facts.local) or libvirt's node devices (tdxvirt.facts.libvirt).
+
+    ``None`` means unknown, never "none": ``bar_sizes`` is None when the source does
+    not report BARs (libvirt) and tdxvirt's table of known GPUs lacks the device."""
+
     address: PciAddress
     vendor: int
     device: int
@@ -24,11 +32,14 @@ class PciDevice:
     numa_node: int | None
     driver: str | None
     iommu_group: str | None
-    bar_sizes: tuple[int, ...]
+    bar_sizes: tuple[int, ...] | None
+    product: str | None = None  # libvirt's (pci.ids) product name, e.g. "GH100 [H100 SXM5 80GB]"
+    group_addresses: tuple[PciAddress, ...] = ()  # the IOMMU group's members, as libvirt lists them
 
     @property
-    def mmio_bytes(self) -> int:
-        return sum(self.bar_sizes)
+    def mmio_bytes(self) -> int | None:
+        """The memory BARs' total size; None when they are unknown."""
+        return None if self.bar_sizes is None else sum(self.bar_sizes)
 
 
 def _int(value: str | None, default: int | None = None) -> int | None:

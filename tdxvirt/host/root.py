@@ -1,7 +1,9 @@
-"""The host's file system as tdxvirt reads it.
+"""This machine's file system as tdxvirt reads it.
 
-Every host read (sysfs, procfs, /etc, /usr/share) goes through a HostRoot, so tests
-and the simulated host point it at a fake tree instead of patching module globals.
+Every read of this machine (sysfs, procfs, /etc, /usr/share) goes through a HostRoot,
+so tests and the simulated host point it at a fake tree instead of patching module
+globals. It describes this machine only: for a URI naming another host nothing is
+read through it (tdxvirt.facts chooses; that host's facts come from its libvirt).
 """
 
 from __future__ import annotations

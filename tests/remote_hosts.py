@@ -1,0 +1,137 @@
+"""Remote hosts for the remote tests, over a real ssh transport on 127.0.0.1.
+
+- ``Sshd``: an sshd on a free port of 127.0.0.1 that lets root in with a key of its
+  own; libvirt's ssh transport then runs netcat to the simulated host's daemon socket
+  on the far side, exactly as it reaches any remote host.
+- ``NodeFile``: a libvirt test-driver node file (``test:///ABS/PATH/node.xml``) holding
+  a host's PCI node devices, storage pools and domains, written inside the simulated
+  host's daemon root (the daemon runs chrooted there, and opens the path itself).
+  libvirt parses the file afresh for each connection: a connection sees only its own
+  changes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SSHD = "/usr/sbin/sshd"
+
+
+def available() -> bool:
+    return os.path.exists(SSHD) and bool(shutil.which("nc"))
+
+
+class Sshd:
+    def __init__(self, work: Path):
+        self.work = work
+        for key in ("hostkey", "client"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(work / key)],
+                           check=True)
+        self.port = 20000 + uuid.uuid4().int % 20000
+        (work / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {work / 'hostkey'}",
+            f"PidFile {work / 'sshd.pid'}", f"AuthorizedKeysFile {work / 'client.pub'}",
+            "PermitRootLogin prohibit-password", "PasswordAuthentication no", "UsePAM no",
+            "StrictModes no", "MaxStartups 100", ""]))
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.process = subprocess.Popen([SSHD, "-D", "-f", str(work / "sshd_config"),
+                                         "-E", str(work / "sshd.log")])
+        deadline = time.monotonic() + 10
+        while subprocess.run(["nc", "-z", "127.0.0.1", str(self.port)]).returncode != 0:
+            assert time.monotonic() < deadline, (work / "sshd.log").read_text()
+            time.sleep(0.1)
+
+    def uri(self, driver: str, path: str, socket: Path) -> str:
+        """``driver+ssh://root@127.0.0.1:PORT<path>`` for the daemon at ``socket``."""
+        return (f"{driver}+ssh://root@127.0.0.1:{self.port}{path}?socket={socket}"
+                f"&keyfile={self.work / 'client'}&no_verify=1")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+def pci_device(address: str, vendor: int, product: int, pci_class: int, group: int,
+               members: tuple[str, ...] = (), numa: int | None = None,
+               product_name: str = "", driver: str | None = None) -> str:
+    """A PCI node device as libvirt's node device driver describes one."""
+    domain, bus, rest = address.split(":")
+    slot, function = rest.split(".")
+    addresses = "".join(
+        "<address domain='0x{}' bus='0x{}' slot='0x{}' function='0x{}'/>".format(
+            *m.split(":")[:2], *m.split(":")[2].split("."))
+        for m in (members or (address,)))
+    return f"""  <device>
+    <name>pci_{domain}_{bus}_{slot}_{function}</name>
+    <parent>computer</parent>
+    {f"<driver><name>{driver}</name></driver>" if driver else ""}
+    <capability type='pci'>
+      <class>{pci_class:#08x}</class>
+      <domain>{int(domain, 16)}</domain><bus>{int(bus, 16)}</bus><slot>{int(slot, 16)}</slot><function>{int(function, 16)}</function>
+      <product id='{product:#06x}'>{product_name}</product>
+      <vendor id='{vendor:#06x}'>{"NVIDIA Corporation" if vendor == 0x10DE else "Vendor"}</vendor>
+      <iommuGroup number='{group}'>{addresses}</iommuGroup>
+      {"" if numa is None else f"<numa node='{numa}'/>"}
+    </capability>
+  </device>
+"""
+
+
+def volume(name: str, path: str, fmt: str, backing: str | None = None) -> str:
+    backing_xml = (f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore>"
+                   if backing else "")
+    return f"""    <volume type='file'>
+      <name>{name}</name>
+      <capacity unit='bytes'>1073741824</capacity>
+      <target><path>{path}</path><format type='{fmt}'/></target>
+      {backing_xml}
+    </volume>
+"""
+
+
+def pool(name: str, directory: str, volumes: tuple[str, ...]) -> str:
+    return f"""  <pool type='dir'>
+    <name>{name}</name>
+    <uuid>{uuid.uuid4()}</uuid>
+    <capacity unit='bytes'>107374182400</capacity>
+    <allocation unit='bytes'>0</allocation>
+    <available unit='bytes'>107374182400</available>
+    <source/>
+    <target><path>{directory}</path></target>
+{"".join(volumes)}  </pool>
+"""
+
+
+@dataclass
+class NodeFile:
+    """One simulated remote host: a node file inside the daemon's root."""
+
+    daemon_root: Path
+    name: str
+    devices: tuple[str, ...] = ()
+    pools: tuple[str, ...] = ()
+    domains: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        """The file's path as the daemon sees it (inside its root)."""
+        return f"/tmp/{self.name}/node.xml"
+
+    def write(self) -> None:
+        target = self.daemon_root / self.path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("<node>\n  <cpu><mhz>2400</mhz><model>x86_64</model><active>8</active>"
+                          "<total>8</total><nodes>2</nodes><sockets>2</sockets><cores>4</cores>"
+                          "<threads>1</threads></cpu>\n  <memory>67108864</memory>\n"
+                          + "".join(self.domains) + "".join(self.devices) + "".join(self.pools)
+                          + "</node>\n")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.daemon_root / self.path.lstrip("/").rsplit("/", 1)[0],
+                      ignore_errors=True)
