@@ -37,14 +37,19 @@ class AssembledTD:
 
 
 def gpu_holders(conn) -> dict[str, str]:
-    """PCI address -> name of the defined domain whose XML passes it through."""
+    """PCI address -> name of the (first) defined domain whose XML passes it through."""
+    return {address: names[0] for address, names in all_gpu_holders(conn).items()}
+
+
+def all_gpu_holders(conn, running_only: bool = False) -> dict[str, list[str]]:
+    """PCI address -> every domain (or every running one) whose XML passes it through."""
     from .tds import read_facts  # survives a domain whose XML lxml refuses (issue #18)
 
-    holders = {}
-    domains = conn.listAllDomains(0)
+    holders: dict[str, list[str]] = {}
+    domains = conn.listAllDomains(1 if running_only else 0)  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
     for domain, xml in zip(domains, xmls_of_listed(domains)):
         for address in read_facts(xml).gpus if xml else ():
-            holders.setdefault(address, domain.name())
+            holders.setdefault(address, []).append(domain.name())
     return holders
 
 

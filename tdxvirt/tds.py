@@ -636,12 +636,19 @@ def show(conn, name) -> TDInfo:
     state, reason = domain.state()[:2]
     row = _row(domain, state, xml, time.time(), conn.getLibVersion(), reason, _keeps_commandline(conn))
     found = [str(p) for p in integrity_problems(conn, domain, xml)]
+    from .assemble import all_gpu_holders
+
+    running = all_gpu_holders(conn, running_only=True) if row.facts.gpus else {}
+    shared = [f"GPU {gpu} is also passed through by running domain(s) "
+              f"{', '.join(repr(n) for n in others)}; only one domain can use it"
+              for gpu in row.facts.gpus
+              if (others := [n for n in running.get(gpu, []) if n != domain.name()])]
     return TDInfo(
         row=row,
         uuid=domain.UUIDString(),
         autostart=bool(domain.autostart()),
         persistent=bool(domain.isPersistent()),
-        problems=tuple(found or td_problems(xml)),
+        problems=tuple((found or td_problems(xml)) + shared),
         builds=_builds_used(xml, conn.getURI()),
     )
 

@@ -194,3 +194,22 @@ def test_a_managed_save_is_shown_refused_at_start_and_named_at_undefine(td, sim,
     assert undefined.returncode != 0 and "managedsave-remove" in undefined.stderr
     assert len(undefined.stderr.strip().splitlines()) == 1
     qemu_conn.lookupByName(td).managedSaveRemove(0)
+
+
+def test_gpu_list_names_every_holder_and_show_a_running_sharer(sim, qemu_conn, cc_on):
+    names = [f"sh-{uuid.uuid4().hex[:6]}-{i}" for i in range(3)]
+    for name in names:
+        assert run("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "512M",
+                   "--vcpus", "1").returncode == 0
+    try:
+        listed = run("gpu", "list", "--json")
+        [gpu] = [g for g in __import__("json").loads(listed.stdout) if g["address"] == "0000:38:00.0"]
+        assert all(name in gpu["td"].split(",") for name in names)
+        assert run("start", names[0]).returncode == 0
+        shown = run("show", names[1])
+        assert f"also passed through by running domain(s) '{names[0]}'" in shown.stdout
+        assert "also passed through" not in run("show", names[0]).stdout
+    finally:
+        for name in names:
+            run("destroy", name)
+            run("undefine", name)

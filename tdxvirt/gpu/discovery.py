@@ -105,10 +105,10 @@ def discover(facts: HostFacts | HostRoot, conn=None) -> list[GpuRecord]:
 
         facts = LocalFacts(facts, conn.getURI() if conn is not None else "", conn)
     holders: dict[str, str] = {}
-    if conn is not None:
-        from ..tds import gpu_holders
+    if conn is not None:  # every domain that passes the device through, not just one
+        from ..assemble import all_gpu_holders
 
-        holders = gpu_holders(conn)
+        holders = {address: ",".join(names) for address, names in all_gpu_holders(conn).items()}
     nodedevs = facts.libvirt_devices()
     return [record(facts, device, nodedevs.get(str(device.address)),
                    holders.get(str(device.address)))
