@@ -7,7 +7,7 @@ import json
 import click
 
 from .cli import _td_names, pass_session
-from .tdvf import SINGLE_PASS, TWO_PASS
+SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.tdvf's names; not imported for --help
 
 
 @click.command()

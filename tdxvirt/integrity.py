@@ -37,20 +37,44 @@ class Problem:
 
 _COMMANDLINE = f"{{{QEMU_NS}}}commandline"
 _ARG = f"{{{QEMU_NS}}}arg"
-_DIALECT = f"metadata/{{{NAMESPACE}}}td/{{{NAMESPACE}}}dialect"
+_TD = f"{{{NAMESPACE}}}td"
+_DIALECT = f"{{{NAMESPACE}}}dialect"
 
 
-def _arg_values(root) -> list[str]:
-    return [arg.get("value", "") for line in root.iterfind(_COMMANDLINE) for arg in line.iterfind(_ARG)]
+class _Domain:
+    """What the rules look at, gathered in one pass over the top-level elements and a
+    few children (``list`` checks a thousand domains: path lookups per rule cost more
+    than parsing the XML)."""
+
+    def __init__(self, root):
+        top = {}
+        for child in root:
+            if isinstance(child.tag, str):
+                top.setdefault(child.tag, child)
+        self.top = top
+        mark = top["metadata"].find(_TD) if "metadata" in top else None
+        self.mark = mark
+        self.dialect = None if mark is None else (mark.findtext(_DIALECT) or "").strip()
+        self.args = [arg.get("value", "") for line in root.iterfind(_COMMANDLINE)
+                     for arg in line.iterfind(_ARG)]
+        launch = top.get("launchSecurity")
+        self.launch = launch if launch is not None and launch.get("type") == "tdx" else None
+        self.children = {tag: {c.tag: c for c in reversed(top[tag]) if isinstance(c.tag, str)}
+                         for tag in ("os", "features", "memoryBacking") if tag in top}
+
+    def child(self, parent: str, tag: str):
+        return self.children.get(parent, {}).get(tag)
+
+
+def _intended(domain: _Domain) -> bool:
+    if domain.dialect is not None:
+        return domain.dialect != "plain"
+    return domain.launch is not None or any("tdx-guest" in a for a in domain.args)
 
 
 def intended_tdx(root) -> bool:
     """tdxvirt's metadata says TD (any dialect but plain); unmarked: TDX in the XML."""
-    dialect = root.findtext(_DIALECT)
-    if dialect is not None:
-        return dialect.strip() != "plain"
-    return root.find("launchSecurity[@type='tdx']") is not None or any(
-        "tdx-guest" in a for a in _arg_values(root))
+    return _intended(_Domain(root))
 
 
 def _window_mib(args: list[str]) -> list[int | None]:
@@ -63,12 +87,12 @@ def _window_mib(args: list[str]) -> list[int | None]:
     return sizes
 
 
-def _pci_hostdevs(root) -> list[tuple[str, object]]:
+def _pci_hostdevs(devices) -> list[tuple[str, object]]:
     """(BDF, element) of each PCI hostdev with a source address."""
     found = []
-    for hostdev in root.iterfind("devices/hostdev[@type='pci']"):
+    for hostdev in () if devices is None else devices.iterchildren("hostdev"):
         address = hostdev.find("source/address")
-        if address is not None:
+        if hostdev.get("type") == "pci" and address is not None:
             found.append(("%04x:%02x:%02x.%x" % tuple(
                 int(address.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")),
                 hostdev))
@@ -86,15 +110,17 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
     ``commandline_kept``: False for libvirt's test driver, which drops
     ``<qemu:commandline>`` from every domain (so its absence says nothing there)."""
     root = etree.fromstring(xml.encode()) if isinstance(xml, str) else xml
-    if not intended_tdx(root):
+    domain = _Domain(root)
+    if not _intended(domain):
         return []
-    name = root.findtext("name") or "NAME"
+    top = domain.top
+    name = top["name"].text if "name" in top else "NAME"
     edit = f"restore it with `virsh edit {name}`, or undefine and `tdxvirt define` it again"
-    dialect = (root.findtext(_DIALECT) or "").strip()
-    args = _arg_values(root)
+    dialect = domain.dialect or ""
+    args = domain.args
     found: list[Problem] = []
 
-    launch = root.find("launchSecurity[@type='tdx']")
+    launch = domain.launch
     if dialect == "qemu-args" or (not dialect and launch is None):
         if commandline_kept and not any("tdx-guest" in a for a in args):
             found.append(Problem("its tdx-guest object is gone from <qemu:commandline>: it would "
@@ -112,40 +138,43 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
             found.append(Problem(f"TDX policy {policy!r} is not one libvirt allows "
                                  "(only 0x1 debug and 0x10000000 SEPT #VE disable)", edit))
 
-    loader = root.find("os/loader")
+    loader = domain.child("os", "loader")
     # <os firmware='efi'> with TDX launch security and no loader: libvirt picks, on the
     # host, a firmware whose descriptor has the feature intel-tdx (how tdxvirt defines a
     # TD on a remote host; the qemu driver writes the chosen <loader type='rom'> in at
     # define time, libvirt's test driver never does).
     libvirt_picks = (launch is not None and loader is None
-                     and root.find("os[@firmware='efi']") is not None)
+                     and "os" in top and top["os"].get("firmware") == "efi")
     if loader is None or not (loader.text or "").strip():
         if not libvirt_picks:
             found.append(Problem("its firmware (<os><loader>) was removed", edit))
     elif loader.get("type") != "rom":
         found.append(Problem(f"its firmware is loaded as {loader.get('type') or 'pflash'}, "
                              "not ROM", edit))
-    if root.find("os/nvram") is not None:
+    if domain.child("os", "nvram") is not None:
         found.append(Problem("it has NVRAM (a TD keeps no UEFI variables)", edit))
-    if root.find("features/ioapic[@driver='qemu']") is None and not any(
+    ioapic = domain.child("features", "ioapic")
+    if (ioapic is None or ioapic.get("driver") != "qemu") and not any(
             "kernel_irqchip=split" in a for a in args):
         found.append(Problem("the split irqchip (<ioapic driver='qemu'/>) is gone", edit))
-    smm = root.find("features/smm")
+    smm = domain.child("features", "smm")
     if smm is None or smm.get("state") != "off":
         found.append(Problem("SMM is no longer off", edit))
-    pmu = root.find("features/pmu")
+    pmu = domain.child("features", "pmu")
     if pmu is None or pmu.get("state") != "off":
         found.append(Problem("the PMU is no longer off", edit))
 
-    if root.find("memoryBacking/access[@mode='shared']") is not None or \
-            root.find("cpu/numa/cell[@memAccess='shared']") is not None:
+    access = domain.child("memoryBacking", "access")
+    cpu = top.get("cpu")
+    if (access is not None and access.get("mode") == "shared") or (
+            cpu is not None and cpu.find("numa/cell[@memAccess='shared']") is not None):
         found.append(Problem("its memory is shared with other processes (virt-manager's "
                              "\"Enable shared memory\")", edit))
-    if root.find("memoryBacking/hugepages") is not None:
+    if domain.child("memoryBacking", "hugepages") is not None:
         found.append(Problem("huge pages back only a TD's shared memory and reserve the "
                              "memory twice", edit))
 
-    pci = _pci_hostdevs(root)
+    pci = _pci_hostdevs(top.get("devices"))
     hostdevs = [bdf for bdf, _ in pci]
     windows = _window_mib(args)
     if hostdevs and not windows and commandline_kept:
@@ -162,7 +191,7 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
     if libvirt_version is not None and libvirt_version >= LIBVIRT_HOSTDEV_IOMMUFD \
             and dialect in ("native", ""):
         # the GPUs and NVSwitches tdxvirt passed (its metadata); unmarked: every hostdev
-        marked = {e.get("bdf") for e in root.iterfind(f"metadata/{{{NAMESPACE}}}td/*")
+        marked = {e.get("bdf") for e in (domain.mark if domain.mark is not None else ())
                   if e.get("bdf")} or {bdf for bdf, _ in pci}
         legacy = [bdf for bdf, hostdev in pci
                   if bdf in marked and hostdev.find("driver[@iommufd='yes']") is None]

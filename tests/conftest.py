@@ -132,3 +132,24 @@ def _environment_restored():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+def cli_runner(uri: str, host_root):
+    """tdxvirt's CLI in-process against ``uri`` and ``host_root``: never a traceback."""
+    from click.testing import CliRunner
+
+    from tdxvirt.cli import main
+
+    def invoke(*args):
+        result = CliRunner().invoke(main, ["-c", uri, "--host-root", str(host_root), *args])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert "Traceback" not in result.output
+        return result
+
+    return invoke
+
+
+@pytest.fixture
+def run(sim_uri, gpu_host):
+    """The CLI on the test driver with this test's own fake GPU host."""
+    return cli_runner(sim_uri, gpu_host[0].base)

@@ -13,18 +13,6 @@ from click.testing import CliRunner
 from tdxvirt.cli import main
 
 
-@pytest.fixture
-def run(sim_uri, gpu_host):
-    host, _ = gpu_host
-
-    def invoke(*args):
-        result = CliRunner().invoke(main, ["-c", sim_uri, "--host-root", str(host.base), *args])
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-        return result
-
-    return invoke
-
-
 def _domain_names(conn):
     return sorted(d.name() for d in conn.listAllDomains(0))
 

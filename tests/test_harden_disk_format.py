@@ -13,10 +13,10 @@ import hashlib
 import subprocess
 
 import pytest
-from click.testing import CliRunner
+
+from conftest import cli_runner
 from lxml import etree
 
-from tdxvirt.cli import main
 from tdxvirt.errors import InputError
 from tdxvirt.spec import TDSpec
 
@@ -45,14 +45,7 @@ def run(sim_uri, gpu_host, tmp_path, monkeypatch):
     config = tmp_path / "config.toml"
     config.write_text(f'[defaults]\noverlay_dir = "{tmp_path / "images"}"\n')
     monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
-
-    def invoke(*args):
-        result = CliRunner().invoke(main, ["-c", sim_uri, "--host-root", str(host.base), *args])
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-        assert "Traceback" not in result.output
-        return result
-
-    return invoke
+    return cli_runner(sim_uri, host.base)
 
 
 def _digests(*paths):

@@ -14,7 +14,6 @@ import uuid
 
 import libvirt
 import pytest
-from click.testing import CliRunner
 from lxml import etree
 
 from tdxvirt import tds
@@ -22,7 +21,6 @@ from tdxvirt.metadata import NAMESPACE
 from tdxvirt.spec import TDSpec
 from tdxvirt.textsafe import safe, table, xml_parsable
 
-from tdxvirt.cli import main
 
 METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT
 # Clear the screen, paint red, return to column 0, forge a row, then C1 CSI and RLO.
@@ -53,19 +51,6 @@ def hostile_td(conn, gpu_host):
         domain.undefine()
     except libvirt.libvirtError:
         pass  # gone already (a transient domain vanishes when destroyed)
-
-
-@pytest.fixture
-def run(sim_uri, gpu_host):
-    host, _ = gpu_host
-
-    def invoke(*args):
-        result = CliRunner().invoke(main, ["-c", sim_uri, "--host-root", str(host.base), *args])
-        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-        assert "Traceback" not in result.output
-        return result
-
-    return invoke
 
 
 def test_list_escapes_a_hostile_name_and_no_row_is_forged(run, hostile_td):
