@@ -65,8 +65,14 @@ def _caps(ctx: Context) -> Check:
 def checks(ctx: Context) -> list[Check]:
     conn = ctx.conn
     if conn is None:
-        return [Check("libvirt: connection", FAIL, ctx.conn_error or "not reachable",
-                      "start libvirtd or virtqemud, or give the right URI with -c")]
+        from ..conn import BINDINGS_MISSING
+
+        missing = ctx.conn_error == BINDINGS_MISSING  # the error names its own remedy
+        return [Check("libvirt: connection", FAIL,
+                      "libvirt's Python bindings are not installed" if missing
+                      else ctx.conn_error or "not reachable",
+                      "install python3-libvirt (Debian/Ubuntu) or libvirt-python (pip)" if missing
+                      else "start libvirtd or virtqemud, or give the right URI with -c")]
     version = ctx.libvirt_version
     result = [Check("libvirt: connection", OK, f"{ctx.uri or 'default URI'} ({ctx.driver} driver)")]
     if version >= LIBVIRT_HOSTDEV_IOMMUFD:
