@@ -240,7 +240,7 @@ def report(results) -> bool:
     from tabulate import tabulate
 
     rows, ok = [], True
-    for label, key, base, limit, unit in TARGETS:
+    for label, key, base, limit, _unit in TARGETS:
         value = results.get(key)
         if value is None:
             continue

@@ -380,7 +380,6 @@ def reboot(session, name):
 def undefine(session, name, remove_storage, dry_run):
     """Remove a stopped TD's definition."""
     from . import tds
-
     from .textsafe import safe
 
     domain = tds.lookup(session.conn(), name)

@@ -18,8 +18,8 @@ def _build_options(command):
         click.argument("component", required=False, default="all", metavar="[kernel|qemu|ovmf|all]"),
         click.option("--manifest", metavar="NAME|FILE",
                      help="Build manifest: a shipped one by name (upstream, the default: released "
-                          "Linux, QEMU and edk2; intel-device-passthrough: the source document's "
-                          "2024 stack) or a TOML file."),
+                          "Linux, QEMU and edk2; intel-device-passthrough: Intel's "
+                          "2024 device-passthrough stack) or a TOML file."),
         click.option("--workdir", metavar="DIR",
                      help="Where sources, stamps and logs go (default: <state dir>/build)."),
         click.option("-j", "--jobs", type=click.IntRange(min=1), metavar="N",
@@ -194,7 +194,8 @@ def run(session, component, manifest, workdir, jobs, install, build_all, update,
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from .build import artifacts
     from .build.progress import ConsoleReporter
-    from .build.runner import require_root, run as run_plan, states
+    from .build.runner import require_root, states
+    from .build.runner import run as run_plan
 
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything

@@ -58,7 +58,7 @@ def check(ctx, as_json, gpus):
               "else the distribution's, e.g. libvirt-qemu).")
 @click.option("--group", metavar="G", help="Group QEMU runs as (default: likewise).")
 @click.option("--security-driver", type=click.Choice(["none", "keep"]), default="none",
-              show_default=True, help="none: turn sVirt off, as the source document does; "
+              show_default=True, help="none: turn sVirt off, as Intel's device-passthrough setup does; "
               "keep: leave it on and install udev rules for the VFIO devices.")
 @click.option("--legacy-vfio", is_flag=True,
               help="Also raise vfio_iommu_type1's dma_entry_limit (libvirt < 12.1).")

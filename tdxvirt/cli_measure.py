@@ -7,6 +7,7 @@ import json
 import click
 
 from .cli import _td_names, pass_session
+
 SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.tdvf's names; not imported for --help
 
 

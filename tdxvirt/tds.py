@@ -10,7 +10,6 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from . import locks

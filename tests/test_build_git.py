@@ -11,11 +11,12 @@ import io
 from pathlib import Path
 
 import pytest
+from gitrepo import GIT_ENV, commit, git  # noqa: F401
 
-from tdxvirt.build import BuildFailedError, artifacts, gitops, manifest as manifests, progress, runner, steps
+from tdxvirt.build import BuildFailedError, artifacts, gitops, progress, runner, steps
+from tdxvirt.build import manifest as manifests
 from tdxvirt.host import HostRoot
 
-from gitrepo import GIT_ENV, commit, git  # noqa: F401
 
 @pytest.fixture
 def upstream(tmp_path) -> Path:

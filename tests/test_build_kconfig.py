@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tdxvirt.build import BuildFailedError, kconfig, manifest as manifests, progress, runner, steps
+from tdxvirt.build import BuildFailedError, kconfig, progress, runner, steps
+from tdxvirt.build import manifest as manifests
 from tdxvirt.host import HostRoot
 
 

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tdxvirt.build import edk2, manifest as manifests, steps
+from tdxvirt.build import edk2, steps
+from tdxvirt.build import manifest as manifests
 from tdxvirt.build.manifest import default_manifest_path, shipped_path
 from tdxvirt.cli import TdxvirtGroup
 from tdxvirt.cli_build import build

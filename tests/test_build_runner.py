@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from gitrepo import commit, git
 
-from tdxvirt.build import artifacts, manifest as manifests, progress, runner, steps
+from tdxvirt.build import artifacts, progress, runner, steps
+from tdxvirt.build import manifest as manifests
 from tdxvirt.cli import TdxvirtGroup
 from tdxvirt.cli_build import build
 from tdxvirt.host import HostRoot
-
-from gitrepo import commit, git
-
 
 CONFIGURE = """#!/bin/sh
 # a stand-in for QEMU's configure: records its flags for the Makefile

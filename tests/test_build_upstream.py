@@ -15,7 +15,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tdxvirt.build import edk2, manifest as manifests, steps
+from tdxvirt.build import edk2, steps
+from tdxvirt.build import manifest as manifests
 from tdxvirt.build.manifest import SHIPPED, default_manifest_path, shipped_path
 from tdxvirt.cli import TdxvirtGroup, main
 from tdxvirt.cli_build import build

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_hostcfg_realfiles import kernel_config, shipped_qemu_conf
 from test_hostcfg_setup import debian_host
+
 from tdxvirt.doctor import cmdline, cpu, gpus, kconfig, ovmf, qemuconf, vfio
 from tdxvirt.doctor.check import Check
 from tdxvirt.doctor.context import Context
@@ -154,13 +154,13 @@ def test_a_debian_kernel_config_names_every_missing_symbol(tmp_path):
     assert "CONFIG_INTEL_TDX_HOST" in required.found and missing
     assert required.found == (f"/boot/config-{RELEASE}: not set: "
                               + ", ".join(f"CONFIG_{s}" for s in missing))
-    assert checks["kernel config: source document"].status == "warn"
-    assert "set: CONFIG_KEXEC, CONFIG_CRASH_DUMP" in checks["kernel config: source document"].found
+    assert checks["kernel config: device-passthrough kernel"].status == "warn"
+    assert "set: CONFIG_KEXEC, CONFIG_CRASH_DUMP" in checks["kernel config: device-passthrough kernel"].found
 
 
 def test_a_tdx_host_config_passes_also_from_proc_config_gz(ready, tmp_path):
     assert statuses(kconfig.checks(ctx_for(ready))) == {
-        "kernel config: required": "ok", "kernel config: source document": "ok"}
+        "kernel config: required": "ok", "kernel config: device-passthrough kernel": "ok"}
     (ready.base / f"boot/config-{RELEASE}").unlink()
     write(ready.base, "/proc/config.gz", gzip.compress(tdx_kernel_config_text().encode()))
     checks = kconfig.checks(ctx_for(ready))

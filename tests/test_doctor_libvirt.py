@@ -11,16 +11,15 @@ import json
 import textwrap
 
 import pytest
-from lxml import etree
 from click.testing import CliRunner
-
+from lxml import etree
 from test_doctor_host import by_name, statuses, tdx_ready_root
+
 from tdxvirt.cli import main
 from tdxvirt.cli_host import host
 from tdxvirt.conn import open_connection
-from tdxvirt.doctor import connection, qemu, run_checks
+from tdxvirt.doctor import connection, ovmf, qemu, run_checks
 from tdxvirt.doctor.context import Context, is_remote, parse_object_help, parse_qemu_version
-from tdxvirt.doctor import ovmf
 from tdxvirt.host import HostRoot
 from tdxvirt.host.commands import RecordingRunner, SubprocessRunner
 from tdxvirt.pci import PciAddress

@@ -13,13 +13,13 @@ from pathlib import Path
 import libvirt
 import pytest
 from lxml import etree
-
 from scenarios import plan_for, scenarios
+from xmltools import dropped_elements
+
 from tdxvirt.render import render_domain
 from tdxvirt.schema import validate_domain_xml
 from tdxvirt.spec import TDSpec
 from tdxvirt.td_rules import td_problems
-from xmltools import dropped_elements
 
 GOLDEN = Path(__file__).parent / "golden"
 SCENARIOS = {s.name: s for s in scenarios()}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from gpu_fakes import HGX_GPUS, FakeKernel, RecordingConnect, audio, build, driver_of, h100, override_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,9 +21,6 @@ from tdxvirt.gpu import vfio
 from tdxvirt.gpu.binding import LibvirtBinder, SysfsBinder, nodedev_name, read_state
 from tdxvirt.gpu.devices import read_targets
 from tdxvirt.pci import PciAddress
-
-from gpu_fakes import (HGX_GPUS, FakeKernel, RecordingConnect, audio, build, driver_of, h100,
-                       override_of)
 
 GPUS = ("0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0")
 # Paths as the binder names them inside the fake host root (FakeKernel records them).

@@ -10,13 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from gpu_fakes import HGX_GPUS, HGX_SWITCHES, STANDIN, StandinTool, add_process, build, h100, hgx_devices, nvswitch
 
 from tdxvirt.errors import DeviceBusyError, HostNotReadyError, InputError, NotFoundError
 from tdxvirt.gpu import admin_tool, ccmode
 from tdxvirt.gpu.devices import read_targets
-
-from gpu_fakes import (HGX_GPUS, HGX_SWITCHES, STANDIN, StandinTool, add_process, build, h100,
-                       hgx_devices, nvswitch)
 
 GPU = "0000:38:00.0"
 BOARD = list(HGX_GPUS + HGX_SWITCHES)

@@ -10,12 +10,26 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from gpu_fakes import (
+    HGX_GPUS,
+    HGX_SWITCHES,
+    STANDIN,
+    FakeKernel,
+    RecordingConnect,
+    StandinTool,
+    add_nvidia_information,
+    add_process,
+    audio,
+    build,
+    cli,
+    driver_of,
+    h100,
+    hgx_devices,
+    nic,
+    override_of,
+)
 
 from tdxvirt.cli_gpu import Hooks, gpu, make_group
-
-from gpu_fakes import (HGX_GPUS, HGX_SWITCHES, STANDIN, FakeKernel, RecordingConnect, StandinTool,
-                       add_nvidia_information, add_process, audio, build, cli, driver_of, h100,
-                       hgx_devices, nic, override_of)
 
 GPU = "0000:38:00.0"
 AS_ROOT = Hooks(euid=lambda: 0)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from click.testing import CliRunner
+from gpu_fakes import HGX_GPUS, HGX_SWITCHES, audio, bridge, build, h100, hgx_devices, nic
 from lxml import etree
 
 from tdxvirt.cli import main
@@ -12,8 +13,6 @@ from tdxvirt.gpu.discovery import discover
 from tdxvirt.gpu.nodedevs import parse_nodedev_xml
 from tdxvirt.pci import PciAddress
 from tdxvirt.units import GIB, MIB
-
-from gpu_fakes import HGX_GPUS, HGX_SWITCHES, audio, bridge, build, h100, hgx_devices, nic
 
 
 def by_address(records):

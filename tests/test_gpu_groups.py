@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from gpu_fakes import add_nvidia_information, add_process, add_vfio_cdev, audio, bridge, build, h100, nic
 
 from tdxvirt.errors import DeviceBusyError, HostNotReadyError, InputError, NotFoundError
 from tdxvirt.gpu import vfio
@@ -10,9 +11,6 @@ from tdxvirt.gpu.devices import read_targets
 from tdxvirt.gpu.groups import read_group
 from tdxvirt.host.iommu import is_bridge
 from tdxvirt.pci import PciAddress
-
-from gpu_fakes import (add_nvidia_information, add_process, add_vfio_cdev, audio, bridge,
-                       build, h100, nic)
 
 GPU = "0000:38:00.0"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
-
 from test_guest_config import KERNEL_ROLES, _resolve
+
 from tdxvirt.guest.verify import AGENT_CHANNEL_XML, agent_channel_state, verify_domain
 from tdxvirt.paths import state_dir
 

@@ -13,7 +13,6 @@ import hashlib
 import subprocess
 
 import pytest
-
 from conftest import cli_runner
 from lxml import etree
 

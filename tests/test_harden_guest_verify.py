@@ -12,8 +12,8 @@ import unicodedata
 
 import pytest
 from click.testing import CliRunner
-
 from test_guest_verify import CC_ON_F, StandInAgent, tdx_guest
+
 from tdxvirt.guest.verify import GuestExec, verify_guest
 from tdxvirt.textsafe import GUEST_TEXT_LIMIT
 

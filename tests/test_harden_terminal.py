@@ -21,7 +21,6 @@ from tdxvirt.metadata import NAMESPACE
 from tdxvirt.spec import TDSpec
 from tdxvirt.textsafe import safe, table, xml_parsable
 
-
 METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT
 # Clear the screen, paint red, return to column 0, forge a row, then C1 CSI and RLO.
 HOSTILE = ("\x1b[2J\x1b[31m\rforged-td  running  TDX  native  64  1 MiB  -  0h00m\n"

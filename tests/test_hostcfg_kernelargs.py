@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from test_hostcfg_realfiles import grub_defaults
+
 from tdxvirt.host.cmdline import KernelCmdline
 from tdxvirt.hostcfg.kernelargs import (
     TDX_HOST_ARGS,

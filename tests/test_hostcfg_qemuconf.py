@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from test_hostcfg_realfiles import (
     FORKY_LENSES,
     FORKY_QEMU_CONF,
     augeas_load,
     shipped_qemu_conf,
 )
+
 from tdxvirt.errors import InputError
 from tdxvirt.hostcfg.qemuconf import QemuConf, QemuConfSyntaxError, edit, format_value
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from test_hostcfg_kernelargs import GRUBBY_INFO
 from test_hostcfg_realfiles import augeas_load, grub_defaults, shipped_lenses, shipped_qemu_conf
+
 from tdxvirt.cli import main
 from tdxvirt.cli_host import host
 from tdxvirt.errors import HostNotReadyError

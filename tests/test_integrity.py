@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
-
 from scenarios import plan_for, scenarios
+
 from tdxvirt.integrity import problems
 from tdxvirt.render import render_domain
 

@@ -242,9 +242,8 @@ def test_preflight_wants_cc_off_for_a_plain_vm(conn, gpu_host, td_name, standin_
 
 
 def test_no_tool_means_modes_are_not_checked(monkeypatch):
-    from tdxvirt.preflight import mode_reader
-
     from tdxvirt.host import HostRoot
+    from tdxvirt.preflight import mode_reader
 
     monkeypatch.delenv("TDXVIRT_GPU_TOOLS", raising=False)
     assert mode_reader(HostRoot("/"), "/nonexistent/nvidia_gpu_tools.py") is None

@@ -16,8 +16,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from remote_hosts import Sshd, available
+
 from tdxvirt.cli import main
 from tdxvirt.sim.hostroot import build_host_root
 

@@ -29,8 +29,8 @@ import uuid
 import pytest
 from click.testing import CliRunner
 from lxml import etree
-
 from remote_hosts import NodeFile, Sshd, available, pci_device, pool, volume
+
 from tdxvirt import locks, tds
 from tdxvirt.cli import Session, main
 from tdxvirt.conn import host_of, open_connection

@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 
 import pytest
-
 from test_hostcfg_setup import QEMU_CONF, debian_host, snapshot
 from test_sec_host_root import RECORDER, give_shell, invoke, one_line_error, plant
+
 from tdxvirt.errors import HostNotReadyError
 from tdxvirt.host import HostRoot
 from tdxvirt.host.commands import RecordingRunner

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from test_doctor_host import tdx_ready_root
 from test_hostcfg_setup import GRUB, QEMU_CONF, debian_host, snapshot
+
 from tdxvirt.cli import main
 from tdxvirt.host import HostRoot
-from tdxvirt.host.commands import (NOT_RUN, RecordingRunner, RefusingRunner, SubprocessRunner,
-                                   host_runner)
+from tdxvirt.host.commands import NOT_RUN, RecordingRunner, RefusingRunner, SubprocessRunner, host_runner
 from tdxvirt.hostcfg.setup import SetupOptions, setup
 
 NOBODY = 65534

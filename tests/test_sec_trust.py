@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from gpu_fakes import STANDIN
 from test_sec_host_root import UNREACHABLE, invoke, one_line_error
+
 from tdxvirt.config import Config, load_config
 from tdxvirt.errors import HostNotReadyError, InputError
 from tdxvirt.gpu import admin_tool

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import libvirt
 import pytest
+from xmltools import dropped_elements
 
 from tdxvirt import tds
 from tdxvirt.errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
 from tdxvirt.spec import TDSpec
-from xmltools import dropped_elements
 
 
 def _spec(name, gpu, **user):

@@ -24,11 +24,11 @@ import libvirt
 import pytest
 from click.testing import CliRunner
 from lxml import etree
-
 from scenarios import plan_for, scenarios
+from xmltools import QEMU_NS, dropped_elements
+
 from tdxvirt.cli import main
 from tdxvirt.render import render_domain
-from xmltools import QEMU_NS, dropped_elements
 
 TDXVIRT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 UPSTREAM = sorted(s.name for s in scenarios() if s.dialect != "canonical")
@@ -218,6 +218,7 @@ def acpi_guest(sim):
     directly booted Debian kernel ("Secure boot image verification failed"); under TCG
     a TD's firmware runs as an ordinary guest's anyway."""
     from acpi_guest import build_acpi_guest
+
     from tdxvirt.paths import state_dir
 
     kernel, initrd = build_acpi_guest(state_dir() / "fixtures" / "acpi-guest")

@@ -16,8 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import COMPONENTS, BuildFailedError
-from . import edk2, gitops, kconfig
+from . import COMPONENTS, BuildFailedError, edk2, gitops, kconfig
 from .actions import Command, CopyFile, WriteFile
 from .manifest import Manifest, PatchSet, Repo
 from .stamps import StampStore, file_digest

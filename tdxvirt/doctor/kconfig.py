@@ -44,11 +44,11 @@ def checks(ctx: Context) -> list[Check]:
         problems.append(f"not set: {_names(extra_missing)}")
     if extra_set:
         problems.append(f"set: {_names(extra_set)}")
-    extras = (Check("kernel config: source document", WARN, f"{where}: {'; '.join(problems)}",
-                    "the source document's pre-release kernel wants "
+    extras = (Check("kernel config: device-passthrough kernel", WARN, f"{where}: {'; '.join(problems)}",
+                    "Intel's 2024 device-passthrough kernel wants "
                     f"{_names(SOURCE_DOCUMENT_ENABLED)} on and {_names(SOURCE_DOCUMENT_DISABLED)} "
                     "off; rebuild if you run that kernel")
               if problems else
-              Check("kernel config: source document", OK,
-                    f"{where}: as the source document asks"))
+              Check("kernel config: device-passthrough kernel", OK,
+                    f"{where}: as Intel's 2024 device-passthrough setup asks"))
     return [required, extras]

@@ -6,10 +6,10 @@ from typing import Iterable
 
 from ..errors import InputError
 from ..host import HostRoot
-from ..host.nvidia import (  # noqa: F401  (GPU, NVSWITCH, nvidia_devices: re-exported)
-    GPU, GPU_MODELS, NVSWITCH, kind_of, model_name, nvidia_devices)
+from ..host.nvidia import GPU, GPU_MODELS, NVSWITCH, kind_of, model_name, nvidia_devices  # noqa: F401  (GPU, NVSWITCH, nvidia_devices: re-exported)
 from ..host.pci import PciDevice, read_device
 from ..pci import PciAddress
+
 
 def model(device: PciDevice) -> str:
     return model_name(device)

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from ..dialect import KVM_INTEL_TDX
 from ..errors import HostNotReadyError, InputError
 from ..host import trust
-from ..host.commands import (NOT_RUN, CommandRunner, RefusingRunner, SubprocessRunner,
-                             refuses)
+from ..host.commands import NOT_RUN, CommandRunner, RefusingRunner, SubprocessRunner, refuses
 from ..host.osrelease import OsRelease, read_os_release
 from ..host.root import HostRoot
 from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
@@ -37,7 +36,7 @@ SECURITY_DRIVERS = ("none", "keep")
 
 SVIRT_WARNING = (
     'security_driver = "none" turns off sVirt (SELinux/AppArmor) confinement of every '
-    "QEMU process libvirt starts on this host, as the source document requires; "
+    "QEMU process libvirt starts on this host, as Intel's device-passthrough setup does; "
     "`--security-driver keep` keeps confinement and installs udev rules instead"
 )
 

@@ -26,7 +26,8 @@ aes xsave avx f16c rdrand lahf_lm abm 3dnowprefetch tme avx512f avx512dq sgx \
 tdx_host_platform
 
 """
-CMDLINE = "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro console=ttyS0,115200 intel_iommu=on iommu=pt kvm_intel.tdx=on nohibernate\n"
+CMDLINE = ("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro console=ttyS0,115200 intel_iommu=on iommu=pt "
+           "kvm_intel.tdx=on nohibernate\n")
 TDX_OVMF = "/usr/share/ovmf/OVMF.inteltdx.ms.fd"
 
 
