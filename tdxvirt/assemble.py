@@ -163,6 +163,12 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
     )
     if warnings:
         plan = _with_warnings(plan, warnings)
+    if plan.tdx and plan.loader and not facts.remote:
+        from dataclasses import replace
+
+        from .tdvf import predicted_mrtd
+
+        plan = replace(plan, mrtd=predicted_mrtd(facts.host.path(plan.loader)))
     xml = render_domain(plan)
     problems = td_problems(xml)
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's

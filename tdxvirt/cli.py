@@ -537,7 +537,7 @@ def show(session, name, as_json):
     info = tds.show(session.conn(), name)
     record = {**_records([info.row])[0], "uuid": info.uuid, "autostart": info.autostart,
               "persistent": info.persistent, "overlay": info.row.facts.overlay,
-              "seed": info.row.facts.seed,
+              "seed": info.row.facts.seed, "mrtd": info.row.facts.mrtd,
               "builds": list(info.builds), "problems": list(info.problems)}
     if as_json:
         click.echo(json.dumps(record, indent=2))

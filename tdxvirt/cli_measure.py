@@ -44,5 +44,9 @@ def measure(session, name, firmware, page_order, as_json):
     click.echo(f"firmware:  {safe(result.firmware)}")
     click.echo(f"MRTD:      {result.mrtd or 'unknown: ' + (result.unknown or '')}")
     click.echo(f"           (page order {result.order}: {result.order_note})")
+    if result.recorded and result.order == SINGLE_PASS:
+        same = result.recorded == result.mrtd
+        click.echo(f"           {'the value define recorded' if same else 'DIFFERS from the value define recorded'}"
+                   + ("" if same else f" ({result.recorded}): the firmware changed since"))
     for register in ("rtmr0", "rtmr1", "rtmr2"):
         click.echo(f"{register.upper() + ':':<11}{getattr(result, register)}")

@@ -38,6 +38,7 @@ class Measurements:
     rtmr1: str = RTMR12_UNKNOWN
     rtmr2: str = RTMR12_UNKNOWN
     unknown: str | None = None  # why MRTD itself is unknown
+    recorded: str | None = None  # the MRTD define predicted and recorded (single pass)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -47,8 +48,11 @@ def predict(xml: str, read_firmware_path, order: str = SINGLE_PASS,
             firmware_override: str | None = None) -> Measurements:
     """``read_firmware_path(path)`` maps the domain's loader path to a readable file on
     this machine, or None when the file lives on a host tdxvirt cannot read (remote)."""
+    from .metadata import NAMESPACE
+
     root = etree.fromstring(xml.encode())
     name = root.findtext("name") or "?"
+    recorded = root.findtext(f"metadata/{{{NAMESPACE}}}td/{{{NAMESPACE}}}mrtd")
     loader = (root.findtext("os/loader") or "").strip()
     if not loader and not firmware_override:
         raise InputError(f"{name!r} names no firmware (<os><loader>); a TD loads TDX firmware "
@@ -57,9 +61,9 @@ def predict(xml: str, read_firmware_path, order: str = SINGLE_PASS,
     if readable is None:
         return Measurements(name, loader, None, order, ORDER_NOTE[order],
                             unknown=f"the firmware {loader} is on the host that runs the TD; "
-                                    "copy it here and give --firmware FILE")
+                                    "copy it here and give --firmware FILE", recorded=recorded)
     value, sections = firmware_mrtd(readable, order)
     return Measurements(name, firmware_override or loader, value, order, ORDER_NOTE[order],
                         [{"type": s.kind, "address": f"{s.address:#x}",
                           "pages": s.memory_size // 4096, "extended": bool(s.attributes & 1),
-                          "added": not s.attributes & 2} for s in sections])
+                          "added": not s.attributes & 2} for s in sections], recorded=recorded)

@@ -31,13 +31,14 @@ class DomainFacts:
     dialect: str | None = None
     overlay: str | None = None  # the disk overlay tdxvirt created, if any
     seed: str | None = None  # the cloud-init seed ISO tdxvirt created, if any
+    mrtd: str | None = None  # the MRTD predicted at define (single pass), if any
     started: float | None = None  # when tdxvirt started it (live metadata), epoch seconds
 
 
 _TD = f"{{{NAMESPACE}}}td"
 _RUN = f"{{{RUN_NAMESPACE}}}run"
 _QEMU_COMMANDLINE = f"{{{QEMU_NS}}}commandline"
-_MARK_TEXT = {name: f"{{{NAMESPACE}}}{name}" for name in ("dialect", "overlay", "seed")}
+_MARK_TEXT = {name: f"{{{NAMESPACE}}}{name}" for name in ("dialect", "overlay", "seed", "mrtd")}
 
 
 def _bdf(address) -> str:
@@ -86,6 +87,7 @@ def read_domain_root(root) -> DomainFacts:
         dialect=marked.get("dialect"),
         overlay=marked.get("overlay"),
         seed=marked.get("seed"),
+        mrtd=marked.get("mrtd"),
         started=_float(run.get("started")) if run is not None else None,
     )
 

@@ -76,6 +76,7 @@ class DomainPlan:
     numa_nodeset: str | None
     seed: str | None = None  # the cloud-init seed ISO tdxvirt creates
     qemu_args: tuple[str, ...] = ()
+    mrtd: str | None = None  # predicted from the firmware at define (tdxvirt.tdvf), single pass
     tdxvirt_version: str = __version__
     warnings: tuple[str, ...] = field(default=())
 

@@ -138,6 +138,26 @@ def mrtd(image: bytes, sections: list[Section], order: str = SINGLE_PASS) -> byt
     return digest.digest()
 
 
+_PREDICTED: dict[tuple, str | None] = {}
+
+
+def predicted_mrtd(path: str | Path) -> str | None:
+    """The single-pass MRTD of a firmware file, or None when it is not TDX firmware or
+    cannot be read (define records what it can; `measure` says why). Remembered per
+    file, size and modification time within a process."""
+    try:
+        status = Path(path).stat()
+    except OSError:
+        return None
+    key = (str(path), status.st_size, status.st_mtime_ns)
+    if key not in _PREDICTED:
+        try:
+            _PREDICTED[key] = firmware_mrtd(path)[0]
+        except InputError:
+            _PREDICTED[key] = None
+    return _PREDICTED[key]
+
+
 def firmware_mrtd(path: str | Path, order: str = SINGLE_PASS) -> tuple[str, list[Section]]:
     """(MRTD as hex, sections) of a firmware file."""
     try:

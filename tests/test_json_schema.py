@@ -11,9 +11,9 @@ from tdxvirt.cli import main
 
 LIST = {"name", "state", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
         "uptime_s", "problems"}
-SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds"}
+SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd"}
 MEASURE = {"name", "firmware", "mrtd", "order", "order_note", "sections", "rtmr0", "rtmr1",
-           "rtmr2", "unknown"}
+           "rtmr2", "unknown", "recorded"}
 SECTION = {"type", "address", "pages", "extended", "added"}
 GPU = {"address", "vendor_id", "device_id", "model", "product", "kind", "driver", "iommu_group",
        "peers", "numa_node", "bar_sizes", "largest_bar", "cc_mode", "ppcie_mode", "td"}

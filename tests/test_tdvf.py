@@ -155,6 +155,7 @@ def test_measure_through_the_cli_on_the_emulated_host(sim, qemu_conn, debian_tdx
         assert result.exit_code == 0, result.output
         report = json.loads(result.output)
         assert report["mrtd"] == firmware_mrtd(debian_tdx_firmware)[0]
+        assert report["recorded"] == report["mrtd"]  # define predicted and recorded it
         assert report["rtmr0"].startswith("not predictable") and report["order"] == SINGLE_PASS
     finally:
         runner.invoke(main, ["--sim", "undefine", name])
