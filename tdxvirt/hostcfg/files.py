@@ -104,6 +104,7 @@ def _write_at(dir_fd: int, name: str, data: bytes, new_mode: int, shown: Path | 
     mode = stat.S_IMODE(st.st_mode) if st is not None else new_mode
     temp = f".{name}.tdxvirt-{os.getpid()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    created = False  # on failure, remove the temporary file only if this run made it
     try:
         try:
             # O_EXCL | O_NOFOLLOW: never write through a planted file or link.
@@ -111,6 +112,7 @@ def _write_at(dir_fd: int, name: str, data: bytes, new_mode: int, shown: Path | 
         except FileExistsError:
             os.unlink(temp, dir_fd=dir_fd)  # left by a killed run of ours (same pid reused)
             fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+        created = True
         try:
             view = memoryview(data)
             while view:
@@ -126,10 +128,11 @@ def _write_at(dir_fd: int, name: str, data: bytes, new_mode: int, shown: Path | 
         os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         os.fsync(dir_fd)
     except OSError as error:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass
+        if created:
+            try:
+                os.unlink(temp, dir_fd=dir_fd)
+            except OSError:
+                pass
         reason = error.strerror or errno.errorcode.get(error.errno or 0, str(error))
         raise HostNotReadyError(
             f"could not write {shown}: {reason}; the original file is unchanged"
