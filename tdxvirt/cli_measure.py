@@ -22,19 +22,16 @@ SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.tdvf's names; not i
 def measure(session, name, firmware, page_order, as_json):
     """Predict a TD's measurements (MRTD) from its firmware; RTMRs say why they are not."""
     from . import tds
-    from .conn import is_remote
     from .measure import predict
     from .textsafe import safe
 
     conn = session.conn()
     xml = tds.parsable_xml(tds.lookup(conn, name).XMLDesc(0))
-    remote = is_remote(session.uri)
+    facts = session.facts(conn)
 
     def local_file(path: str):
         # The firmware is a host fact: below the host root, and never read for a remote URI.
-        if remote:
-            return None
-        return str(session.host.path(path))
+        return None if facts.remote else str(facts.host.path(path))
 
     result = predict(xml, local_file, page_order, firmware)
     if as_json:

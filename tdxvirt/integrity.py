@@ -19,7 +19,7 @@ from typing import Callable
 
 from lxml import etree
 
-from .metadata import NAMESPACE, QEMU_NS
+from .metadata import NAMESPACE, QEMU_NS, bdf_of
 from .tdx_options import POLICY_ALLOWED
 
 MMIO_FWCFG = "opt/ovmf/X-PciMmio64Mb"
@@ -93,9 +93,7 @@ def _pci_hostdevs(devices) -> list[tuple[str, object]]:
     for hostdev in () if devices is None else devices.iterchildren("hostdev"):
         address = hostdev.find("source/address")
         if hostdev.get("type") == "pci" and address is not None:
-            found.append(("%04x:%02x:%02x.%x" % tuple(
-                int(address.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")),
-                hostdev))
+            found.append((bdf_of(address), hostdev))
     return found
 
 

@@ -41,7 +41,8 @@ _QEMU_COMMANDLINE = f"{{{QEMU_NS}}}commandline"
 _MARK_TEXT = {name: f"{{{NAMESPACE}}}{name}" for name in ("dialect", "overlay", "seed", "mrtd")}
 
 
-def _bdf(address) -> str:
+def bdf_of(address) -> str:
+    """``dddd:bb:ss.f`` of a libvirt <address domain= bus= slot= function=> element."""
     return "%04x:%02x:%02x.%x" % tuple(
         int(address.get(k), 16) for k in ("domain", "bus", "slot", "function"))
 
@@ -71,7 +72,7 @@ def read_domain_root(root) -> DomainFacts:
             for hostdev in child.iterchildren("hostdev"):
                 address = hostdev.find("source/address")
                 if hostdev.get("type") == "pci" and address is not None:
-                    gpus.append(_bdf(address))
+                    gpus.append(bdf_of(address))
         elif tag == "launchSecurity":
             tdx = tdx or child.get("type") == "tdx"
         elif tag == _QEMU_COMMANDLINE:  # the qemu-args dialect

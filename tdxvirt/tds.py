@@ -600,13 +600,15 @@ def domain_xml(conn, name, inactive: bool = False) -> str:
 
 
 def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | None = None,
-         reason: int | None = None, commandline_kept: bool = True) -> TDRow:
+         reason: int | None = None, commandline_kept: bool = True, found=None) -> TDRow:
+    """``found``: the integrity problems when the caller already has them."""
     from .integrity import problems
 
     root, facts = _parse(xml, domain.name())
     started = facts.started if state_code == 1 else None
-    found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept) \
-        if facts.managed_by_tdxvirt or facts.tdx else ()
+    if found is None:
+        found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept) \
+            if facts.managed_by_tdxvirt or facts.tdx else ()
     return TDRow(facts, _state_name(state_code, reason),
                  None if started is None else max(0.0, now - started), tuple(map(str, found)))
 
@@ -633,8 +635,8 @@ def show(conn, name) -> TDInfo:
     domain = lookup(conn, name)
     xml = parsable_xml(domain.XMLDesc(0))  # every parser below gets XML lxml accepts
     state, reason = domain.state()[:2]
-    row = _row(domain, state, xml, time.time(), conn.getLibVersion(), reason, _keeps_commandline(conn))
     found = [str(p) for p in integrity_problems(conn, domain, xml)]
+    row = _row(domain, state, xml, time.time(), reason=reason, found=found)
     from .assemble import all_gpu_holders
 
     running = all_gpu_holders(conn, running_only=True) if row.facts.gpus else {}
