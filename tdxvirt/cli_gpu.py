@@ -16,12 +16,7 @@ from typing import Callable
 
 import click
 
-
-def _gpu_addresses(ctx, param, incomplete):
-    """Shell completion (tdxvirt.completion), imported only when completing."""
-    from .completion import gpu_addresses
-
-    return gpu_addresses(ctx, param, incomplete)
+from .cli import _gpu_addresses  # completion, imported only when completing
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,7 @@ import json
 
 import click
 
-
-def _td_names(ctx, param, incomplete):
-    """Shell completion (tdxvirt.completion), imported only when completing."""
-    from .completion import td_names
-
-    return td_names(ctx, param, incomplete)
+from .cli import _td_names  # completion, imported only when completing
 
 
 @click.group()
