@@ -153,3 +153,22 @@ def cli_runner(uri: str, host_root):
 def run(sim_uri, gpu_host):
     """The CLI on the test driver with this test's own fake GPU host."""
     return cli_runner(sim_uri, gpu_host[0].base)
+
+
+def one_line_error(result, code: int) -> str:
+    """The single `tdxvirt: error:` line of a CliRunner result with this exit code."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tdxvirt: error: "), result.stderr
+    return lines[0]
+
+
+def discard(domain) -> None:
+    """Destroy and undefine a domain object if it is still there (test clean-up, also
+    for domains whose hostile names cannot be looked up again)."""
+    try:
+        if domain.isActive():
+            domain.destroy()
+        domain.undefine()
+    except libvirt.libvirtError:
+        pass

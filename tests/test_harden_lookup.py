@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
+from conftest import discard
 
 from tdxvirt import tds
 from tdxvirt.cli import main
@@ -33,12 +34,7 @@ def defined(conn):
 
     yield define
     for domain in made:
-        try:
-            if domain.isActive():
-                domain.destroy()
-            domain.undefine()
-        except Exception:
-            pass
+        discard(domain)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import uuid
 
 import libvirt
 import pytest
+from conftest import discard
 from lxml import etree
 
 from tdxvirt import tds
@@ -145,12 +146,7 @@ def test_a_running_td_with_a_hostile_name_is_escaped_too(run, conn, gpu_host):
         assert undefined.stdout.strip() == f"Undefined '{safe(name)}' (UUID {domain.UUIDString()})"
         assert _terminal_controls(undefined.output) == []
     finally:
-        try:
-            if domain.isActive():
-                domain.destroy()
-            domain.undefine()
-        except Exception:
-            pass
+        discard(domain)
 
 
 def test_safe_escapes_every_control_and_format_character():

@@ -28,6 +28,7 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
+from conftest import one_line_error
 from lxml import etree
 from remote_hosts import NodeFile, Sshd, available, pci_device, pool, volume
 
@@ -93,13 +94,6 @@ def cli(uri: str, root, *args):
     assert result.exception is None or isinstance(result.exception, SystemExit), \
         repr(result.exception)
     return result
-
-
-def one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tdxvirt: error: "), result.stderr
-    return lines[0]
 
 
 # ---------------------------------------------------------------- the two hosts

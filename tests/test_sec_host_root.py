@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import one_line_error
 from test_doctor_host import tdx_ready_root
 from test_hostcfg_setup import GRUB, QEMU_CONF, debian_host, snapshot
 
@@ -72,13 +73,6 @@ def invoke(*args, env=None):
     result = CliRunner().invoke(main, list(args), env=env)
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     return result
-
-
-def one_line_error(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tdxvirt: error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture
