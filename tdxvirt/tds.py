@@ -227,25 +227,23 @@ def checked_storage_dir(directory: str) -> str:
         raise InputError(f"cannot create the storage directory {directory}: "
                          f"{error.strerror}; create it, or set defaults.overlay_dir") from None
     real = os.path.realpath(directory)
-    if os.geteuid() != 0:
+    from .host.trust import trust_problem  # the one walk that judges paths root may trust
+
+    problem = trust_problem(real)  # None when not root
+    if problem is None:
         return real
-    parts = [part for part in real.split("/") if part]
-    for depth in range(len(parts) + 1):
-        path = "/" + "/".join(parts[:depth])
-        info = os.lstat(path)
-        last = depth == len(parts)
-        what = "the storage directory" if last else f"{path}, a directory above the storage directory"
-        fix = f"; `chown root {path}` and `chmod go-w {path}`, or set defaults.overlay_dir"
-        if not stat.S_ISDIR(info.st_mode):
-            raise InputError(f"{what} {path} changed while tdxvirt checked it; try again")
-        if info.st_uid != 0:
-            raise InputError(f"{what} {real} is owned by uid {info.st_uid}, not root; root "
-                             f"creates files there that its owner could redirect" + fix)
-        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
-            raise InputError(f"{what} {real if last else path} is writable by group or others "
-                             f"(mode {stat.S_IMODE(info.st_mode):04o}), who could plant links "
-                             f"root would write through" + fix)
-    return real
+    path = problem.path
+    last = path == real
+    what = "the storage directory" if last else f"{path}, a directory above the storage directory"
+    fix = f"; `chown root {path}` and `chmod go-w {path}`, or set defaults.overlay_dir"
+    if problem.owner is not None:
+        raise InputError(f"{what} {real} is owned by uid {problem.owner}, not root; root "
+                         f"creates files there that its owner could redirect" + fix)
+    if problem.writable:
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        raise InputError(f"{what} {real if last else path} is writable by group or others "
+                         f"(mode {mode:04o}), who could plant links root would write through" + fix)
+    raise InputError(f"{what} {path} {problem.other}; try again" + fix)
 
 
 def _place(temporary: str, final: str) -> None:
