@@ -34,7 +34,7 @@ class TdxvirtGroup(click.Group):
 
     LAZY = {"host": "tdxvirt.cli_host:host", "gpu": "tdxvirt.cli_gpu:gpu",
             "guest": "tdxvirt.cli_guest:guest", "build": "tdxvirt.cli_build:build",
-            "measure": "tdxvirt.cli_measure:measure"}
+            "measure": "tdxvirt.cli_measure:measure", "repair": "tdxvirt.cli_repair:repair"}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.LAZY})

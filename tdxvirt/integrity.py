@@ -7,13 +7,15 @@ guest). The intent comes from tdxvirt's metadata (its dialect says TD or plain, 
 devices which GPUs); a domain other tools defined is judged from its XML alone (a TD
 there is one with TDX launch security or a ``tdx-guest`` object).
 
-``problems`` is used by ``show`` (listed), ``list`` (a marker) and ``start`` (refused
+``problems`` is used by ``show`` (listed), ``list`` (a marker), ``start`` (refused
 before anything runs, one line naming what changed and how to restore it; not
-overridable, because a TD must never boot unprotected).
+overridable, because a TD must never boot unprotected) and ``repair`` (which fixes
+each problem by its kind, tdxvirt.repair).
 """
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +32,7 @@ LIBVIRT_HOSTDEV_IOMMUFD = 12_001_000
 class Problem:
     what: str  # what is wrong now
     fix: str  # how to get the TD back
+    kind: str = ""  # which rule (tdxvirt.repair fixes each kind)
 
     def __str__(self) -> str:
         return f"{self.what} ({self.fix})"
@@ -112,8 +115,8 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
     if not _intended(domain):
         return []
     top = domain.top
-    name = top["name"].text if "name" in top else "NAME"
-    edit = f"restore it with `virsh edit {name}`, or undefine and `tdxvirt define` it again"
+    name = shlex.quote(top["name"].text or "") if "name" in top else "NAME"  # a command to paste
+    edit = f"`tdxvirt repair {name}` puts it back (`--dry-run` shows how)"
     dialect = domain.dialect or ""
     args = domain.args
     found: list[Problem] = []
@@ -122,10 +125,10 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
     if dialect == "qemu-args" or (not dialect and launch is None):
         if commandline_kept and not any("tdx-guest" in a for a in args):
             found.append(Problem("its tdx-guest object is gone from <qemu:commandline>: it would "
-                                 "boot as an ordinary, unprotected VM", edit))
+                                 "boot as an ordinary, unprotected VM", edit, kind="tdx-object"))
     elif launch is None:
         found.append(Problem("<launchSecurity type='tdx'> was removed: it would boot as an "
-                             "ordinary, unprotected VM", edit))
+                             "ordinary, unprotected VM", edit, kind="launch-security"))
     else:
         policy = (launch.findtext("policy") or "").strip()
         try:
@@ -134,7 +137,7 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
             bad = -1
         if bad:
             found.append(Problem(f"TDX policy {policy!r} is not one libvirt allows "
-                                 "(only 0x1 debug and 0x10000000 SEPT #VE disable)", edit))
+                                 "(only 0x1 debug and 0x10000000 SEPT #VE disable)", edit, kind="policy"))
 
     loader = domain.child("os", "loader")
     # <os firmware='efi'> with TDX launch security and no loader: libvirt picks, on the
@@ -145,47 +148,47 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
                      and "os" in top and top["os"].get("firmware") == "efi")
     if loader is None or not (loader.text or "").strip():
         if not libvirt_picks:
-            found.append(Problem("its firmware (<os><loader>) was removed", edit))
+            found.append(Problem("its firmware (<os><loader>) was removed", edit, kind="loader"))
     elif loader.get("type") != "rom":
         found.append(Problem(f"its firmware is loaded as {loader.get('type') or 'pflash'}, "
-                             "not ROM", edit))
+                             "not ROM", edit, kind="loader-type"))
     if domain.child("os", "nvram") is not None:
-        found.append(Problem("it has NVRAM (a TD keeps no UEFI variables)", edit))
+        found.append(Problem("it has NVRAM (a TD keeps no UEFI variables)", edit, kind="nvram"))
     ioapic = domain.child("features", "ioapic")
     if (ioapic is None or ioapic.get("driver") != "qemu") and not any(
             "kernel_irqchip=split" in a for a in args):
-        found.append(Problem("the split irqchip (<ioapic driver='qemu'/>) is gone", edit))
+        found.append(Problem("the split irqchip (<ioapic driver='qemu'/>) is gone", edit, kind="irqchip"))
     smm = domain.child("features", "smm")
     if smm is None or smm.get("state") != "off":
-        found.append(Problem("SMM is no longer off", edit))
+        found.append(Problem("SMM is no longer off", edit, kind="smm"))
     pmu = domain.child("features", "pmu")
     if pmu is None or pmu.get("state") != "off":
-        found.append(Problem("the PMU is no longer off", edit))
+        found.append(Problem("the PMU is no longer off", edit, kind="pmu"))
 
     access = domain.child("memoryBacking", "access")
     cpu = top.get("cpu")
     if (access is not None and access.get("mode") == "shared") or (
             cpu is not None and cpu.find("numa/cell[@memAccess='shared']") is not None):
         found.append(Problem("its memory is shared with other processes (virt-manager's "
-                             "\"Enable shared memory\")", edit))
+                             "\"Enable shared memory\")", edit, kind="shared-memory"))
     if domain.child("memoryBacking", "hugepages") is not None:
         found.append(Problem("huge pages back only a TD's shared memory and reserve the "
-                             "memory twice", edit))
+                             "memory twice", edit, kind="hugepages"))
 
     pci = _pci_hostdevs(top.get("devices"))
     hostdevs = [bdf for bdf, _ in pci]
     windows = _window_mib(args)
     if hostdevs and not windows and commandline_kept:
         found.append(Problem("the 64-bit MMIO window (-fw_cfg name=opt/ovmf/X-PciMmio64Mb) "
-                             "is gone: its GPUs would fail inside the guest", edit))
+                             "is gone: its GPUs would fail inside the guest", edit, kind="window-missing"))
     elif hostdevs and windows and window_needed_mib is not None:
         needed = window_needed_mib(hostdevs)
         have = max((w or 0) for w in windows)
         if needed is not None and have < needed:
             found.append(Problem(f"its 64-bit MMIO window ({have} MiB) is smaller than its "
-                                 f"devices' BARs need ({needed} MiB)", edit))
+                                 f"devices' BARs need ({needed} MiB)", edit, kind="window-small"))
     if len(windows) > 1:
-        found.append(Problem("it passes the MMIO window more than once", edit))
+        found.append(Problem("it passes the MMIO window more than once", edit, kind="window-twice"))
     if libvirt_version is not None and libvirt_version >= LIBVIRT_HOSTDEV_IOMMUFD \
             and dialect in ("native", ""):
         # the GPUs and NVSwitches tdxvirt passed (its metadata); unmarked: every hostdev
@@ -195,9 +198,9 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
                   if bdf in marked and hostdev.find("driver[@iommufd='yes']") is None]
         if legacy:
             found.append(Problem(f"GPU hostdev {', '.join(legacy)} lost <driver iommufd='yes'/>",
-                                 edit))
+                                 edit, kind="iommufd"))
     if managed_save:
         found.append(Problem("libvirt holds a managed-save image: starting would resume "
                              "saved memory instead of booting a freshly measured TD",
-                             f"`virsh managedsave-remove {name}`"))
+                             f"`virsh managedsave-remove {name}`", kind="managed-save"))
     return found

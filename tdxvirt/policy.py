@@ -100,7 +100,8 @@ def align_memory(size: int) -> tuple[int, str | None]:
     return aligned, f"memory {size} bytes rounded up to {human(aligned)} (TDs want 2 MiB alignment)"
 
 
-def _power_of_two_mb(size_mb: int) -> int:
+def window_mb_for(size_mb: int) -> int:
+    """The MMIO window (MiB) for ``size_mb`` of BARs: a power of two, at least OVMF's 32G."""
     window = MIN_MMIO_MB
     while window < size_mb:
         window *= 2
@@ -114,7 +115,7 @@ def mmio_window_mb(devices: list[PciDevice]) -> int | None:
     sizes = [d.mmio_bytes for d in devices]
     if any(size is None for size in sizes):
         return None
-    return _power_of_two_mb(-(-sum(sizes) // MIB))
+    return window_mb_for(-(-sum(sizes) // MIB))
 
 
 def plan_mmio(devices: list[PciDevice], requested: int | None) -> tuple[int, str | None]:
@@ -138,7 +139,7 @@ def plan_mmio(devices: list[PciDevice], requested: int | None) -> tuple[int, str
                 "(`lspci -vv` on that host shows them), e.g. 256G for one H100")
         return needed, None
     asked_mb = -(-requested // MIB)
-    window = _power_of_two_mb(asked_mb)
+    window = window_mb_for(asked_mb)
     if needed is not None and window < needed:
         raise InputError(f"--mmio-window {human(requested)} is smaller than the "
                          f"{human(needed * MIB)} the devices' BARs need; drop --mmio-window "

@@ -154,12 +154,19 @@ def _parse(xml: str, name: str | None = None):
 
 
 def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
-    """tdxvirt.integrity's problems of a domain, with the facts this connection has:
-    the target libvirt's version, a managed-save image, and (given the host's facts or
-    this machine's HostRoot, see tdxvirt.facts.facts_for) the MMIO window the
-    hostdevs' BARs need, where their sizes are known."""
+    """tdxvirt.integrity's problems of a domain, with the facts this connection has
+    (integrity_inputs)."""
     from .integrity import problems
 
+    return problems(xml_or_root, **integrity_inputs(conn, domain, host))
+
+
+def integrity_inputs(conn, domain, host=None) -> dict:
+    """What tdxvirt.integrity.problems needs to know beyond the XML: the target
+    libvirt's version, a managed-save image, whether the driver keeps
+    <qemu:commandline>, and (given the host's facts or this machine's HostRoot, see
+    tdxvirt.facts.facts_for) the MMIO window the hostdevs' BARs need, where their
+    sizes are known."""
     needed = None
     if host is not None:
         from .facts import facts_for
@@ -169,9 +176,8 @@ def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
         saved = bool(domain.hasManagedSaveImage(0))
     except libvirt_error_type():
         saved = False
-    return problems(xml_or_root, libvirt_version=conn.getLibVersion(),
-                    window_needed_mib=needed, managed_save=saved,
-                    commandline_kept=_keeps_commandline(conn))
+    return {"libvirt_version": conn.getLibVersion(), "window_needed_mib": needed,
+            "managed_save": saved, "commandline_kept": _keeps_commandline(conn)}
 
 
 def _keeps_commandline(conn) -> bool:

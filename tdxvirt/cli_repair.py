@@ -1,0 +1,50 @@
+"""`tdxvirt repair`: bring an edited TD back to what tdxvirt defined (tdxvirt.repair)."""
+
+from __future__ import annotations
+
+import click
+
+from .cli import _td_names, pass_session
+
+
+@click.command()
+@click.argument("name", shell_complete=_td_names)
+@click.option("--mmio-window", metavar="SIZE",
+              help="64-bit MMIO window to put back, e.g. 256G (default: sized from the hostdevs' "
+                   "BARs, else the one define recorded).")
+@click.option("--dry-run", is_flag=True, help="Show the changes as a diff; change nothing.")
+@pass_session
+def repair(session, name, mmio_window, dry_run):
+    """Undo edits that weakened a TD, keeping compatible ones (vCPUs, memory, disks).
+
+    Fixes exactly what `tdxvirt show NAME` lists as problems: launch security, firmware,
+    NVRAM, irqchip, SMM, PMU, shared memory, huge pages, the MMIO window, iommufd, a
+    managed-save image. Prints the changes as a diff of the definition. A running TD
+    gets the repaired definition at its next start.
+    """
+    from .repair import repair_td
+    from .textsafe import quoted, terminal_lines
+    from .units import parse_size
+
+    window = None if mmio_window is None else parse_size(mmio_window, "--mmio-window")
+    conn = session.conn()
+    result = repair_td(conn, session.facts(conn), name, dry_run=dry_run, window_override=window)
+    if not result.needed:
+        click.echo(f"{quoted(result.name)} is the TD tdxvirt defined: nothing to repair")
+        return
+    if result.changes:
+        # the domain's own text (names, paths other tools wrote) is made terminal-safe
+        click.echo(terminal_lines(result.diff()))
+    changes = list(result.changes)
+    if result.remove_managed_save:
+        changes.append("remove the managed-save image (a TD is booted and measured afresh, never "
+                       "resumed from saved memory)")
+    click.echo("Would change:" if dry_run else "Changed:")
+    for change in changes:
+        click.echo(f"  - {terminal_lines(change)}")
+    if dry_run:
+        click.echo("(dry run: nothing was changed)")
+        return
+    click.echo(f"Repaired {quoted(result.name)}" + (
+        "; it is running: the repair takes effect when it is next started"
+        if result.running else ""))
