@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import os
 
-from lxml import etree
-
 from .conn import xml_of_listed
+from .domainxml import DomainXML, read_domain_xml
 from .errors import NotFoundError
 from .facts import HostFacts, facts_for
 from .host import HostRoot
 from .host.nvidia import is_nvswitch, kind_of
-from .metadata import read_domain_xml
 from .pci import PciAddress
 from .td_rules import td_problems
 
 VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1
 
 
-def _hostdev_problems(facts: HostFacts, root, address: str) -> list[str]:
-    hostdev = next(h for h in root.iterfind("devices/hostdev[@type='pci']")
-                   if _address(h) == address)
+def _hostdev_problems(facts: HostFacts, hostdev, address: str) -> list[str]:
     try:
         device = facts.device(PciAddress.parse(address))
     except NotFoundError:
@@ -40,22 +36,15 @@ def _hostdev_problems(facts: HostFacts, root, address: str) -> list[str]:
     return []
 
 
-def _address(hostdev) -> str:
-    a = hostdev.find("source/address")
-    return "{:04x}:{:02x}:{:02x}.{:x}".format(
-        *(int(a.get(k), 16) for k in ("domain", "bus", "slot", "function")))
-
-
-def _file_problems(facts: HostFacts, root) -> list[str]:
+def _file_problems(facts: HostFacts, domain: DomainXML) -> list[str]:
     """Firmware and disks the host lacks (unknown ones are left to the start)."""
     problems = []
-    loader = root.findtext("os/loader")
-    if loader and facts.firmware_exists(loader.strip()) is False:
-        problems.append(f"firmware {loader.strip()} does not exist; install its package "
+    loader = domain.loader_path()
+    if loader and facts.firmware_exists(loader) is False:
+        problems.append(f"firmware {loader} does not exist; install its package "
                         "(TDX: ovmf-inteltdx) or redefine with --ovmf")
-    for source in root.iterfind("devices/disk/source"):
-        path = source.get("file")
-        if path and facts.disk_exists(path) is False:
+    for _, path in domain.disk_files():
+        if facts.disk_exists(path) is False:
             problems.append(f"disk image {path} does not exist; restore it or redefine the TD")
     return problems
 
@@ -140,13 +129,13 @@ def start_problems(conn, host: HostRoot | HostFacts, xml: str, read_modes=None) 
     host = facts_for(conn, host)  # the host's facts; ``domain`` below: the domain's
     xml = parsable_xml(xml)  # libvirt may write characters XML forbids (issue #18)
     domain = read_domain_xml(xml)
-    root = etree.fromstring(xml.encode())
-    problems = list(td_problems(xml))
+    parsed = DomainXML.of(xml)
+    problems = list(td_problems(parsed))
     if domain.tdx and (missing := host.tdx_problem()):
         problems.append(missing)
-    for address in domain.gpus:
-        problems.extend(_hostdev_problems(host, root, address))
-    problems.extend(_file_problems(host, root))
+    for address, hostdev in parsed.pci_hostdevs():
+        problems.extend(_hostdev_problems(host, hostdev, address))
+    problems.extend(_file_problems(host, parsed))
     if read_modes is not None:
         problems.extend(_mode_problems(host, domain, read_modes))
     problems.extend(_held_by_running(conn, domain.name, domain.gpus))

@@ -7,7 +7,7 @@ from importlib import resources
 
 import jinja2
 
-from .metadata import NAMESPACE
+from .domainxml import AGENT_CHANNEL_NAME, NAMESPACE
 from .policy import DomainPlan
 
 
@@ -26,7 +26,8 @@ def _environment() -> jinja2.Environment:
 
 
 def render_domain(plan: DomainPlan, template: str = "td.xml.j2") -> str:
-    return _environment().get_template(template).render(plan=plan, namespace=NAMESPACE)
+    return _environment().get_template(template).render(plan=plan, namespace=NAMESPACE,
+                                                         agent_channel=AGENT_CHANNEL_NAME)
 
 
 def render_run_marker(started: float) -> str:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from .domainxml import MMIO_FWCFG, QEMU_NS, DomainXML
 from .errors import InputError
-from .integrity import MMIO_FWCFG, Problem, problems
-from .metadata import NAMESPACE, QEMU_NS
+from .integrity import Problem, problems
 
 DEFAULT_POLICY = "0x10000000"
 _QEMU = f"{{{QEMU_NS}}}"
-_PROTECTED = f"{{{NAMESPACE}}}td/{{{NAMESPACE}}}protected"
 
 
 @dataclass
@@ -108,7 +107,7 @@ class _Fixer:
         self.changes: list[str] = []
         self.window_needed_mib = window_needed_mib
         self.window_override = window_override
-        self.protected = root.find(f"metadata/{_PROTECTED}")
+        self.protected = DomainXML(root).protected
 
     def _recorded(self, tag: str):
         """A copy of the element define recorded, or None."""
@@ -246,13 +245,12 @@ class _Fixer:
         self.changes.append(f"set the 64-bit MMIO window to {size} MiB (for the hostdevs it has now)")
 
     def _window_size(self) -> int:
-        from .integrity import _pci_hostdevs
         from .policy import window_mb_for
         from .units import MIB, human
 
         needed = None
         if self.window_needed_mib is not None:
-            needed = self.window_needed_mib([bdf for bdf, _ in _pci_hostdevs(self.root.find("devices"))])
+            needed = self.window_needed_mib([bdf for bdf, _ in DomainXML(self.root).pci_hostdevs()])
         if self.window_override is not None:  # bytes (--mmio-window), sized as define sizes it
             window = window_mb_for(-(-self.window_override // MIB))
             if needed is not None and window < needed:
@@ -274,14 +272,10 @@ class _Fixer:
             "sizes are unknown and define recorded none; give --mmio-window SIZE (e.g. 256G)")
 
     def iommufd(self) -> None:
-        marked = set()
-        mark = self.root.find(f"metadata/{{{NAMESPACE}}}td")
-        if mark is not None:
-            marked = {e.get("bdf") for e in mark if e.get("bdf")}
-        from .integrity import _pci_hostdevs
-
+        domain = DomainXML(self.root)
+        marked = domain.marked_bdfs
         fixed = []
-        for bdf, hostdev in _pci_hostdevs(self.root.find("devices")):
+        for bdf, hostdev in domain.pci_hostdevs():
             if marked and bdf not in marked:
                 continue
             driver = hostdev.find("driver")

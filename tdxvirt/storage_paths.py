@@ -45,13 +45,11 @@ _DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW
 
 def _disk_files(xml: str) -> dict[str, set[str]]:
     """device ('disk', 'cdrom', ...) -> the source files of the domain's disks."""
-    from lxml import etree
+    from .domainxml import DomainXML
 
     files: dict[str, set[str]] = {}
-    for disk in etree.fromstring(xml.encode()).iterfind("devices/disk"):
-        source = disk.find("source")
-        if source is not None and source.get("file"):
-            files.setdefault(disk.get("device", "disk"), set()).add(source.get("file"))
+    for device, path in DomainXML.of(xml).disk_files():
+        files.setdefault(device, set()).add(path)
     return files
 
 

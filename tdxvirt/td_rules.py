@@ -8,48 +8,38 @@ other tools defined.
 
 from __future__ import annotations
 
-from lxml import etree
-
+from .domainxml import DomainXML
 from .tdx_options import POLICY_ALLOWED
 
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
-
-def _is_tdx(root) -> bool:
-    if root.find("launchSecurity[@type='tdx']") is not None:
-        return True
-    args = root.xpath("q:commandline/q:arg/@value", namespaces={"q": QEMU_NS})
-    return any("tdx-guest" in a for a in args)
-
-
-def td_problems(xml: str) -> list[str]:
+def td_problems(xml) -> list[str]:
     """Each way this TD breaks TDX's rules, as a sentence; empty when it is fine."""
-    root = etree.fromstring(xml.encode())
+    domain = DomainXML.of(xml)
     problems = []
-    if root.xpath("sysinfo[@type='fwcfg']/entry[starts-with(@name, 'opt/ovmf/')]"):
+    if any(name.startswith("opt/ovmf/") for name in domain.fwcfg_sysinfo_names()):
         problems.append("libvirt's qemu driver refuses opt/ovmf/ entries in <sysinfo "
                         "type='fwcfg'>; pass -fw_cfg through <qemu:commandline> instead")
-    if not _is_tdx(root):
+    if domain.launch is None and not domain.has_tdx_object():
         return problems
-    machine = root.find("os/type")
+    machine = domain.os_child("type")
     if machine is None or not (machine.get("machine") or "").startswith(("q35", "pc-q35")):
         problems.append("a TD needs the q35 machine type")
-    loader = root.find("os/loader")
+    loader = domain.os_child("loader")
     if loader is not None and loader.get("type") != "rom":
         problems.append("TDX firmware must be loaded as ROM (<loader type='rom'>), not pflash")
-    if root.find("os/nvram") is not None:
+    if domain.os_child("nvram") is not None:
         problems.append("a TD cannot have NVRAM (UEFI variables live in the firmware image)")
-    smm = root.find("features/smm")
+    smm = domain.feature("smm")
     if smm is not None and smm.get("state", "on") != "off":
         problems.append("a TD cannot have SMM: set <smm state='off'/>")
-    pmu = root.find("features/pmu")
+    pmu = domain.feature("pmu")
     if pmu is None or pmu.get("state") != "off":
         problems.append("a TD needs the PMU off: <pmu state='off'/>")
-    ioapic = root.find("features/ioapic")
-    args = " ".join(root.xpath("q:commandline/q:arg/@value", namespaces={"q": QEMU_NS}))
-    if (ioapic is None or ioapic.get("driver") != "qemu") and "kernel_irqchip=split" not in args:
+    ioapic = domain.feature("ioapic")
+    if (ioapic is None or ioapic.get("driver") != "qemu") and not any(
+            "kernel_irqchip=split" in a for a in domain.qemu_args):
         problems.append("a TD needs the split irqchip: <ioapic driver='qemu'/>")
-    policy = root.findtext("launchSecurity[@type='tdx']/policy")
+    policy = None if domain.launch is None else domain.launch.findtext("policy")
     if policy is not None:
         try:
             value = int(policy.strip().removeprefix("0x"), 16)

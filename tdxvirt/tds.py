@@ -25,9 +25,9 @@ from .errors import (
 if TYPE_CHECKING:  # rendering, planning and XML reading (lxml) are imported only by the
     # functions that use them: `list` starts reading domains before lxml is loaded
     from .assemble import AssembledTD
+    from .domainxml import DomainFacts
     from .facts import HostFacts
     from .host import HostRoot
-    from .metadata import DomainFacts
     from .policy import Disk
     from .spec import TDSpec
 
@@ -143,7 +143,7 @@ def _parse(xml: str, name: str | None = None):
 
     from lxml import etree
 
-    from .metadata import read_domain_root
+    from .domainxml import read_domain_root
 
     try:
         root = etree.fromstring(xml.encode())
@@ -479,7 +479,7 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
 
 def _mark_started(domain) -> None:
     """Live-only metadata with the start time, so list can show uptime."""
-    from .metadata import RUN_NAMESPACE
+    from .domainxml import RUN_NAMESPACE
     from .render import render_run_marker
 
     try:
@@ -618,15 +618,14 @@ def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | N
 
 
 def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
-    from lxml import etree
-
     from .build.artifacts import build_of
     from .conn import is_remote
+    from .domainxml import DomainXML
 
     if is_remote(uri):
         return ()
-    root = etree.fromstring(xml.encode())
-    paths = [p.strip() for p in (root.findtext("devices/emulator"), root.findtext("os/loader")) if p]
+    domain = DomainXML.of(xml)
+    paths = [p for p in (domain.emulator(), domain.loader_path()) if p]
     found = (build_of(path) for path in paths)
     return tuple(build.describe() for build in found if build is not None)
 
@@ -668,7 +667,7 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     now = time.time()
     listed = conn.getAllDomainStats(STATS_STATE)
     xmls = xmls_of_listed([domain for domain, _ in listed])  # reading starts now
-    from .metadata import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
+    from .domainxml import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
 
     version, kept = conn.getLibVersion(), _keeps_commandline(conn)
     for (domain, stats), xml in zip(listed, xmls):

@@ -10,8 +10,8 @@ from lxml import etree
 
 from tdxvirt import tds
 from tdxvirt.config import Config, load_config
+from tdxvirt.domainxml import read_domain_xml
 from tdxvirt.errors import HostNotReadyError, InputError, LibvirtOperationError
-from tdxvirt.metadata import read_domain_xml
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
 from tdxvirt.spec import TDSpec
 from tdxvirt.td_rules import td_problems

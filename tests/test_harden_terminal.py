@@ -18,7 +18,7 @@ from conftest import discard
 from lxml import etree
 
 from tdxvirt import tds
-from tdxvirt.metadata import NAMESPACE
+from tdxvirt.domainxml import NAMESPACE
 from tdxvirt.spec import TDSpec
 from tdxvirt.textsafe import safe, table, xml_parsable
 

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from tdxvirt.domainxml import NAMESPACE, read_domain_xml
 from tdxvirt.errors import TdxvirtError
 from tdxvirt.host.pci import read_device
-from tdxvirt.metadata import NAMESPACE, read_domain_xml
 from tdxvirt.pci import PciAddress
 from tdxvirt.policy import plan_domain
 from tdxvirt.render import render_domain

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from lxml import etree
 from test_integrity import CASES, SCENARIOS, TDS, WEAKENINGS, edited_with_virsh, golden, run, virt_xml
 
+from tdxvirt.domainxml import NAMESPACE
 from tdxvirt.integrity import problems
-from tdxvirt.metadata import NAMESPACE
 from tdxvirt.repair import DEFAULT_POLICY, plan_repair
 from tdxvirt.schema import validate_domain_xml
 

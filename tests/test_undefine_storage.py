@@ -19,8 +19,8 @@ from tdxvirt import tds
 from tdxvirt.cli import main
 from tdxvirt.config import Config
 from tdxvirt.conn import open_connection
+from tdxvirt.domainxml import NAMESPACE, read_domain_xml
 from tdxvirt.errors import InputError
-from tdxvirt.metadata import NAMESPACE, read_domain_xml
 from tdxvirt.spec import TDSpec
 
 METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT

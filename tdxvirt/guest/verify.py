@@ -31,11 +31,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..domainxml import AGENT_CHANNEL_NAME
 from ..errors import LibvirtOperationError
 from ..textsafe import guest_text
 from . import GuestNotReadyError
 
-AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"
 AGENT_CHANNEL_XML = f"<channel type='unix'><target type='virtio' name='{AGENT_CHANNEL_NAME}'/></channel>"
 TDX_LINE = "Memory Encryption Features active:"
 # The algorithms NVIDIA's driver asks the kernel for during the GPU's SPDM session.
@@ -364,15 +364,11 @@ def verify_guest(guest: GuestExec, name: str) -> VerifyReport:
 
 def agent_channel_state(domain_xml: str) -> str | None:
     """None without a guest-agent channel; else its live state ('connected', 'disconnected', '')."""
-    from lxml import etree
-
+    from ..domainxml import DomainXML
     from ..textsafe import xml_parsable
 
-    root = etree.fromstring(xml_parsable(domain_xml).encode())
-    targets = root.xpath("./devices/channel/target[@type='virtio'][@name=$name]", name=AGENT_CHANNEL_NAME)
-    if not targets:
-        return None
-    return targets[0].get("state", "")
+    target = DomainXML.of(xml_parsable(domain_xml)).agent_channel()
+    return None if target is None else target.get("state", "")
 
 
 def verify_domain(conn, name: str, timeout: float = DEFAULT_TIMEOUT) -> VerifyReport:

@@ -1,0 +1,265 @@
+"""Every read of a libvirt domain's XML, in one place: the element and attribute names
+tdxvirt looks at, and the few names the template shares with the readers.
+
+A domain is read in one pass over its top-level elements (``list`` reads a thousand
+domains: path lookups per rule cost more than parsing the XML), then each question
+(its launch security, loader, features, hostdevs, disks, tdxvirt's mark) is a lookup
+in what that pass kept. Writing stays in domains/td.xml.j2 (and tdxvirt.repair's
+structural fixes); both use the names defined here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lxml import etree
+
+NAMESPACE = "urn:tdxvirt:td:1"  # tdxvirt's mark: <metadata><tdxvirt:td>
+# Live-only runtime facts (start time) live in a namespace of their own, so setting
+# them never replaces the persistent tdxvirt:td element.
+RUN_NAMESPACE = "urn:tdxvirt:run:1"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+MMIO_FWCFG = "opt/ovmf/X-PciMmio64Mb"  # OVMF's 64-bit MMIO window, passed with -fw_cfg
+AGENT_CHANNEL_NAME = "org.qemu.guest_agent.0"
+
+COMMANDLINE = f"{{{QEMU_NS}}}commandline"
+_ARG = f"{{{QEMU_NS}}}arg"
+_TD = f"{{{NAMESPACE}}}td"
+_DIALECT = f"{{{NAMESPACE}}}dialect"
+_PROTECTED = f"{{{NAMESPACE}}}protected"
+
+
+def bdf_of(address) -> str:
+    """``dddd:bb:ss.f`` of a libvirt <address domain= bus= slot= function=> element."""
+    return "%04x:%02x:%02x.%x" % tuple(
+        int(address.get(k), 16) for k in ("domain", "bus", "slot", "function"))
+
+
+def parse(xml: str):
+    """The root element of a domain's XML text."""
+    return etree.fromstring(xml.encode())
+
+
+class DomainXML:
+    """One domain's XML, indexed in one pass over its top-level elements."""
+
+    def __init__(self, root):
+        self.root = root
+        top = {}
+        for child in root:
+            if isinstance(child.tag, str):
+                top.setdefault(child.tag, child)
+        self.top = top
+        metadata = top.get("metadata")
+        self.mark = None if metadata is None else metadata.find(_TD)
+        self.dialect = None if self.mark is None else (self.mark.findtext(_DIALECT) or "").strip()
+        self.qemu_args = [arg.get("value", "") for line in root.iterfind(COMMANDLINE)
+                          for arg in line.iterfind(_ARG)]
+        launch = top.get("launchSecurity")
+        self.launch = launch if launch is not None and launch.get("type") == "tdx" else None
+        self._children = {tag: {c.tag: c for c in reversed(top[tag]) if isinstance(c.tag, str)}
+                          for tag in ("os", "features", "memoryBacking") if tag in top}
+
+    @classmethod
+    def of(cls, xml_or_root) -> DomainXML:
+        """From XML text, a parsed root, or an already indexed domain."""
+        if isinstance(xml_or_root, DomainXML):
+            return xml_or_root
+        return cls(parse(xml_or_root) if isinstance(xml_or_root, str) else xml_or_root)
+
+    # --- tdxvirt's mark ---------------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        element = self.top.get("name")
+        return None if element is None else element.text
+
+    @property
+    def marked_bdfs(self) -> set[str]:
+        """The GPUs and NVSwitches tdxvirt passed through (its metadata)."""
+        return set() if self.mark is None else {e.get("bdf") for e in self.mark if e.get("bdf")}
+
+    def mark_text(self, tag: str) -> str | None:
+        """The text of tdxvirt's <tdxvirt:TAG> (e.g. mrtd), or None."""
+        return None if self.mark is None else self.mark.findtext(f"{{{NAMESPACE}}}{tag}")
+
+    @property
+    def protected(self):
+        """<tdxvirt:protected>: the loader, launch security and QEMU arguments as define
+        wrote them (tdxvirt.repair puts them back), or None."""
+        return None if self.mark is None else self.mark.find(_PROTECTED)
+
+    # --- what makes it a TD -----------------------------------------------------------
+    def has_tdx_object(self) -> bool:
+        """The qemu-args dialect's tdx-guest object is in <qemu:commandline>."""
+        return any("tdx-guest" in a for a in self.qemu_args)
+
+    def os_child(self, tag: str):
+        return self._children.get("os", {}).get(tag)
+
+    def feature(self, tag: str):
+        return self._children.get("features", {}).get(tag)
+
+    def memory_backing(self, tag: str):
+        return self._children.get("memoryBacking", {}).get(tag)
+
+    @property
+    def os_firmware(self) -> str | None:
+        """<os firmware='efi'>: libvirt picks the firmware on the host."""
+        element = self.top.get("os")
+        return None if element is None else element.get("firmware")
+
+    def loader_path(self) -> str:
+        loader = self.os_child("loader")
+        return "" if loader is None else (loader.text or "").strip()
+
+    def os_text(self, tag: str) -> str:
+        """<os><kernel>, <initrd>, <cmdline> as text ('' when absent)."""
+        element = self.os_child(tag)
+        return "" if element is None else (element.text or "").strip()
+
+    def fwcfg_sysinfo_names(self) -> list[str]:
+        """The names of <sysinfo type='fwcfg'> entries."""
+        return [entry.get("name", "") for sysinfo in self.root.iterchildren("sysinfo")
+                if sysinfo.get("type") == "fwcfg" for entry in sysinfo.iterchildren("entry")]
+
+    def shared_numa_cell(self) -> bool:
+        cpu = self.top.get("cpu")
+        return cpu is not None and cpu.find("numa/cell[@memAccess='shared']") is not None
+
+    def windows_mib(self) -> list[int | None]:
+        """Each -fw_cfg MMIO window's size in MiB (None when unreadable)."""
+        sizes = []
+        for value in self.qemu_args:
+            if value.startswith(f"name={MMIO_FWCFG},"):
+                text = value.split("string=", 1)[-1]
+                sizes.append(int(text) if text.isdigit() else None)
+        return sizes
+
+    # --- devices ----------------------------------------------------------------------
+    def devices(self, tag: str):
+        """The <devices> children with this tag."""
+        devices = self.top.get("devices")
+        return () if devices is None else devices.iterchildren(tag)
+
+    def pci_hostdevs(self) -> list[tuple[str, object]]:
+        """(BDF, element) of each PCI hostdev with a source address."""
+        found = []
+        for hostdev in self.devices("hostdev"):
+            address = hostdev.find("source/address")
+            if hostdev.get("type") == "pci" and address is not None:
+                found.append((bdf_of(address), hostdev))
+        return found
+
+    def disk_files(self) -> list[tuple[str, str]]:
+        """(device: 'disk', 'cdrom', ..., source file) of each file-backed disk."""
+        found = []
+        for disk in self.devices("disk"):
+            source = disk.find("source")
+            if source is not None and source.get("file"):
+                found.append((disk.get("device", "disk"), source.get("file")))
+        return found
+
+    def emulator(self) -> str:
+        devices = self.top.get("devices")
+        return "" if devices is None else (devices.findtext("emulator") or "").strip()
+
+    def agent_channel(self):
+        """The guest agent's virtio channel <target> (its state attribute: connected or
+        not), or None."""
+        for channel in self.devices("channel"):
+            target = channel.find("target")
+            if target is not None and target.get("type") == "virtio" \
+                    and target.get("name") == AGENT_CHANNEL_NAME:
+                return target
+        return None
+
+
+# --- the facts list and show print (read in one loop: list reads a thousand) --------
+
+@dataclass(frozen=True)
+class DomainFacts:
+    """What tdxvirt reads from a domain's XML."""
+
+    name: str
+    managed_by_tdxvirt: bool
+    tdx: bool
+    gpus: tuple[str, ...]  # every PCI hostdev: GPUs and NVSwitches
+    vcpus: int
+    memory_kib: int
+    dialect: str | None = None
+    overlay: str | None = None  # the disk overlay tdxvirt created, if any
+    seed: str | None = None  # the cloud-init seed ISO tdxvirt created, if any
+    mrtd: str | None = None  # the MRTD predicted at define (single pass), if any
+    rtmr1: str | None = None  # RTMR1/RTMR2 predicted at define (direct kernel boot), if any
+    rtmr2: str | None = None
+    started: float | None = None  # when tdxvirt started it (live metadata), epoch seconds
+
+
+_RUN = f"{{{RUN_NAMESPACE}}}run"
+_MARK_TEXT = {name: f"{{{NAMESPACE}}}{name}"
+              for name in ("dialect", "overlay", "seed", "mrtd", "rtmr1", "rtmr2")}
+
+
+def read_domain_xml(xml: str) -> DomainFacts:
+    """One pass over the domain's top-level elements: `list` reads a thousand of these,
+    and path lookups per field cost more than parsing the XML itself."""
+    return read_domain_root(etree.fromstring(xml.encode()))
+
+
+def read_domain_root(root) -> DomainFacts:
+    """read_domain_xml on an already parsed domain (list also checks its integrity)."""
+    name = vcpu = memory = mark = run = None
+    tdx, gpus = False, []
+    for child in root:
+        tag = child.tag
+        if tag == "name":
+            name = child.text
+        elif tag == "vcpu":
+            vcpu = child.text
+        elif tag == "memory":
+            memory = child
+        elif tag == "metadata":
+            mark = child.find(_TD)
+            run = child.find(_RUN)
+        elif tag == "devices":
+            for hostdev in child.iterchildren("hostdev"):
+                address = hostdev.find("source/address")
+                if hostdev.get("type") == "pci" and address is not None:
+                    gpus.append(bdf_of(address))
+        elif tag == "launchSecurity":
+            tdx = tdx or child.get("type") == "tdx"
+        elif tag == COMMANDLINE:  # the qemu-args dialect
+            tdx = tdx or any("tdx-guest" in (arg.get("value") or "") for arg in child)
+    marked = {} if mark is None else {k: mark.findtext(t) for k, t in _MARK_TEXT.items()}
+    return DomainFacts(
+        name=name,
+        managed_by_tdxvirt=mark is not None,
+        tdx=tdx,
+        gpus=tuple(gpus),
+        vcpus=int(vcpu or 0),
+        memory_kib=_kib(memory),
+        dialect=marked.get("dialect"),
+        overlay=marked.get("overlay"),
+        seed=marked.get("seed"),
+        mrtd=marked.get("mrtd"),
+        rtmr1=marked.get("rtmr1"),
+        rtmr2=marked.get("rtmr2"),
+        started=_float(run.get("started")) if run is not None else None,
+    )
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+_UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024,
+             "g": 1024**2, "gib": 1024**2, "t": 1024**3, "tib": 1024**3}
+
+
+def _kib(memory) -> int:
+    if memory is None or not memory.text:
+        return 0
+    return int(int(memory.text) * _UNIT_KIB.get(memory.get("unit", "KiB").lower(), 1))
