@@ -170,10 +170,31 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
 
         plan = replace(plan, mrtd=predicted_mrtd(facts.host.path(plan.loader)))
     xml = render_domain(plan)
+    if plan.tdx and plan.kernel and not facts.remote:
+        plan, xml = _with_boot_measurements(plan, xml, facts)
     problems = td_problems(xml)
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's
         raise TdxvirtError(f"internal error: generated TD breaks TDX rules: {problems[0]}")
     return AssembledTD(plan=plan, xml=xml, schema_checked=validate_domain_xml(xml))
+
+
+def _with_boot_measurements(plan: DomainPlan, xml: str, facts: HostFacts) -> tuple[DomainPlan, str]:
+    """The plan and XML with the RTMR1/RTMR2 a directly booted kernel will give, where
+    they are predictable (tdxvirt.measure decides from the rendered domain: its kernel,
+    initrd, command line, firmware and option ROMs); unchanged otherwise."""
+    from dataclasses import replace
+
+    from .measure import is_prediction, predict_boot
+
+    def here(path: str) -> str:
+        return str(facts.host.path(path))
+
+    boot = predict_boot(xml, here(plan.loader) if plan.loader else None, here)
+    values = {k: v for k, v in (("rtmr1", boot.rtmr1), ("rtmr2", boot.rtmr2)) if is_prediction(v)}
+    if not values:
+        return plan, xml
+    plan = replace(plan, **values)
+    return plan, render_domain(plan)
 
 
 QEMU_CONF = "/etc/libvirt/qemu.conf"

@@ -83,3 +83,109 @@ def verify(session, name, timeout, as_json):
                        "computing (reported by the guest; attest the TD to verify it).")
     if not report.ok:
         raise GuestNotReadyError(report.failure_message())
+
+
+def _nonce(ctx, param, value):
+    """--nonce HEX: 1 to 64 bytes; default 64 fresh random bytes."""
+    if value is None:
+        import secrets
+
+        return secrets.token_bytes(64)
+    try:
+        nonce = bytes.fromhex(value)
+    except ValueError:
+        raise click.BadParameter("give the nonce as hex digits (an even number of 0-9, a-f)") from None
+    if not 1 <= len(nonce) <= 64:
+        raise click.BadParameter(f"a nonce is 1 to 64 bytes; this one is {len(nonce)}")
+    return nonce
+
+
+def _url(ctx, param, value):
+    if value is not None and not value.startswith(("https://", "http://")):
+        raise click.BadParameter("give the PCCS as an http(s):// URL, e.g. https://pccs.example:8081")
+    return value
+
+
+@guest.command()
+@click.argument("name", shell_complete=_td_names)
+@click.option("--nonce", metavar="HEX", callback=_nonce,
+              help="REPORTDATA for the quote: 1 to 64 bytes in hex, zero-padded to 64 "
+                   "(default: 64 fresh random bytes).")
+@click.option("--collateral", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Verify the quote's signature offline with this collateral (dcap-qvl's JSON).")
+@click.option("--pccs-url", metavar="URL", callback=_url,
+              help="Fetch the collateral from this PCCS (default: pccs_url in the config file).")
+@click.option("--firmware", metavar="FILE", type=click.Path(dir_okay=False),
+              help="The TD's firmware image as a file here, for the MRTD prediction (remote hosts).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="Seconds to wait for each command in the guest.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def attest(session, name, nonce, collateral, pccs_url, firmware, timeout, as_json):
+    """Attest a running TD: fetch a TD quote in the guest, verify it here.
+
+    Through the QEMU guest agent the guest's kernel makes a quote (configfs-tsm) whose
+    REPORTDATA is the nonce; the CC event log and, where NVIDIA's tools are installed
+    in the guest, the GPU's CC mode and NVIDIA's verifier result are collected too.
+    Here the quote is parsed, REPORTDATA compared with the nonce, the debug bit checked,
+    MRTD and the RTMRs compared with their predictions, and the signature chain
+    verified with a DCAP verifier (dcap-qvl) and collateral from --collateral or a PCCS.
+    Each check says pass, fail or not-checked. Exit 1 when a check fails.
+    """
+    from .attest import AttestationFailedError
+    from .attest.checks import no_predictions, predictions_from
+    from .attest.dcap import load_collateral
+    from .attest.report import CollateralSource, attest_domain
+    from .errors import InputError
+
+    # Inputs are read before the guest is asked anything: a bad file changes nothing.
+    source = CollateralSource(collateral=load_collateral(collateral) if collateral else None,
+                              pccs_url=pccs_url)
+    if not collateral and not pccs_url:
+        from .config import load_config
+
+        source = CollateralSource(pccs_url=load_config().pccs_url)
+    conn = session.conn()
+    facts = session.facts(conn)
+
+    def predict(xml: str):
+        from .measure import predict as measure
+
+        def local_file(path: str):
+            # A host fact: below the host root, and never read for a remote URI.
+            return None if facts.remote else str(facts.host.path(path))
+
+        try:
+            return predictions_from(measure(xml, local_file, firmware_override=firmware))
+        except InputError as error:
+            return no_predictions(str(error))
+
+    report = attest_domain(conn, name, nonce, predict, source, timeout)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_attestation(report)
+    if not report.ok:
+        raise AttestationFailedError(report.failure_message())
+
+
+def _print_attestation(report) -> None:
+    from .textsafe import quoted, safe, table
+
+    rows = [[c.name, c.result, c.detail] for c in report.checks]
+    click.echo(table(rows, ["CHECK", "RESULT", "DETAIL"]))
+    collateral = report.collateral
+    if collateral is not None:
+        valid = collateral.as_dict()
+        click.echo(f"Collateral: {safe(collateral.source)}, valid {valid['valid_from']} to "
+                   f"{valid['valid_until']}; verified as of {report.as_dict()['verification_time']}.")
+    click.echo(f"Nonce (REPORTDATA): {report.nonce.hex()}")
+    click.echo(f"The GPU rows are what the guest in TD {quoted(report.domain)} reported; the quote "
+               "rows are checked here.")
+    if not any(c.name == "quote signature (DCAP)" and c.result == "pass" for c in report.checks):
+        click.echo("The quote's signature was not verified: its values are what the guest returned, "
+                   "not proven to come from the TDX module.")
+    if report.not_checked:
+        click.echo("Not checked: " + ", ".join(c.name for c in report.not_checked) + " (see DETAIL).")
+    if report.ok and not report.not_checked:
+        click.echo(f"Every check passed for TD {quoted(report.domain)}.")

@@ -15,12 +15,17 @@ SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.tdvf's names; not i
 @click.argument("name", shell_complete=_td_names)
 @click.option("--firmware", metavar="FILE", type=click.Path(dir_okay=False),
               help="The TD's firmware image as a file here (for a remote host, a copy of its file).")
+@click.option("--kernel", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="A copy here of the TD's <kernel> (for a remote host).")
+@click.option("--initrd", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="A copy here of the TD's <initrd> (for a remote host).")
 @click.option("--page-order", type=click.Choice([SINGLE_PASS, TWO_PASS]), default=SINGLE_PASS,
               show_default=True, help="How the host adds firmware pages (single-pass: upstream KVM).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_session
-def measure(session, name, firmware, page_order, as_json):
-    """Predict a TD's measurements (MRTD) from its firmware; RTMRs say why they are not."""
+def measure(session, name, firmware, kernel, initrd, page_order, as_json):
+    """Predict a TD's measurements: MRTD from its firmware; RTMR1 and RTMR2 from a directly
+    booted kernel, initrd and command line; each value it cannot predict says why."""
     from . import tds
     from .measure import predict
     from .textsafe import safe
@@ -30,10 +35,10 @@ def measure(session, name, firmware, page_order, as_json):
     facts = session.facts(conn)
 
     def local_file(path: str):
-        # The firmware is a host fact: below the host root, and never read for a remote URI.
+        # The firmware, kernel and initrd are host facts: below the host root, and never read for a remote URI.
         return None if facts.remote else str(facts.host.path(path))
 
-    result = predict(xml, local_file, page_order, firmware)
+    result = predict(xml, local_file, page_order, firmware, kernel, initrd)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
@@ -46,4 +51,15 @@ def measure(session, name, firmware, page_order, as_json):
         click.echo(f"           {'the value define recorded' if same else 'DIFFERS from the value define recorded'}"
                    + ("" if same else f" ({result.recorded}): the firmware changed since"))
     for register in ("rtmr0", "rtmr1", "rtmr2"):
-        click.echo(f"{register.upper() + ':':<11}{getattr(result, register)}")
+        click.echo(f"{register.upper() + ':':<11}{safe(getattr(result, register))}")
+        recorded = getattr(result, f"recorded_{register}", None)
+        if recorded:
+            same = recorded == getattr(result, register)
+            click.echo(f"           {'the value define recorded' if same else 'DIFFERS from the value define recorded'}"
+                       + ("" if same else f" ({safe(recorded)}): the kernel, initrd, command line, "
+                          "firmware or devices changed since"))
+    for event in result.rtmr_events:
+        click.echo(f"  {event['register']} {event['type']:<33}{event['digest']}  "
+                   f"{safe(event['what'])}")
+    for assumption in result.rtmr_assumptions:
+        click.echo(f"  assumes: {safe(assumption)}")

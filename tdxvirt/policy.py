@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from . import __version__
 from .dialect import LIBVIRT_NATIVE_TDX, version_text  # noqa: F401  (re-exported)
+from .domainxml import MMIO_FWCFG
 from .errors import HostNotReadyError, InputError
 from .host.pci import PciDevice
 from .pci import PciAddress
@@ -27,7 +28,6 @@ MIN_MMIO_MB = 32 * 1024
 # libvirt's qemu driver refuses opt/ovmf/ names in <sysinfo type='fwcfg'> ("That
 # firmware name is reserved"; its test driver accepts them), so the entry goes to
 # QEMU as -fw_cfg through <qemu:commandline>, in every dialect.
-MMIO_FWCFG_NAME = "opt/ovmf/X-PciMmio64Mb"
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class DomainPlan:
     seed: str | None = None  # the cloud-init seed ISO tdxvirt creates
     qemu_args: tuple[str, ...] = ()
     mrtd: str | None = None  # predicted from the firmware at define (tdxvirt.tdvf), single pass
+    rtmr1: str | None = None  # predicted at define for a directly booted kernel (tdxvirt.measure)
+    rtmr2: str | None = None
     tdxvirt_version: str = __version__
     warnings: tuple[str, ...] = field(default=())
 
@@ -247,7 +249,7 @@ def nodeset_text(nodes: list[int]) -> str:
 
 
 def mmio_args(mmio_mb: int) -> tuple[str, ...]:
-    return ("-fw_cfg", f"name={MMIO_FWCFG_NAME},string={mmio_mb}")
+    return ("-fw_cfg", f"name={MMIO_FWCFG},string={mmio_mb}")
 
 
 def qemu_tdx_args(spec: TDSpec) -> tuple[str, ...]:

@@ -11,9 +11,11 @@ from tdxvirt.cli import main
 
 LIST = {"name", "state", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
         "uptime_s", "problems"}
-SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd"}
+SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd", "rtmr1",
+                "rtmr2"}
 MEASURE = {"name", "firmware", "mrtd", "order", "order_note", "sections", "rtmr0", "rtmr1",
-           "rtmr2", "unknown", "recorded"}
+           "rtmr2", "unknown", "recorded", "rtmr_events", "rtmr_assumptions", "recorded_rtmr1",
+           "recorded_rtmr2"}
 SECTION = {"type", "address", "pages", "extended", "added"}
 GPU = {"address", "vendor_id", "device_id", "model", "product", "kind", "driver", "iommu_group",
        "peers", "numa_node", "bar_sizes", "largest_bar", "cc_mode", "ppcie_mode", "td"}

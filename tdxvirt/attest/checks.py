@@ -1,0 +1,187 @@
+"""The attestation checks: each says pass, fail or not-checked, with its own message.
+
+Never a blanket "ok": a check that could not run says why (no prediction, no
+collateral, not in this quote), and a failure names the value found and the one
+expected. What each check proves:
+- quote format: the bytes are one TDX quote (quote.py), nothing more;
+- REPORTDATA: the quote was made for this request (the nonce sent, see evidence.py),
+  not replayed from an earlier one;
+- debug: TDATTRIBUTES.DEBUG is clear, so the host cannot read or change the TD;
+- MRTD, RTMR0-3: the TD's initial contents (firmware) and what it measured at boot are
+  the predicted ones (tdxvirt.measure); a register with no prediction is not checked;
+- quote signature: a DCAP verifier (dcap.py) traced the quote to Intel's root CA with
+  current collateral; only then do the values above come from the TDX module rather
+  than from whoever produced the bytes;
+- platform TCB: Intel's TCB status for this platform (UpToDate passes; any other
+  status, with its advisories, fails: the owner decides whether to accept it).
+The GPU checks are the guest's own account (its nvidia-smi, its verifier run), not
+verified by the host.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from . import QuoteFormatError
+from .quote import TdQuote, parse_quote
+
+PASS, FAIL, NOT_CHECKED = "pass", "fail", "not-checked"
+REPORT_DATA_SIZE = 64
+HEX96 = re.compile(r"^[0-9a-f]{96}$")
+RTMR3_NOTE = "extended at run time by the guest's own software; no prediction exists"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    result: str  # PASS, FAIL or NOT_CHECKED
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"check": self.name, "result": self.result, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    value: str | None  # 96 lower-case hex digits, or None: not predicted
+    source: str  # where the value comes from, or why there is none
+
+
+@dataclass(frozen=True)
+class Predictions:
+    mrtd: Prediction
+    rtmrs: tuple[Prediction, Prediction, Prediction, Prediction]
+
+
+def as_prediction(value: str | None, source: str) -> Prediction:
+    """A 96-hex-digit value is a prediction; anything else (None, or a sentence saying
+    why a register is unknown, as tdxvirt.measure gives) is not."""
+    text = (value or "").strip().lower()
+    if HEX96.match(text):
+        return Prediction(text, source)
+    return Prediction(None, (value or "").strip() or source)
+
+
+def predictions_from(measurements) -> Predictions:
+    """From tdxvirt.measure's Measurements: MRTD from the firmware (or, when it cannot
+    be read here, the value define recorded), RTMR1/RTMR2 when measure predicts them."""
+    if measurements.mrtd:
+        mrtd = as_prediction(measurements.mrtd, f"predicted from the firmware {measurements.firmware}")
+    elif measurements.recorded:
+        mrtd = as_prediction(measurements.recorded, "recorded by define")
+    else:
+        mrtd = Prediction(None, measurements.unknown or "not predicted")
+    rtmrs = tuple(as_prediction(getattr(measurements, f"rtmr{i}"), "predicted by tdxvirt measure")
+                  for i in range(3))
+    return Predictions(mrtd, (*rtmrs, Prediction(None, RTMR3_NOTE)))
+
+
+def no_predictions(reason: str) -> Predictions:
+    return Predictions(Prediction(None, reason), (Prediction(None, reason),) * 3 + (Prediction(None, RTMR3_NOTE),))
+
+
+def report_data_for(nonce: bytes) -> bytes:
+    """The 64-byte REPORTDATA a quote for this nonce carries: the nonce itself, padded
+    with zero bytes (evidence.py writes exactly this to configfs-tsm's inblob)."""
+    if not 1 <= len(nonce) <= REPORT_DATA_SIZE:
+        raise ValueError(f"a nonce is 1 to {REPORT_DATA_SIZE} bytes")
+    return nonce + b"\0" * (REPORT_DATA_SIZE - len(nonce))
+
+
+def _short(value: bytes | str, digits: int = 16) -> str:
+    text = value.hex() if isinstance(value, bytes) else value
+    return text if len(text) <= digits else f"{text[:digits]}..."
+
+
+def check_format(raw: bytes) -> tuple[TdQuote | None, Check]:
+    name = "quote format"
+    try:
+        quote = parse_quote(raw)
+    except QuoteFormatError as error:
+        return None, Check(name, FAIL, str(error))
+    padding = f", {quote.padding} bytes of zero padding" if quote.padding else ""
+    return quote, Check(name, PASS, f"TDX quote v{quote.version}, TD report {quote.body_version}, "
+                                    f"{len(quote.signature_data)} bytes of signature data{padding}")
+
+
+def check_report_data(quote: TdQuote, nonce: bytes) -> Check:
+    name = "REPORTDATA is the nonce"
+    expected = report_data_for(nonce)
+    if quote.report_data == expected:
+        return Check(name, PASS, f"REPORTDATA holds the nonce sent ({_short(nonce)})")
+    return Check(name, FAIL, f"REPORTDATA is {_short(quote.report_data)}, not the nonce sent "
+                             f"({_short(nonce)}): the quote was made for another request (replayed or stale)")
+
+
+def check_debug(quote: TdQuote) -> Check:
+    name = "TD debug off"
+    attributes = quote.field("td_attributes").hex()
+    if quote.debug:
+        return Check(name, FAIL, f"TDATTRIBUTES {attributes} has DEBUG set: the host can read and change "
+                                 "this TD's memory and state; start it without debug")
+    return Check(name, PASS, f"TDATTRIBUTES {attributes}: DEBUG clear")
+
+
+def check_register(name: str, found: bytes, prediction: Prediction) -> Check:
+    if prediction.value is None:
+        return Check(name, NOT_CHECKED, f"{found.hex()} (not predicted: {prediction.source})")
+    if found.hex() == prediction.value:
+        return Check(name, PASS, f"{found.hex()} as {prediction.source}")
+    return Check(name, FAIL, f"{found.hex()} differs from {prediction.value} ({prediction.source}): "
+                             "the TD does not run what was predicted")
+
+
+def check_signature(verdict, missing: str) -> list[Check]:
+    """The DCAP verifier's verdict (dcap.Verdict), or ``missing`` (why there is none)."""
+    signature, tcb = "quote signature (DCAP)", "platform TCB"
+    if verdict is None:
+        return [Check(signature, NOT_CHECKED, missing),
+                Check(tcb, NOT_CHECKED, "the quote's signature was not verified")]
+    if not verdict.verified:
+        return [Check(signature, FAIL, verdict.problem),
+                Check(tcb, NOT_CHECKED, "the quote's signature did not verify")]
+    chain = Check(signature, PASS, "the quote's signature chain verifies to Intel's SGX root CA "
+                                   "with current collateral (dcap-qvl)")
+    advisories = f"; advisories: {', '.join(verdict.advisories)}" if verdict.advisories else ""
+    if verdict.status == "UpToDate":
+        return [chain, Check(tcb, PASS, f"UpToDate{advisories}")]
+    return [chain, Check(tcb, FAIL, f"{verdict.status}{advisories}: the platform's TCB is not up to date "
+                                    "(update its microcode / TDX module / firmware as Intel's advisories say)")]
+
+
+def check_quote(raw: bytes, nonce: bytes, predictions: Predictions, verdict=None,
+                missing: str = "no collateral") -> tuple[TdQuote | None, list[Check]]:
+    """Every check of a quote. ``verdict``: dcap.verify's result, or None with
+    ``missing`` saying why the signature was not checked."""
+    quote, shape = check_format(raw)
+    if quote is None:
+        skipped = "the quote could not be parsed"
+        names = ["REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0", "RTMR1", "RTMR2", "RTMR3",
+                 "quote signature (DCAP)", "platform TCB"]
+        return None, [shape, *(Check(name, NOT_CHECKED, skipped) for name in names)]
+    checks = [shape, check_report_data(quote, nonce), check_debug(quote),
+              check_register("MRTD", quote.mr_td, predictions.mrtd)]
+    checks += [check_register(f"RTMR{i}", quote.rtmr(i), predictions.rtmrs[i]) for i in range(4)]
+    checks += check_signature(verdict, missing)
+    return quote, checks
+
+
+def check_event_log(event_log: bytes | None, note: str) -> Check:
+    """The CCEL is collected but not replayed yet: said so, with what was found."""
+    return Check("event log replay", NOT_CHECKED,
+                 note if event_log is None else f"{note}; tdxvirt does not replay it against the RTMRs yet")
+
+
+def check_gpu(gpu) -> list[Check]:
+    """evidence.GpuEvidence: the guest's own account of its GPU, labelled as such."""
+    cc, verifier = "GPU CC mode (guest-reported)", "GPU attestation (guest-run verifier)"
+    if gpu.cc_status is None:
+        mode = Check(cc, NOT_CHECKED, gpu.cc_note)
+    elif gpu.cc_status.upper() == "ON":
+        mode = Check(cc, PASS, gpu.cc_note)
+    else:
+        mode = Check(cc, FAIL, f"{gpu.cc_note}: the GPU is not in confidential-computing mode "
+                               "(`tdxvirt gpu cc-mode ADDRESS --set on` on the host, then restart the TD)")
+    result = {True: PASS, False: FAIL, None: NOT_CHECKED}[gpu.verifier]
+    return [mode, Check(verifier, result, gpu.verifier_note)]

@@ -1,0 +1,131 @@
+"""``guest attest``: the evidence from the guest, every check here, one report.
+
+The order matters for what a result means: the quote is fetched with a fresh nonce,
+parsed, its signature verified (when collateral is at hand) and its values compared;
+a value check that passes on a quote whose signature was not verified says only that
+the bytes the guest returned hold that value, which is why the report never sums up
+as "ok" while anything was not checked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import QuoteFormatError
+from . import dcap as dcap_verifier
+from .checks import FAIL, NOT_CHECKED, Check, Predictions, check_event_log, check_gpu, check_quote
+from .evidence import Evidence, collect
+from .quote import TdQuote, parse_quote
+
+NO_COLLATERAL = ("no collateral: give --collateral FILE (dcap-qvl's collateral JSON) or a PCCS "
+                 "(--pccs-url URL, or pccs_url in the config file)")
+
+
+@dataclass(frozen=True)
+class CollateralSource:
+    """Where the signature check's collateral comes from: a file read before the guest
+    is asked anything (so a bad file changes nothing), else a PCCS asked per quote."""
+
+    collateral: dcap_verifier.Collateral | None = None
+    pccs_url: str | None = None
+
+    def resolve(self, raw_quote: bytes) -> tuple[dcap_verifier.Collateral | None, str]:
+        if self.collateral is not None:
+            return self.collateral, ""
+        if self.pccs_url:
+            try:
+                return dcap_verifier.fetch_collateral(self.pccs_url, raw_quote), ""
+            except dcap_verifier.CollateralError as error:
+                return None, str(error)
+        return None, NO_COLLATERAL
+
+
+@dataclass(frozen=True)
+class AttestReport:
+    domain: str
+    nonce: bytes
+    checks: tuple[Check, ...]
+    quote: TdQuote | None
+    evidence: Evidence
+    collateral: dcap_verifier.Collateral | None
+    verification_time: int
+
+    @property
+    def ok(self) -> bool:
+        """No check failed (checks not run are listed, never counted as passed)."""
+        return not self.failed
+
+    @property
+    def failed(self) -> list[Check]:
+        return [check for check in self.checks if check.result == FAIL]
+
+    @property
+    def not_checked(self) -> list[Check]:
+        return [check for check in self.checks if check.result == NOT_CHECKED]
+
+    def as_dict(self) -> dict:
+        return {"domain": self.domain, "ok": self.ok, "nonce": self.nonce.hex(),
+                "verification_time": dcap_verifier.when(self.verification_time),
+                "checks": [check.as_dict() for check in self.checks],
+                "quote": self.quote.as_dict() if self.quote else None,
+                "collateral": self.collateral.as_dict() if self.collateral else None,
+                "evidence": self.evidence.as_dict()}
+
+    def failure_message(self) -> str:
+        names = ", ".join(check.name for check in self.failed)
+        return f"TD {self.domain!r} failed attestation: {names} (see the table above)"
+
+
+def assess(name: str, nonce: bytes, evidence: Evidence, predictions: Predictions,
+           source: CollateralSource, now: int | None = None) -> AttestReport:
+    """Every check of the evidence; ``now`` is the verification time (default: now)."""
+    now = int(time.time()) if now is None else now
+    verdict, missing, collateral = None, "", None
+    try:
+        parse_quote(evidence.quote)
+    except QuoteFormatError:
+        pass  # check_quote reports it; there is nothing to verify
+    else:
+        collateral, missing = source.resolve(evidence.quote)
+        if collateral is not None:
+            verdict = dcap_verifier.verify(evidence.quote, collateral, now)
+    quote, checks = check_quote(evidence.quote, nonce, predictions, verdict, missing)
+    checks += [check_event_log(evidence.event_log, evidence.event_log_note), *check_gpu(evidence.gpu)]
+    return AttestReport(name, nonce, tuple(checks), quote, evidence, collateral, now)
+
+
+def attest_guest(guest, name: str, nonce: bytes, predictions: Predictions, source: CollateralSource,
+                 gpus: int | None = None, now: int | None = None) -> AttestReport:
+    return assess(name, nonce, collect(guest, nonce, gpus), predictions, source, now)
+
+
+def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSource,
+                  timeout: float, now: int | None = None) -> AttestReport:
+    """``predict(domain_xml)`` gives the Predictions (the CLI's: tdxvirt.measure with
+    this host's facts)."""
+    from ..domainxml import read_domain_xml
+    from ..guest import GuestNotReadyError
+    from ..guest.verify import (
+        GuestExec,
+        LibvirtAgentChannel,
+        agent_channel_state,
+        missing_agent_message,
+        silent_agent_message,
+    )
+    from ..tds import lookup, parsable_xml
+
+    domain = lookup(conn, name)
+    name = domain.name()
+    if not domain.isActive():
+        raise GuestNotReadyError(f"TD {name!r} is not running; start it (`tdxvirt start {name}`), let it "
+                                 "boot, then attest again")
+    xml = parsable_xml(domain.XMLDesc(0))
+    state = agent_channel_state(xml)
+    if state is None:
+        raise GuestNotReadyError(missing_agent_message(name))
+    if state == "disconnected":
+        raise GuestNotReadyError(silent_agent_message(name))
+    predictions = predict(xml)
+    guest = GuestExec(LibvirtAgentChannel(domain, uri=conn.getURI()), timeout=timeout, name=f"TD {name!r}")
+    return attest_guest(guest, name, nonce, predictions, source, len(read_domain_xml(xml).gpus), now)

@@ -1,0 +1,389 @@
+"""``guest attest`` end to end: evidence through the guest-agent protocol, checks, the CLI.
+
+No TD can run here, so for the quote path the guest agent is a stand-in: the one of
+test_guest_verify (qemu-ga's guest-exec protocol) with qemu-ga's file commands
+(guest-file-open/-read/-write/-close, base64 both ways, errors in qemu-ga's words) and
+a guest kernel's configfs-tsm behind them (a report directory per mkdir; ``provider``,
+``inblob``, ``generation`` counting writes, ``outblob``), serving a recorded real quote
+(dcap-qvl's sample, tests/data/quotes) whatever REPORTDATA was written: a replayed
+quote, which the REPORTDATA check must catch. The GPU answers are the real H100
+``nvidia-smi conf-compute`` outputs of test_guest_verify; nvattest's answers have the
+fields NVIDIA documents for ``nvattest attest`` (``result_code``, ``result_message``:
+docs.nvidia.com/attestation/nv-attestation-cli, "attest"). The domain side runs on the
+real libvirt daemon; the real agent path, up to the configfs-tsm read, runs in a TCG
+guest with a real qemu-ga (test_guest_live_agent's guest), which has no TDX and must say
+so in one line.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import one_line_error
+from test_attest_quote import V4, V4_COLLATERAL, V4_VALID_AT, matching
+from test_guest_live_agent import agent_guest_files, running_guest  # noqa: F401 (fixtures)
+from test_guest_verify import CC_OFF_F, CC_ON_F, StandInAgent
+
+from tdxvirt.attest import dcap as dcap_verifier
+from tdxvirt.attest.checks import FAIL, NOT_CHECKED, PASS, no_predictions
+from tdxvirt.attest.evidence import CCEL_DATA, NVATTEST, TSM_REPORTS, collect
+from tdxvirt.attest.quote import parse_quote
+from tdxvirt.attest.report import CollateralSource, attest_domain, attest_guest
+from tdxvirt.guest import GuestNotReadyError
+from tdxvirt.guest.verify import AGENT_CHANNEL_XML, AgentCommandError, GuestExec
+
+REPORTDATA = parse_quote(V4).report_data  # what the recorded quote carries
+NO_SUCH = "No such file or directory"
+MOUNTS_WITH_CONFIGFS = "sysfs /sys sysfs rw 0 0\nconfigfs /sys/kernel/config configfs rw 0 0\n"
+
+
+def _agent_error(command: str, desc: str) -> AgentCommandError:
+    """An agent error as libvirt raises it (qemuAgentCheckError wraps qemu-ga's desc)."""
+    return AgentCommandError(f"internal error: unable to execute QEMU agent command '{command}': {desc}")
+
+
+class TdAgent(StandInAgent):
+    """qemu-ga in a TD: guest-exec from a table, file commands on a simulated configfs-tsm."""
+
+    def __init__(self, quote: bytes = V4, programs: dict | None = None, provider: str = "tdx_guest",
+                 ccel: bytes | None = None, outblob_error: str | None = None, other_writers: int = 0,
+                 has_tsm: bool = True, is_td: bool = True, configfs_mounted: bool = True,
+                 files_disabled: bool = False):
+        table = {
+            ("stat", "-c", "%F", TSM_REPORTS): (0, "directory\n", "") if has_tsm else
+            (1, "", f"stat: cannot statx '{TSM_REPORTS}': {NO_SUCH}\n"),
+            ("stat", "-c", "%F", "/dev/tdx_guest"): (0, "character special file\n", "") if is_td else
+            (1, "", f"stat: cannot statx '/dev/tdx_guest': {NO_SUCH}\n"),
+            ("cat", "/proc/mounts"): (0, MOUNTS_WITH_CONFIGFS if configfs_mounted else "sysfs /sys sysfs rw 0 0\n", ""),
+            ("nvidia-smi", "conf-compute", "-f"): (0, CC_ON_F, ""),
+        }
+        table.update(programs or {})
+        super().__init__({argv: answer for argv, answer in table.items() if answer is not None})
+        self.quote, self.provider, self.ccel = quote, provider, ccel
+        self.outblob_error, self.other_writers = outblob_error, other_writers
+        self.files_disabled = files_disabled  # qemu-ga --block-rpcs guest-file-*
+        self.reports: dict[str, dict] = {}  # report directory -> its attributes
+        self.made: list[str] = []
+        self.removed: list[str] = []
+        self.handles: dict[int, list] = {}  # handle -> [path, mode, data, read offset]
+        self._next_handle = 1000
+
+    def _exec_effect(self, argv: tuple[str, ...]) -> None:
+        if argv[0] == "mkdir" and argv[1].startswith(TSM_REPORTS + "/"):
+            self.reports[argv[1]] = {"inblob": None, "generation": self.other_writers}
+            self.made.append(argv[1])
+            self.programs[argv] = (0, "", "")
+        elif argv[0] == "rmdir" and argv[1] in self.reports:
+            del self.reports[argv[1]]
+            self.removed.append(argv[1])
+            self.programs[argv] = (0, "", "")
+
+    def _attribute(self, path: str) -> tuple[dict, str] | None:
+        directory, _, name = path.rpartition("/")
+        return (self.reports[directory], name) if directory in self.reports else None
+
+    def _read_file(self, path: str) -> bytes:
+        found = self._attribute(path)
+        if found:
+            report, name = found
+            if name == "provider":
+                return f"{self.provider}\n".encode()
+            if name == "generation":
+                return f"{report['generation']}\n".encode()
+            if name == "outblob":
+                if self.outblob_error:
+                    raise _agent_error("guest-file-read", f"failed to read file: {self.outblob_error}")
+                return self.quote
+        if path == CCEL_DATA and self.ccel is not None:
+            return self.ccel
+        raise _agent_error("guest-file-open", f"failed to open file '{path}' (mode: 'r'): {NO_SUCH}")
+
+    def command(self, request: str, timeout: int) -> str:
+        message = json.loads(request)
+        execute, arguments = message["execute"], message.get("arguments", {})
+        if execute == "guest-exec":
+            self._exec_effect((arguments["path"], *arguments["arg"]))
+            return super().command(request, timeout)
+        if not execute.startswith("guest-file-"):
+            return super().command(request, timeout)
+        self.requests.append(message)
+        if self.files_disabled:
+            raise _agent_error(execute, f"The command {execute} has been disabled for this instance")
+        if execute == "guest-file-open":
+            path, mode = arguments["path"], arguments["mode"]
+            data = b""
+            if mode == "r":
+                if not (self._attribute(path) and path.endswith("/outblob")):
+                    data = self._read_file(path)  # outblob fails at read time, as the kernel's does
+            elif not (self._attribute(path) and path.endswith("/inblob")):
+                raise _agent_error("guest-file-open", f"failed to open file '{path}' (mode: '{mode}'): "
+                                                      "Permission denied")
+            self._next_handle += 1
+            self.handles[self._next_handle] = [path, mode, data, 0]
+            return json.dumps({"return": self._next_handle})
+        handle = self.handles[arguments["handle"]]
+        if execute == "guest-file-read":
+            if handle[0].endswith("/outblob") and handle[3] == 0 and not handle[2]:
+                handle[2] = self._read_file(handle[0])
+            chunk = handle[2][handle[3]:handle[3] + arguments["count"]]
+            handle[3] += len(chunk)
+            return json.dumps({"return": {"count": len(chunk), "buf-b64": base64.b64encode(chunk).decode(),
+                                          "eof": handle[3] >= len(handle[2])}})
+        if execute == "guest-file-write":
+            data = base64.b64decode(arguments["buf-b64"])
+            report, _ = self._attribute(handle[0])
+            report["inblob"] = data
+            report["generation"] += 1
+            return json.dumps({"return": {"count": len(data), "eof": False}})
+        if execute == "guest-file-close":
+            del self.handles[arguments["handle"]]
+            return json.dumps({"return": {}})
+        raise AssertionError(f"attest sent an unexpected agent command {execute}")
+
+
+def _guest(agent) -> GuestExec:
+    return GuestExec(agent, timeout=5, poll=0.001, name="TD 'td-1'")
+
+
+def _file_source() -> CollateralSource:
+    return CollateralSource(collateral=dcap_verifier.load_collateral(str(V4_COLLATERAL)))
+
+
+def _results(report) -> dict:
+    return {check.name: check.result for check in report.checks}
+
+
+# --- evidence through the agent protocol ---------------------------------------------------------
+
+def test_the_quote_request_writes_the_nonce_and_cleans_up():
+    agent = TdAgent()
+    nonce = bytes(range(32))
+    evidence = collect(_guest(agent), nonce, gpus=1)
+    assert evidence.quote == V4 and evidence.provider == "tdx_guest" and evidence.generation == 1
+    [made] = agent.made
+    assert made.startswith(f"{TSM_REPORTS}/tdxvirt-") and agent.removed == [made]
+    assert agent.reports == {} and agent.handles == {}  # directory removed, every file closed
+    written = [r for r in agent.requests if r["execute"] == "guest-file-write"]
+    assert [base64.b64decode(r["arguments"]["buf-b64"]) for r in written] == [nonce + b"\0" * 32]
+    assert evidence.event_log is None and CCEL_DATA in evidence.event_log_note and NO_SUCH in evidence.event_log_note
+
+
+def test_a_recorded_quote_passes_every_quote_check_for_its_own_reportdata():
+    agent = TdAgent(ccel=b"TCG event log bytes")
+    report = attest_guest(_guest(agent), "td-1", REPORTDATA, matching(V4), _file_source(), gpus=1, now=V4_VALID_AT)
+    results = _results(report)
+    quote_checks = ["quote format", "REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0", "RTMR1",
+                    "RTMR2", "RTMR3", "quote signature (DCAP)", "platform TCB"]
+    assert [results[name] for name in quote_checks] == [PASS] * len(quote_checks)
+    assert results["GPU CC mode (guest-reported)"] == PASS
+    assert results["event log replay"] == NOT_CHECKED  # collected, not replayed: said so
+    assert results["GPU attestation (guest-run verifier)"] == NOT_CHECKED
+    assert report.ok and [c.name for c in report.not_checked] == ["event log replay",
+                                                                 "GPU attestation (guest-run verifier)"]
+    data = report.as_dict()
+    assert data["evidence"]["event_log_bytes"] == len(b"TCG event log bytes")
+    assert data["collateral"]["valid_until"] == "2025-07-19 10:00:35 UTC"
+    assert "nvattest" in data["evidence"]["gpu"]["verifier_note"] and NO_SUCH in data["evidence"]["gpu"]["verifier_note"]
+
+
+def test_a_fresh_nonce_catches_the_replayed_recorded_quote():
+    report = attest_guest(_guest(TdAgent()), "td-1", b"\x5a" * 64, matching(V4), _file_source(), now=V4_VALID_AT)
+    assert [c.name for c in report.failed] == ["REPORTDATA is the nonce"]
+    assert report.failure_message() == ("TD 'td-1' failed attestation: REPORTDATA is the nonce "
+                                        "(see the table above)")
+
+
+def test_gpu_cc_off_and_a_failing_verifier_fail_with_the_guests_words():
+    programs = {("nvidia-smi", "conf-compute", "-f"): (0, CC_OFF_F, ""),
+                NVATTEST: (1, json.dumps({"result_code": 14, "result_message": "RIM verification failed"}), "")}
+    report = attest_guest(_guest(TdAgent(programs=programs)), "td-1", REPORTDATA, matching(V4), CollateralSource())
+    checks = {c.name: c for c in report.checks}
+    assert checks["GPU CC mode (guest-reported)"].result == FAIL
+    assert checks["GPU CC mode (guest-reported)"].detail.startswith("nvidia-smi in the guest: CC status: OFF: ")
+    assert checks["GPU attestation (guest-run verifier)"].result == FAIL
+    assert checks["GPU attestation (guest-run verifier)"].detail == "nvattest in the guest failed: RIM verification failed"
+    assert checks["quote signature (DCAP)"].result == NOT_CHECKED
+    assert checks["quote signature (DCAP)"].detail.startswith("no collateral: give --collateral FILE")
+
+
+def test_a_passing_nvattest_and_no_gpu_tools():
+    programs = {NVATTEST: (0, json.dumps({"result_code": 0, "result_message": "Ok"}), "")}
+    report = attest_guest(_guest(TdAgent(programs=programs)), "td-1", REPORTDATA, matching(V4), CollateralSource())
+    checks = {c.name: c for c in report.checks}
+    assert checks["GPU attestation (guest-run verifier)"].result == PASS
+    assert checks["GPU attestation (guest-run verifier)"].detail == "nvattest (local verifier) in the guest: Ok"
+    bare = attest_guest(_guest(TdAgent(programs={("nvidia-smi", "conf-compute", "-f"): None})), "td-1",
+                        REPORTDATA, matching(V4), CollateralSource())
+    check = {c.name: c for c in bare.checks}["GPU CC mode (guest-reported)"]
+    assert check.result == NOT_CHECKED and check.detail.startswith("nvidia-smi did not run in the guest: Failed to execute")
+    no_device = attest_guest(_guest(TdAgent(programs={("nvidia-smi", "conf-compute", "-f"): (6, "No devices were found\n", "")})),
+                             "td-1", REPORTDATA, matching(V4), CollateralSource())
+    check = {c.name: c for c in no_device.checks}["GPU CC mode (guest-reported)"]
+    assert check.result == NOT_CHECKED
+    assert check.detail == "nvidia-smi conf-compute -f in the guest gave no CC status: No devices were found"
+    no_gpu = attest_guest(_guest(TdAgent()), "td-1", REPORTDATA, matching(V4), CollateralSource(), gpus=0)
+    assert {c.detail for c in no_gpu.checks if c.name.startswith("GPU")} == {"the TD has no GPU passed through"}
+
+
+def test_a_pccs_that_cannot_be_reached_leaves_the_signature_not_checked():
+    source = CollateralSource(pccs_url="https://127.0.0.1:1")
+    report = attest_guest(_guest(TdAgent()), "td-1", REPORTDATA, matching(V4), source)
+    check = {c.name: c for c in report.checks}["quote signature (DCAP)"]
+    assert check.result == NOT_CHECKED
+    assert check.detail.startswith("cannot fetch collateral from PCCS https://127.0.0.1:1: ")
+    assert report.ok  # nothing that ran failed; the table says what did not run
+
+
+@pytest.mark.parametrize("agent, message", [
+    (TdAgent(has_tsm=False, is_td=False), "has no /sys/kernel/config/tsm/report (stat: cannot statx "
+     "'/sys/kernel/config/tsm/report': No such file or directory) and no /dev/tdx_guest, so it is not running "
+     "as an Intel TDX TD"),
+    (TdAgent(has_tsm=False, configfs_mounted=False), "is a TD but configfs is not mounted"),
+    (TdAgent(has_tsm=False), "is a TD but its kernel offers no configfs-tsm reports"),
+    (TdAgent(provider="sev_guest"), "attestation provider is 'sev_guest', not tdx_guest"),
+    (TdAgent(outblob_error="Input/output error"), "could not get a quote (failed to read file: Input/output "
+     "error); the host's quote generation service must run"),
+    (TdAgent(other_writers=1), "while tdxvirt used it (generation 2, expected 1); attest again"),
+    (TdAgent(quote=b""), "returned an empty quote"),
+    (TdAgent(quote=V4 * 14), "is larger than 65536 bytes"),
+    (TdAgent(files_disabled=True), "The command guest-file-open has been disabled for this instance; allow "
+     "guest-file-open, -read, -write and -close in the agent's configuration"),
+])
+def test_a_guest_that_cannot_give_a_quote_says_why_in_one_line(agent, message):
+    with pytest.raises(GuestNotReadyError) as error:
+        collect(_guest(agent), b"nonce")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert agent.reports == {}  # any report directory made was removed again
+
+
+# --- the domain side and the CLI, on the real libvirt daemon --------------------------------------
+
+def _define(conn, name: str, channel: bool = True, running: bool = True):
+    devices = f"<devices>{AGENT_CHANNEL_XML}</devices>" if channel else ""
+    domain = conn.defineXML(f"<domain type='test'><name>{name}</name><memory>524288</memory>"
+                            f"<os><type>hvm</type></os>{devices}</domain>")
+    if running:
+        domain.create()
+    return domain
+
+
+def _main():
+    from tdxvirt.cli import main
+    from tdxvirt.cli_guest import guest
+
+    if "guest" not in main.commands:
+        main.add_command(guest)
+    return main
+
+
+@pytest.fixture
+def agent_behind_libvirt(monkeypatch):
+    """The test driver has no guest agents: its channel is replaced by the stand-in, so
+    everything above the agent transport (lookup, checks, printing, exit codes) is real."""
+    agent = TdAgent()
+    monkeypatch.setattr("tdxvirt.guest.verify.LibvirtAgentChannel", lambda domain, uri="": agent)
+    return agent
+
+
+def test_attest_domain_refuses_a_stopped_td_and_a_td_without_an_agent(conn, td_name):
+    _define(conn, td_name, running=False)
+    with pytest.raises(GuestNotReadyError, match=f"`tdxvirt start {td_name}`"):
+        attest_domain(conn, td_name, b"n", lambda xml: no_predictions("x"), CollateralSource(), 5)
+    conn.lookupByName(td_name).undefine()
+    _define(conn, td_name, channel=False)
+    with pytest.raises(GuestNotReadyError, match="has no QEMU guest agent channel"):
+        attest_domain(conn, td_name, b"n", lambda xml: no_predictions("x"), CollateralSource(), 5)
+
+
+def test_cli_prints_each_check_and_fails_on_expired_collateral(sim_uri, conn, td_name, agent_behind_libvirt):
+    _define(conn, td_name)
+    result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--nonce", REPORTDATA.hex(),
+                                          "--collateral", str(V4_COLLATERAL)])
+    line = one_line_error(result, 1)
+    assert line == f"tdxvirt: error: TD '{td_name}' failed attestation: quote signature (DCAP) (see the table above)"
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["CHECK", "RESULT", "DETAIL"]
+    signature = next(row for row in lines if row.startswith("quote signature (DCAP)"))
+    assert " fail " in signature and "collateral expired on 2025-07-19 10:00:35 UTC" in signature
+    mrtd = next(row for row in lines if row.startswith("MRTD"))
+    assert "not-checked" in mrtd and "names no firmware" in mrtd  # a test-driver domain has no TDX firmware
+    assert f"Nonce (REPORTDATA): {REPORTDATA.hex()}" in lines
+    assert agent_behind_libvirt.removed == agent_behind_libvirt.made != []
+
+
+def test_cli_json_follows_the_schema(sim_uri, conn, td_name, agent_behind_libvirt):
+    _define(conn, td_name)
+    result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--json"])
+    assert result.exit_code == 1  # a random nonce: the recorded quote is a replay
+    data = json.loads(result.stdout)
+    assert set(data) == {"domain", "ok", "nonce", "verification_time", "checks", "quote", "collateral", "evidence"}
+    assert data["domain"] == td_name and data["ok"] is False and len(bytes.fromhex(data["nonce"])) == 64
+    assert {c["result"] for c in data["checks"]} <= {"pass", "fail", "not-checked"}
+    assert all(set(c) == {"check", "result", "detail"} for c in data["checks"])
+    assert data["quote"]["mr_td"] == parse_quote(V4).mr_td.hex() and data["quote"]["version"] == 4
+    assert data["collateral"] is None
+    assert set(data["evidence"]) == {"provider", "quote_bytes", "quote_base64", "generation", "event_log_bytes",
+                                     "event_log_note", "gpu"}
+    assert base64.b64decode(data["evidence"]["quote_base64"]) == V4  # kept, for verifying elsewhere
+
+
+def test_cli_pccs_from_the_config_file(sim_uri, conn, td_name, agent_behind_libvirt, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('[defaults]\npccs_url = "https://127.0.0.1:1"\n')
+    monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
+    _define(conn, td_name)
+    result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--nonce", REPORTDATA.hex(),
+                                          "--json"])
+    assert result.exit_code == 0, result.output  # nothing that ran failed
+    checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["quote signature (DCAP)"]["result"] == "not-checked"
+    assert checks["quote signature (DCAP)"]["detail"].startswith("cannot fetch collateral from PCCS https://127.0.0.1:1")
+
+
+def test_cli_usage_errors_change_nothing_in_the_guest(sim_uri, conn, td_name, agent_behind_libvirt, tmp_path):
+    _define(conn, td_name)
+    main = _main()
+    for nonce, words in (("xyz", "hex digits"), ("00" * 65, "1 to 64 bytes; this one is 65")):
+        result = CliRunner().invoke(main, ["-c", sim_uri, "guest", "attest", td_name, "--nonce", nonce])
+        assert words in one_line_error(result, 2)
+    not_url = CliRunner().invoke(main, ["-c", sim_uri, "guest", "attest", td_name, "--pccs-url", "pccs:8081"])
+    assert "give the PCCS as an http(s):// URL" in one_line_error(not_url, 2)
+    missing = CliRunner().invoke(main, ["-c", sim_uri, "guest", "attest", td_name, "--collateral",
+                                        str(tmp_path / "none.json")])
+    assert "cannot read collateral file" in one_line_error(missing, 2)
+    assert agent_behind_libvirt.requests == []  # the guest was never asked
+    unknown = CliRunner().invoke(main, ["-c", sim_uri, "guest", "attest", "no-such-td-anywhere"])
+    assert "no domain named" in one_line_error(unknown, 2)
+
+
+# --- the real agent path in a TCG guest: no TDX, said so --------------------------------------------
+
+def test_a_real_guest_agent_in_a_guest_without_tdx(qemu_conn, running_guest):  # noqa: F811 (fixture)
+    with pytest.raises(GuestNotReadyError) as error:
+        attest_domain(qemu_conn, running_guest, b"\x01" * 64, lambda xml: no_predictions("x"),
+                      CollateralSource(), timeout=60)
+    message = str(error.value)
+    assert message.startswith(f"TD '{running_guest}' cannot produce a TD quote: it has no /sys/kernel/config/tsm/report")
+    assert "no /dev/tdx_guest, so it is not running as an Intel TDX TD" in message and "\n" not in message
+
+
+def test_cli_attest_in_a_guest_without_tdx(qemu_conn, running_guest, sim):  # noqa: F811 (fixture)
+    result = CliRunner().invoke(_main(), ["-c", sim.qemu_uri, "guest", "attest", running_guest])
+    line = one_line_error(result, 1)
+    assert "is not running as an Intel TDX TD" in line and result.stdout == ""
+
+
+def test_the_config_files_pccs_url_must_be_a_url(tmp_path, monkeypatch):
+    from tdxvirt.config import load_config
+    from tdxvirt.errors import InputError
+
+    config = tmp_path / "config.toml"
+    monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
+    config.write_text('[defaults]\npccs_url = "https://pccs.example:8081"\n')
+    assert load_config().pccs_url == "https://pccs.example:8081"
+    config.write_text('[defaults]\npccs_url = "/srv/pccs"\n')
+    with pytest.raises(InputError, match="defaults.pccs_url must be an http\\(s\\):// URL string"):
+        load_config()
