@@ -73,13 +73,25 @@ class TdxvirtGroup(click.Group):
 
 
 class Session:
-    """Global options, and the connection and host root they select (opened lazily)."""
+    """Global options, and the connection and host root they select (opened lazily).
 
-    def __init__(self, uri: str | None, sim: bool, host_root: str | None):
+    ``uri`` is what `-c` gave: None, one URI, or several (a tuple); with ``fleet``
+    (``--fleet``) the config file's [hosts] (tdxvirt.fleet.resolve)."""
+
+    def __init__(self, uri: str | tuple[str, ...] | None, sim: bool, host_root: str | None,
+                 fleet: bool = False):
         self.sim = sim
-        self._uri = uri
+        connects = (uri,) if isinstance(uri, str) else tuple(uri or ())
+        self._connects = connects
+        self._fleet = fleet
+        self._hosts = None
+        # One URI: today's behaviour exactly, no config file read for it.
+        self._uri = connects[0] if len(connects) == 1 and "://" in connects[0] and not fleet \
+            else None
         self._host_root = host_root
         self._conn = None
+        self.label: str | None = None  # its name in a fleet's HOST column
+        self._started = False  # the simulated host is already up (each_host started it)
         if sim and host_root is None:
             import os
 
@@ -89,14 +101,57 @@ class Session:
                 os.environ.setdefault(key, value)  # an explicit tool or state wins
 
     @property
+    def hosts(self):
+        """The hosts named (tdxvirt.fleet.Host), in order; one for a single -c URI, []
+        when no -c was given."""
+        if self._hosts is None:
+            from .fleet import Host, resolve
+
+            if self._uri is not None:
+                self._hosts = [Host(self._uri, self._uri)]
+            else:
+                from .config import load_config
+
+                self._hosts = resolve(self._connects, self._fleet, load_config)
+        return self._hosts
+
+    @property
+    def several(self) -> bool:
+        """Several hosts named: list, gpu list and host check ask them all."""
+        return len(self.hosts) > 1
+
+    @property
     def uri(self) -> str:
         from .conn import resolve_uri
 
+        if self._uri is None and (self._connects or self._fleet):
+            hosts = self.hosts
+            if len(hosts) > 1:
+                from .errors import InputError
+
+                raise InputError(
+                    f"this command acts on one host, and {len(hosts)} were given "
+                    f"({', '.join(h.label for h in hosts)}); pass one -c (list, gpu list and "
+                    "host check ask several; define picks one with --gpu any or --gpus N)")
+            self._uri = hosts[0].uri
         if self._uri is None and self.sim:
             from .sim import layout
 
             return layout().uri
         return resolve_uri(self._uri)
+
+    def each_host(self) -> list[Session]:
+        """A session per host named, each to open a connection of its own."""
+        if self.sim:  # the simulated host is started once, not by every thread
+            from .sim import control
+
+            control.up()
+        sessions = []
+        for host in self.hosts:
+            session = Session(host.uri, self.sim, self._host_root)
+            session.label, session._started = host.label, True
+            sessions.append(session)
+        return sessions
 
     @property
     def host(self):
@@ -117,7 +172,7 @@ class Session:
 
     def conn(self):
         if self._conn is None:
-            if self.sim:
+            if self.sim and not self._started:
                 from .sim import control
 
                 control.up()
@@ -125,6 +180,14 @@ class Session:
 
             self._conn = open_connection(self.uri)
         return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except Exception:  # a connection already lost has nothing left to close
+                pass
 
 
 pass_session = click.make_pass_decorator(Session)
@@ -150,7 +213,12 @@ def _gpu_addresses(ctx, param, incomplete):
 
 @click.group(cls=TdxvirtGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--connect", "uri", metavar="URI", is_eager=True,  # --version reads it
-              help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system).")
+              multiple=True,
+              help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system), or a "
+                   "host name of the config file's [hosts]; repeat to ask several hosts "
+                   "(list, gpu list, host check; define --gpu any picks one).")
+@click.option("--fleet", is_flag=True,
+              help="Every host of the config file's [hosts], in its order (instead of -c).")
 @click.option("--sim", is_flag=True, envvar="TDXVIRT_SIM", is_eager=True,
               help="Use the simulated TDX host (libvirt's qemu driver on the emulated TDX host + fake host root).")
 @click.option("--host-root", metavar="DIR", envvar="TDXVIRT_HOST_ROOT",
@@ -161,15 +229,18 @@ def _gpu_addresses(ctx, param, incomplete):
               callback=lambda ctx, param, value: _version(ctx, param, value),
               help="Show tdxvirt's version and libvirt's (library, and the daemon at the URI).")
 @click.pass_context
-def main(ctx, uri, sim, host_root):
+def main(ctx, uri, sim, host_root, fleet):
     """Intel TDX trust domains with NVIDIA GPUs, through libvirt."""
-    ctx.obj = Session(uri, sim, host_root)
+    ctx.obj = Session(uri, sim, host_root, fleet)
 
 
 @main.command()
 @click.argument("name", required=False, shell_complete=_td_names)
 @click.option("--gpu", "gpus", multiple=True, metavar="BDF", shell_complete=_gpu_addresses,
-              help="GPU to pass through (38:00.0 or 0000:38:00.0); repeat for more.")
+              help="GPU to pass through (38:00.0 or 0000:38:00.0); repeat for more. 'any': "
+                   "tdxvirt picks a free one (and, with several hosts, the host).")
+@click.option("--gpus", "gpu_count", type=click.IntRange(min=1), metavar="N",
+              help="Pass through N free GPUs tdxvirt picks (and, with several hosts, the host).")
 @click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="16G", show_default=True,
               help="Memory: number with K, M, G or T (bare number: MiB); 2 MiB aligned.")
@@ -223,12 +294,16 @@ def main(ctx, uri, sim, host_root):
 @click.option("--dry-run", is_flag=True,
               help="Run every check, print the XML and the files define would create; change nothing.")
 @pass_session
-def define(session, name, print_xml, dry_run, no_tdx, **options):
+def define(session, name, print_xml, dry_run, no_tdx, gpu_count, **options):
     """Define a TD with GPUs passed through (NAME defaults to one from the GPU)."""
     from . import tds
     from .conn import is_remote
     from .spec import TDSpec
 
+    count = _gpus_to_pick(options["gpus"], gpu_count, options["ppcie"])
+    if count:  # --gpu any / --gpus N: the host and GPUs are tdxvirt's pick, said before
+        session, options["gpus"] = _pick(session, count, not no_tdx, options["managed"],
+                                          options["mmio_window"], to_stderr=print_xml)
     # For a remote URI the files named are that host's: not looked for here.
     spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=is_remote(session.uri), **options)
     if print_xml or dry_run:
@@ -249,6 +324,58 @@ def define(session, name, print_xml, dry_run, no_tdx, **options):
     td = tds.define_td(session.conn(), session.facts(), spec)
     _warn(td.plan.warnings)
     _describe(td, session.uri)
+
+
+def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool) -> int:
+    """How many GPUs define is to pick itself (0: the user named them)."""
+    from .errors import InputError
+
+    anys = [g for g in gpus if g.strip().lower() == "any"]
+    if not anys and not count:
+        return 0
+    if gpus and (count or len(gpus) > 1):
+        raise InputError("--gpu any and --gpus N let tdxvirt pick the GPUs, so they take no "
+                         "other --gpu; give one of --gpu any, --gpus N, or --gpu BDF (repeated)")
+    if ppcie:
+        raise InputError("--ppcie passes a whole HGX board through: name its GPUs with --gpu "
+                         "BDF (or none for all), not --gpu any / --gpus N")
+    return count or 1
+
+
+def _pick(session, count: int, tdx: bool, managed: bool, mmio_window: str | None,
+          to_stderr: bool):
+    """The session of the host that gives ``count`` free GPUs (the first in the order
+    given), and those GPUs; the choice and why are printed (tdxvirt.fleet.offer)."""
+    from . import fleet
+    from .textsafe import safe
+
+    sessions = session.each_host() or [session]
+
+    def question(each):
+        conn = each.conn()
+        facts = each.facts(conn)
+        return fleet.offer(facts, conn, count, tdx=tdx, managed=managed,
+                           mmio_window=mmio_window, read_modes=facts.mode_reader())
+
+    try:
+        answers = fleet.ask_each(sessions, lambda s: fleet.Host(s.label or s.uri, s.uri), question)
+        host, offer = fleet.choose(answers)
+    except BaseException:
+        for each in sessions:
+            each.close()
+        raise
+    chosen = next(s for s in sessions if s.uri == host.uri)
+    for each in sessions:
+        if each is not chosen:
+            each.close()
+    noun = "GPU" if count == 1 else "GPUs"
+    click.echo(f"Picked {noun} {', '.join(offer.gpus)} on {safe(host.label)}: {safe(offer.why)}",
+               err=to_stderr)
+    for answer in answers:
+        if answer.host != host:
+            why = answer.error or (answer.value.why if answer.value is not None else "")
+            click.echo(f"  passed over {safe(answer.host.label)}: {safe(why)}", err=to_stderr)
+    return chosen, offer.gpus
 
 
 def _describe(td, uri: str) -> None:
@@ -496,6 +623,9 @@ def list_(session, include_foreign, as_json):
     """List TDs with their state and GPUs."""
     from . import tds
 
+    if session.several:
+        _list_fleet(session, include_foreign, as_json)
+        return
     records = _records(tds.list_tds(session.conn(), include_foreign=include_foreign))
     if as_json:
         click.echo(_json_lines(records))
@@ -504,6 +634,11 @@ def list_(session, include_foreign, as_json):
         hint = "" if include_foreign else " (--all also shows TDX domains other tools defined)"
         click.echo(f"No TDs at {session.uri}{hint}")
         return
+    _print_tds(records, include_foreign)
+
+
+def _print_tds(records: list[dict], include_foreign: bool, hosts: list[str] | None = None) -> None:
+    """The TD table; ``hosts``: a HOST cell per record, first (a fleet)."""
     headers = ["NAME", "STATE", "TYPE", "DIALECT", "VCPUS", "MEMORY", "GPUS", "UPTIME"]
     from .textsafe import table as safe_table
 
@@ -518,12 +653,64 @@ def list_(session, include_foreign, as_json):
         headers.append("DEFINED BY")
         for line, r in zip(table, records):
             line.append("tdxvirt" if r["managed_by_tdxvirt"] else "other")
+    if hosts is not None:
+        headers.insert(0, "HOST")
+        for line, host in zip(table, hosts):
+            line.insert(0, host)
     # Names and metadata come from libvirt, where others may have put CR, ESC or bidi
     # marks: every cell is escaped, so no value can move the cursor or forge a row.
     click.echo(safe_table(table, headers))
     if any(r["problems"] for r in records):
         click.echo("! no longer the TD it was defined as (weakened or broken by an edit); "
                    "`tdxvirt show NAME` names what changed; `start` refuses it")
+
+
+def _ask_fleet(session, question) -> list:
+    """``question(host session)`` on every host at once (tdxvirt.fleet.ask_each); each
+    host that failed is one error line on stderr, after the others' output."""
+    from .fleet import Host, ask_each
+
+    sessions = session.each_host()
+    try:
+        return ask_each(sessions, lambda s: Host(s.label, s.uri), question)
+    finally:
+        for each in sessions:
+            each.close()
+
+
+def _fleet_failed(answers) -> None:
+    """The error line of each host that did not answer (escaped: libvirt's words from
+    another host), then exit 1 if any."""
+    from .textsafe import safe
+
+    failed = [a for a in answers if a.error is not None]
+    for answer in failed:
+        click.echo(f"tdxvirt: error: host {safe(answer.host.label)}: {safe(answer.error)}",
+                   err=True)
+    if failed:
+        click.get_current_context().exit(1)
+
+
+def _list_fleet(session, include_foreign: bool, as_json: bool) -> None:
+    """`list` on several hosts: one table (or JSON array) with each TD's host first."""
+    from . import tds
+
+    answers = _ask_fleet(session, lambda each: _records(
+        tds.list_tds(each.conn(), include_foreign=include_foreign)))
+    records, hosts = [], []
+    for answer in answers:
+        for record in answer.value or ():
+            records.append({"host": answer.host.label, "uri": answer.host.uri, **record})
+            hosts.append(answer.host.label)
+    if as_json:
+        click.echo(_json_lines(records))
+    elif records:
+        _print_tds(records, include_foreign, hosts)
+    else:
+        answered = sum(a.error is None for a in answers)
+        hint = "" if include_foreign else " (--all also shows TDX domains other tools defined)"
+        click.echo(f"No TDs on the {answered} host(s) that answered{hint}")
+    _fleet_failed(answers)
 
 
 @main.command()
@@ -538,6 +725,7 @@ def show(session, name, as_json):
     record = {**_records([info.row])[0], "uuid": info.uuid, "autostart": info.autostart,
               "persistent": info.persistent, "overlay": info.row.facts.overlay,
               "seed": info.row.facts.seed, "mrtd": info.row.facts.mrtd,
+              "rtmr1": info.row.facts.rtmr1, "rtmr2": info.row.facts.rtmr2,
               "builds": list(info.builds), "problems": list(info.problems)}
     if as_json:
         click.echo(json.dumps(record, indent=2))

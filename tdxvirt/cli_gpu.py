@@ -101,46 +101,63 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
     @click.pass_obj
     def list_(session, as_json, modes, tool):
         """Every NVIDIA GPU and NVSwitch: model, driver, IOMMU group, NUMA, BARs, TD."""
-        from .conn import is_remote
-        from .errors import InputError, LibvirtUnavailableError
-        from .gpu import discovery
+        if session.several:
+            _list_fleet(session, as_json, modes, tool)
+            return
+        records, where, warnings = _gpu_records(session, modes, tool)
+        for warning in warnings:
+            click.echo(f"tdxvirt: warning: {warning}", err=True)
+        if as_json:
+            click.echo(json.dumps([r.to_json() for r in records], indent=2))
+            return
+        if not records:
+            click.echo(f"No NVIDIA GPU or NVSwitch on {where}")
+            return
+        _print_gpus(records)
 
-        remote = is_remote(session.uri)
-        if remote and modes:
-            raise InputError(f"--modes runs NVIDIA's tool on this machine, but {session.uri} "
+    def _refuse_remote_modes(uri: str) -> None:
+        from .conn import is_remote
+        from .errors import InputError
+
+        if is_remote(uri):
+            raise InputError(f"--modes runs NVIDIA's tool on this machine, but {uri} "
                              "names another host: read CC / PPCIe modes there (`tdxvirt gpu "
                              "list --modes` on that host)")
+
+    def _gpu_records(session, modes, tool):
+        """(records, where they are, warnings: escaped) of the session's one host."""
+        from .conn import is_remote
+        from .errors import LibvirtUnavailableError
+        from .gpu import discovery
+        from .textsafe import safe
+
+        remote = is_remote(session.uri)
+        if modes:
+            _refuse_remote_modes(session.uri)
+        warnings = []
         try:
             conn = (hooks.libvirt_conn(session) if hooks.libvirt_conn else session.conn())
         except LibvirtUnavailableError as error:
             if remote:  # another host's GPUs are known only to its libvirt
                 raise
-            click.echo(f"tdxvirt: warning: no libvirt facts or TDs: {error}", err=True)
+            warnings.append(f"no libvirt facts or TDs: {error}")
             conn = None
         facts = session.facts(conn) if conn is not None else None
         records = discovery.discover(facts if facts is not None else session.host, conn)
         if modes and records:
             from .gpu import admin_tool, ccmode, devices, privilege
-            from .textsafe import safe
 
             privilege.require_root("reading CC / PPCIe modes", privilege.READS_REGISTERS,
                                    hooks.euid, dry_run_hint=False)
             found = devices.read_targets(session.host, [r.address for r in records])
             results = ccmode.query(admin_tool.locate(tool, session.host), found,
                                    ccmode.has_nvswitches(session.host))
-            for result in results:
-                if not result.ok:
-                    click.echo(f"tdxvirt: warning: {safe(result.address)}: {safe(result.result)}",
-                               err=True)
+            warnings += [f"{safe(r.address)}: {safe(r.result)}" for r in results if not r.ok]
             records = discovery.with_modes(
                 records, {r.address: (r.cc_mode, r.ppcie_mode) for r in results})
-        if as_json:
-            click.echo(json.dumps([r.to_json() for r in records], indent=2))
-            return
-        if not records:
-            where = facts.where if facts is not None else "this host"
-            click.echo(f"No NVIDIA GPU or NVSwitch on {where}")
-            return
+        return records, (facts.where if facts is not None else "this host"), warnings
+
+    def _print_gpus(records, hosts: list[str] | None = None) -> None:
         from .textsafe import table
 
         # TD is a domain name from libvirt, which accepts CR, ESC and bidi marks in it
@@ -148,8 +165,38 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                  "-" if r.numa_node is None else r.numa_node,
                  "unknown" if r.largest_bar is None else _size(r.largest_bar),
                  r.cc_mode or "-", r.ppcie_mode or "-", r.td or "-"] for r in records]
-        click.echo(table(rows, ["DEVICE", "MODEL", "DRIVER", "IOMMU GROUP", "NUMA",
-                                "LARGEST BAR", "CC", "PPCIE", "TD"]))
+        headers = ["DEVICE", "MODEL", "DRIVER", "IOMMU GROUP", "NUMA", "LARGEST BAR", "CC",
+                   "PPCIE", "TD"]
+        if hosts is not None:  # a fleet: each device's host first
+            rows = [[host, *row] for host, row in zip(hosts, rows)]
+            headers.insert(0, "HOST")
+        click.echo(table(rows, headers))
+
+    def _list_fleet(session, as_json, modes, tool):
+        """`gpu list` on several hosts at once (tdxvirt.fleet), a HOST column first."""
+        from .cli import _ask_fleet, _fleet_failed
+        from .textsafe import safe
+
+        if modes:  # refused before any host is asked, not once per host
+            for host in session.hosts:
+                _refuse_remote_modes(host.uri)
+        answers = _ask_fleet(session, lambda each: _gpu_records(each, modes, tool))
+        records, hosts = [], []  # each record and the host it is on
+        for answer in answers:
+            found, _, warnings = answer.value or ((), None, ())
+            for warning in warnings:
+                click.echo(f"tdxvirt: warning: host {safe(answer.host.label)}: {warning}", err=True)
+            records += found
+            hosts += [answer.host] * len(found)
+        if as_json:
+            click.echo(json.dumps([{"host": host.label, "uri": host.uri, **r.to_json()}
+                                   for host, r in zip(hosts, records)], indent=2))
+        elif records:
+            _print_gpus(records, [host.label for host in hosts])
+        else:
+            click.echo(f"No NVIDIA GPU or NVSwitch on the "
+                       f"{sum(a.error is None for a in answers)} host(s) that answered")
+        _fleet_failed(answers)
 
     def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
         from .gpu import devices, privilege, vfio

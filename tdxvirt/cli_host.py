@@ -23,31 +23,87 @@ def host():
 @click.pass_context
 def check(ctx, as_json, gpus):
     """Check everything a TD with GPUs needs; exit 1 if anything fails."""
-    from .doctor import Context, failed, run_checks
-    from .host.commands import host_runner
+    from .doctor import failed
     from .pci import PciAddress
 
     session = ctx.obj
     addresses = tuple(PciAddress.parse(gpu) for gpu in gpus)
+    if session.several:
+        _check_fleet(ctx, session, addresses, as_json)
+        return
+    results = _run_checks(session, addresses, session.conn)
+    if as_json:
+        click.echo(json.dumps(_report(session, results), indent=2))
+    else:
+        _print_checks(results)
+    if failed(results):
+        ctx.exit(1)
+
+
+def _run_checks(session, addresses, connect):
+    from .doctor import Context, run_checks
+    from .host.commands import host_runner
+
     root = session.host
     # Programs run only from /: below any other host root the checks that need one
     # (QEMU's -object help) are reported as skipped, whoever runs this.
-    context = Context(root, uri=session.uri, connect=session.conn,
-                      runner=host_runner(root), gpus=addresses)
-    results = run_checks(context)
-    if as_json:
-        click.echo(json.dumps({"uri": session.uri, "host_root": str(root.base),
-                               "failed": failed(results),
-                               "checks": [c.as_dict() for c in results]}, indent=2))
-    else:
-        from tabulate import tabulate
+    return run_checks(Context(root, uri=session.uri, connect=connect,
+                              runner=host_runner(root), gpus=addresses))
 
-        rows = [[c.name, c.status, c.found, c.remedy] for c in results]
-        click.echo(tabulate(rows, headers=["CHECK", "STATUS", "FOUND", "REMEDY"],
-                            maxcolwidths=[None, None, 60, 50]))
-        counts = {s: sum(c.status == s for c in results) for s in ("ok", "warn", "fail", "skip")}
-        click.echo("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    if failed(results):
+
+def _report(session, results) -> dict:
+    from .doctor import failed
+
+    return {"uri": session.uri, "host_root": str(session.host.base), "failed": failed(results),
+            "checks": [c.as_dict() for c in results]}
+
+
+def _print_checks(results, host: str | None = None) -> None:
+    """The checks' table and counts; ``host``: a fleet's HOST cell on every row."""
+    from tabulate import tabulate
+
+    from .textsafe import safe
+
+    rows = [[c.name, c.status, c.found, c.remedy] for c in results]
+    headers = ["CHECK", "STATUS", "FOUND", "REMEDY"]
+    widths = [None, None, 60, 50]
+    if host is not None:  # found: that host's libvirt's words
+        rows = [[host, *(safe(cell) if isinstance(cell, str) else cell for cell in row)]
+                for row in rows]
+        headers, widths = ["HOST", *headers], [None, *widths]
+    click.echo(tabulate(rows, headers=headers, maxcolwidths=widths))
+    counts = {s: sum(c.status == s for c in results) for s in ("ok", "warn", "fail", "skip")}
+    click.echo("\n" + (f"{host}: " if host is not None else "")
+               + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+def _check_fleet(ctx, session, addresses, as_json) -> None:
+    """`host check` on several hosts at once (tdxvirt.fleet): one table per host, each
+    row with its HOST first, in the order the hosts were given. A host whose libvirt
+    cannot be reached is one error line (not a table of checks that could not run)."""
+    from .cli import _ask_fleet, _fleet_failed
+    from .doctor import failed
+    from .textsafe import safe
+
+    def question(each):
+        each.conn()  # unreachable: this host's one error line
+        results = _run_checks(each, addresses, each.conn)
+        return results, {"host": each.label, **_report(each, results)}
+
+    answers = _ask_fleet(session, question)
+    answered = [a for a in answers if a.error is None]
+    if as_json:
+        click.echo(json.dumps([a.value[1] for a in answered], indent=2))
+    else:
+        for number, answer in enumerate(answered):
+            click.echo("\n" * bool(number), nl=False)
+            _print_checks(answer.value[0], safe(answer.host.label))
+    for answer in answered:
+        if failed(answer.value[0]):
+            click.echo(f"tdxvirt: host {safe(answer.host.label)}: {failed(answer.value[0])} "
+                       "check(s) failed", err=True)
+    _fleet_failed(answers)
+    if any(failed(a.value[0]) for a in answered):
         ctx.exit(1)
 
 

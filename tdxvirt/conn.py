@@ -91,10 +91,13 @@ def translate(error: Exception, what: str) -> TdxvirtError:
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return NotFoundError(f"{what}: {message(error)}")
     # VIR_ERR_SYSTEM_ERROR alone is also a file the daemon could not open during a
-    # start (a device's sysfs, a disk): a lost connection only from the RPC layers.
+    # start (a device's sysfs, a disk): a lost connection only from the RPC layers,
+    # which also say "client socket is closed" as an internal error (a host switched
+    # off, its sshd killed): judged by error domain as well as code.
     domain = error.get_error_domain() if isinstance(error, libvirt.libvirtError) else None
     lost = code in (libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_NO_CONNECT) or (
-        code == libvirt.VIR_ERR_SYSTEM_ERROR and domain in (libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC))
+        code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR)
+        and domain in (libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC))
     if lost:
         return LibvirtUnavailableError(f"{what}: lost the libvirt connection: {message(error)}")
     return LibvirtOperationError(f"{what}: {message(error)}")

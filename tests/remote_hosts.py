@@ -135,3 +135,131 @@ class NodeFile:
     def remove(self) -> None:
         shutil.rmtree(self.daemon_root / self.path.lstrip("/").rsplit("/", 1)[0],
                       ignore_errors=True)
+
+
+# ---------------------------------------------------------------- fleets (tests/test_fleet.py, scripts/bench)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (sshd's per-connection children and their netcat),
+    from /proc: how a test ends the sessions of an sshd it started, and only those."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cut(sshd: Sshd) -> None:
+    """The host goes away: its sshd and every connection through it end at once, so
+    libvirt's client sees the transport close mid-conversation, as when a host dies."""
+    import signal
+
+    pids = [sshd.process.pid, *descendants(sshd.process.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sshd.process.wait()
+
+
+def td_domains(uri: str, tds: list[tuple[str, list[str], dict]]) -> list[str]:
+    """TDs tdxvirt assembles from the host's own facts (``uri``), shut off, for its node
+    file: (name, GPU addresses, further TDSpec options) each."""
+    from lxml import etree
+
+    from tdxvirt import tds as library
+    from tdxvirt.conn import open_connection
+    from tdxvirt.facts.libvirt import LibvirtFacts
+    from tdxvirt.spec import TDSpec
+
+    test_ns = "http://libvirt.org/schemas/domain/test/1.0"  # libvirt's test driver's own XML
+    conn = open_connection(uri)
+    try:
+        facts = LibvirtFacts(conn, uri)
+        made = []
+        for name, gpus, options in tds:
+            xml = library.assemble_td(conn, facts, TDSpec.from_user(
+                name=name, gpus=gpus, remote=True, **options)).xml
+            root = etree.fromstring(xml.encode())  # runs unless its run state says 5
+            etree.SubElement(root, f"{{{test_ns}}}runstate", nsmap={"test": test_ns}).text = "5"
+            made.append(etree.tostring(root, encoding="unicode") + "\n")
+        return made
+    finally:
+        conn.close()
+
+
+@dataclass
+class RemoteHost:
+    """A simulated remote host with an sshd of its own (so it can go away alone)."""
+
+    node: NodeFile
+    sshd: Sshd
+    uri: str
+
+    def stop(self) -> None:
+        if self.sshd.process.poll() is None:
+            self.sshd.stop()
+        self.node.remove()
+
+
+def remote_host(work: Path, daemon_root: Path, socket: Path, name: str,
+                devices: tuple[str, ...], tds: list[tuple[str, list[str], dict]] = ()) -> RemoteHost:
+    """A node file with ``devices`` and ``tds`` (td_domains), behind an sshd of its own."""
+    node = NodeFile(daemon_root, name, devices=devices)
+    node.write()
+    work.mkdir(parents=True, exist_ok=True)
+    sshd = Sshd(work)
+    uri = sshd.uri("test", node.path, socket)
+    if tds:
+        node.domains = td_domains(uri, list(tds))
+        node.write()
+    return RemoteHost(node, sshd, uri)
+
+
+def refuse(what: str):
+    """A stand-in that fails the test when called: ``what`` it would have done here."""
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{what} for a remote URI")
+    return refused
+
+
+def exploding_root(base: str):
+    """This machine's host root for a remote URI: any read is a test failure."""
+    from tdxvirt.host import HostRoot
+
+    class ExplodingRoot(HostRoot):
+        def _refuse(self, absolute, *_):
+            raise AssertionError(f"read this machine's {absolute} for a remote URI")
+
+        path = exists = read_text = read_value = link_name = listdir = _refuse
+
+    return ExplodingRoot(base)
+
+
+def forbid_local_reads(monkeypatch, base: str) -> None:
+    """Make every read of this machine a test failure for what follows: the CLI's host
+    root raises on any read (``base``: a root with no GPU), the local facts are never
+    to be built, NVIDIA's tool never looked for, qemu-img never run, no build record
+    or firmware descriptor read. For remote URIs nothing of this machine may be read."""
+    from tdxvirt.cli import Session
+    from tdxvirt.facts.local import LocalFacts
+
+    monkeypatch.setattr(LocalFacts, "__init__", refuse("built this machine's facts"))
+    monkeypatch.setattr(Session, "host", property(lambda self: exploding_root(base)))
+    monkeypatch.setattr("tdxvirt.preflight.mode_reader", refuse("looked for NVIDIA's tool here"))
+    monkeypatch.setattr("tdxvirt.policy.inspect_image", refuse("ran qemu-img here"))
+    monkeypatch.setattr("tdxvirt.build.artifacts.recorded", refuse("read this machine's builds"))
+    monkeypatch.setattr("tdxvirt.host.firmware.find_tdx_ovmf", refuse("read firmware descriptors"))

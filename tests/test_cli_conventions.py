@@ -29,7 +29,7 @@ NO_DRY_RUN = {
     "sim down": "the simulated host's own daemons, below the state directory",
 }
 READS = {"list", "show", "measure", "gpu list", "host check", "build plan", "build status",
-         "guest check-config", "guest verify", "sim status"}
+         "guest check-config", "guest verify", "guest attest", "sim status"}
 CHANGES = {"define", "undefine", "gpu detach", "gpu reattach", "gpu cc-mode", "host setup",
            "build run", "repair"}
 

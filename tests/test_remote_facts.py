@@ -30,16 +30,25 @@ import pytest
 from click.testing import CliRunner
 from conftest import one_line_error
 from lxml import etree
-from remote_hosts import NodeFile, Sshd, available, pci_device, pool, volume
+from remote_hosts import (
+    NodeFile,
+    Sshd,
+    available,
+    exploding_root,
+    forbid_local_reads,
+    pci_device,
+    pool,
+    refuse,
+    volume,
+)
 
 from tdxvirt import locks, tds
-from tdxvirt.cli import Session, main
+from tdxvirt.cli import main
 from tdxvirt.conn import host_of, open_connection
 from tdxvirt.errors import DeviceBusyError, InputError
 from tdxvirt.facts import facts_for
 from tdxvirt.facts.libvirt import LibvirtFacts, parse_nodedev_xml
 from tdxvirt.facts.local import LocalFacts
-from tdxvirt.host import HostRoot
 from tdxvirt.integrity import problems as integrity_problems
 from tdxvirt.pci import PciAddress
 from tdxvirt.preflight import start_problems
@@ -60,32 +69,12 @@ pytestmark = pytest.mark.skipif(not available(),
 # ---------------------------------------------------------------- this machine: never read
 
 
-class ExplodingRoot(HostRoot):
-    """This machine's host root for a remote URI: any read is a test failure."""
-
-    def _refuse(self, absolute, *_):
-        raise AssertionError(f"read this machine's {absolute} for a remote URI")
-
-    path = exists = read_text = read_value = link_name = listdir = _refuse
-
-
-def _refuse(what):
-    def refused(*args, **kwargs):
-        raise AssertionError(f"{what} for a remote URI")
-    return refused
-
-
 @pytest.fixture
 def nothing_local(monkeypatch, tmp_path):
-    """Make every local read fail; the CLI's host root is ExplodingRoot (over a root
-    with no GPU). Returns that root's directory."""
+    """Make every local read fail (remote_hosts.forbid_local_reads, over a root with no
+    GPU). Returns that root's directory."""
     empty = build_host_root(tmp_path / "no-gpu", devices=())
-    monkeypatch.setattr(LocalFacts, "__init__", _refuse("built this machine's facts"))
-    monkeypatch.setattr(Session, "host", property(lambda self: ExplodingRoot(empty.base)))
-    monkeypatch.setattr("tdxvirt.preflight.mode_reader", _refuse("looked for NVIDIA's tool here"))
-    monkeypatch.setattr("tdxvirt.policy.inspect_image", _refuse("ran qemu-img here"))
-    monkeypatch.setattr("tdxvirt.build.artifacts.recorded", _refuse("read this machine's builds"))
-    monkeypatch.setattr("tdxvirt.host.firmware.find_tdx_ovmf", _refuse("read firmware descriptors"))
+    forbid_local_reads(monkeypatch, empty.base)
     return empty.base
 
 
@@ -314,7 +303,7 @@ def test_define_then_start_in_one_connection(hosts, nothing_local):
     """The library, on one connection (a node file lives as long as its connection)."""
     conn = open_connection(hosts["b"])
     try:
-        facts = facts_for(conn, ExplodingRoot("/nonexistent"))
+        facts = facts_for(conn, exploding_root("/nonexistent"))
         assert isinstance(facts, LibvirtFacts)
         spec = TDSpec.from_user(name="tb", gpus=["4c:00.0", "cb:00.0"], mmio_window="1T",
                                 remote=True)
@@ -375,8 +364,8 @@ def test_host_check_reads_that_hosts_gpus(hosts, nothing_local):
 def test_undefine_remove_storage_deletes_nothing_here(hosts, nothing_local, monkeypatch, host):
     """Each host's td-store records an overlay tdxvirt made there: nothing is deleted
     (here or there), nothing checked here, and the TD stays defined."""
-    monkeypatch.setattr("tdxvirt.storage_paths.os.unlink", _refuse("deleted a file here"))
-    monkeypatch.setattr("tdxvirt.storage_paths._open_parent", _refuse("checked a file here"))
+    monkeypatch.setattr("tdxvirt.storage_paths.os.unlink", refuse("deleted a file here"))
+    monkeypatch.setattr("tdxvirt.storage_paths._open_parent", refuse("checked a file here"))
     line = one_line_error(cli(hosts[host], nothing_local, "undefine", "td-store",
                               "--remove-storage"), 2)
     assert "a remote host, and tdxvirt deletes no files there" in line

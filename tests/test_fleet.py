@@ -1,0 +1,421 @@
+"""Issue #15, fleet: several hosts asked at once, and `define --gpu any` picking one.
+
+Simulated remote hosts, each libvirt's test driver loaded with a node file of its own
+(served by the simulated host's daemon) behind an sshd of its own on 127.0.0.1, so one
+host can go away alone; reached over libvirt's real ssh transport:
+
+- gpu-a: H100 SXM5s (10de:2330, BAR sizes in tdxvirt's table) at 0000:17:00.0 (free,
+  IOMMU group 7 with a PCIe port, NUMA node 1) and 0000:b8:00.0 (held by td-a).
+- gpu-b: H200s (10de:2335, BAR sizes unknown to tdxvirt) at 0000:1a:00.0 (held by
+  td-b), 0000:4c:00.0 and 0000:cb:00.0 (free).
+- the emulated TDX host's real qemu driver (TDX on, no GPU) and libvirt 11.x's real
+  qemu driver (no TDX), both through an sshd too.
+
+This machine's host root has no GPU at all, and every way this machine could be read
+for a remote URI fails the test (remote_hosts.forbid_local_reads).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from click.testing import CliRunner
+from conftest import one_line_error
+from remote_hosts import (
+    Sshd,
+    available,
+    cut,
+    forbid_local_reads,
+    pci_device,
+    remote_host,
+)
+
+from tdxvirt import tds
+from tdxvirt.cli import main
+from tdxvirt.config import Config
+from tdxvirt.errors import InputError
+from tdxvirt.fleet import Host, resolve
+from tdxvirt.sim.hostroot import build_host_root
+
+NVIDIA = 0x10DE
+H100_PEERS = ("0000:16:01.0", "0000:17:00.0")
+
+pytestmark = pytest.mark.skipif(not available(),
+                                reason="openssh-server and netcat-openbsd (scripts/setup installs them)")
+
+
+def devices_a():
+    return (
+        pci_device("0000:17:00.0", NVIDIA, 0x2330, 0x030200, 7, members=H100_PEERS, numa=1,
+                   product_name="GH100 [H100 SXM5 80GB]"),
+        pci_device("0000:16:01.0", 0x8086, 0x352A, 0x060400, 7, members=H100_PEERS, numa=1),
+        pci_device("0000:b8:00.0", NVIDIA, 0x2330, 0x030200, 9, numa=0,
+                   product_name="GH100 [H100 SXM5 80GB]"),
+    )
+
+
+def devices_b():
+    return tuple(pci_device(address, NVIDIA, 0x2335, 0x030200, group, numa=numa,
+                            product_name="GH100 [H200 SXM 141GB]")
+                 for address, group, numa in (("0000:1a:00.0", 3, 0), ("0000:4c:00.0", 12, 0),
+                                              ("0000:cb:00.0", 31, 1)))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, sim):
+    """{'gpu-a': RemoteHost, 'gpu-b': ..., plus 'tdx' and 'notdx' URIs} and a config
+    file naming them all in [hosts]."""
+    work = tmp_path_factory.mktemp("fleet")
+    tag = uuid.uuid4().hex[:8]
+    a = remote_host(work / "a", sim.chroot, sim.socket, f"tdxvirt-fleet-a-{tag}", devices_a(),
+                    [("td-a", ["b8:00.0"], {})])
+    b = remote_host(work / "b", sim.chroot, sim.socket, f"tdxvirt-fleet-b-{tag}", devices_b(),
+                    [("td-b", ["1a:00.0"], {"mmio_window": "256G"})])
+    qemu_sshd = Sshd(work)
+    uris = {"gpu-a": a.uri, "gpu-b": b.uri,
+            "tdx": qemu_sshd.uri("qemu", "/system", sim.socket),
+            "notdx": qemu_sshd.uri("qemu", "/system", sim.legacy_socket),
+            "dead": qemu_sshd.uri("test", "/nonexistent/node.xml", work / "no-daemon.sock")}
+    config = work / "config.toml"
+    config.write_text("[hosts]\n" + "".join(f'{name} = "{uri}"\n' for name, uri in uris.items()))
+    yield {"a": a, "b": b, "uris": uris, "config": str(config), "work": work, "sim": sim}
+    qemu_sshd.stop()
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture
+def cli(fleet, monkeypatch, tmp_path):
+    """tdxvirt in-process with the fleet's config file, a GPU-less host root and every
+    local read a failure."""
+    empty = build_host_root(tmp_path / "no-gpu", devices=())
+    forbid_local_reads(monkeypatch, empty.base)
+    monkeypatch.setenv("TDXVIRT_CONFIG", fleet["config"])
+
+    def invoke(*args):
+        result = CliRunner().invoke(main, ["--host-root", str(empty.base), *args])
+        assert result.exception is None or isinstance(result.exception, SystemExit), \
+            repr(result.exception)
+        assert "Traceback" not in result.output
+        return result
+
+    return invoke
+
+
+def table(text: str) -> list[list[str]]:
+    """The rows of a table (after its header and rule), split on runs of spaces."""
+    import re
+
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()[2:] if line.strip()]
+
+
+# ---------------------------------------------------------------- list
+
+
+def test_list_asks_every_host_and_shows_each_tds_host_first(cli):
+    result = cli("-c", "gpu-a", "-c", "gpu-b", "list")
+    assert result.exit_code == 0, result.output
+    header = result.stdout.splitlines()[0].split()
+    assert header[:3] == ["HOST", "NAME", "STATE"]
+    rows = table(result.stdout)
+    assert [(r[0], r[1], r[-2]) for r in rows] == [("gpu-a", "td-a", "0000:b8:00.0"),
+                                                   ("gpu-b", "td-b", "0000:1a:00.0")]
+    reverse = table(cli("-c", "gpu-b", "-c", "gpu-a", "list").stdout)
+    assert [r[0] for r in reverse] == ["gpu-b", "gpu-a"]  # the order the hosts were given
+
+
+def test_list_json_gives_each_record_its_host(cli, fleet, tmp_path, monkeypatch):
+    """--fleet: every host of [hosts], in the file's order."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[hosts]\ngpu-a = "{fleet["uris"]["gpu-a"]}"\n'
+                      f'gpu-b = "{fleet["uris"]["gpu-b"]}"\n')
+    monkeypatch.setenv("TDXVIRT_CONFIG", str(config))
+    result = cli("--fleet", "list", "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["host"], r["uri"], r["name"], r["gpus"]) for r in records] == [
+        ("gpu-a", fleet["uris"]["gpu-a"], "td-a", ["0000:b8:00.0"]),
+        ("gpu-b", fleet["uris"]["gpu-b"], "td-b", ["0000:1a:00.0"])]
+
+
+def test_one_host_keeps_todays_output(cli, fleet):
+    """One -c (by URI or by [hosts] name): no HOST column, no host key."""
+    for connect in (fleet["uris"]["gpu-a"], "gpu-a"):
+        result = cli("-c", connect, "list")
+        assert result.stdout.splitlines()[0].split()[:2] == ["NAME", "STATE"]
+        records = json.loads(cli("-c", connect, "list", "--json").stdout)
+        assert [sorted(r) for r in records] == [sorted(
+            ["name", "state", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib",
+             "gpus", "uptime_s", "problems"])]
+
+
+def test_an_unreachable_host_is_one_line_and_the_others_answer(cli):
+    result = cli("-c", "gpu-a", "-c", "dead", "-c", "gpu-b", "list")
+    line = one_line_error(result, 1)
+    assert line.startswith("tdxvirt: error: host dead: cannot connect to libvirt at ")
+    assert [(r[0], r[1]) for r in table(result.stdout)] == [("gpu-a", "td-a"), ("gpu-b", "td-b")]
+
+
+def test_a_host_lost_mid_list_is_one_line_and_the_others_answer(cli, fleet, tmp_path, monkeypatch):
+    """Host C's sshd and its every session are killed after C listed its domains and
+    before their XML is read: libvirt's client sees its transport close mid-list."""
+    doomed = remote_host(tmp_path / "c", fleet["sim"].chroot, fleet["sim"].socket,
+                         f"tdxvirt-fleet-c-{uuid.uuid4().hex[:8]}", devices_b(),
+                         [("td-c", ["4c:00.0"], {"mmio_window": "256G"})])
+    listing = tds.xmls_of_listed
+
+    def cut_midway(domains):
+        if domains and doomed.node.path in domains[0].connect().getURI():
+            cut(doomed.sshd)
+        return listing(domains)
+
+    monkeypatch.setattr("tdxvirt.tds.xmls_of_listed", cut_midway)
+    try:
+        result = cli("-c", "gpu-a", "-c", doomed.uri, "-c", "gpu-b", "list", "--json")
+    finally:
+        doomed.stop()
+    line = one_line_error(result, 1)
+    assert line.startswith("tdxvirt: error: host ") and "lost the libvirt connection" in line
+    assert doomed.node.path in line  # the host by its URI: it had no [hosts] name
+    assert [(r["host"], r["name"]) for r in json.loads(result.stdout)] == [
+        ("gpu-a", "td-a"), ("gpu-b", "td-b")]
+
+
+def test_the_command_itself_over_the_fleet(fleet, tmp_path):
+    """The installed command, as users run it, in a process of its own (real threads,
+    real ssh clients): one line for the host with nothing listening, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
+    empty = build_host_root(tmp_path / "no-gpu", devices=())
+    done = subprocess.run([script, "--host-root", str(empty.base), "-c", "gpu-b", "-c", "dead",
+                           "-c", "gpu-a", "gpu", "list", "--json"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TDXVIRT_CONFIG": fleet["config"]})
+    assert done.returncode == 1
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("tdxvirt: error: host dead: ")
+    assert [(g["host"], g["address"]) for g in json.loads(done.stdout)][::2] == [
+        ("gpu-b", "0000:1a:00.0"), ("gpu-b", "0000:cb:00.0"), ("gpu-a", "0000:b8:00.0")]
+
+
+def test_list_of_a_local_and_a_remote_host(cli, sim_uri):
+    """A URI naming no host is labelled by the URI itself; its TDs are libvirt's there."""
+    result = cli("-c", sim_uri, "-c", "gpu-b", "list", "--json")
+    assert result.exit_code == 0, result.output
+    hosts = {r["host"] for r in json.loads(result.stdout)}
+    assert "gpu-b" in hosts and hosts <= {"gpu-b", sim_uri}
+
+
+# ---------------------------------------------------------------- gpu list, host check
+
+
+def test_gpu_list_shows_each_hosts_own_gpus(cli):
+    records = json.loads(cli("-c", "gpu-b", "-c", "gpu-a", "gpu", "list", "--json").stdout)
+    assert [(g["host"], g["address"], g["model"], g["td"]) for g in records] == [
+        ("gpu-b", "0000:1a:00.0", "H200", "td-b"), ("gpu-b", "0000:4c:00.0", "H200", None),
+        ("gpu-b", "0000:cb:00.0", "H200", None),
+        ("gpu-a", "0000:17:00.0", "H100 SXM5 80GB", None),
+        ("gpu-a", "0000:b8:00.0", "H100 SXM5 80GB", "td-a")]
+    assert [g["numa_node"] for g in records] == [0, 0, 1, 1, 0]  # each host's node devices
+    text = cli("-c", "gpu-a", "-c", "dead", "-c", "gpu-b", "gpu", "list")
+    assert one_line_error(text, 1).startswith("tdxvirt: error: host dead: ")
+    rows = table(text.stdout)
+    assert text.stdout.splitlines()[0].split()[:2] == ["HOST", "DEVICE"]
+    assert [(r[0], r[1]) for r in rows] == [("gpu-a", "0000:17:00.0"), ("gpu-a", "0000:b8:00.0"),
+                                            ("gpu-b", "0000:1a:00.0"), ("gpu-b", "0000:4c:00.0"),
+                                            ("gpu-b", "0000:cb:00.0")]
+
+
+def test_gpu_list_modes_is_refused_before_any_host_is_asked(cli):
+    line = one_line_error(cli("-c", "gpu-a", "-c", "gpu-b", "gpu", "list", "--modes"), 2)
+    assert "read CC / PPCIe modes there" in line
+
+
+def test_host_check_checks_each_hosts_own_gpus(cli, fleet):
+    result = cli("-c", "gpu-a", "-c", "gpu-b", "-c", "dead", "host", "check", "--json")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith("tdxvirt: error: host dead: cannot connect")
+    reports = json.loads(result.stdout)
+    assert [(r["host"], r["uri"]) for r in reports] == [("gpu-a", fleet["uris"]["gpu-a"]),
+                                                        ("gpu-b", fleet["uris"]["gpu-b"])]
+    gpus = [{c["name"].split(":")[0] + ":" + c["name"].split(":")[1] + ":" +
+             c["name"].split(":")[2].split(" ")[0]
+             for c in r["checks"] if c["name"].startswith("gpu 0000")} for r in reports]
+    assert gpus == [{"gpu 0000:17:00.0", "gpu 0000:b8:00.0"},
+                    {"gpu 0000:1a:00.0", "gpu 0000:4c:00.0", "gpu 0000:cb:00.0"}]
+    text = cli("-c", "gpu-a", "-c", "gpu-b", "host", "check").stdout
+    assert text.splitlines()[0].split()[:2] == ["HOST", "CHECK"]
+    assert "gpu-a: " in text and "gpu-b: " in text  # each host's counts
+
+
+# ---------------------------------------------------------------- define --gpu any / --gpus N
+
+
+def test_define_gpu_any_picks_the_first_host_with_a_free_gpu(cli, fleet):
+    """gpu-a's 0000:b8:00.0 is held by td-a: its 0000:17:00.0 is picked; the TD is
+    defined there (libvirt on that host validated it) with that host's facts."""
+    result = cli("-c", "notdx", "-c", "tdx", "-c", "gpu-a", "-c", "gpu-b", "define", "picked",
+                 "--gpu", "any")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Picked GPU 0000:17:00.0 on gpu-a: TDX support unknown")
+    assert "not held by any domain there" in lines[0] and "CC mode unknown from here" in lines[0]
+    assert lines[1].startswith("  passed over notdx: libvirt at ") and "no TDX support" in lines[1]
+    assert lines[2].startswith("  passed over tdx: no NVIDIA GPU on host 127.0.0.1")
+    assert lines[3].startswith("  passed over gpu-b: ")
+    assert lines[4] == f"Defined TD 'picked' at {fleet['uris']['gpu-a']} (native dialect)"
+    assert "GPU 0000:17:00.0: managed hostdev" in result.stdout
+
+
+def test_define_gpus_n_passes_over_hosts_without_enough(cli, fleet):
+    """gpu-a has one free GPU; gpu-b two, whose BAR sizes tdxvirt does not know: no
+    host qualifies without --mmio-window (one line, each host's reason); with it, gpu-b."""
+    line = one_line_error(cli("-c", "gpu-a", "-c", "gpu-b", "-c", "dead", "define", "two",
+                              "--gpus", "2"), 1)
+    assert line.startswith("tdxvirt: error: no host can take this TD (gpu-a: 1 free GPU of 2, "
+                           "2 wanted; 0000:b8:00.0 held by 'td-a' | gpu-b: 0 free GPUs of 3")
+    assert "0000:4c:00.0, 0000:cb:00.0 BAR sizes unknown to tdxvirt" in line
+    assert "| dead: cannot connect to libvirt at " in line
+    result = cli("-c", "gpu-a", "-c", "gpu-b", "define", "two", "--gpus", "2",
+                 "--mmio-window", "512G", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Picked GPUs 0000:4c:00.0, 0000:cb:00.0 on gpu-b: ")
+    assert "  passed over gpu-a: 1 free GPU of 2, 2 wanted" in result.stdout
+    assert "bus='0x4c'" in result.stdout and "bus='0xcb'" in result.stdout
+    assert result.stdout.rstrip().endswith("(dry run: nothing was changed)")
+    assert f"would define 'two' at {fleet['uris']['gpu-b']}" in result.stdout
+
+
+def test_define_gpu_any_on_one_host_and_print_xml_keeps_stdout_xml(cli):
+    result = cli("-c", "gpu-b", "define", "one", "--gpu", "any", "--mmio-window", "256G",
+                 "--print-xml")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.lstrip().startswith("<domain")  # the choice is on stderr: XML stays pipeable
+    assert result.stderr.startswith("Picked GPU 0000:4c:00.0 on gpu-b: ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--gpu", "any", "--gpu", "17:00.0"), "take no other --gpu"),
+    (("--gpu", "any", "--gpus", "2"), "take no other --gpu"),
+    (("--gpus", "2", "--ppcie"), "--ppcie passes a whole HGX board"),
+])
+def test_define_pick_options_that_contradict(cli, args, message):
+    assert message in one_line_error(cli("-c", "gpu-a", "-c", "gpu-b", "define", "x", *args), 2)
+
+
+# ---------------------------------------------------------------- one-host commands
+
+
+@pytest.mark.parametrize("args", [("start", "td-a"), ("stop", "td-a"), ("undefine", "td-a"),
+                                  ("define", "x", "--gpu", "17:00.0"), ("show", "td-a"),
+                                  ("gpu", "detach", "17:00.0", "--dry-run")])
+def test_commands_on_one_host_refuse_several(cli, args):
+    line = one_line_error(cli("-c", "gpu-a", "-c", "gpu-b", *args), 2)
+    assert "this command acts on one host, and 2 were given (gpu-a, gpu-b); pass one -c" in line
+
+
+@pytest.mark.parametrize("name, gpu, extra, other", [
+    ("gpu-a", "17:00.0", (), "0000:4c:00.0"),
+    ("gpu-b", "cb:00.0", ("--mmio-window", "256G"), "0000:17:00.0"),
+])
+def test_each_host_by_its_name(cli, name, gpu, extra, other):
+    """Every command against each host named from [hosts]: that host's facts, nothing
+    of this machine read (define, start, gpu list, gpu detach --dry-run, host check,
+    undefine --remove-storage)."""
+    defined = cli("-c", name, "define", f"td-{name}", "--gpu", gpu, *extra)
+    assert defined.exit_code == 0, defined.output
+    assert f"GPU 0000:{gpu}: managed hostdev" in defined.stdout
+    missing = one_line_error(cli("-c", name, "define", "y", "--gpu", other, *extra), 2)
+    assert f"no PCI device {other} on host 127.0.0.1" in missing
+    td = "td-a" if name == "gpu-a" else "td-b"
+    assert cli("-c", name, "start", td).stdout.strip() == f"Started '{td}'"
+    listed = json.loads(cli("-c", name, "gpu", "list", "--json").stdout)
+    assert [g["td"] for g in listed if g["td"]] == [td]
+    refused = one_line_error(cli("-c", name, "gpu", "detach", gpu, "--dry-run"), 2)
+    assert "names another host; run it on that host" in refused
+    checks = json.loads(cli("-c", name, "host", "check", "--json").stdout)["checks"]
+    assert any(c["name"].startswith(f"gpu 0000:{gpu}") for c in checks)
+    undefined = cli("-c", name, "undefine", td, "--remove-storage")
+    assert undefined.exit_code == 0 and undefined.stdout.startswith(f"Undefined '{td}' (UUID ")
+    assert "removed" not in undefined.stdout  # nothing of that host's storage, nothing here
+
+
+# ---------------------------------------------------------------- which hosts
+
+
+def test_hosts_come_from_c_and_the_config_file():
+    config = Config(hosts=(("gpu-a", "qemu+ssh://root@a.example/system"),
+                           ("gpu-b", "qemu+ssh://root@b.example:2222/system")))
+    named = resolve(["gpu-b", "qemu+tls://c.example/system", "gpu-b"], False, lambda: config)
+    assert named == [Host("gpu-b", "qemu+ssh://root@b.example:2222/system"),
+                     Host("c.example", "qemu+tls://c.example/system")]  # gpu-b asked once
+    assert [h.label for h in resolve([], True, lambda: config)] == ["gpu-a", "gpu-b"]
+    # two URIs of one host keep apart by their whole URI; a libvirt alias passes through
+    same = resolve(["qemu+ssh://h/system", "test+ssh://h/x", "myalias"], False, lambda: Config())
+    assert [h.label for h in same] == ["qemu+ssh://h/system", "test+ssh://h/x", "myalias"]
+    assert resolve(["qemu:///system"], False, lambda: pytest.fail("read the config")) == [
+        Host("qemu:///system", "qemu:///system")]  # URIs alone never read the config file
+    with pytest.raises(InputError, match="give one or the other"):
+        resolve(["gpu-a"], True, lambda: config)
+    with pytest.raises(InputError, match="no \\[hosts\\] table"):
+        resolve([], True, lambda: Config())
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[hosts]\n"bad name" = "qemu:///system"\n', "host name 'bad name'"),
+    ('[hosts]\na = "gpu-a"\n', "must be a libvirt URI"),
+    ('[hosts]\na = 1\n', "must be a libvirt URI"),
+    ('hosts = "x"\n', "'hosts' must be a table"),
+])
+def test_bad_hosts_table_is_one_line(tmp_path, monkeypatch, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    monkeypatch.setenv("TDXVIRT_CONFIG", str(path))
+    result = CliRunner().invoke(main, ["--fleet", "list"])
+    assert message in one_line_error(result, 2)
+
+
+def test_fleet_and_c_together_is_one_line(cli):
+    assert "give one or the other" in one_line_error(cli("--fleet", "-c", "gpu-a", "list"), 2)
+
+
+# ---------------------------------------------------------------- this machine's GPUs: CC modes read
+
+
+def test_offer_reads_cc_modes_of_this_machines_gpus(conn, sim_uri, tmp_path, monkeypatch):
+    """A local host: GPUs from a fake host root (real H100 sysfs values), CC modes read
+    through NVIDIA's tool's stand-in, holders from the real test driver."""
+    from gpu_fakes import STANDIN, StandinTool, build, h100
+
+    from tdxvirt.facts.local import LocalFacts
+    from tdxvirt.fleet import offer
+    from tdxvirt.preflight import mode_reader
+
+    domain = f"{uuid.uuid4().int % 0xEFFF + 0x1000:04x}"
+    off, on, bound = f"{domain}:38:00.0", f"{domain}:39:00.0", f"{domain}:3a:00.0"
+    root = build(tmp_path / "root", [h100(off, group=1, driver="vfio-pci"),
+                                     h100(on, group=2, driver="vfio-pci"),
+                                     h100(bound, group=3, driver="nvidia")])
+    tool = StandinTool(root, tmp_path)
+    for name, value in tool.env.items():
+        monkeypatch.setenv(name, value)
+    tool.set_state(**{off: {"cc": "off"}, on: {"cc": "on"}, bound: {"cc": "on"}})
+    facts = LocalFacts(root, sim_uri, conn)
+    read = mode_reader(root, str(STANDIN))
+    assert read is not None, "the tests run as root"
+
+    td = offer(facts, conn, 1, read_modes=read)
+    assert td.gpus == [on] and "CC mode on where read" in td.why
+    assert td.why.startswith("TDX on") or td.why.startswith("TDX support unknown")
+    plain = offer(facts, conn, 1, tdx=False, read_modes=read)
+    assert plain.gpus == [off]  # a plain VM needs CC off
+    unmanaged = offer(facts, conn, 2, managed=False, read_modes=read)
+    assert unmanaged.gpus == []
+    assert unmanaged.why.startswith("1 free GPU of 3, 2 wanted")
+    assert f"{bound} not on vfio-pci (--no-managed)" in unmanaged.why
+    assert f"{off} CC mode off, on needed" in unmanaged.why
+    unknown = offer(facts, conn, 3, read_modes=None)
+    assert unknown.gpus == [off, on, bound] and "CC mode unknown (NVIDIA's tool" in unknown.why
