@@ -234,7 +234,8 @@ def test_a_pccs_that_cannot_be_reached_leaves_the_signature_not_checked():
     check = {c.name: c for c in report.checks}["quote signature (DCAP)"]
     assert check.result == NOT_CHECKED
     assert check.detail.startswith("cannot fetch collateral from PCCS https://127.0.0.1:1: ")
-    assert report.ok  # nothing that ran failed; the table says what did not run
+    assert not report.failed and not report.ok  # nothing failed, but nothing is proven either
+    assert "signature was not verified" in report.failure_message()
 
 
 @pytest.mark.parametrize("agent, message", [
@@ -319,7 +320,8 @@ def test_cli_json_follows_the_schema(sim_uri, conn, td_name, agent_behind_libvir
     result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--json"])
     assert result.exit_code == 1  # a random nonce: the recorded quote is a replay
     data = json.loads(result.stdout)
-    assert set(data) == {"domain", "ok", "nonce", "verification_time", "checks", "quote", "collateral", "evidence"}
+    assert set(data) == {"domain", "ok", "verified", "nonce", "verification_time", "checks", "quote",
+                         "collateral", "evidence"}
     assert data["domain"] == td_name and data["ok"] is False and len(bytes.fromhex(data["nonce"])) == 64
     assert {c["result"] for c in data["checks"]} <= {"pass", "fail", "not-checked"}
     assert all(set(c) == {"check", "result", "detail"} for c in data["checks"])
@@ -337,7 +339,8 @@ def test_cli_pccs_from_the_config_file(sim_uri, conn, td_name, agent_behind_libv
     _define(conn, td_name)
     result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--nonce", REPORTDATA.hex(),
                                           "--json"])
-    assert result.exit_code == 0, result.output  # nothing that ran failed
+    assert result.exit_code == 1, result.output  # nothing failed, but the signature is unverified
+    assert "is not attested: the quote's signature was not verified" in result.stderr
     checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
     assert checks["quote signature (DCAP)"]["result"] == "not-checked"
     assert checks["quote signature (DCAP)"]["detail"].startswith("cannot fetch collateral from PCCS https://127.0.0.1:1")

@@ -27,6 +27,7 @@ from . import QuoteFormatError
 from .quote import TdQuote, parse_quote
 
 PASS, FAIL, NOT_CHECKED = "pass", "fail", "not-checked"
+SIGNATURE = "quote signature (DCAP)"  # without a pass here nothing else is proven
 REPORT_DATA_SIZE = 64
 HEX96 = re.compile(r"^[0-9a-f]{96}$")
 RTMR3_NOTE = "extended at run time by the guest's own software; no prediction exists"
@@ -134,7 +135,7 @@ def check_register(name: str, found: bytes, prediction: Prediction) -> Check:
 
 def check_signature(verdict, missing: str) -> list[Check]:
     """The DCAP verifier's verdict (dcap.Verdict), or ``missing`` (why there is none)."""
-    signature, tcb = "quote signature (DCAP)", "platform TCB"
+    signature, tcb = SIGNATURE, "platform TCB"
     if verdict is None:
         return [Check(signature, NOT_CHECKED, missing),
                 Check(tcb, NOT_CHECKED, "the quote's signature was not verified")]
@@ -158,7 +159,7 @@ def check_quote(raw: bytes, nonce: bytes, predictions: Predictions, verdict=None
     if quote is None:
         skipped = "the quote could not be parsed"
         names = ["REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0", "RTMR1", "RTMR2", "RTMR3",
-                 "quote signature (DCAP)", "platform TCB"]
+                 SIGNATURE, "platform TCB"]
         return None, [shape, *(Check(name, NOT_CHECKED, skipped) for name in names)]
     checks = [shape, check_report_data(quote, nonce), check_debug(quote),
               check_register("MRTD", quote.mr_td, predictions.mrtd)]

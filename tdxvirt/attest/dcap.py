@@ -126,7 +126,9 @@ def load_collateral(path: str) -> Collateral:
     try:
         data = json.loads(Path(path).read_text())
     except OSError as error:
-        raise CollateralError(f"cannot read collateral file {path}: {error.strerror}") from None
+        raise CollateralError(f"cannot read collateral file {path}: {error.strerror}; give the "
+                              "collateral JSON saved from a PCCS (docs/attestation.md), or "
+                              "--pccs-url") from None
     except ValueError as error:
         raise CollateralError(f"collateral file {path} is not JSON ({error}); give dcap-qvl's "
                               "collateral JSON") from None

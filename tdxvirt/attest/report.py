@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import QuoteFormatError
 from . import dcap as dcap_verifier
-from .checks import FAIL, NOT_CHECKED, Check, Predictions, check_event_log, check_gpu, check_quote
+from .checks import FAIL, NOT_CHECKED, PASS, SIGNATURE, Check, Predictions, check_event_log, check_gpu, check_quote
 from .evidence import Evidence, collect
 from .quote import TdQuote, parse_quote
 
@@ -53,8 +53,14 @@ class AttestReport:
 
     @property
     def ok(self) -> bool:
-        """No check failed (checks not run are listed, never counted as passed)."""
-        return not self.failed
+        """No check failed and the quote's signature was verified: a quote whose
+        signature was not checked proves nothing, so a script that gates keys on the
+        exit code never passes one (other checks not run are listed, never counted)."""
+        return not self.failed and self.verified
+
+    @property
+    def verified(self) -> bool:
+        return any(c.name == SIGNATURE and c.result == PASS for c in self.checks)
 
     @property
     def failed(self) -> list[Check]:
@@ -65,7 +71,8 @@ class AttestReport:
         return [check for check in self.checks if check.result == NOT_CHECKED]
 
     def as_dict(self) -> dict:
-        return {"domain": self.domain, "ok": self.ok, "nonce": self.nonce.hex(),
+        return {"domain": self.domain, "ok": self.ok, "verified": self.verified,
+                "nonce": self.nonce.hex(),
                 "verification_time": dcap_verifier.when(self.verification_time),
                 "checks": [check.as_dict() for check in self.checks],
                 "quote": self.quote.as_dict() if self.quote else None,
@@ -73,8 +80,11 @@ class AttestReport:
                 "evidence": self.evidence.as_dict()}
 
     def failure_message(self) -> str:
-        names = ", ".join(check.name for check in self.failed)
-        return f"TD {self.domain!r} failed attestation: {names} (see the table above)"
+        if self.failed:
+            names = ", ".join(check.name for check in self.failed)
+            return f"TD {self.domain!r} failed attestation: {names} (see the table above)"
+        return (f"TD {self.domain!r} is not attested: the quote's signature was not verified "
+                "(see the table above); give --collateral FILE or --pccs-url URL")
 
 
 def assess(name: str, nonce: bytes, evidence: Evidence, predictions: Predictions,
