@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import libvirt
@@ -172,3 +175,24 @@ def discard(domain) -> None:
         domain.undefine()
     except libvirt.libvirtError:
         pass
+
+
+TDXVIRT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
+
+
+def run_sim(*args) -> subprocess.CompletedProcess:
+    """The installed tdxvirt against the emulated TDX host, in a process of its own."""
+    return subprocess.run([TDXVIRT, "--sim", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+@pytest.fixture
+def td(sim, qemu_conn):
+    """A TD with the simulated H100 defined on the emulated TDX host (1 vCPU, 1 GiB)."""
+    name = f"td-{uuid.uuid4().hex[:8]}"
+    defined = run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                      "--vcpus", "1")
+    assert defined.returncode == 0, defined.stderr
+    yield name
+    run_sim("destroy", name)
+    assert run_sim("undefine", name).returncode == 0

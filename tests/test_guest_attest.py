@@ -26,6 +26,7 @@ from conftest import one_line_error
 from test_attest_quote import V4, V4_COLLATERAL, V4_VALID_AT, matching
 from test_guest_live_agent import agent_guest_files, running_guest  # noqa: F401 (fixtures)
 from test_guest_verify import CC_OFF_F, CC_ON_F, StandInAgent
+from test_guest_verify import _define as define_test_domain
 
 from tdxvirt.attest import dcap as dcap_verifier
 from tdxvirt.attest.checks import FAIL, NOT_CHECKED, PASS, no_predictions
@@ -33,7 +34,7 @@ from tdxvirt.attest.evidence import CCEL_DATA, NVATTEST, TSM_REPORTS, collect
 from tdxvirt.attest.quote import parse_quote
 from tdxvirt.attest.report import CollateralSource, attest_domain, attest_guest
 from tdxvirt.guest import GuestNotReadyError
-from tdxvirt.guest.verify import AGENT_CHANNEL_XML, AgentCommandError, GuestExec
+from tdxvirt.guest.verify import AgentCommandError, GuestExec
 
 REPORTDATA = parse_quote(V4).report_data  # what the recorded quote carries
 NO_SUCH = "No such file or directory"
@@ -263,12 +264,7 @@ def test_a_guest_that_cannot_give_a_quote_says_why_in_one_line(agent, message):
 # --- the domain side and the CLI, on the real libvirt daemon --------------------------------------
 
 def _define(conn, name: str, channel: bool = True, running: bool = True):
-    devices = f"<devices>{AGENT_CHANNEL_XML}</devices>" if channel else ""
-    domain = conn.defineXML(f"<domain type='test'><name>{name}</name><memory>524288</memory>"
-                            f"<os><type>hvm</type></os>{devices}</domain>")
-    if running:
-        domain.create()
-    return domain
+    return define_test_domain(conn, name, channel, running)
 
 
 def _main():

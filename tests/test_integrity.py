@@ -11,6 +11,7 @@ import uuid
 
 import libvirt
 import pytest
+from conftest import run_sim
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
@@ -19,7 +20,6 @@ from scenarios import plan_for, scenarios
 from tdxvirt.integrity import problems
 from tdxvirt.render import render_domain
 
-TDXVIRT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 SCENARIOS = {s.name: s for s in scenarios()}
 TDS = sorted(name for name, s in SCENARIOS.items() if s.dialect != "plain")
 
@@ -94,20 +94,7 @@ def test_plain_vms_and_foreign_plain_domains_have_no_td_rules(tmp_path):
 
 # --- the same edits made by the tools users run, on the emulated TDX host ------------
 
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([TDXVIRT, "--sim", *args], capture_output=True, text=True, timeout=120,
-                          check=False)
-
-
-@pytest.fixture
-def td(sim, qemu_conn):
-    name = f"int-{uuid.uuid4().hex[:8]}"
-    defined = run("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
-                  "--vcpus", "1")
-    assert defined.returncode == 0, defined.stderr
-    yield name
-    run("destroy", name)
-    assert run("undefine", name).returncode == 0
+run = run_sim  # the installed tdxvirt, as users run it (conftest); `td`: conftest's
 
 
 def edited_with_virsh(sim, name: str, tmp_path, python_edit: str) -> None:

@@ -12,7 +12,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
-from test_integrity import CASES, SCENARIOS, TDS, WEAKENINGS, edited_with_virsh, golden, run, virt_xml
+from test_integrity import (
+    CASES,
+    SCENARIOS,
+    TDS,
+    WEAKENINGS,
+    edited_with_virsh,
+    golden,
+    run,
+    virt_xml,
+)
 
 from tdxvirt.domainxml import NAMESPACE
 from tdxvirt.integrity import problems
@@ -128,19 +137,6 @@ def test_a_qemu_args_td_gets_its_tdx_object_back_and_keeps_the_users_arguments(t
 
 
 # --- with the tools users run, on the emulated TDX host ---------------------------------
-
-@pytest.fixture
-def td(sim, qemu_conn):
-    import uuid
-
-    name = f"rep-{uuid.uuid4().hex[:8]}"
-    defined = run("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
-                  "--vcpus", "1")
-    assert defined.returncode == 0, defined.stderr
-    yield name
-    run("destroy", name)
-    run("undefine", name)
-
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_edits_by_real_tools_are_repaired_and_the_td_starts(case, td, sim, qemu_conn, cc_on,
