@@ -8,7 +8,6 @@ and libvirt's schema. Changes nothing anywhere.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from . import dialect as dialects
@@ -19,14 +18,12 @@ from .facts import HostFacts, facts_for
 from .host import HostRoot
 from .host.nvidia import is_nvswitch, require_gpu
 from .host.pci import PciDevice
-from .paths import state_dir
 from .policy import DomainPlan, plan_domain
 from .render import render_domain
 from .schema import validate_domain_xml
 from .spec import TDSpec
+from .storage_paths import storage_dir
 from .td_rules import td_problems
-
-LIBVIRT_IMAGES = "/var/lib/libvirt/images"
 
 
 @dataclass(frozen=True)
@@ -126,14 +123,6 @@ def _overlay_dir(spec: TDSpec, config: Config, facts: HostFacts) -> str | None:
         raise InputError("--image and --cloud-init create files on this machine, but the URI "
                          "is remote; create them on that host and pass the disk with --disk")
     return storage_dir(config)
-
-
-def storage_dir(config: Config) -> str:
-    """The directory of this machine where tdxvirt creates overlays and seeds; also the
-    only directory `undefine --remove-storage` deletes from (tdxvirt.storage_paths)."""
-    if config.overlay_dir:
-        return config.overlay_dir
-    return LIBVIRT_IMAGES if os.path.isdir(LIBVIRT_IMAGES) else str(state_dir() / "images")
 
 
 def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,

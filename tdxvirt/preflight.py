@@ -9,8 +9,6 @@ pool, CC modes) is left to the start itself.
 
 from __future__ import annotations
 
-import os
-
 from .conn import xml_of_listed
 from .domainxml import DomainXML, read_domain_xml
 from .errors import NotFoundError
@@ -62,30 +60,6 @@ def _held_by_running(conn, name: str, gpus: tuple[str, ...]) -> list[str]:
             problems.append(f"{address} is in use by running domain {other.name()!r}; "
                             f"stop it first (`tdxvirt stop {other.name()}`)")
     return problems
-
-
-def mode_reader(host: HostRoot, tool_path: str | None = None):
-    """A reader of the GPUs' CC / PPCIe modes through NVIDIA's tool, or None when they
-    cannot be read here (the tool is not installed, not root, or a fake host root
-    with no tool named for it)."""
-    from .errors import TdxvirtError
-    from .gpu import admin_tool, ccmode
-    from .gpu.devices import NVSWITCH, kind_of
-
-    if os.geteuid() != 0:
-        return None
-    try:
-        tool = admin_tool.locate(tool_path, host)
-    except admin_tool.UntrustedToolError:
-        raise  # a tool others could change is refused, never silently skipped
-    except TdxvirtError:
-        return None
-
-    def read(devices):
-        with_ppcie = any(kind_of(d) == NVSWITCH for d in devices)
-        return ccmode.query(tool, devices, with_ppcie=with_ppcie)
-
-    return read
 
 
 def _mode_problems(host: HostFacts, facts, read_modes) -> list[str]:

@@ -11,7 +11,7 @@ every rule below holds for it, and every recorded file is checked before any is 
    ``<storage dir>/<name>-seed.iso`` for the seed (tdxvirt.policy.overlay_path,
    seed_path), where <storage dir> is the directory this machine's configuration
    picks (defaults.overlay_dir, else /var/lib/libvirt/images when it exists, else
-   <state dir>/images: tdxvirt.assemble.storage_dir). The directory recorded in the
+   <state dir>/images: storage_dir below). The directory recorded in the
    metadata is not trusted: its only source is the XML. A path that is relative, has
    an added ``..`` or ``//``, or belongs to another name or directory fails this
    (a string comparison, before any file system access). Cost: after a domain
@@ -38,6 +38,19 @@ import stat
 from dataclasses import dataclass
 
 from .errors import InputError, TdxvirtError
+
+LIBVIRT_IMAGES = "/var/lib/libvirt/images"
+
+
+def storage_dir(config) -> str:
+    """The directory of this machine where tdxvirt creates overlays and seeds (config
+    overlay_dir, else libvirt's images directory, else the state directory's); also the
+    only directory `undefine --remove-storage` deletes from."""
+    from .paths import state_dir
+
+    if config.overlay_dir:
+        return config.overlay_dir
+    return LIBVIRT_IMAGES if os.path.isdir(LIBVIRT_IMAGES) else str(state_dir() / "images")
 
 # O_PATH: directories need no read permission to be walked; unlinkat accepts the fd.
 _DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -100,8 +113,6 @@ class StorageRemoval:
             from .config import load_config
 
             config = load_config()
-        from .assemble import storage_dir
-
         directory = storage_dir(config)
         expected = {"overlay": f"{name}.qcow2", "seed": f"{name}-seed.iso"}
         devices = {"overlay": ("disk",), "seed": ("disk", "cdrom")}

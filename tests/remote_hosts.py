@@ -259,7 +259,7 @@ def forbid_local_reads(monkeypatch, base: str) -> None:
 
     monkeypatch.setattr(LocalFacts, "__init__", refuse("built this machine's facts"))
     monkeypatch.setattr(Session, "host", property(lambda self: exploding_root(base)))
-    monkeypatch.setattr("tdxvirt.preflight.mode_reader", refuse("looked for NVIDIA's tool here"))
+    monkeypatch.setattr("tdxvirt.gpu.modes.mode_reader", refuse("looked for NVIDIA's tool here"))
     monkeypatch.setattr("tdxvirt.policy.inspect_image", refuse("ran qemu-img here"))
     monkeypatch.setattr("tdxvirt.build.artifacts.recorded", refuse("read this machine's builds"))
     monkeypatch.setattr("tdxvirt.host.firmware.find_tdx_ovmf", refuse("read firmware descriptors"))

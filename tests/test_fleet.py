@@ -392,7 +392,7 @@ def test_offer_reads_cc_modes_of_this_machines_gpus(conn, sim_uri, tmp_path, mon
 
     from tdxvirt.facts.local import LocalFacts
     from tdxvirt.fleet import offer
-    from tdxvirt.preflight import mode_reader
+    from tdxvirt.gpu.modes import mode_reader
 
     domain = f"{uuid.uuid4().int % 0xEFFF + 0x1000:04x}"
     off, on, bound = f"{domain}:38:00.0", f"{domain}:39:00.0", f"{domain}:3a:00.0"

@@ -9,8 +9,8 @@ from lxml import etree
 
 from tdxvirt.cli import main
 from tdxvirt.conn import open_connection
+from tdxvirt.facts.libvirt import parse_nodedev_xml
 from tdxvirt.gpu.discovery import discover
-from tdxvirt.gpu.nodedevs import parse_nodedev_xml
 from tdxvirt.pci import PciAddress
 from tdxvirt.units import GIB, MIB
 

@@ -215,7 +215,7 @@ def standin_tool(tmp_path, monkeypatch):
 
 
 def test_preflight_reads_cc_mode_with_nvidias_tool(conn, gpu_host, td_name, standin_tool):
-    from tdxvirt.preflight import mode_reader
+    from tdxvirt.gpu.modes import mode_reader
 
     host, gpu = gpu_host
     make, script = standin_tool
@@ -231,7 +231,7 @@ def test_preflight_reads_cc_mode_with_nvidias_tool(conn, gpu_host, td_name, stan
 
 
 def test_preflight_wants_cc_off_for_a_plain_vm(conn, gpu_host, td_name, standin_tool):
-    from tdxvirt.preflight import mode_reader
+    from tdxvirt.gpu.modes import mode_reader
 
     host, gpu = gpu_host
     make, script = standin_tool
@@ -242,8 +242,8 @@ def test_preflight_wants_cc_off_for_a_plain_vm(conn, gpu_host, td_name, standin_
 
 
 def test_no_tool_means_modes_are_not_checked(monkeypatch):
+    from tdxvirt.gpu.modes import mode_reader
     from tdxvirt.host import HostRoot
-    from tdxvirt.preflight import mode_reader
 
     monkeypatch.delenv("TDXVIRT_GPU_TOOLS", raising=False)
     assert mode_reader(HostRoot("/"), "/nonexistent/nvidia_gpu_tools.py") is None
@@ -253,7 +253,7 @@ def test_real_tool_is_never_run_below_a_fake_root(host_root, monkeypatch):
     """NVIDIA's real tool reads real devices; below a fake root only a named one runs."""
     from tdxvirt.errors import HostNotReadyError as NotReady
     from tdxvirt.gpu.admin_tool import locate
-    from tdxvirt.preflight import mode_reader
+    from tdxvirt.gpu.modes import mode_reader
 
     monkeypatch.delenv("TDXVIRT_GPU_TOOLS", raising=False)
     assert mode_reader(host_root) is None

@@ -123,7 +123,7 @@ def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSour
         missing_agent_message,
         silent_agent_message,
     )
-    from ..tds import lookup, parsable_xml
+    from ..lookup import lookup, parsable_xml
 
     domain = lookup(conn, name)
     name = domain.name()

@@ -109,7 +109,7 @@ def _gpu_checks(facts: HostFacts, gpu: PciDevice, read_modes=None) -> list[Check
 
 
 def _cc_check(name: str, gpu: PciDevice, read_modes) -> Check:
-    """CC mode through NVIDIA's tool (preflight.mode_reader) when it can run here."""
+    """CC mode through NVIDIA's tool (gpu.modes.mode_reader) when it can run here."""
     if isinstance(read_modes, str):  # the named tool was refused (run as root)
         return Check(f"{name}: cc mode", FAIL, f"not read: {read_modes}",
                      "give a tool only root can change (see FOUND)")
@@ -143,7 +143,7 @@ def checks(ctx: Context) -> list[Check]:
     read_modes = None
     if not ctx.remote:  # NVIDIA's tool runs on this machine's GPUs only
         from ..gpu.admin_tool import UntrustedToolError, locate
-        from ..preflight import mode_reader
+        from ..gpu.modes import mode_reader
 
         try:
             locate(None, ctx.root)

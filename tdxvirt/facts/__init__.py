@@ -98,7 +98,7 @@ class HostFacts:
 
     # --- GPU modes, storage -----------------------------------------------------
     def mode_reader(self, tool_path: str | None = None) -> Callable | None:
-        """A reader of GPUs' CC / PPCIe modes (tdxvirt.preflight.mode_reader), or None:
+        """A reader of GPUs' CC / PPCIe modes (tdxvirt.gpu.modes.mode_reader), or None:
         the modes are unknown."""
         raise NotImplementedError
 

@@ -89,7 +89,7 @@ class LocalFacts(HostFacts):
         return recorded()
 
     def mode_reader(self, tool_path: str | None = None):
-        from ..preflight import mode_reader
+        from ..gpu.modes import mode_reader
 
         return mode_reader(self.host, tool_path)
 

@@ -372,7 +372,7 @@ def agent_channel_state(domain_xml: str) -> str | None:
 
 
 def verify_domain(conn, name: str, timeout: float = DEFAULT_TIMEOUT) -> VerifyReport:
-    from ..tds import lookup
+    from ..lookup import lookup
 
     domain = lookup(conn, name)
     name = domain.name()  # the resolved name (lookup refuses an ambiguous argument)
