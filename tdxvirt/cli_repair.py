@@ -29,6 +29,10 @@ def repair(session, name, mmio_window, dry_run):
     window = None if mmio_window is None else parse_size(mmio_window, "--mmio-window")
     conn = session.conn()
     result = repair_td(conn, session.facts(conn), name, dry_run=dry_run, window_override=window)
+    if not result.is_td:
+        click.echo(f"{quoted(result.name)} is not a TD (no TDX launch security, and tdxvirt did "
+                   "not define it as one): nothing to repair")
+        return
     if not result.needed:
         click.echo(f"{quoted(result.name)} is the TD tdxvirt defined: nothing to repair")
         return

@@ -35,6 +35,27 @@ def bdf_of(address) -> str:
         int(address.get(k), 16) for k in ("domain", "bus", "slot", "function"))
 
 
+def _object_fields(text: str) -> dict[str, str]:
+    """An -object's properties: JSON ({"qom-type": ..., "id": ...}) or QEMU's
+    key=value list, whose first bare word is the type."""
+    import json
+
+    if text.startswith("{"):
+        try:
+            fields = json.loads(text)
+        except ValueError:
+            return {}
+        return {k: str(v) for k, v in fields.items()} if isinstance(fields, dict) else {}
+    fields = {}
+    for index, part in enumerate(text.split(",")):
+        key, equals, value = part.partition("=")
+        if not equals and index == 0:
+            fields["qom-type"] = key
+        elif equals:
+            fields[key] = value
+    return fields
+
+
 def parse(xml: str):
     """The root element of a domain's XML text."""
     return etree.fromstring(xml.encode())
@@ -90,8 +111,44 @@ class DomainXML:
 
     # --- what makes it a TD -----------------------------------------------------------
     def has_tdx_object(self) -> bool:
-        """The qemu-args dialect's tdx-guest object is in <qemu:commandline>."""
+        """The qemu-args dialect's tdx-guest object is in <qemu:commandline> (or any
+        argument names it: how a domain other tools defined is recognised as a TD)."""
         return any("tdx-guest" in a for a in self.qemu_args)
+
+    def qemu_option_groups(self) -> list[tuple[str, list[str]]]:
+        """<qemu:arg> values grouped as QEMU reads them: (option without its dashes,
+        its values), e.g. ('machine', ['confidential-guest-support=tdx'])."""
+        groups: list[tuple[str, list[str]]] = []
+        for value in self.qemu_args:
+            if value.startswith("-") or not groups:
+                groups.append((value.lstrip("-"), []))
+            else:
+                groups[-1][1].append(value)
+        return groups
+
+    def tdx_object_ids(self) -> set[str]:
+        """The ids of the tdx-guest objects <qemu:commandline> creates (``-object`` in
+        JSON or key=value form)."""
+        ids = set()
+        for option, values in self.qemu_option_groups():
+            if option != "object" or not values:
+                continue
+            fields = _object_fields(values[0])
+            if fields.get("qom-type") == "tdx-guest" and fields.get("id"):
+                ids.add(fields["id"])
+        return ids
+
+    def commandline_confidential_guest_support(self) -> str | None:
+        """The confidential-guest-support <qemu:commandline> gives the machine: QEMU
+        merges every -machine, so the last one that names it wins (None: none does)."""
+        found = None
+        for option, values in self.qemu_option_groups():
+            if option in ("machine", "M") and values:
+                for part in values[0].split(","):
+                    key, _, value = part.partition("=")
+                    if key == "confidential-guest-support":
+                        found = value
+        return found
 
     def os_child(self, tag: str):
         return self._children.get("os", {}).get(tag)

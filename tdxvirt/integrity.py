@@ -69,21 +69,34 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
 
     launch = domain.launch
     if dialect == "qemu-args" or (not dialect and launch is None):
-        if commandline_kept and not domain.has_tdx_object():
+        # The object alone protects nothing: QEMU uses it only when -machine's
+        # confidential-guest-support names it (the last -machine that sets it wins).
+        ids = domain.tdx_object_ids()
+        support = domain.commandline_confidential_guest_support()
+        if commandline_kept and not ids:
             found.append(Problem("its tdx-guest object is gone from <qemu:commandline>: it would "
                                  "boot as an ordinary, unprotected VM", edit, kind="tdx-object"))
-    elif launch is None:
-        found.append(Problem("<launchSecurity type='tdx'> was removed: it would boot as an "
-                             "ordinary, unprotected VM", edit, kind="launch-security"))
+        elif commandline_kept and support not in ids:
+            found.append(Problem("-machine confidential-guest-support no longer names its tdx-guest "
+                                 f"object ({'unset' if support is None else repr(support)}): it would "
+                                 "boot as an ordinary, unprotected VM", edit, kind="tdx-object"))
     else:
-        policy = (launch.findtext("policy") or "").strip()
-        try:
-            bad = int(policy.removeprefix("0x"), 16) & ~POLICY_ALLOWED
-        except ValueError:
-            bad = -1
-        if bad:
-            found.append(Problem(f"TDX policy {policy!r} is not one libvirt allows "
-                                 "(only 0x1 debug and 0x10000000 SEPT #VE disable)", edit, kind="policy"))
+        if launch is None:
+            found.append(Problem("<launchSecurity type='tdx'> was removed: it would boot as an "
+                                 "ordinary, unprotected VM", edit, kind="launch-security"))
+        else:
+            policy = (launch.findtext("policy") or "").strip()
+            try:
+                bad = int(policy.removeprefix("0x"), 16) & ~POLICY_ALLOWED
+            except ValueError:
+                bad = -1
+            if bad:
+                found.append(Problem(f"TDX policy {policy!r} is not one libvirt allows (only 0x1 "
+                                     "debug and 0x10000000 SEPT #VE disable)", edit, kind="policy"))
+        if domain.commandline_confidential_guest_support() is not None:
+            found.append(Problem("<qemu:commandline> sets -machine confidential-guest-support, "
+                                 "overriding libvirt's TDX launch security: it could boot "
+                                 "unprotected", edit, kind="support-override"))
 
     loader = domain.os_child("loader")
     # <os firmware='efi'> with TDX launch security and no loader: libvirt picks, on the

@@ -28,7 +28,7 @@ from lxml import etree
 
 from .domainxml import MMIO_FWCFG, QEMU_NS, DomainXML
 from .errors import InputError
-from .integrity import Problem, problems
+from .integrity import Problem, intended_tdx, problems
 
 DEFAULT_POLICY = "0x10000000"
 _QEMU = f"{{{QEMU_NS}}}"
@@ -45,6 +45,7 @@ class Repair:
     remove_managed_save: bool = False
     left: list[Problem] = field(default_factory=list)  # problems no fix could address
     running: bool = False  # a repair of a running TD takes effect at its next start
+    is_td: bool = True  # False: a plain VM or another tool's non-TDX domain (nothing to keep)
 
     @property
     def needed(self) -> bool:
@@ -92,7 +93,7 @@ def plan_repair(xml: str, *, libvirt_version: int | None, window_needed_mib=None
                                      window_needed_mib=window_needed_mib,
                                      commandline_kept=commandline_kept)
                  if p.kind not in {q.kind for q in left}]
-    return Repair(name, before, after, fixer.changes, managed_save, left)
+    return Repair(name, before, after, fixer.changes, managed_save, left, is_td=intended_tdx(root))
 
 
 def _text(root) -> str:
@@ -135,7 +136,17 @@ class _Fixer:
                             "another tool or an older tdxvirt)")
 
     def policy(self) -> None:
-        self.launch_security()
+        """Only the policy: the quote service and MR values the user set stay."""
+        recorded = self._recorded("launchSecurity")
+        value = DEFAULT_POLICY if recorded is None else (recorded.findtext("policy") or DEFAULT_POLICY)
+        launch = self.root.find("launchSecurity")
+        policy = launch.find("policy")
+        if policy is None:
+            policy = etree.SubElement(launch, "policy")
+        policy.text = value
+        self.changes.append(f"set the TDX policy back to {value}"
+                            + ("" if recorded is not None else " (tdxvirt's default: this TD's own "
+                               "was not recorded)"))
 
     def loader(self) -> None:
         os_element = self._child("os")
@@ -209,7 +220,7 @@ class _Fixer:
         recorded = self._recorded(f"{_QEMU}commandline")
         if recorded is None:
             raise InputError(
-                f"{self.root.findtext('name')!r} lost its tdx-guest object and tdxvirt did not record "
+                f"{self.root.findtext('name')!r} lost its tdx-guest protection and tdxvirt did not record "
                 "its QEMU arguments (defined by another tool or an older tdxvirt): undefine it and "
                 "`tdxvirt define` it again")
         line = self._commandline()
@@ -218,12 +229,31 @@ class _Fixer:
         ours_values = [_values(group) for group in ours]
         for arg in list(line):
             line.remove(arg)
-        # tdxvirt's arguments first, as defined; then the user's own, in their order
-        for group in ours + [g for g in kept if _values(g) not in ours_values]:
+        # tdxvirt's arguments first, as defined; then the user's own, in their order, but
+        # none that points the machine's confidential-guest-support elsewhere
+        users = [g for g in kept if _values(g) not in ours_values and not _sets_support(g)]
+        for group in ours + users:
             for arg in group:
                 arg.tail = None
                 line.append(copy.deepcopy(arg))
         self.changes.append("put back the tdx-guest object and the QEMU arguments tdxvirt defined")
+
+    def support_override(self) -> None:
+        """Drop confidential-guest-support from every -machine of <qemu:commandline>
+        (libvirt sets it from <launchSecurity>); a -machine left empty goes."""
+        line = self._commandline()
+        for group in _option_groups(list(line)):
+            if not _sets_support(group):
+                continue
+            kept = [p for p in group[1].get("value").split(",")
+                    if p.partition("=")[0] != "confidential-guest-support"]
+            if kept:
+                group[1].set("value", ",".join(kept))
+            else:
+                for arg in group:
+                    line.remove(arg)
+        self.changes.append("removed the -machine confidential-guest-support that overrode "
+                            "libvirt's TDX launch security")
 
     def _commandline(self):
         line = self.root.find(f"{_QEMU}commandline")
@@ -300,6 +330,14 @@ def _option_groups(args) -> list[list]:
     return groups
 
 
+def _sets_support(group) -> bool:
+    """A -machine (or -M) group that sets confidential-guest-support."""
+    option = (group[0].get("value") or "").lstrip("-")
+    return option in ("machine", "M") and len(group) > 1 and any(
+        part.partition("=")[0] == "confidential-guest-support"
+        for part in (group[1].get("value") or "").split(","))
+
+
 def _values(group) -> list[str]:
     return [arg.get("value") for arg in group]
 
@@ -316,6 +354,7 @@ _FIXES = {
     "shared-memory": _Fixer.shared_memory,
     "hugepages": _Fixer.hugepages,
     "tdx-object": _Fixer.tdx_object,
+    "support-override": _Fixer.support_override,
     "window-missing": _Fixer.window,
     "window-small": _Fixer.window,
     "window-twice": _Fixer.window,
@@ -334,8 +373,9 @@ def repair_td(conn, host, name, *, dry_run: bool = False,
     host's facts, tdxvirt.facts.facts_for); with ``dry_run`` only say what would change.
 
     Nothing is changed unless every problem has a fix; a failure after the redefine
-    (the managed-save image cannot be removed, or libvirt rewrote the XML into
-    something still broken) puts the previous definition back."""
+    (libvirt rewrote the XML into something still broken, or the managed-save image
+    cannot be removed) puts the previous definition back. The image is removed last,
+    after the repaired definition checked clean: it cannot be put back."""
     from . import locks, tds
     from .conn import libvirt_error_type, translate
     from .errors import HostNotReadyError
@@ -345,6 +385,12 @@ def repair_td(conn, host, name, *, dry_run: bool = False,
     domain = tds.lookup(conn, name)
     name = domain.name()
     xml = tds.parsable_xml(domain.XMLDesc(_XML_SECURE | _XML_INACTIVE))
+    if DomainXML.of(xml).name != name:  # a character XML forbids, made readable for lxml
+        from .textsafe import quoted
+
+        raise InputError(f"the name of {quoted(name)} holds characters XML does not allow, so "
+                         "tdxvirt cannot redefine it under that name; rename it first "
+                         "(`virsh domrename OLD NEW`), then repair it")
     inputs = tds.integrity_inputs(conn, domain, facts)
     repair = plan_repair(xml, window_override=window_override, **inputs)
     repair.running = bool(domain.isActive())
@@ -365,18 +411,36 @@ def repair_td(conn, host, name, *, dry_run: bool = False,
                 conn.defineXMLFlags(repair.after, tds.DEFINE_VALIDATE)
             except error_type as error:
                 raise translate(error, f"libvirt refused the repaired {name!r} (nothing was changed)") from None
-        try:
-            if repair.remove_managed_save:
-                domain.managedSaveRemove(0)
-            still = tds.integrity_problems(conn, domain, domain.XMLDesc(_XML_INACTIVE), facts)
+            # checked before the managed-save image goes: that holds the guest's memory
+            # and cannot be put back, a definition can
+            inputs = {**tds.integrity_inputs(conn, domain, facts), "managed_save": False}
+            still = problems(tds.parsable_xml(domain.XMLDesc(_XML_INACTIVE)), **inputs)
             if still:
+                _put_back(conn, xml, name, error_type)
                 raise HostNotReadyError(f"{name!r} is still not the TD it was defined as after the "
                                         f"repair: {still[0]}; the previous definition was put back")
-        except (error_type, HostNotReadyError) as error:
-            if repair.changes:
-                conn.defineXMLFlags(xml, 0)  # back to what it was: no half-repaired TD
-            if isinstance(error, HostNotReadyError):
-                raise
-            raise translate(error, f"cannot remove the managed-save image of {name!r}; the "
-                                   "previous definition was put back") from None
+        if repair.remove_managed_save:
+            try:
+                domain.managedSaveRemove(0)
+            except error_type as error:
+                if repair.changes:
+                    _put_back(conn, xml, name, error_type)
+                raise translate(error, f"cannot remove the managed-save image of {name!r}; "
+                                       "the previous definition was put back") from None
     return repair
+
+
+def _put_back(conn, xml: str, name: str, error_type) -> None:
+    """Redefine the definition the repair replaced; when even that fails, say which
+    definition is in place now (the repaired one) and how to look at it."""
+    from .errors import HostNotReadyError
+
+    try:
+        conn.defineXMLFlags(xml, 0)
+    except error_type as error:
+        from .conn import message
+
+        raise HostNotReadyError(
+            f"the repair of {name!r} failed and putting its previous definition back failed too "
+            f"({message(error)}): the repaired definition is in place; `tdxvirt show {name}` "
+            "lists what is still wrong") from None

@@ -47,7 +47,42 @@ WEAKENINGS = {
     "policy": lambda r: setattr(r.find("launchSecurity/policy"), "text", "0x10000002"),
     "window": lambda r: r.remove(r.find("{http://libvirt.org/schemas/domain/qemu/1.0}commandline")),
     "iommufd": lambda r: r.find("devices/hostdev").remove(r.find("devices/hostdev/driver")),
+    # a later -machine wins in QEMU: this one would replace libvirt's TDX launch security
+    "support override": lambda r: [etree.SubElement(
+        r.find(f"{{{QEMU}}}commandline"), f"{{{QEMU}}}arg", value=v)
+        for v in ("-machine", "confidential-guest-support=")],
 }
+QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def _qemu_args_td(tmp_path, edit) -> list:
+    """The problems of the golden qemu-args TD after ``edit`` of its argument values."""
+    _, xml = golden("qemu-args", tmp_path)
+    root = etree.fromstring(xml.encode())
+    line = root.find(f"{{{QEMU}}}commandline")
+    values = edit([a.get("value") for a in line])
+    for arg in list(line):
+        line.remove(arg)
+    for value in values:
+        etree.SubElement(line, f"{{{QEMU}}}arg", value=value)
+    return problems(root, libvirt_version=11_003_000)
+
+
+def test_a_qemu_args_td_is_protected_only_while_the_machine_uses_its_tdx_object(tmp_path):
+    assert _qemu_args_td(tmp_path, lambda v: v) == []
+    machine = "confidential-guest-support=tdx"
+    without_machine = _qemu_args_td(tmp_path, lambda v: [x for i, x in enumerate(v)
+                                                         if machine not in v[i:i + 2]])
+    overridden = _qemu_args_td(tmp_path, lambda v: v + ["-machine", "confidential-guest-support="])
+    renamed = _qemu_args_td(tmp_path, lambda v: [x.replace('"id":"tdx"', '"id":"other"') for x in v])
+    named_only = _qemu_args_td(tmp_path, lambda v: [x for x in v if "qom-type" not in x and x != "-object"]
+                               + ["-name", "guest=tdx-guest"])
+    for found in (without_machine, overridden, renamed, named_only):
+        assert [p.kind for p in found] == ["tdx-object"], found
+        assert "ordinary, unprotected VM" in found[0].what
+    key_value = _qemu_args_td(tmp_path, lambda v: [
+        "tdx-guest,id=tdx,attributes=0x10000000" if "qom-type" in x else x for x in v])
+    assert key_value == []  # QEMU's key=value form of the same object
 
 
 def golden(name: str, tmp_path):

@@ -136,6 +136,43 @@ def test_a_qemu_args_td_gets_its_tdx_object_back_and_keeps_the_users_arguments(t
     assert values.count("-fw_cfg") == 1
 
 
+def test_a_qemu_args_td_gets_its_machine_back_and_loses_an_override(tmp_path):
+    plan, xml = golden("qemu-args", tmp_path)
+    root = etree.fromstring(xml.encode())
+    line = root.find("{http://libvirt.org/schemas/domain/qemu/1.0}commandline")
+    for arg in [a for a in line if a.get("value") in ("-machine", "confidential-guest-support=tdx")]:
+        line.remove(arg)  # the machine no longer uses the object
+    for value in ("-machine", "confidential-guest-support=", "-device", "virtio-rng-pci"):
+        etree.SubElement(line, line.tag.replace("commandline", "arg"), value=value)
+    repair = _repaired(etree.tostring(root).decode(), plan)
+    assert repair.left == [] and problems(repair.after, libvirt_version=12_008_000) == []
+    values = [a.get("value") for a in etree.fromstring(repair.after.encode()).find(line.tag)]
+    assert "confidential-guest-support=tdx" in values and "confidential-guest-support=" not in values
+    assert values[-2:] == ["-device", "virtio-rng-pci"]  # the user's own argument stays
+
+
+def test_a_policy_repair_keeps_the_quote_service_and_measurement_values(tmp_path):
+    plan, xml = golden("native-unix-qgs", tmp_path)
+    root = etree.fromstring(xml.encode())
+    mark = root.find(f"metadata/{{{NAMESPACE}}}td")
+    mark.remove(mark.find(f"{{{NAMESPACE}}}protected"))  # no record: the default policy
+    root.find("launchSecurity/policy").text = "0x10000005"
+    root.find("launchSecurity/mrConfigId").text = "A" * 64  # the user's own, since define
+    repair = _repaired(etree.tostring(root).decode(), plan)
+    launch = etree.fromstring(repair.after.encode()).find("launchSecurity")
+    assert launch.findtext("policy") == DEFAULT_POLICY
+    assert launch.findtext("mrConfigId") == "A" * 64
+    assert launch.find("quoteGenerationService") is not None
+    assert repair.changes == ["set the TDX policy back to 0x10000000 (tdxvirt's default: this TD's "
+                              "own was not recorded)"]
+
+
+def test_a_plain_vm_is_not_a_td_to_repair(tmp_path):
+    plan, xml = golden("plain", tmp_path)
+    repair = plan_repair(xml, libvirt_version=12_008_000)
+    assert not repair.is_td and not repair.needed
+
+
 # --- with the tools users run, on the emulated TDX host ---------------------------------
 
 @pytest.mark.parametrize("case", sorted(CASES))
