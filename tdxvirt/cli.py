@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -79,8 +80,11 @@ class Session:
     (``--fleet``) the config file's [hosts] (tdxvirt.fleet.resolve)."""
 
     def __init__(self, uri: str | tuple[str, ...] | None, sim: bool, host_root: str | None,
-                 fleet: bool = False):
+                 fleet: bool = False, host_timeout: float | None = None):
+        from .fleet import DEFAULT_TIMEOUT
+
         self.sim = sim
+        self.host_timeout = host_timeout or DEFAULT_TIMEOUT  # each host's deadline in a fleet
         connects = (uri,) if isinstance(uri, str) else tuple(uri or ())
         self._connects = connects
         self._fleet = fleet
@@ -90,6 +94,7 @@ class Session:
             else None
         self._host_root = host_root
         self._conn = None
+        self._connect_uri: str | None = None  # a fleet host's URI as opened (Host.connect_uri)
         self.label: str | None = None  # its name in a fleet's HOST column
         self._started = False  # the simulated host is already up (each_host started it)
         if sim and host_root is None:
@@ -117,8 +122,10 @@ class Session:
 
     @property
     def several(self) -> bool:
-        """Several hosts named: list, gpu list and host check ask them all."""
-        return len(self.hosts) > 1
+        """A fleet was asked for (--fleet, or -c given more than once): list, gpu list
+        and host check ask every host and answer in the fleet's shape (a HOST column,
+        host and uri in JSON), even when the names come down to one host."""
+        return self._fleet or len(self._connects) > 1
 
     @property
     def uri(self) -> str:
@@ -148,8 +155,9 @@ class Session:
             control.up()
         sessions = []
         for host in self.hosts:
-            session = Session(host.uri, self.sim, self._host_root)
+            session = Session(host.uri, self.sim, self._host_root, host_timeout=self.host_timeout)
             session.label, session._started = host.label, True
+            session._connect_uri = host.connect_uri  # ssh never prompts: hosts run at once
             sessions.append(session)
         return sessions
 
@@ -178,7 +186,7 @@ class Session:
                 control.up()
             from .conn import open_connection
 
-            self._conn = open_connection(self.uri)
+            self._conn = open_connection(self._connect_uri or self.uri)
         return self._conn
 
     def close(self) -> None:
@@ -219,6 +227,10 @@ def _gpu_addresses(ctx, param, incomplete):
                    "(list, gpu list, host check; define --gpu any picks one).")
 @click.option("--fleet", is_flag=True,
               help="Every host of the config file's [hosts], in its order (instead of -c).")
+@click.option("--host-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              envvar="TDXVIRT_HOST_TIMEOUT",
+              help="With several hosts (or define --gpu any): seconds each host has to answer "
+                   "before it is reported as not answering (default 30).")
 @click.option("--sim", is_flag=True, envvar="TDXVIRT_SIM", is_eager=True,
               help="Use the simulated TDX host (libvirt's qemu driver on the emulated TDX host + fake host root).")
 @click.option("--host-root", metavar="DIR", envvar="TDXVIRT_HOST_ROOT",
@@ -229,9 +241,9 @@ def _gpu_addresses(ctx, param, incomplete):
               callback=lambda ctx, param, value: _version(ctx, param, value),
               help="Show tdxvirt's version and libvirt's (library, and the daemon at the URI).")
 @click.pass_context
-def main(ctx, uri, sim, host_root, fleet):
+def main(ctx, uri, sim, host_root, fleet, host_timeout):
     """Intel TDX trust domains with NVIDIA GPUs, through libvirt."""
-    ctx.obj = Session(uri, sim, host_root, fleet)
+    ctx.obj = Session(uri, sim, host_root, fleet, host_timeout)
 
 
 @main.command()
@@ -296,14 +308,22 @@ def main(ctx, uri, sim, host_root, fleet):
 @pass_session
 def define(session, name, print_xml, dry_run, no_tdx, gpu_count, **options):
     """Define a TD with GPUs passed through (NAME defaults to one from the GPU)."""
+    count = _gpus_to_pick(options["gpus"], gpu_count, options["ppcie"], options["allow_shared"])
+    if not count:
+        _define(session, name, print_xml, dry_run, no_tdx, options)
+        return
+    # --gpu any / --gpus N: the host and GPUs are tdxvirt's pick, said before, and held
+    # (fleet.claimed) from the choice until the TD is defined
+    with _picked(session, count, not no_tdx, options["managed"], options["mmio_window"],
+                 to_stderr=print_xml) as (chosen, gpus):
+        _define(chosen, name, print_xml, dry_run, no_tdx, {**options, "gpus": tuple(gpus)})
+
+
+def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
     from . import tds
     from .conn import is_remote
     from .spec import TDSpec
 
-    count = _gpus_to_pick(options["gpus"], gpu_count, options["ppcie"])
-    if count:  # --gpu any / --gpus N: the host and GPUs are tdxvirt's pick, said before
-        session, options["gpus"] = _pick(session, count, not no_tdx, options["managed"],
-                                          options["mmio_window"], to_stderr=print_xml)
     # For a remote URI the files named are that host's: not looked for here.
     spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=is_remote(session.uri), **options)
     if print_xml or dry_run:
@@ -326,7 +346,8 @@ def define(session, name, print_xml, dry_run, no_tdx, gpu_count, **options):
     _describe(td, session.uri)
 
 
-def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool) -> int:
+def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool,
+                  allow_shared: bool) -> int:
     """How many GPUs define is to pick itself (0: the user named them)."""
     from .errors import InputError
 
@@ -339,14 +360,22 @@ def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool) -> int:
     if ppcie:
         raise InputError("--ppcie passes a whole HGX board through: name its GPUs with --gpu "
                          "BDF (or none for all), not --gpu any / --gpus N")
+    if allow_shared:  # a pick gives a free GPU: sharing one is a choice made by name
+        raise InputError("--allow-shared gives a GPU another domain holds, and --gpu any / "
+                         "--gpus N pick free ones; name the shared GPU with --gpu BDF instead")
     return count or 1
 
 
-def _pick(session, count: int, tdx: bool, managed: bool, mmio_window: str | None,
-          to_stderr: bool):
-    """The session of the host that gives ``count`` free GPUs (the first in the order
-    given), and those GPUs; the choice and why are printed (tdxvirt.fleet.offer)."""
+@contextmanager
+def _picked(session, count: int, tdx: bool, managed: bool, mmio_window: str | None,
+            to_stderr: bool):
+    """The session of the host that gives ``count`` free GPUs and those GPUs, their pick
+    locks held until the block ends (tdxvirt.fleet: offer, choose, claimed); the choice
+    and why are printed. A host whose free GPUs other tdxvirt processes took meanwhile
+    is passed over for the next."""
     from . import fleet
+    from .conn import host_of
+    from .errors import HostNotReadyError
     from .textsafe import safe
 
     sessions = session.each_host() or [session]
@@ -357,25 +386,46 @@ def _pick(session, count: int, tdx: bool, managed: bool, mmio_window: str | None
         return fleet.offer(facts, conn, count, tdx=tdx, managed=managed,
                            mmio_window=mmio_window, read_modes=facts.mode_reader())
 
+    answers = fleet.ask_each(sessions, lambda s: fleet.Host(s.label or s.uri, s.uri), question,
+                             timeout=session.host_timeout)
     try:
-        answers = fleet.ask_each(sessions, lambda s: fleet.Host(s.label or s.uri, s.uri), question)
-        host, offer = fleet.choose(answers)
+        ranked = fleet.choose(answers)
     except BaseException:
-        for each in sessions:
-            each.close()
+        _close_answered(sessions, answers)
         raise
-    chosen = next(s for s in sessions if s.uri == host.uri)
-    for each in sessions:
-        if each is not chosen:
+    taken = []  # hosts whose free GPUs went to other tdxvirt processes meanwhile
+    for answer in ranked:
+        chosen = next(s for s, a in zip(sessions, answers) if a is answer)
+        with fleet.claimed(chosen.conn(), host_of(chosen.uri), answer.value.free,
+                           count) as gpus:
+            if gpus is None:
+                taken.append(answer.host.label)
+                continue
+            _close_answered([s for s in sessions if s is not chosen], answers)
+            noun = "GPU" if count == 1 else "GPUs"
+            click.echo(f"Picked {noun} {', '.join(gpus)} on {safe(answer.host.label)}: "
+                       f"{safe(answer.value.why)}", err=to_stderr)
+            for other in answers:
+                if other is not answer:
+                    why = other.error or (other.value.why if other.value is not None else "")
+                    if other.host.label in taken:
+                        why = "its free GPUs were taken by another tdxvirt meanwhile"
+                    click.echo(f"  passed over {safe(other.host.label)}: {safe(why)}",
+                               err=to_stderr)
+            yield chosen, gpus
+            return
+    _close_answered(sessions, answers)
+    raise HostNotReadyError(f"no host can take this TD: the free GPUs of {', '.join(taken)} "
+                            "were taken by other tdxvirt processes meanwhile; run it again "
+                            "once they are done, or free a GPU")
+
+
+def _close_answered(sessions, answers) -> None:
+    """Close the connections of the hosts that answered; one still waiting (a late
+    answer) is left to its thread, which a close from here would race with."""
+    for each, answer in zip(sessions, answers):
+        if not answer.late:
             each.close()
-    noun = "GPU" if count == 1 else "GPUs"
-    click.echo(f"Picked {noun} {', '.join(offer.gpus)} on {safe(host.label)}: {safe(offer.why)}",
-               err=to_stderr)
-    for answer in answers:
-        if answer.host != host:
-            why = answer.error or (answer.value.why if answer.value is not None else "")
-            click.echo(f"  passed over {safe(answer.host.label)}: {safe(why)}", err=to_stderr)
-    return chosen, offer.gpus
 
 
 def _describe(td, uri: str) -> None:
@@ -666,16 +716,23 @@ def _print_tds(records: list[dict], include_foreign: bool, hosts: list[str] | No
 
 
 def _ask_fleet(session, question) -> list:
-    """``question(host session)`` on every host at once (tdxvirt.fleet.ask_each); each
-    host that failed is one error line on stderr, after the others' output."""
+    """``question(host session)`` on every host at once (tdxvirt.fleet.ask_each), each
+    within the session's deadline (--host-timeout); each host that failed is one error
+    line on stderr, after the others' output (_fleet_failed)."""
     from .fleet import Host, ask_each
 
     sessions = session.each_host()
-    try:
-        return ask_each(sessions, lambda s: Host(s.label, s.uri), question)
-    finally:
-        for each in sessions:
-            each.close()
+    answers = ask_each(sessions, lambda s: Host(s.label, s.uri), question,
+                       timeout=session.host_timeout)
+    _close_answered(sessions, answers)
+    return answers
+
+
+def fleet_error_records(answers) -> list[dict]:
+    """One JSON record per host that failed, so JSON alone tells "no TDs there" from
+    "no answer from there" (docs/fleet.md, docs/json.md)."""
+    return [{"host": a.host.label, "uri": a.host.uri, "error": a.error}
+            for a in answers if a.error is not None]
 
 
 def _fleet_failed(answers) -> None:
@@ -703,7 +760,7 @@ def _list_fleet(session, include_foreign: bool, as_json: bool) -> None:
             records.append({"host": answer.host.label, "uri": answer.host.uri, **record})
             hosts.append(answer.host.label)
     if as_json:
-        click.echo(_json_lines(records))
+        click.echo(_json_lines(records + fleet_error_records(answers)))
     elif records:
         _print_tds(records, include_foreign, hosts)
     else:

@@ -140,7 +140,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         except LibvirtUnavailableError as error:
             if remote:  # another host's GPUs are known only to its libvirt
                 raise
-            warnings.append(f"no libvirt facts or TDs: {error}")
+            warnings.append(f"no libvirt facts or TDs: {safe(str(error))}")  # libvirt's words
             conn = None
         facts = session.facts(conn) if conn is not None else None
         records = discovery.discover(facts if facts is not None else session.host, conn)
@@ -174,12 +174,18 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
 
     def _list_fleet(session, as_json, modes, tool):
         """`gpu list` on several hosts at once (tdxvirt.fleet), a HOST column first."""
-        from .cli import _ask_fleet, _fleet_failed
+        from .cli import _ask_fleet, _fleet_failed, fleet_error_records
+        from .errors import InputError
         from .textsafe import safe
 
         if modes:  # refused before any host is asked, not once per host
             for host in session.hosts:
                 _refuse_remote_modes(host.uri)
+            if len(session.hosts) > 1:  # every one is this machine: the same GPUs
+                raise InputError(
+                    f"--modes runs NVIDIA's tool on this machine's GPUs, and the "
+                    f"{len(session.hosts)} URIs given all name this machine, so it would run "
+                    "on the same GPUs at once; give one -c with --modes")
         answers = _ask_fleet(session, lambda each: _gpu_records(each, modes, tool))
         records, hosts = [], []  # each record and the host it is on
         for answer in answers:
@@ -190,7 +196,8 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             hosts += [answer.host] * len(found)
         if as_json:
             click.echo(json.dumps([{"host": host.label, "uri": host.uri, **r.to_json()}
-                                   for host, r in zip(hosts, records)], indent=2))
+                                   for host, r in zip(hosts, records)]
+                                  + fleet_error_records(answers), indent=2))
         elif records:
             _print_gpus(records, [host.label for host in hosts])
         else:

@@ -81,8 +81,9 @@ def _check_fleet(ctx, session, addresses, as_json) -> None:
     """`host check` on several hosts at once (tdxvirt.fleet): one table per host, each
     row with its HOST first, in the order the hosts were given. A host whose libvirt
     cannot be reached is one error line (not a table of checks that could not run)."""
-    from .cli import _ask_fleet, _fleet_failed
+    from .cli import _ask_fleet, _fleet_failed, fleet_error_records
     from .doctor import failed
+    from .doctor.check import FAIL
     from .textsafe import safe
 
     def question(each):
@@ -93,15 +94,17 @@ def _check_fleet(ctx, session, addresses, as_json) -> None:
     answers = _ask_fleet(session, question)
     answered = [a for a in answers if a.error is None]
     if as_json:
-        click.echo(json.dumps([a.value[1] for a in answered], indent=2))
+        click.echo(json.dumps([a.value[1] for a in answered] + fleet_error_records(answers),
+                              indent=2))
     else:
         for number, answer in enumerate(answered):
             click.echo("\n" * bool(number), nl=False)
             _print_checks(answer.value[0], safe(answer.host.label))
     for answer in answered:
-        if failed(answer.value[0]):
-            click.echo(f"tdxvirt: host {safe(answer.host.label)}: {failed(answer.value[0])} "
-                       "check(s) failed", err=True)
+        failing = sum(check.status == FAIL for check in answer.value[0])
+        if failing:
+            click.echo(f"tdxvirt: host {safe(answer.host.label)}: {failing} check(s) failed",
+                       err=True)
     _fleet_failed(answers)
     if any(failed(a.value[0]) for a in answered):
         ctx.exit(1)

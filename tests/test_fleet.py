@@ -179,8 +179,11 @@ def test_a_host_lost_mid_list_is_one_line_and_the_others_answer(cli, fleet, tmp_
     line = one_line_error(result, 1)
     assert line.startswith("tdxvirt: error: host ") and "lost the libvirt connection" in line
     assert doomed.node.path in line  # the host by its URI: it had no [hosts] name
-    assert [(r["host"], r["name"]) for r in json.loads(result.stdout)] == [
-        ("gpu-a", "td-a"), ("gpu-b", "td-b")]
+    records = json.loads(result.stdout)
+    assert [(r["host"], r["name"]) for r in records[:-1]] == [("gpu-a", "td-a"), ("gpu-b", "td-b")]
+    lost = records[-1]  # JSON alone tells the lost host from one without TDs
+    assert sorted(lost) == ["error", "host", "uri"] and lost["uri"] == doomed.uri
+    assert "lost the libvirt connection" in lost["error"]
 
 
 def test_the_command_itself_over_the_fleet(fleet, tmp_path):
@@ -197,8 +200,10 @@ def test_the_command_itself_over_the_fleet(fleet, tmp_path):
                           timeout=120, env={**os.environ, "TDXVIRT_CONFIG": fleet["config"]})
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("tdxvirt: error: host dead: ")
-    assert [(g["host"], g["address"]) for g in json.loads(done.stdout)][::2] == [
+    records = json.loads(done.stdout)
+    assert [(g["host"], g["address"]) for g in records[:-1]][::2] == [
         ("gpu-b", "0000:1a:00.0"), ("gpu-b", "0000:cb:00.0"), ("gpu-a", "0000:b8:00.0")]
+    assert records[-1]["host"] == "dead" and records[-1]["error"].startswith("cannot connect")
 
 
 def test_list_of_a_local_and_a_remote_host(cli, sim_uri):
@@ -240,7 +245,10 @@ def test_host_check_checks_each_hosts_own_gpus(cli, fleet):
     assert result.stderr.splitlines()[-1].startswith("tdxvirt: error: host dead: cannot connect")
     reports = json.loads(result.stdout)
     assert [(r["host"], r["uri"]) for r in reports] == [("gpu-a", fleet["uris"]["gpu-a"]),
-                                                        ("gpu-b", fleet["uris"]["gpu-b"])]
+                                                        ("gpu-b", fleet["uris"]["gpu-b"]),
+                                                        ("dead", fleet["uris"]["dead"])]
+    assert reports[-1]["error"].startswith("cannot connect to libvirt at ")
+    reports = reports[:-1]
     gpus = [{c["name"].split(":")[0] + ":" + c["name"].split(":")[1] + ":" +
              c["name"].split(":")[2].split(" ")[0]
              for c in r["checks"] if c["name"].startswith("gpu 0000")} for r in reports]
@@ -298,6 +306,8 @@ def test_define_gpu_any_on_one_host_and_print_xml_keeps_stdout_xml(cli):
 
 
 @pytest.mark.parametrize("args, message", [
+    (("--gpu", "any", "--allow-shared"), "name the shared GPU with --gpu BDF instead"),
+    (("--gpus", "2", "--allow-shared"), "name the shared GPU with --gpu BDF instead"),
     (("--gpu", "any", "--gpu", "17:00.0"), "take no other --gpu"),
     (("--gpu", "any", "--gpus", "2"), "take no other --gpu"),
     (("--gpus", "2", "--ppcie"), "--ppcie passes a whole HGX board"),
@@ -402,13 +412,14 @@ def test_offer_reads_cc_modes_of_this_machines_gpus(conn, sim_uri, tmp_path, mon
     tool = StandinTool(root, tmp_path)
     for name, value in tool.env.items():
         monkeypatch.setenv(name, value)
-    tool.set_state(**{off: {"cc": "off"}, on: {"cc": "on"}, bound: {"cc": "on"}})
+    tool.set_state(**{off: {"cc": "off"}, on: {"cc": "on"}, bound: {"cc": "devtools"}})
     facts = LocalFacts(root, sim_uri, conn)
     read = mode_reader(root, str(STANDIN))
     assert read is not None, "the tests run as root"
 
     td = offer(facts, conn, 1, read_modes=read)
-    assert td.gpus == [on] and "CC mode on where read" in td.why
+    assert td.gpus == [on] and "CC mode on (or devtools) where read" in td.why
+    assert td.free == [on, bound]  # devtools is accepted, as start's preflight accepts it
     assert td.why.startswith("TDX on") or td.why.startswith("TDX support unknown")
     plain = offer(facts, conn, 1, tdx=False, read_modes=read)
     assert plain.gpus == [off]  # a plain VM needs CC off
@@ -417,5 +428,216 @@ def test_offer_reads_cc_modes_of_this_machines_gpus(conn, sim_uri, tmp_path, mon
     assert unmanaged.why.startswith("1 free GPU of 3, 2 wanted")
     assert f"{bound} not on vfio-pci (--no-managed)" in unmanaged.why
     assert f"{off} CC mode off, on needed" in unmanaged.why
+    assert "`tdxvirt gpu cc-mode BDF --set on` on that host" in unmanaged.remedies
+    assert any("tdxvirt gpu detach BDF" in r for r in unmanaged.remedies)
+    assert not any("free a GPU" in r for r in unmanaged.remedies)  # nothing is held
     unknown = offer(facts, conn, 3, read_modes=None)
     assert unknown.gpus == [off, on, bound] and "CC mode unknown (NVIDIA's tool" in unknown.why
+
+
+# ---------------------------------------------------------------- review findings (fixB)
+
+
+def test_a_host_that_never_answers_is_one_line_after_its_deadline(cli, fleet):
+    """A silent TCP listener (the kernel completes the handshake, nothing ever answers)
+    as one host: the others' TDs are shown, that host is one line, within the deadline."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    hung = f"qemu+tcp://127.0.0.1:{port}/system"
+    try:
+        began = time.monotonic()
+        result = cli("--host-timeout", "1.5", "-c", "gpu-a", "-c", hung, "list")
+        took = time.monotonic() - began
+        as_json = cli("--host-timeout", "1", "-c", hung, "-c", "gpu-b", "list", "--json")
+    finally:
+        silent.close()  # the waiting threads' connections then end
+    assert one_line_error(result, 1) == (
+        f"tdxvirt: error: host 127.0.0.1:{port}: no answer within 1.5 s; check that the host "
+        "is up and its libvirt answers (--host-timeout S waits longer)")
+    assert [(r[0], r[1]) for r in table(result.stdout)] == [("gpu-a", "td-a")]
+    assert took < 15, took
+    records = json.loads(as_json.stdout)
+    assert as_json.exit_code == 1
+    assert [(r["host"], r.get("name"), r.get("error", "")[:21]) for r in records] == [
+        ("gpu-b", "td-b", ""), (f"127.0.0.1:{port}", None, "no answer within 1 s;")]
+
+
+def test_ssh_hosts_are_opened_without_a_terminal():
+    """Hosts are asked at once: libvirt's no_tty=1 keeps ssh from prompting on one
+    terminal (the fleet's ssh tests above connect that way, with their keys)."""
+    from tdxvirt.fleet import with_no_tty
+
+    assert Host("a", "qemu+ssh://root@a/system").connect_uri == \
+        "qemu+ssh://root@a/system?no_tty=1"
+    assert with_no_tty("qemu+ssh://a:2222/system?keyfile=/k&no_verify=1") == \
+        "qemu+ssh://a:2222/system?keyfile=%2Fk&no_verify=1&no_tty=1"
+    for unchanged in ("qemu+ssh://a/system?no_tty=0", "qemu+libssh2://a/system",
+                      "qemu+tls://a/system", "qemu:///system", "myalias"):
+        assert with_no_tty(unchanged) == unchanged
+
+
+def test_one_host_given_twice_is_asked_once_under_its_normalised_uri():
+    named = resolve(["qemu+ssh://x/system", "QEMU+ssh://root@X:22/system/",
+                     "qemu+ssh://x/session", "qemu+ssh://bob@x/session",
+                     "qemu+tls://x:16514/system", "qemu+tls://x/system?b=2&a=1",
+                     "qemu+tls://x/system?a=1&b=2&no_tty=1", "qemu+ssh://x:2222/system"],
+                    False, lambda: Config())
+    assert [h.uri for h in named] == ["qemu+ssh://x/system", "qemu+ssh://x/session",
+                                      "qemu+ssh://bob@x/session", "qemu+tls://x:16514/system",
+                                      "qemu+tls://x/system?b=2&a=1", "qemu+ssh://x:2222/system"]
+
+
+def test_a_fleet_keeps_its_shape_when_its_names_are_one_host(cli, fleet):
+    """-c twice is a fleet, even when both name one host: JSON then always carries the
+    host, so scripts read one shape."""
+    result = cli("-c", "gpu-a", "-c", fleet["uris"]["gpu-a"], "list", "--json")
+    assert result.exit_code == 0, result.output
+    assert [(r["host"], r["uri"], r["name"]) for r in json.loads(result.stdout)] == [
+        ("gpu-a", fleet["uris"]["gpu-a"], "td-a")]
+    text = cli("-c", "gpu-a", "-c", "gpu-a", "gpu", "list").stdout
+    assert text.splitlines()[0].split()[:2] == ["HOST", "DEVICE"]
+
+
+def test_host_check_counts_the_failed_checks_of_each_host(cli, fleet):
+    """Each host is checked for GPUs it lacks: gpu-a lacks two, gpu-b one."""
+    result = cli("-c", "gpu-a", "-c", "gpu-b", "host", "check", "--json", "--for-gpu", "17:00.0",
+                 "--for-gpu", "4c:00.0", "--for-gpu", "cb:00.0")
+    reports = json.loads(result.stdout)
+    assert not any("error" in r for r in reports), (reports, result.stderr)
+    failing = {r["host"]: sum(c["status"] == "fail" for c in r["checks"]) for r in reports}
+    assert failing == {"gpu-a": 2, "gpu-b": 1}, reports
+    assert result.exit_code == 1
+    expected = [f"tdxvirt: host {host}: {count} check(s) failed"
+                for host, count in failing.items() if count]
+    assert result.stderr.splitlines() == expected
+    assert "True" not in result.stderr
+
+
+def test_no_host_qualifies_names_the_remedy_of_each_reason(cli):
+    line = one_line_error(cli("-c", "notdx", "-c", "tdx", "-c", "gpu-a", "-c", "gpu-b",
+                              "-c", "dead", "define", "many", "--gpus", "2"), 1)
+    remedies = line.split("); to fix: ", 1)[1]
+    assert remedies.split("; or ") == [
+        "enable TDX on host 127.0.0.1 (`tdxvirt host check` there names what is missing; "
+        "`tdxvirt host setup` sets it up)",
+        "add a host with a free GPU (-c, or [hosts] with --fleet)",
+        "free a GPU (`tdxvirt gpu list` shows which domain holds each; `tdxvirt undefine` one)",
+        "give --mmio-window SIZE (e.g. 256G)",
+        "make dead reachable, or leave it out"]
+
+
+def test_a_host_whose_tdx_is_known_on_is_preferred():
+    from tdxvirt.fleet import Answer, Offer, choose
+
+    unknown = Answer(Host("first", "test+ssh://h1/x"), Offer(["0000:17:00.0"], tdx_known=False))
+    known = Answer(Host("second", "qemu+ssh://h2/system"), Offer(["0000:38:00.0"],
+                                                                  tdx_known=True))
+    later = Answer(Host("third", "qemu+ssh://h3/system"), Offer(["0000:38:00.0"], tdx_known=True))
+    assert [a.host.label for a in choose([unknown, known, later])] == ["second", "third", "first"]
+
+
+def test_no_libvirt_warning_is_escaped(tmp_path):
+    """gpu list on a local URI whose libvirt cannot be reached warns with libvirt's
+    words, which quote the URI: an ESC in it is shown escaped, never sent."""
+    root = build_host_root(tmp_path / "root")
+    result = CliRunner().invoke(main, ["--host-root", str(root.base), "-c",
+                                       "test+unix:///default?socket=/nonexistent/\x1b[2Jsock",
+                                       "gpu", "list"])
+    assert result.exit_code == 0, result.output
+    warning = result.stderr.splitlines()[0]
+    assert warning.startswith("tdxvirt: warning: no libvirt facts or TDs: cannot connect")
+    assert "\x1b" not in result.stderr and "\\x1b[2J" in warning
+
+
+def test_gpu_list_modes_on_several_local_uris_is_refused(cli, sim_uri, fleet):
+    line = one_line_error(cli("-c", sim_uri, "-c", fleet["sim"].qemu_uri, "gpu", "list",
+                              "--modes"), 2)
+    assert "would run on the same GPUs at once; give one -c with --modes" in line
+
+
+# ---------------------------------------------------------------- parallel picks
+
+
+@pytest.fixture
+def two_free_gpus(tmp_path, conn):
+    """A fake host root with two free H100s on vfio-pci at a PCI domain of this test's
+    own (the test driver's state is shared), and the names of the TDs to remove after."""
+    from gpu_fakes import build, h100
+
+    domain = f"{uuid.uuid4().int % 0xEFFF + 0x1000:04x}"
+    gpus = [f"{domain}:38:00.0", f"{domain}:39:00.0"]
+    root = build(tmp_path / "root", [h100(gpus[0], group=1, driver="vfio-pci"),
+                                     h100(gpus[1], group=2, driver="vfio-pci")])
+    names = [f"pick-{uuid.uuid4().hex[:8]}-{n}" for n in range(3)]
+    yield root, gpus, names
+    for name in names:
+        try:
+            conn.lookupByName(name).undefine()
+        except Exception:  # not defined (the loser)
+            pass
+
+
+def test_a_pick_passes_over_a_gpu_another_tdxvirt_is_picking(two_free_gpus, sim_uri, conn):
+    """Another tdxvirt holds the first GPU's pick lock: this define moves on to the
+    second; with both held it defines nothing and says so in one line."""
+    from tdxvirt import locks
+    from tdxvirt.fleet import pick_keys
+
+    root, gpus, names = two_free_gpus
+
+    def define(name):
+        return CliRunner().invoke(main, ["--host-root", str(root.base), "-c", sim_uri,
+                                         "define", name, "--gpu", "any"])
+
+    with locks.held(pick_keys("localhost", gpus[:1])):
+        result = define(names[0])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"Picked GPU {gpus[1]} on ")
+        with locks.held(pick_keys("localhost", gpus[1:])):
+            refused = one_line_error(define(names[1]), 1)
+    assert refused.startswith("tdxvirt: error: no host can take this TD: the free GPUs of ")
+    assert names[1] not in [d.name() for d in conn.listAllDomains(0)]
+
+
+def test_a_gpu_defined_since_the_offer_is_not_claimed(two_free_gpus, sim_uri, conn):
+    """Holders are read again under the pick lock: a GPU a domain took after the offer
+    was read is passed over for the next."""
+    from tdxvirt.cli import main as _  # noqa: F401  (the CLI's imports, as a run has them)
+    from tdxvirt.fleet import claimed
+    from tdxvirt.spec import TDSpec
+
+    root, gpus, names = two_free_gpus
+    tds.define_td(conn, root, TDSpec.from_user(name=names[2], gpus=[gpus[0]]))
+    with claimed(conn, "localhost", gpus, 1) as mine:
+        assert mine == [gpus[1]]
+    with claimed(conn, "localhost", gpus[:1], 1) as none:
+        assert none is None
+
+
+def test_parallel_picks_never_give_one_gpu_twice(two_free_gpus, sim_uri, conn):
+    """Three `define --gpu any` processes at once for two free GPUs: two TDs on two
+    different GPUs, the third one line (exit 1), nothing of it defined."""
+    import os
+    import subprocess
+    import sys
+
+    root, gpus, names = two_free_gpus
+    script = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
+    runs = [subprocess.Popen([script, "--host-root", str(root.base), "-c", sim_uri, "define",
+                              name, "--gpu", "any"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for name in names]
+    outcomes = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    assert sorted(code for code, _, _ in outcomes) == [0, 0, 1], outcomes
+    loser = next(err for code, _, err in outcomes if code == 1)
+    assert len(loser.splitlines()) == 1 and loser.startswith(
+        "tdxvirt: error: no host can take this TD"), loser
+    from tdxvirt.tds import read_facts
+
+    given = sorted(g for d in conn.listAllDomains(0) if d.name() in names
+                   for g in read_facts(d.XMLDesc(0)).gpus)
+    assert given == gpus
