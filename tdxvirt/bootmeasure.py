@@ -130,20 +130,31 @@ def _authenticode(image: bytes) -> str:
     return digest.hexdigest()
 
 
+# An OVMF DXE volume decompresses to some MiB; more from one section is not firmware,
+# and an LZMA header may claim any size (a "bomb" in a damaged --firmware file).
+VOLUME_LIMIT = 64 * 1024 * 1024
+
+
 def _decompressed_volumes(firmware: bytes):
     """Each LZMA-compressed GUIDed section of the image, decompressed (where OVMF keeps
-    its DXE drivers: the PI spec's EFI_GUID_DEFINED_SECTION around FVMAIN)."""
+    its DXE drivers: the PI spec's EFI_GUID_DEFINED_SECTION around FVMAIN). The image
+    may be any file (--firmware): a section header that does not fit, or data that does
+    not decompress, is skipped, so a damaged image yields fewer volumes, never an error.
+    EFI_COMMON_SECTION_HEADER is Size (3 bytes) and Type (0x02: GUID-defined), then the
+    GUID (16 bytes), DataOffset (2 bytes, from the section's start) and Attributes."""
     at = firmware.find(LZMA_SECTION)
     while at != -1:
         header = at - 4
-        size = int.from_bytes(firmware[header:header + 3], "little")
-        if header >= 0 and firmware[header + 3] == 0x02 and size not in (0, 0xFFFFFF):
+        size = int.from_bytes(firmware[header:header + 3], "little") if header >= 0 else 0
+        if (header >= 0 and firmware[header + 3] == 0x02 and size not in (0, 0xFFFFFF)
+                and at + 18 <= len(firmware)):
             offset = struct.unpack_from("<H", firmware, at + 16)[0]
-            try:
-                yield lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(
-                    firmware[header + offset:header + size])
-            except lzma.LZMAError:
-                pass
+            if 20 <= offset < size:  # the data starts after the 20-byte GUID-defined header
+                try:
+                    yield lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(
+                        firmware[header + offset:header + size], max_length=VOLUME_LIMIT)
+                except (lzma.LZMAError, EOFError):
+                    pass
         at = firmware.find(LZMA_SECTION, at + 1)
 
 

@@ -117,11 +117,14 @@ def _url(ctx, param, value):
               help="Fetch the collateral from this PCCS (default: pccs_url in the config file).")
 @click.option("--firmware", metavar="FILE", type=click.Path(dir_okay=False),
               help="The TD's firmware image as a file here, for the MRTD prediction (remote hosts).")
+@click.option("--page-order", type=click.Choice(["single-pass", "two-pass"]), default="single-pass",
+              show_default=True,
+              help="How the host adds firmware pages, for the MRTD prediction (as `measure`).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
               help="Seconds to wait for each command in the guest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def attest(session, name, nonce, collateral, pccs_url, firmware, timeout, as_json):
+def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, timeout, as_json):
     """Attest a running TD: fetch a TD quote in the guest, verify it here.
 
     Through the QEMU guest agent the guest's kernel makes a quote (configfs-tsm) whose
@@ -157,7 +160,7 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, timeout, as_jso
             return None if facts.remote else str(facts.host.path(path))
 
         try:
-            return predictions_from(measure(xml, local_file, firmware_override=firmware))
+            return predictions_from(measure(xml, local_file, page_order, firmware_override=firmware))
         except InputError as error:
             return no_predictions(str(error))
 
@@ -188,5 +191,7 @@ def _print_attestation(report) -> None:
                    "not proven to come from the TDX module.")
     if report.not_checked:
         click.echo("Not checked: " + ", ".join(c.name for c in report.not_checked) + " (see DETAIL).")
+    for note in report.evidence.notes:
+        click.echo(f"Note: {safe(note)}")
     if report.ok and not report.not_checked:
         click.echo(f"Every check passed for TD {quoted(report.domain)}.")

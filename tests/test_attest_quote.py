@@ -258,7 +258,8 @@ def test_predictions_from_measure_take_only_96_hex_digits():
     assert predictions.rtmrs[1].value == "ab" * 48
     assert predictions.rtmrs[2] == Prediction(None, why)
     remote = Measurements("td", "/fw/OVMF.fd", None, "single-pass", "", unknown="on the host", recorded=mrtd)
-    assert predictions_from(remote).mrtd == Prediction(mrtd, "recorded by define")
+    recorded = predictions_from(remote).mrtd  # the attested host's own word: never expected
+    assert recorded.value is None and mrtd in recorded.source and "--firmware FILE" in recorded.source
     assert as_prediction("abc", "x") == Prediction(None, "abc")
 
 
@@ -297,6 +298,65 @@ def test_bad_collateral_files_are_one_line_errors(tmp_path):
     (tmp_path / "cut.json").write_text(json.dumps(data))
     with pytest.raises(CollateralError, match="is malformed"):
         dcap_verifier.load_collateral(str(tmp_path / "cut.json"))
+
+
+def _collateral_with(part: str, **fields) -> dict:
+    """The v4 sample collateral with fields of its TCB info or QE identity JSON changed."""
+    data = json.loads(V4_COLLATERAL.read_text())
+    body = json.loads(data[part])  # dcap-qvl keeps the inner object: issueDate at its top level
+    body.update(fields)
+    data[part] = json.dumps(body)
+    return data
+
+
+@pytest.mark.parametrize("value", [20250619, None, ["2025-06-19T10:32:27Z"], {"at": 1}, True])
+def test_a_date_that_is_not_a_string_is_one_line(value):
+    for part in ("tcb_info", "qe_identity"):
+        with pytest.raises(CollateralError) as error:
+            dcap_verifier.collateral_from(_collateral_with(part, issueDate=value), "file c.json")
+        assert str(error.value).startswith("collateral file c.json is malformed (a date that is not a string")
+        assert "\n" not in str(error.value)
+
+
+def test_a_date_without_an_offset_is_utc_not_local_time(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14: local reading would move it by 14 hours
+    time.tzset()
+    try:
+        sample = dcap_verifier.collateral_from(json.loads(V4_COLLATERAL.read_text()), "sample")
+        naive = _collateral_with("qe_identity", issueDate="2025-06-19T10:32:27")
+        assert dcap_verifier.collateral_from(naive, "naive").parts["QE identity"] == sample.parts["QE identity"]
+        offset = _collateral_with("qe_identity", issueDate="2025-06-19T12:32:27+02:00")
+        assert dcap_verifier.collateral_from(offset, "offset").parts["QE identity"] == sample.parts["QE identity"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize("value", [64, None, {"der": "00"}, [300], "zz"])
+def test_a_crl_that_is_neither_hex_nor_bytes_is_one_line(value):
+    data = json.loads(V4_COLLATERAL.read_text())
+    data["pck_crl"] = value
+    with pytest.raises(CollateralError, match="^collateral c is malformed"):
+        dcap_verifier.collateral_from(data, "c")
+
+
+_ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+                         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=3), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(part=st.sampled_from(["tcb_info", "qe_identity"]), key=st.sampled_from(["issueDate", "nextUpdate"]),
+       value=_ANY_JSON | st.datetimes().map(lambda d: d.isoformat()))
+def test_any_date_value_gives_a_window_or_one_collateral_error(part, key, value):
+    try:
+        collateral = dcap_verifier.collateral_from(_collateral_with(part, **{key: value}), "c")
+    except CollateralError as error:
+        assert "\n" not in str(error)
+    else:
+        assert isinstance(collateral.not_before, int) and isinstance(collateral.not_after, int)
 
 
 def test_an_unreachable_pccs_is_one_line():

@@ -23,14 +23,16 @@ import json
 import pytest
 from click.testing import CliRunner
 from conftest import one_line_error
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_attest_quote import V4, V4_COLLATERAL, V4_VALID_AT, matching
 from test_guest_live_agent import agent_guest_files, running_guest  # noqa: F401 (fixtures)
-from test_guest_verify import CC_OFF_F, CC_ON_F, StandInAgent
+from test_guest_verify import CC_OFF_F, CC_ON_F, MALFORMED_REPLIES, CorruptedReply, StandInAgent
 from test_guest_verify import _define as define_test_domain
 
 from tdxvirt.attest import dcap as dcap_verifier
 from tdxvirt.attest.checks import FAIL, NOT_CHECKED, PASS, no_predictions
-from tdxvirt.attest.evidence import CCEL_DATA, NVATTEST, TSM_REPORTS, collect
+from tdxvirt.attest.evidence import CC_STATUS, CCEL_DATA, EVENT_LOG_LIMIT, NVATTEST, TSM_REPORTS, collect
 from tdxvirt.attest.quote import parse_quote
 from tdxvirt.attest.report import CollateralSource, attest_domain, attest_guest
 from tdxvirt.guest import GuestNotReadyError
@@ -52,7 +54,8 @@ class TdAgent(StandInAgent):
     def __init__(self, quote: bytes = V4, programs: dict | None = None, provider: str = "tdx_guest",
                  ccel: bytes | None = None, outblob_error: str | None = None, other_writers: int = 0,
                  has_tsm: bool = True, is_td: bool = True, configfs_mounted: bool = True,
-                 files_disabled: bool = False):
+                 files_disabled: bool = False, inblob_refused: str | None = None, rmdir_refused: str | None = None,
+                 generation: str | None = None, hung: frozenset = frozenset()):
         table = {
             ("stat", "-c", "%F", TSM_REPORTS): (0, "directory\n", "") if has_tsm else
             (1, "", f"stat: cannot statx '{TSM_REPORTS}': {NO_SUCH}\n"),
@@ -62,8 +65,11 @@ class TdAgent(StandInAgent):
             ("nvidia-smi", "conf-compute", "-f"): (0, CC_ON_F, ""),
         }
         table.update(programs or {})
-        super().__init__({argv: answer for argv, answer in table.items() if answer is not None})
+        super().__init__({argv: answer for argv, answer in table.items() if answer is not None}, hung=hung)
         self.quote, self.provider, self.ccel = quote, provider, ccel
+        self.inblob_refused = inblob_refused  # the kernel's errno text when it refuses inblob at release
+        self.rmdir_refused = rmdir_refused  # rmdir's stderr when the directory cannot be removed
+        self.generation = generation  # what the generation attribute reads, instead of the count
         self.outblob_error, self.other_writers = outblob_error, other_writers
         self.files_disabled = files_disabled  # qemu-ga --block-rpcs guest-file-*
         self.reports: dict[str, dict] = {}  # report directory -> its attributes
@@ -77,6 +83,8 @@ class TdAgent(StandInAgent):
             self.reports[argv[1]] = {"inblob": None, "generation": self.other_writers}
             self.made.append(argv[1])
             self.programs[argv] = (0, "", "")
+        elif argv[0] == "rmdir" and argv[1] in self.reports and self.rmdir_refused:
+            self.programs[argv] = (1, "", self.rmdir_refused)
         elif argv[0] == "rmdir" and argv[1] in self.reports:
             del self.reports[argv[1]]
             self.removed.append(argv[1])
@@ -93,7 +101,7 @@ class TdAgent(StandInAgent):
             if name == "provider":
                 return f"{self.provider}\n".encode()
             if name == "generation":
-                return f"{report['generation']}\n".encode()
+                return f"{self.generation or report['generation']}\n".encode()
             if name == "outblob":
                 if self.outblob_error:
                     raise _agent_error("guest-file-read", f"failed to read file: {self.outblob_error}")
@@ -125,6 +133,8 @@ class TdAgent(StandInAgent):
             self._next_handle += 1
             self.handles[self._next_handle] = [path, mode, data, 0]
             return json.dumps({"return": self._next_handle})
+        if arguments.get("handle") not in self.handles:  # qemu-ga's words (qga/commands-posix.c)
+            raise _agent_error(execute, f"handle '{arguments.get('handle')}' has not been found")
         handle = self.handles[arguments["handle"]]
         if execute == "guest-file-read":
             if handle[0].endswith("/outblob") and handle[3] == 0 and not handle[2]:
@@ -133,14 +143,18 @@ class TdAgent(StandInAgent):
             handle[3] += len(chunk)
             return json.dumps({"return": {"count": len(chunk), "buf-b64": base64.b64encode(chunk).decode(),
                                           "eof": handle[3] >= len(handle[2])}})
-        if execute == "guest-file-write":
+        if execute == "guest-file-write":  # qemu-ga's buffered fwrite: the kernel sees it at fclose
             data = base64.b64decode(arguments["buf-b64"])
-            report, _ = self._attribute(handle[0])
-            report["inblob"] = data
-            report["generation"] += 1
+            handle[2] += data
             return json.dumps({"return": {"count": len(data), "eof": False}})
         if execute == "guest-file-close":
             del self.handles[arguments["handle"]]
+            if handle[1] == "w":  # configfs commits a binary attribute when the file is released
+                if self.inblob_refused:
+                    raise _agent_error(execute, f"failed to close handle: {self.inblob_refused}")
+                report, _ = self._attribute(handle[0])
+                report["inblob"] = handle[2]
+                report["generation"] += 1
             return json.dumps({"return": {}})
         raise AssertionError(f"attest sent an unexpected agent command {execute}")
 
@@ -261,6 +275,107 @@ def test_a_guest_that_cannot_give_a_quote_says_why_in_one_line(agent, message):
     assert agent.reports == {}  # any report directory made was removed again
 
 
+# --- malformed agent replies, refusals and failures after the quote (review findings) ----------------
+
+QUOTE_CHECKS = ["quote format", "REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0", "RTMR1", "RTMR2",
+                "RTMR3", "quote signature (DCAP)", "platform TCB"]
+
+
+@pytest.mark.parametrize("execute, reply, words", [
+    ("guest-file-open", '{"error": "no"}', "answered guest-file-open with an error without a description: \"no\""),
+    ("guest-file-open", '{"return": "1001"}', "answered guest-file-open with a handle that is not an integer: \"1001\""),
+    ("guest-file-open", '{"return": true}', "a handle that is not an integer: true"),
+    ("guest-file-open", "<html>", "answered guest-file-open with text that is not JSON"),
+    ("guest-file-read", '{"return": []}', "answered guest-file-read with a result that is not an object: []"),
+    ("guest-file-read", '{"return": {"count": 3, "buf-b64": "!!!!", "eof": true}}', "'buf-b64' not base64"),
+    ("guest-file-read", '{"return": {"count": 4, "buf-b64": "eA==", "eof": true}}',
+     "a count that is not the 1 bytes it sent: 4"),
+    ("guest-file-read", '{"return": {"count": "1", "buf-b64": "eA==", "eof": true}}', "no count or eof"),
+    ("guest-file-read", '{"return": {"count": 1, "buf-b64": 120, "eof": true}}', "'buf-b64' not a string: 120"),
+    ("guest-file-read", '{"id": 1}', "answered guest-file-read with neither a result nor an error"),
+    ("guest-file-write", '{"return": {"count": "64"}}', "answered guest-file-write with no count"),
+])
+def test_a_malformed_file_reply_is_one_line_and_the_request_is_removed(execute, reply, words):
+    agent = TdAgent()
+    with pytest.raises(GuestNotReadyError) as error:
+        collect(_guest(CorruptedReply(agent, reply, execute=execute)), b"nonce")
+    assert words in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert agent.reports == {}  # the report directory was removed
+    # every file tdxvirt knew the handle of was closed (an unreadable open reply loses its handle)
+    assert len(agent.handles) == (1 if execute == "guest-file-open" else 0)
+
+
+def test_a_nonce_the_kernel_refuses_at_close_is_an_error():
+    agent = TdAgent(inblob_refused="Invalid argument")
+    with pytest.raises(GuestNotReadyError) as error:
+        collect(_guest(agent), b"nonce")
+    [made] = agent.made
+    assert str(error.value) == (
+        f"the kernel in TD 'td-1' refused the nonce (REPORTDATA) written to {made}/inblob (failed to close "
+        "handle: Invalid argument); nothing was attested: attest again, and see the guest's kernel log if it persists")
+    assert agent.reports == {} and agent.handles == {}
+    # the quote was never asked for: no outblob read after the refusal
+    assert not any(r["arguments"].get("path", "").endswith("/outblob") for r in agent.requests
+                   if r["execute"] == "guest-file-open")
+
+
+@pytest.mark.parametrize("generation, expected", [("\u00b2", None), ("1\u0663", None), ("+1", None), ("1", 1)])
+def test_a_generation_that_is_not_ascii_digits_is_unknown_not_a_crash(generation, expected):
+    assert collect(_guest(TdAgent(generation=generation)), b"nonce").generation == expected
+
+
+@pytest.mark.parametrize("code", ["false", "0.0", '"0"', "null"])
+def test_only_the_integer_0_is_a_passing_nvattest_result_code(code):
+    answer = '{"result_code": %s, "result_message": "Ok"}' % code
+    evidence = collect(_guest(TdAgent(programs={NVATTEST: (0, answer, "")})), b"nonce")
+    assert evidence.gpu.verifier is False and evidence.gpu.verifier_note == "nvattest in the guest failed: Ok"
+
+
+def test_failures_after_the_quote_leave_those_rows_not_checked_and_the_quote_checked():
+    agent = TdAgent(ccel=b"\x01" * (EVENT_LOG_LIMIT + 1), programs={NVATTEST: (0, "{}", "")},
+                    hung=frozenset({CC_STATUS, NVATTEST}))
+    guest = GuestExec(agent, timeout=0.3, poll=0.001, name="TD 'td-1'")
+    report = attest_guest(guest, "td-1", REPORTDATA, matching(V4), _file_source(), gpus=1, now=V4_VALID_AT)
+    checks = {c.name: c for c in report.checks}
+    assert [checks[name].result for name in QUOTE_CHECKS] == [PASS] * len(QUOTE_CHECKS)
+    assert checks["event log replay"].result == NOT_CHECKED
+    assert checks["event log replay"].detail == (f"no CC event log: {CCEL_DATA} in TD 'td-1' is larger than "
+                                                 f"{EVENT_LOG_LIMIT} bytes; that is not what the kernel returns there")
+    cc, verifier = checks["GPU CC mode (guest-reported)"], checks["GPU attestation (guest-run verifier)"]
+    assert cc.result == verifier.result == NOT_CHECKED
+    assert cc.detail == ("nvidia-smi did not run in the guest: nvidia-smi conf-compute -f did not finish within "
+                         "0.3 s in TD 'td-1'; is the guest overloaded or hung?")
+    assert verifier.detail.startswith("NVIDIA's attestation CLI (nvattest) did not run in the guest: nvattest attest")
+    assert agent.reports == {} and agent.handles == {}
+
+
+def test_a_report_directory_left_behind_is_a_note_not_a_failure():
+    refusal = f"rmdir: failed to remove '{TSM_REPORTS}/x': Device or resource busy\n"
+    agent = TdAgent(rmdir_refused=refusal)
+    report = attest_guest(_guest(agent), "td-1", REPORTDATA, matching(V4), _file_source(), gpus=1, now=V4_VALID_AT)
+    assert report.ok  # the quote is what it is: a leftover request directory changes none of it
+    [made] = agent.made
+    assert report.evidence.notes == (f"the report request {made} was left in TD 'td-1' ({refusal.strip()}); "
+                                     "it holds no secret: remove it in the guest with rmdir",)
+    assert report.as_dict()["evidence"]["notes"] == list(report.evidence.notes)
+    assert list(agent.reports) == [made]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nth=st.integers(min_value=0, max_value=24), reply=MALFORMED_REPLIES)
+def test_any_malformed_reply_gives_evidence_or_one_line_never_a_crash(nth, reply):
+    agent = TdAgent(ccel=b"TCG event log bytes", programs={NVATTEST: (0, '{"result_code": 0}', "")})
+    corrupted = CorruptedReply(agent, reply, nth=nth)
+    try:
+        evidence = collect(_guest(corrupted), REPORTDATA, gpus=1)
+    except GuestNotReadyError as error:
+        assert "\n" not in str(error)
+    else:
+        assert evidence.quote == V4
+    assert agent.reports == {}  # nothing left in the guest
+    assert len(agent.handles) <= (1 if corrupted.replaced == "guest-file-open" else 0)
+
+
 # --- the domain side and the CLI, on the real libvirt daemon --------------------------------------
 
 def _define(conn, name: str, channel: bool = True, running: bool = True):
@@ -316,7 +431,7 @@ def test_cli_json_follows_the_schema(sim_uri, conn, td_name, agent_behind_libvir
     result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--json"])
     assert result.exit_code == 1  # a random nonce: the recorded quote is a replay
     data = json.loads(result.stdout)
-    assert set(data) == {"domain", "ok", "verified", "nonce", "verification_time", "checks", "quote",
+    assert set(data) == {"domain", "ok", "verified", "firmware_matched", "nonce", "verification_time", "checks", "quote",
                          "collateral", "evidence"}
     assert data["domain"] == td_name and data["ok"] is False and len(bytes.fromhex(data["nonce"])) == 64
     assert {c["result"] for c in data["checks"]} <= {"pass", "fail", "not-checked"}
@@ -324,7 +439,8 @@ def test_cli_json_follows_the_schema(sim_uri, conn, td_name, agent_behind_libvir
     assert data["quote"]["mr_td"] == parse_quote(V4).mr_td.hex() and data["quote"]["version"] == 4
     assert data["collateral"] is None
     assert set(data["evidence"]) == {"provider", "quote_bytes", "quote_base64", "generation", "event_log_bytes",
-                                     "event_log_note", "gpu"}
+                                     "event_log_note", "gpu", "notes"}
+    assert data["evidence"]["notes"] == []  # the report directory was removed
     assert base64.b64decode(data["evidence"]["quote_base64"]) == V4  # kept, for verifying elsewhere
 
 
@@ -386,3 +502,14 @@ def test_the_config_files_pccs_url_must_be_a_url(tmp_path, monkeypatch):
     config.write_text('[defaults]\npccs_url = "/srv/pccs"\n')
     with pytest.raises(InputError, match="defaults.pccs_url must be an http\\(s\\):// URL string"):
         load_config()
+
+
+def test_a_verified_quote_without_an_mrtd_prediction_is_not_attested():
+    """A signature that verifies proves the quote came from a TDX module, not which
+    firmware runs: without MRTD compared the exit code says not attested."""
+    agent = TdAgent(ccel=b"TCG event log bytes")
+    report = attest_guest(_guest(agent), "td-1", REPORTDATA, no_predictions("the firmware is on the remote host"),
+                          _file_source(), gpus=1, now=V4_VALID_AT)
+    assert report.verified and not report.failed and not report.ok
+    assert "MRTD was not compared with a prediction" in report.failure_message()
+    assert "--firmware FILE" in report.failure_message()

@@ -18,6 +18,8 @@ from importlib import resources
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tdxvirt.errors import LibvirtOperationError, NotFoundError
 from tdxvirt.guest import GuestNotReadyError
@@ -104,10 +106,12 @@ class StandInAgent:
     raises that as an error, which LibvirtAgentChannel turns into AgentCommandError.
     """
 
-    def __init__(self, programs: dict, polls_before_exit: int = 1, exec_disabled: bool = False):
+    def __init__(self, programs: dict, polls_before_exit: int = 1, exec_disabled: bool = False,
+                 hung: frozenset = frozenset()):
         self.programs = programs
         self.polls_before_exit = polls_before_exit
         self.exec_disabled = exec_disabled
+        self.hung = hung  # programs that never exit
         self.ran: list[tuple[str, ...]] = []
         self.requests: list[dict] = []
         self._pids = itertools.count(4242)
@@ -131,9 +135,12 @@ class StandInAgent:
                     f"error was 'Failed to execute child process \u201c{argv[0]}\u201d (No such file or directory)'")
             answer = self.programs.get(argv, (127, "", f"{argv[0]}: unexpected arguments\n"))
             pid = next(self._pids)
-            self._running[pid] = [self.polls_before_exit, answer]
+            self._running[pid] = [10**9 if argv in self.hung else self.polls_before_exit, answer]
             return json.dumps({"return": {"pid": pid}})
         if execute == "guest-exec-status":
+            if arguments.get("pid") not in self._running:  # qemu-ga's words (qga/commands.c)
+                raise AgentCommandError("unable to execute QEMU agent command 'guest-exec-status': "
+                                        "Invalid parameter 'pid'")
             state = self._running[arguments["pid"]]
             if state[0] > 0:
                 state[0] -= 1
@@ -146,6 +153,46 @@ class StandInAgent:
                 status["err-data"] = base64.b64encode(err.encode()).decode()
             return json.dumps({"return": status})
         raise AssertionError(f"verify sent an unexpected agent command {execute}")
+
+
+class CorruptedReply:
+    """A stand-in agent one of whose replies is replaced by what a broken or hostile agent
+    may send: the ``nth`` request (counting from 0), or the ``nth`` one of ``execute``.
+    The agent still acts on the request (a program runs, a file opens); only its answer
+    is lost."""
+
+    def __init__(self, agent, reply: str, nth: int = 0, execute: str | None = None):
+        self.agent, self.reply, self.nth, self.execute = agent, reply, nth, execute
+        self.seen = 0
+        self.replaced: str | None = None  # the command whose reply was replaced
+
+    def command(self, request: str, timeout: int) -> str:
+        try:
+            answer = self.agent.command(request, timeout)
+        except AgentCommandError:
+            answer = None
+        if self.execute is None or json.loads(request)["execute"] == self.execute:
+            self.seen += 1
+            if self.seen == self.nth + 1:
+                self.replaced = json.loads(request)["execute"]
+                return self.reply
+        if answer is None:
+            return self.agent.command(request, timeout)  # the error again, as the agent gave it
+        return answer
+
+
+_KEYS = st.sampled_from(["return", "error", "desc", "class", "pid", "exited", "exitcode", "signal", "out-data",
+                         "err-data", "out-truncated", "err-truncated", "count", "buf-b64", "eof"])
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS | st.text(max_size=6), inner,
+                                                                                  max_size=4),
+                     max_leaves=10)
+# Replies of every kind: text that is not JSON, any JSON, and objects with the agent's own
+# keys holding values of the wrong type (the likeliest malformed answers).
+MALFORMED_REPLIES = st.one_of(
+    st.text(max_size=30), _JSON.map(json.dumps),
+    st.fixed_dictionaries({}, optional={"return": _JSON | st.dictionaries(_KEYS, _JSON, max_size=5),
+                                        "error": _JSON | st.dictionaries(_KEYS, _JSON, max_size=3)}).map(json.dumps))
 
 
 def _verify(programs: dict, **agent_options):
@@ -272,6 +319,57 @@ def test_agent_error_replies_become_agent_command_errors():
 
     with pytest.raises(AgentCommandError, match="boom"):
         GuestExec(ErrorReplies()).run(["lsmod"])
+
+
+@pytest.mark.parametrize("execute, reply, words", [
+    ("guest-exec", "not JSON at all", "answered guest-exec with text that is not JSON: \"not JSON at all\""),
+    ("guest-exec", '{"error": "boom"}', "answered guest-exec with an error without a description: \"boom\""),
+    ("guest-exec", '{"error": {"class": "GenericError"}}', "an error without a description"),
+    ("guest-exec", "[1, 2]", "JSON that is not an object: [1, 2]"),
+    ("guest-exec", '{"happy": true}', "neither a result nor an error"),
+    ("guest-exec", '{"return": 4242}', "answered guest-exec with no process id: 4242"),
+    ("guest-exec", '{"return": {"pid": true}}', "no process id"),
+    ("guest-exec-status", '{"return": {"exited": 1}}', "answered guest-exec-status with no exited flag"),
+    ("guest-exec-status", '{"return": "done"}', "no exited flag"),
+    ("guest-exec-status", '{"return": {"exited": true, "exitcode": "0"}}', "'exitcode' not an integer: \"0\""),
+    ("guest-exec-status", '{"return": {"exited": true, "exitcode": false}}', "'exitcode' not an integer: false"),
+    ("guest-exec-status", '{"return": {"exited": true, "signal": 9.5}}', "'signal' not an integer"),
+    ("guest-exec-status", '{"return": {"exited": true, "exitcode": 0, "out-data": "@@@@"}}',
+     "'out-data' not base64: \"@@@@\""),
+    ("guest-exec-status", '{"return": {"exited": true, "exitcode": 0, "err-data": 12}}',
+     "'err-data' not a string: 12"),
+    ("guest-exec-status", '{"return": {"exited": true, "exitcode": 0, "out-truncated": "no"}}',
+     "'out-truncated' not true or false"),
+])
+def test_a_malformed_agent_reply_is_one_line_naming_it(execute, reply, words):
+    agent = CorruptedReply(StandInAgent(tdx_guest()), reply, execute=execute)
+    with pytest.raises(GuestNotReadyError) as error:
+        verify_guest(GuestExec(agent, timeout=5, poll=0.001, name="TD 'td-1'"), "td-1")
+    message = str(error.value)
+    assert message.startswith("the guest agent in TD 'td-1' answered ") and words in message, message
+    assert "\n" not in message and message.endswith("(restart qemu-guest-agent in the guest)")
+
+
+def test_a_malformed_reply_is_shown_escaped_and_capped():
+    hostile = json.dumps({"return": {"exited": True, "exitcode": "\x1b[2J\n" + "A" * 10_000}})
+    with pytest.raises(GuestNotReadyError) as error:
+        GuestExec(CorruptedReply(StandInAgent(tdx_guest()), hostile, execute="guest-exec-status"),
+                  poll=0.001).run(["dmesg"])
+    message = str(error.value)
+    assert "\\u001b[2J\\n" in message and "\x1b" not in message and "\n" not in message
+    assert "more characters cut" in message and len(message) < 600
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nth=st.integers(min_value=0, max_value=30), reply=MALFORMED_REPLIES)
+def test_any_malformed_reply_gives_a_report_or_one_line_never_a_crash(nth, reply):
+    agent = CorruptedReply(StandInAgent(tdx_guest()), reply, nth=nth)
+    try:
+        report = verify_guest(GuestExec(agent, timeout=5, poll=0.001), "td-1")
+    except GuestNotReadyError as error:
+        assert "\n" not in str(error)
+    else:
+        assert len(report.checks) == 7
 
 
 def test_json_report_shape():

@@ -367,3 +367,76 @@ def test_define_records_the_predicted_registers_and_measure_sees_a_change(td_nam
     (host.base / str(initrd).lstrip("/")).write_bytes(initrd.read_bytes() + b"\0" * 512)
     text = run("measure", td_name).output
     assert f"DIFFERS from the value define recorded ({shown['rtmr2']})" in text
+
+
+# --- an arbitrary --firmware file: a sentence or a one-line error, never a crash --------------------
+
+def _lzma_section(data_offset: bytes, payload: bytes = b"", size: int | None = None) -> bytes:
+    """An EFI_GUID_DEFINED_SECTION header (Size, Type 0x02, the LZMA GUID, DataOffset, ...)."""
+    body = bootmeasure.LZMA_SECTION + data_offset
+    size = 4 + len(body) + len(payload) if size is None else size
+    return size.to_bytes(3, "little") + b"\x02" + body + payload
+
+
+@pytest.mark.parametrize("image", [
+    bytes(64) + _lzma_section(b""),  # the image ends right after the GUID: no DataOffset
+    bytes(64) + _lzma_section(b"\x18"),  # half a DataOffset
+    bootmeasure.LZMA_SECTION + bytes(8),  # the GUID at offset 0: no room for a header before it
+    bytes(64) + _lzma_section(b"\xff\xff\x01\x00", b"\x5d" + bytes(40)),  # DataOffset past the section
+    bytes(64) + _lzma_section(b"\x18\x00\x01\x00", b"\x5d\x00\x00\x80\x00" + b"\xff" * 8 + bytes(30)),  # not LZMA
+    bytes(64) + _lzma_section(b"\x18\x00\x01\x00", size=0xFFFFF0),  # a size past the image
+])
+def test_damaged_firmware_sections_are_skipped_not_a_crash(image):
+    assert bootmeasure.initrd_option_placement(image) is None
+    assert bootmeasure.secure_boot_keys_enrolled(image) is False
+
+
+def test_an_lzma_bomb_is_cut_at_the_volume_limit():
+    import lzma
+
+    packed = lzma.compress(bytes(bootmeasure.VOLUME_LIMIT + 4096), format=lzma.FORMAT_ALONE)
+    image = bytes(16) + _lzma_section(b"\x18\x00\x01\x00", packed)
+    [volume] = bootmeasure._decompressed_volumes(image)
+    assert len(volume) == bootmeasure.VOLUME_LIMIT
+
+
+def test_any_cut_or_changed_byte_of_a_real_firmware_gives_an_answer(sim):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    firmware = (sim.chroot / "usr/share/ovmf/OVMF.inteltdx.ms.fd").read_bytes()
+    sections, at = [], firmware.find(bootmeasure.LZMA_SECTION)
+    while at != -1:
+        sections.append(at)
+        at = firmware.find(bootmeasure.LZMA_SECTION, at + 1)
+    assert sections  # the real image has the compressed DXE volume this reads
+    around = st.sampled_from(sections).flatmap(lambda at: st.integers(min_value=max(0, at - 8), max_value=at + 40))
+
+    @settings(max_examples=60, deadline=None)
+    @given(cut=around, change=around, value=st.integers(min_value=0, max_value=255))
+    def check(cut, change, value):
+        image = bytearray(firmware)
+        image[change] = value
+        image = bytes(image[:cut])
+        assert bootmeasure.initrd_option_placement(image) in ("prefix", "suffix", None)
+        assert bootmeasure.secure_boot_keys_enrolled(image) in (True, False)
+
+    check()
+
+
+def test_a_damaged_firmware_file_gives_a_sentence_or_one_line(sim, guest_files, tmp_path):
+    firmware = (sim.chroot / "usr/share/ovmf/OVMF.fd").read_bytes()
+    at = firmware.find(bootmeasure.LZMA_SECTION)
+    kernel, initrd = (str(p) for p in guest_files)
+    xml = direct_boot_xml(kernel, initrd)
+    for name, image in (("cut-in-header.fd", firmware[:at + 17]), ("cut-in-volume.fd", firmware[:at + 4096]),
+                        ("empty.fd", b"")):
+        damaged = tmp_path / name
+        damaged.write_bytes(image)
+        try:
+            result = predict(xml, lambda p: p if p in (kernel, initrd) else None, firmware_override=str(damaged))
+        except InputError as error:
+            assert "\n" not in str(error)
+        else:
+            assert "cannot tell from the firmware image where it adds initrd=initrd" in result.rtmr2
+            assert len(result.rtmr1) == 96

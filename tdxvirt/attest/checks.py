@@ -65,12 +65,16 @@ def as_prediction(value: str | None, source: str) -> Prediction:
 
 
 def predictions_from(measurements) -> Predictions:
-    """From tdxvirt.measure's Measurements: MRTD from the firmware (or, when it cannot
-    be read here, the value define recorded), RTMR1/RTMR2 when measure predicts them."""
+    """From tdxvirt.measure's Measurements: MRTD from the firmware read here,
+    RTMR1/RTMR2 when measure predicts them. The value define recorded is never the
+    expectation: it lives in the domain XML of the host under attestation, which can
+    rewrite it along with the firmware."""
     if measurements.mrtd:
         mrtd = as_prediction(measurements.mrtd, f"predicted from the firmware {measurements.firmware}")
     elif measurements.recorded:
-        mrtd = as_prediction(measurements.recorded, "recorded by define")
+        mrtd = Prediction(None, f"{measurements.unknown or 'the firmware is not readable here'}; the "
+                                f"value define recorded ({measurements.recorded}) is the attested "
+                                "host's own word, not an expectation: give --firmware FILE")
     else:
         mrtd = Prediction(None, measurements.unknown or "not predicted")
     rtmrs = tuple(as_prediction(getattr(measurements, f"rtmr{i}"), "predicted by tdxvirt measure")

@@ -36,8 +36,16 @@ def when(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _iso(text: str) -> int:
-    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+def _iso(text) -> int:
+    """issueDate / nextUpdate of TCB info or QE identity. Intel's PCS API spec says these
+    are ISO 8601 times in UTC ("The time shall be in UTC"), so one without an offset is
+    read as UTC, never in this machine's local time zone."""
+    if not isinstance(text, str):
+        raise TypeError(f"a date that is not a string: {text!r:.60}")
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp())
 
 
 # --- the CRLs' thisUpdate / nextUpdate (RFC 5280 section 5.1: CertificateList) ----------
@@ -86,9 +94,13 @@ def crl_window(der: bytes) -> tuple[int, int | None]:
 
 
 def _crl_bytes(value) -> bytes:
+    """A CRL as hex text or a list of byte values (never bytes(n) of a number, which
+    would be n zero bytes)."""
     if isinstance(value, str):
         return bytes.fromhex(value)
-    return bytes(value)
+    if isinstance(value, list):
+        return bytes(value)  # ValueError / TypeError for what is not a byte
+    raise TypeError(f"a CRL that is neither hex text nor a list of bytes: {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,8 @@ def collateral_from(data: dict, source: str) -> Collateral:
             parts[name] = (_iso(body["issueDate"]), _iso(body["nextUpdate"]))
         for key, name in (("root_ca_crl", "root CA CRL"), ("pck_crl", "PCK CRL")):
             parts[name] = crl_window(_crl_bytes(data[key]))
-    except (ValueError, KeyError, TypeError) as error:
-        raise CollateralError(f"collateral {source} is malformed ({error}); fetch it again") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
+        raise CollateralError(f"collateral {source} is malformed ({one_line(error)}); fetch it again") from None
     not_before = max(start for start, _ in parts.values())
     not_after = min(end for _, end in parts.values() if end is not None)
     return Collateral(data, source, not_before, not_after, parts)

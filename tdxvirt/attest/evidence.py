@@ -7,7 +7,7 @@ a new directory below ``/sys/kernel/config/tsm/report`` is one request; writing
 TDX module for a TD report and the host's quote service (QGS) to turn it into a quote;
 ``provider`` names the backend (``tdx_guest``) and ``generation`` counts writes, so a
 reader that sees 1 after its single write knows no one else changed the request.
-The directory is removed afterwards.
+The directory is removed afterwards (a directory left behind is a note in the evidence).
 
 REPORTDATA is the nonce itself, zero-padded to 64 bytes (checks.report_data_for),
 not a hash of it: a verifier that wants a hash, a public key or a key's hash bound to
@@ -23,7 +23,10 @@ guest-exec (verify.GuestExec). Also collected:
   --verifier local`` (its JSON ``result_code``/``result_message``). Both run in the guest
   and are the guest's account, not verified here.
 
-Every value from the guest is capped (textsafe.guest_text) before it reaches a message.
+Every value from the guest is capped (textsafe.guest_text) before it reaches a message,
+and every agent reply is checked for qemu-ga's shape (verify.GuestExec): a reply of
+another shape is a one-line GuestNotReadyError. Once the quote is in hand, a failure to
+collect the event log or the GPU's account leaves those rows not-checked, with the reason.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import secrets
 from dataclasses import dataclass
 
 from ..guest import GuestNotReadyError
-from ..guest.verify import AgentCommandError, GuestExec
+from ..guest.verify import AgentCommandError, ExecResult, GuestExec
 from ..textsafe import guest_text
 from .checks import report_data_for
 
@@ -50,49 +53,80 @@ CC_STATUS = ("nvidia-smi", "conf-compute", "-f")
 
 
 class GuestFiles:
-    """The agent's file commands: whole files in and out, base64 on the wire."""
+    """The agent's file commands: whole files in and out, base64 on the wire.
+
+    qemu-ga's guest-file-write is a buffered fwrite and its guest-file-close an fclose
+    (qga/commands-posix.c): the bytes may reach the kernel only at the close, and a
+    configfs binary attribute (configfs-tsm's inblob) hands them to its driver only when
+    the file is released (fs/configfs/file.c). So on the write path the close is where
+    the kernel's refusal shows, and it is an error; on the read path a failed close
+    changes nothing that was read.
+    """
 
     def __init__(self, guest: GuestExec):
         self.guest = guest
 
-    def _call(self, execute: str, arguments: dict) -> dict:
-        request = json.dumps({"execute": execute, "arguments": arguments})
-        reply = json.loads(self.guest.channel.command(request, max(1, int(self.guest.timeout))))
-        if "error" in reply:
-            raise AgentCommandError(reply["error"].get("desc", str(reply["error"])))
-        return reply["return"]
+    def _open(self, path: str, mode: str) -> int:
+        handle = self.guest.call("guest-file-open", {"path": path, "mode": mode})
+        if type(handle) is not int:
+            raise self.guest.malformed("guest-file-open", "a handle that is not an integer", handle)
+        return handle
+
+    def _chunk(self, handle: int) -> tuple[bytes, bool]:
+        """(bytes read, at the end): GuestFileRead is count, buf-b64 and eof."""
+        reply = self.guest.call("guest-file-read", {"handle": handle, "count": READ_CHUNK})
+        if not isinstance(reply, dict):
+            raise self.guest.malformed("guest-file-read", "a result that is not an object", reply)
+        count, eof = reply.get("count"), reply.get("eof", False)
+        if type(count) is not int or not isinstance(eof, bool):
+            raise self.guest.malformed("guest-file-read", "no count or eof", reply)
+        data = self.guest.decode("guest-file-read", "buf-b64", reply.get("buf-b64", ""))
+        if len(data) != count:
+            raise self.guest.malformed("guest-file-read", f"a count that is not the {len(data)} bytes it sent", count)
+        return data, eof or not count
 
     def read(self, path: str, limit: int) -> bytes:
-        handle = self._call("guest-file-open", {"path": path, "mode": "r"})
+        handle = self._open(path, "r")
         try:
             data = bytearray()
             while True:
-                chunk = self._call("guest-file-read", {"handle": handle, "count": READ_CHUNK})
-                data += base64.b64decode(chunk.get("buf-b64", ""))
+                chunk, end = self._chunk(handle)
+                data += chunk
                 if len(data) > limit:
                     raise GuestNotReadyError(f"{path} in {self.guest.name} is larger than {limit} bytes; "
                                              "that is not what the kernel returns there")
-                if chunk.get("eof") or not chunk.get("count"):
+                if end:
                     return bytes(data)
         finally:
-            self._close(handle)
+            self._close_quietly(handle)
 
-    def write(self, path: str, data: bytes) -> None:
-        handle = self._call("guest-file-open", {"path": path, "mode": "w"})
+    def write(self, path: str, data: bytes, what: str = "the data") -> None:
+        """``data`` into ``path``; ``what`` names it in the error when the kernel refuses it."""
+        handle = self._open(path, "w")
         try:
-            written = self._call("guest-file-write", {"handle": handle,
-                                                      "buf-b64": base64.b64encode(data).decode()})
-            if written.get("count") != len(data):
-                raise GuestNotReadyError(f"the guest agent in {self.guest.name} wrote {written.get('count')} "
+            written = self.guest.call("guest-file-write", {"handle": handle,
+                                                           "buf-b64": base64.b64encode(data).decode()})
+            count = written.get("count") if isinstance(written, dict) else None
+            if type(count) is not int:
+                raise self.guest.malformed("guest-file-write", "no count", written)
+            if count != len(data):
+                raise GuestNotReadyError(f"the guest agent in {self.guest.name} wrote {count} "
                                          f"of {len(data)} bytes to {path}")
-        finally:
-            self._close(handle)
-
-    def _close(self, handle) -> None:
+        except BaseException:
+            self._close_quietly(handle)
+            raise
         try:
-            self._call("guest-file-close", {"handle": handle})
-        except AgentCommandError:
-            pass  # the file's content was already read or written; a close error changes nothing
+            self.guest.call("guest-file-close", {"handle": handle})
+        except AgentCommandError as error:
+            raise GuestNotReadyError(
+                f"the kernel in {self.guest.name} refused {what} written to {path} ({_reason(error)}); "
+                "nothing was attested: attest again, and see the guest's kernel log if it persists") from None
+
+    def _close_quietly(self, handle: int) -> None:
+        try:
+            self.guest.call("guest-file-close", {"handle": handle})
+        except (AgentCommandError, GuestNotReadyError):
+            pass  # read path, or an error already on its way: the close adds nothing to it
 
 
 @dataclass(frozen=True)
@@ -115,12 +149,13 @@ class Evidence:
     event_log: bytes | None
     event_log_note: str
     gpu: GpuEvidence
+    notes: tuple[str, ...] = ()  # what went wrong around the evidence without touching it
 
     def as_dict(self) -> dict:
         return {"provider": self.provider, "quote_bytes": len(self.quote),
                 "quote_base64": base64.b64encode(self.quote).decode(), "generation": self.generation,
                 "event_log_bytes": None if self.event_log is None else len(self.event_log),
-                "event_log_note": self.event_log_note, "gpu": self.gpu.as_dict()}
+                "event_log_note": self.event_log_note, "gpu": self.gpu.as_dict(), "notes": list(self.notes)}
 
 
 def _reason(error: Exception) -> str:
@@ -167,86 +202,130 @@ def _text(files: GuestFiles, path: str) -> str:
     return guest_text(files.read(path, 4096).decode("utf-8", errors="replace").strip())
 
 
-def fetch_quote(guest: GuestExec, nonce: bytes) -> tuple[str, bytes, int | None]:
-    """(provider, quote, generation) from configfs-tsm, REPORTDATA set from ``nonce``."""
-    present, why = _run(guest, ["stat", "-c", "%F", TSM_REPORTS])
-    if not present:
-        raise _no_quote_interface(guest, why)
-    report = f"{TSM_REPORTS}/tdxvirt-{secrets.token_hex(8)}"
-    made, why = _run(guest, ["mkdir", report])
-    if not made:
-        raise GuestNotReadyError(f"cannot create a report request {report} in {guest.name}: {why}; "
-                                 "the guest agent must run as root")
+def _remove(guest: GuestExec, report: str) -> str:
+    """rmdir of the report request: "" when it is gone, else a note saying it is left.
+    A leftover directory holds no secret (its outblob is the quote already returned),
+    so it never fails the attestation, but it is said."""
+    try:
+        result = guest.run(["rmdir", report])
+    except AgentCommandError as error:
+        why = _reason(error)
+    except GuestNotReadyError as error:
+        why = str(error)
+    else:
+        if result.ok:
+            return ""
+        why = result.first_line()
+    return (f"the report request {report} was left in {guest.name} ({why}); it holds no secret: "
+            "remove it in the guest with rmdir")
+
+
+def _quote_request(guest: GuestExec, report: str, nonce: bytes) -> tuple[str, bytes, str]:
+    """(provider, quote, generation as the guest wrote it) from one report directory."""
     files = GuestFiles(guest)
     try:
         provider = _text(files, f"{report}/provider")
         if provider != TDX_PROVIDER:
             raise GuestNotReadyError(f"{guest.name}'s attestation provider is {provider!r}, not {TDX_PROVIDER}: "
                                      "it is not an Intel TDX TD")
-        files.write(f"{report}/inblob", report_data_for(nonce))
+        files.write(f"{report}/inblob", report_data_for(nonce), what="the nonce (REPORTDATA)")
         try:
             quote = files.read(f"{report}/outblob", QUOTE_LIMIT)
         except AgentCommandError as error:
             raise GuestNotReadyError(
                 f"{guest.name} could not get a quote ({_reason(error)}); the host's quote generation service "
                 "must run and the TD must name it (<quoteGenerationService> in its launch security)") from None
-        generation_text = _text(files, f"{report}/generation")
+        return provider, quote, _text(files, f"{report}/generation")
     except AgentCommandError as error:
         why = _reason(error)
         fix = ("; allow guest-file-open, -read, -write and -close in the agent's configuration "
                "(e.g. --allow-rpcs)") if "disabled" in why.lower() else ""
         raise GuestNotReadyError(f"reading {report} in {guest.name} failed: {why}{fix}") from None
+
+
+def fetch_quote(guest: GuestExec, nonce: bytes) -> tuple[str, bytes, int | None, str]:
+    """(provider, quote, generation, cleanup note) from configfs-tsm, REPORTDATA set
+    from ``nonce``; the note is "" when the report directory was removed."""
+    present, why = _run(guest, ["stat", "-c", "%F", TSM_REPORTS])
+    if not present:
+        raise _no_quote_interface(guest, why)
+    report = f"{TSM_REPORTS}/tdxvirt-{secrets.token_hex(8)}"
+    try:
+        made, why = _run(guest, ["mkdir", report])
+    except GuestNotReadyError:
+        _remove(guest, report)  # the agent's answer was unreadable: the directory may exist
+        raise
+    if not made:
+        raise GuestNotReadyError(f"cannot create a report request {report} in {guest.name}: {why}; "
+                                 "the guest agent must run as root")
+    try:
+        provider, quote, generation_text = _quote_request(guest, report, nonce)
     finally:
-        _run(guest, ["rmdir", report])  # best effort: a leftover directory holds no secret
-    generation = int(generation_text) if generation_text.isdigit() else None
+        cleanup = _remove(guest, report)
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+    generation = int(generation_text) if re.fullmatch(r"[0-9]+", generation_text) else None
     if generation is not None and generation != 1:
         raise GuestNotReadyError(f"another writer changed the report request in {guest.name} while tdxvirt "
                                  f"used it (generation {generation}, expected 1); attest again")
     if not quote:
         raise GuestNotReadyError(f"{guest.name} returned an empty quote; the host's quote generation service "
                                  "may have failed (see its log)")
-    return provider, quote, generation
+    return provider, quote, generation, cleanup
 
 
 def fetch_event_log(guest: GuestExec) -> tuple[bytes | None, str]:
+    """The CCEL data, or None and why not. After the quote, nothing here stops the
+    attestation: a log over the cap or an agent that failed only makes it not collected."""
     try:
         data = GuestFiles(guest).read(CCEL_DATA, EVENT_LOG_LIMIT)
     except AgentCommandError as error:
         return None, f"no CC event log: {CCEL_DATA} cannot be read ({_reason(error)})"
+    except GuestNotReadyError as error:
+        return None, f"no CC event log: {error}"
     return data, f"{len(data)} bytes from {CCEL_DATA}"
+
+
+def _run_tool(guest: GuestExec, argv) -> tuple[ExecResult | None, str]:
+    """(the ExecResult, "") or (None, why it did not run): an agent error, a time-out or
+    an unreadable answer leaves the GPU rows not-checked, never the attestation failed."""
+    try:
+        return guest.run(list(argv)), ""
+    except AgentCommandError as error:
+        return None, _reason(error)
+    except GuestNotReadyError as error:
+        return None, str(error)
 
 
 def fetch_gpu(guest: GuestExec, gpus: int | None) -> GpuEvidence:
     if gpus == 0:
         none = "the TD has no GPU passed through"
         return GpuEvidence(None, none, None, none)
-    try:
-        smi = guest.run(list(CC_STATUS))
-    except AgentCommandError as error:
-        status, cc_note = None, f"nvidia-smi did not run in the guest: {_reason(error)}"
+    smi, why = _run_tool(guest, CC_STATUS)
+    if smi is None:
+        status, cc_note = None, f"nvidia-smi did not run in the guest: {why}"
     else:
         status = next((line.split(":", 1)[1].strip() for line in smi.stdout.splitlines()
                        if line.strip().startswith("CC status:")), None) if smi.ok else None
         cc_note = (f"nvidia-smi in the guest: CC status: {guest_text(status)}" if status
                    else f"nvidia-smi conf-compute -f in the guest gave no CC status: {smi.first_line()}")
-    try:
-        result = guest.run(list(NVATTEST))
-    except AgentCommandError as error:
+    result, why = _run_tool(guest, NVATTEST)
+    if result is None:
         return GpuEvidence(guest_text(status) if status else None, cc_note, None,
-                           f"NVIDIA's attestation CLI (nvattest) did not run in the guest: {_reason(error)}")
+                           f"NVIDIA's attestation CLI (nvattest) did not run in the guest: {why}")
     try:
         answer = json.loads(result.stdout)
-    except ValueError:
+    except (ValueError, RecursionError):
         answer = {}
     code = answer.get("result_code") if isinstance(answer, dict) else None
     message = guest_text(str(answer.get("result_message", ""))) if isinstance(answer, dict) else ""
-    passed = result.ok and code == 0
+    passed = result.ok and type(code) is int and code == 0  # not JSON false or 0.0
     note = (f"nvattest (local verifier) in the guest: {message or 'result_code 0'}" if passed
             else f"nvattest in the guest failed: {message or result.first_line()}")
     return GpuEvidence(guest_text(status) if status else None, cc_note, passed, note)
 
 
 def collect(guest: GuestExec, nonce: bytes, gpus: int | None = None) -> Evidence:
-    provider, quote, generation = fetch_quote(guest, nonce)
+    provider, quote, generation, cleanup = fetch_quote(guest, nonce)
     event_log, event_note = fetch_event_log(guest)
-    return Evidence(provider, quote, generation, event_log, event_note, fetch_gpu(guest, gpus))
+    return Evidence(provider, quote, generation, event_log, event_note, fetch_gpu(guest, gpus),
+                    notes=(cleanup,) if cleanup else ())

@@ -3,8 +3,9 @@
 The order matters for what a result means: the quote is fetched with a fresh nonce,
 parsed, its signature verified (when collateral is at hand) and its values compared;
 a value check that passes on a quote whose signature was not verified says only that
-the bytes the guest returned hold that value, which is why the report never sums up
-as "ok" while anything was not checked.
+the bytes the guest returned hold that value. The report sums up as "ok" only when no
+check failed, the signature verified and MRTD matched its prediction; every other
+check not run is listed with its reason.
 """
 
 from __future__ import annotations
@@ -53,10 +54,15 @@ class AttestReport:
 
     @property
     def ok(self) -> bool:
-        """No check failed and the quote's signature was verified: a quote whose
-        signature was not checked proves nothing, so a script that gates keys on the
-        exit code never passes one (other checks not run are listed, never counted)."""
-        return not self.failed and self.verified
+        """No check failed, the quote's signature verified and MRTD matched the
+        prediction: a quote whose signature or firmware was not checked proves nothing
+        about what runs, so a script that gates keys on the exit code never passes one
+        (other checks not run are listed, never counted as passed)."""
+        return not self.failed and self.verified and self.firmware_matched
+
+    @property
+    def firmware_matched(self) -> bool:
+        return any(c.name == "MRTD" and c.result == PASS for c in self.checks)
 
     @property
     def verified(self) -> bool:
@@ -72,6 +78,7 @@ class AttestReport:
 
     def as_dict(self) -> dict:
         return {"domain": self.domain, "ok": self.ok, "verified": self.verified,
+                "firmware_matched": self.firmware_matched,
                 "nonce": self.nonce.hex(),
                 "verification_time": dcap_verifier.when(self.verification_time),
                 "checks": [check.as_dict() for check in self.checks],
@@ -80,11 +87,15 @@ class AttestReport:
                 "evidence": self.evidence.as_dict()}
 
     def failure_message(self) -> str:
+        """Why the exit code is 1, in one line."""
         if self.failed:
             names = ", ".join(check.name for check in self.failed)
             return f"TD {self.domain!r} failed attestation: {names} (see the table above)"
-        return (f"TD {self.domain!r} is not attested: the quote's signature was not verified "
-                "(see the table above); give --collateral FILE or --pccs-url URL")
+        if not self.verified:
+            return (f"TD {self.domain!r} is not attested: the quote's signature was not verified "
+                    "(see the table above); give --collateral FILE or --pccs-url URL")
+        return (f"TD {self.domain!r} is not attested: its MRTD was not compared with a prediction "
+                "(see the table above); give --firmware FILE, a copy of the TD's firmware")
 
 
 def assess(name: str, nonce: bytes, evidence: Evidence, predictions: Predictions,

@@ -122,12 +122,26 @@ class ExecResult:
         return f"exit code {self.exitcode}"
 
 
-def _decode(data: str | None) -> str:
-    return base64.b64decode(data).decode("utf-8", errors="replace") if data else ""
+def _shown(value) -> str:
+    """A reply as one capped line: JSON escapes every control character and line break."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        text = ascii(value)
+    return guest_text(text)
+
+
+def _is_int(value) -> bool:
+    return type(value) is int  # JSON true/false are bools in Python, and 1.0 is no pid
 
 
 class GuestExec:
-    """Runs a program in the guest and waits for it (guest-exec, then guest-exec-status)."""
+    """Runs a program in the guest and waits for it (guest-exec, then guest-exec-status).
+
+    Every reply is checked against the shape qemu-ga gives it (qga/qapi-schema.json:
+    GuestExec, GuestExecStatus, GuestFileRead, GuestFileWrite): a guest controls its
+    agent, so a reply of another shape is a one-line GuestNotReadyError, never a crash.
+    """
 
     def __init__(self, channel: AgentChannel, timeout: float = DEFAULT_TIMEOUT, poll: float = 0.1,
                  name: str = "the guest"):
@@ -136,18 +150,65 @@ class GuestExec:
         self.poll = poll
         self.name = name
 
-    def _call(self, execute: str, arguments: dict) -> dict:
+    def malformed(self, execute: str, what: str, value) -> GuestNotReadyError:
+        """The agent answered ``execute`` with something no qemu-ga sends."""
+        return GuestNotReadyError(
+            f"the guest agent in {self.name} answered {execute} with {what}: {_shown(value)}; "
+            "it does not speak the QEMU guest agent protocol (restart qemu-guest-agent in the guest)")
+
+    def call(self, execute: str, arguments: dict):
+        """The agent's "return" value for one command; AgentCommandError for its
+        {"error": {"class", "desc"}} reply."""
         request = json.dumps({"execute": execute, "arguments": arguments})
-        reply = json.loads(self.channel.command(request, max(1, int(self.timeout))))
+        text = self.channel.command(request, max(1, int(self.timeout)))
+        try:
+            reply = json.loads(text)
+        except (TypeError, ValueError, RecursionError):  # ValueError covers JSONDecodeError
+            raise self.malformed(execute, "text that is not JSON", text) from None
+        if not isinstance(reply, dict):
+            raise self.malformed(execute, "JSON that is not an object", reply)
         if "error" in reply:
-            raise AgentCommandError(reply["error"].get("desc", str(reply["error"])))
+            error = reply["error"]
+            desc = error.get("desc") if isinstance(error, dict) else None
+            if not isinstance(desc, str):
+                raise self.malformed(execute, "an error without a description", error)
+            raise AgentCommandError(desc)
+        if "return" not in reply:
+            raise self.malformed(execute, "neither a result nor an error", reply)
         return reply["return"]
+
+    def decode(self, execute: str, key: str, data) -> bytes:
+        """A base64 field of a reply (qemu-ga's g_base64_encode: standard alphabet, padded)."""
+        if not isinstance(data, str):
+            raise self.malformed(execute, f"{key!r} not a string", data)
+        try:
+            return base64.b64decode(data, validate=True)
+        except ValueError:  # binascii.Error is a ValueError
+            raise self.malformed(execute, f"{key!r} not base64", data) from None
+
+    def _text(self, status: dict, key: str) -> str:
+        if key not in status:
+            return ""
+        return self.decode("guest-exec-status", key, status[key]).decode("utf-8", errors="replace")
+
+    def _result(self, argv: tuple[str, ...], status: dict) -> ExecResult:
+        """A finished program's GuestExecStatus: exitcode, or signal, optional (qemu-ga
+        gives one of them); out-data/err-data base64, *-truncated bools, each optional."""
+        for key in ("exitcode", "signal"):
+            if key in status and not _is_int(status[key]):
+                raise self.malformed("guest-exec-status", f"{key!r} not an integer", status[key])
+        for key in ("out-truncated", "err-truncated"):
+            if key in status and not isinstance(status[key], bool):
+                raise self.malformed("guest-exec-status", f"{key!r} not true or false", status[key])
+        return ExecResult(argv=argv, exitcode=status.get("exitcode"), signal=status.get("signal"),
+                          stdout=self._text(status, "out-data"), stderr=self._text(status, "err-data"),
+                          truncated=bool(status.get("out-truncated") or status.get("err-truncated")))
 
     def run(self, argv: list[str] | tuple[str, ...]) -> ExecResult:
         argv = tuple(argv)
         try:
-            started = self._call("guest-exec", {"path": argv[0], "arg": list(argv[1:]),
-                                                "capture-output": True})
+            started = self.call("guest-exec", {"path": argv[0], "arg": list(argv[1:]),
+                                               "capture-output": True})
         except AgentCommandError as error:
             if "disabled" in str(error).lower():
                 raise GuestNotReadyError(
@@ -155,16 +216,16 @@ class GuestExec:
                     "guest-exec and guest-exec-status in its configuration (e.g. --allow-rpcs)"
                 ) from None
             raise
+        if not isinstance(started, dict) or not _is_int(started.get("pid")):
+            raise self.malformed("guest-exec", "no process id", started)
         deadline = time.monotonic() + self.timeout
         delay = self.poll
         while True:
-            status = self._call("guest-exec-status", {"pid": started["pid"]})
-            if status.get("exited"):
-                return ExecResult(
-                    argv=argv, exitcode=status.get("exitcode"), signal=status.get("signal"),
-                    stdout=_decode(status.get("out-data")), stderr=_decode(status.get("err-data")),
-                    truncated=bool(status.get("out-truncated") or status.get("err-truncated")),
-                )
+            status = self.call("guest-exec-status", {"pid": started["pid"]})
+            if not isinstance(status, dict) or not isinstance(status.get("exited"), bool):
+                raise self.malformed("guest-exec-status", "no exited flag", status)
+            if status["exited"]:
+                return self._result(argv, status)
             if time.monotonic() >= deadline:
                 raise GuestNotReadyError(
                     f"{' '.join(argv)} did not finish within {self.timeout:g} s in {self.name}; "
