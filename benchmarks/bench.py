@@ -103,11 +103,11 @@ def _fake_host(count: int, base: Path):
 
 
 def bench_render(results, repeat):
+    from tdxvirt.domain.policy import plan_domain
+    from tdxvirt.domain.render import render_domain
+    from tdxvirt.domain.spec import TDSpec
     from tdxvirt.host.pci import read_device
-    from tdxvirt.policy import plan_domain
-    from tdxvirt.render import render_domain
-    from tdxvirt.schema import validate_domain_xml
-    from tdxvirt.spec import TDSpec
+    from tdxvirt.virt.schema import validate_domain_xml
 
     with tempfile.TemporaryDirectory() as tmp:
         root, addresses = _fake_host(1, Path(tmp) / "root")
@@ -133,9 +133,9 @@ def bench_render(results, repeat):
 def bench_define_and_list(results, repeat, uri, count_define, count_list):
     import libvirt
 
-    from tdxvirt import tds
-    from tdxvirt.conn import open_connection
-    from tdxvirt.spec import TDSpec
+    from tdxvirt.domain.spec import TDSpec
+    from tdxvirt.lifecycle import tds
+    from tdxvirt.virt.conn import open_connection
 
     conn = open_connection(uri)
     tag = uuid.uuid4().hex[:6]

@@ -5,7 +5,7 @@ process dies, so a killed tdxvirt never leaves a lock behind that blocks anyone.
 They serialise tdxvirt processes on this machine only; libvirt itself is the
 arbiter for other tools.
 
-A key names the host that runs the TD (tdxvirt.conn.host_of: the URI's hostname, or
+A key names the host that runs the TD (tdxvirt.virt.conn.host_of: the URI's hostname, or
 ``localhost``) and the device or domain name: GPU 0000:38:00.0 of host A and of
 host B are different GPUs, and two TDs named alike on two hosts do not collide.
 """
@@ -76,7 +76,7 @@ def held(keys, timeout: float = 30.0, poll: float = 0.05):
 
 
 def gpu_keys(host: str, addresses) -> list[str]:
-    """The keys of PCI devices of ``host`` (tdxvirt.conn.host_of of the URI)."""
+    """The keys of PCI devices of ``host`` (tdxvirt.virt.conn.host_of of the URI)."""
     return [f"pci-{address}@{host}" for address in addresses]
 
 

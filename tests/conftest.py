@@ -10,11 +10,11 @@ import uuid
 import libvirt
 import pytest
 
-from tdxvirt.conn import open_connection
 from tdxvirt.host import HostRoot
-from tdxvirt.schema import find_schema_dir
 from tdxvirt.sim import control, layout
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
+from tdxvirt.virt.conn import open_connection
+from tdxvirt.virt.schema import find_schema_dir
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import click
 
-from tdxvirt.conn import open_connection
 from tdxvirt.gpu.binding import SysfsWriter
 from tdxvirt.host import HostRoot
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
+from tdxvirt.virt.conn import open_connection
 
 STANDIN = Path(__file__).resolve().parents[1] / "tdxvirt" / "sim" / "standin_gpu_tools.py"
 HOST_DRIVERS = ("nvidia", "vfio-pci", "snd_hda_intel", "ice", "pcieport", "nvidia-nvswitch")

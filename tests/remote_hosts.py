@@ -180,10 +180,10 @@ def td_domains(uri: str, tds: list[tuple[str, list[str], dict]]) -> list[str]:
     file: (name, GPU addresses, further TDSpec options) each."""
     from lxml import etree
 
-    from tdxvirt import tds as library
-    from tdxvirt.conn import open_connection
+    from tdxvirt.domain.spec import TDSpec
     from tdxvirt.facts.libvirt import LibvirtFacts
-    from tdxvirt.spec import TDSpec
+    from tdxvirt.lifecycle import tds as library
+    from tdxvirt.virt.conn import open_connection
 
     test_ns = "http://libvirt.org/schemas/domain/test/1.0"  # libvirt's test driver's own XML
     conn = open_connection(uri)
@@ -260,6 +260,6 @@ def forbid_local_reads(monkeypatch, base: str) -> None:
     monkeypatch.setattr(LocalFacts, "__init__", refuse("built this machine's facts"))
     monkeypatch.setattr(Session, "host", property(lambda self: exploding_root(base)))
     monkeypatch.setattr("tdxvirt.gpu.modes.mode_reader", refuse("looked for NVIDIA's tool here"))
-    monkeypatch.setattr("tdxvirt.policy.inspect_image", refuse("ran qemu-img here"))
+    monkeypatch.setattr("tdxvirt.domain.policy.inspect_image", refuse("ran qemu-img here"))
     monkeypatch.setattr("tdxvirt.build.artifacts.recorded", refuse("read this machine's builds"))
     monkeypatch.setattr("tdxvirt.host.firmware.find_tdx_ovmf", refuse("read firmware descriptors"))

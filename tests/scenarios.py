@@ -8,15 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdxvirt.assemble import resolve_loader, select_devices
 from tdxvirt.config import Config
+from tdxvirt.domain.policy import DomainPlan, plan_domain
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import NotFoundError
 from tdxvirt.facts import HostFacts
 from tdxvirt.host.pci import PciDevice
+from tdxvirt.lifecycle.assemble import resolve_loader, select_devices
 from tdxvirt.pci import PciAddress
-from tdxvirt.policy import DomainPlan, plan_domain
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
-from tdxvirt.spec import TDSpec
 
 # Stable paths, so golden files do not depend on a temporary directory.
 FILES = Path("/tmp/tdxvirt-golden-files")

@@ -40,7 +40,7 @@ from tdxvirt.attest.checks import (
     report_data_for,
 )
 from tdxvirt.attest.quote import BODY_10_FIELDS, BODY_15_EXTRA, parse_quote
-from tdxvirt.measure import Measurements
+from tdxvirt.domain.measure import Measurements
 
 DATA = Path(__file__).parent / "data" / "quotes"
 V4 = (DATA / "tdx_quote").read_bytes()

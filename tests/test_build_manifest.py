@@ -23,7 +23,7 @@ from tdxvirt.build import edk2, steps
 from tdxvirt.build import manifest as manifests
 from tdxvirt.build.manifest import default_manifest_path, shipped_path
 from tdxvirt.cli import TdxvirtGroup
-from tdxvirt.cli_build import build
+from tdxvirt.cli.build import build
 from tdxvirt.errors import InputError
 from tdxvirt.host import HostRoot
 

@@ -25,7 +25,7 @@ from gitrepo import commit, git
 from tdxvirt.build import artifacts, progress, runner, steps
 from tdxvirt.build import manifest as manifests
 from tdxvirt.cli import TdxvirtGroup
-from tdxvirt.cli_build import build
+from tdxvirt.cli.build import build
 from tdxvirt.host import HostRoot
 
 CONFIGURE = """#!/bin/sh
@@ -315,7 +315,7 @@ def test_install_without_root_is_refused_before_anything(tmp_path):
     base = Path(tempfile.mkdtemp(prefix="tdxvirt-noroot-"))  # outside root's private tmp_path
     os.chmod(base, 0o777)
     workdir = base / "work"
-    script = ("import sys; from tdxvirt.cli import TdxvirtGroup; from tdxvirt.cli_build import build; "
+    script = ("import sys; from tdxvirt.cli import TdxvirtGroup; from tdxvirt.cli.build import build; "
               "TdxvirtGroup(name='tdxvirt', commands={'build': build}).main(sys.argv[1:])")
     try:
         result = subprocess.run(

@@ -19,7 +19,7 @@ from tdxvirt.build import edk2, steps
 from tdxvirt.build import manifest as manifests
 from tdxvirt.build.manifest import SHIPPED, default_manifest_path, shipped_path
 from tdxvirt.cli import TdxvirtGroup, main
-from tdxvirt.cli_build import build
+from tdxvirt.cli.build import build
 
 UPSTREAM_TARGET_TXT = """ACTIVE_PLATFORM = OvmfPkg/IntelTdx/IntelTdxX64.dsc
 TARGET = RELEASE

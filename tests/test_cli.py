@@ -121,7 +121,7 @@ def test_unreachable_uri_is_exit_1_and_names_the_uri(tmp_path):
 
 
 def test_uri_resolution_follows_virsh(monkeypatch):
-    from tdxvirt.conn import resolve_uri
+    from tdxvirt.virt.conn import resolve_uri
 
     monkeypatch.delenv("LIBVIRT_DEFAULT_URI", raising=False)
     assert resolve_uri(None) == "qemu:///system"

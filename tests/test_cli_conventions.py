@@ -12,7 +12,7 @@ import click
 from click.testing import CliRunner
 
 from tdxvirt.cli import main
-from tdxvirt.reference import commands
+from tdxvirt.cli.reference import commands
 
 TDXVIRT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 # Commands that neither need --json nor change anything, or change one domain's state

@@ -8,13 +8,13 @@ import subprocess
 import pytest
 from lxml import etree
 
-from tdxvirt import tds
 from tdxvirt.config import Config, load_config
-from tdxvirt.domainxml import read_domain_xml
+from tdxvirt.domain.domainxml import read_domain_xml
+from tdxvirt.domain.spec import TDSpec
+from tdxvirt.domain.td_rules import td_problems
 from tdxvirt.errors import HostNotReadyError, InputError, LibvirtOperationError
+from tdxvirt.lifecycle import tds
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
-from tdxvirt.spec import TDSpec
-from tdxvirt.td_rules import td_problems
 
 B64_48 = "q" * 64  # base64 of 48 bytes
 
@@ -142,8 +142,8 @@ def test_direct_kernel_boot_adds_clearcpuid(conn, gpu_host, td_name, tmp_path):
 
 
 def test_remote_uri_with_image_is_refused(gpu_host, tmp_path):
-    from tdxvirt.assemble import _overlay_dir
     from tdxvirt.facts.libvirt import LibvirtFacts
+    from tdxvirt.lifecycle.assemble import _overlay_dir
 
     spec_ = TDSpec(name="x", gpus=(), image="/base.qcow2")
     with pytest.raises(InputError, match="URI is remote"):

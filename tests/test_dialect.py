@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from tdxvirt.dialect import LibvirtFacts, choose, domcaps_report_tdx, host_tdx_enabled, probe
 from tdxvirt.errors import HostNotReadyError
 from tdxvirt.sim.hostroot import build_host_root
+from tdxvirt.virt.dialect import LibvirtFacts, choose, domcaps_report_tdx, host_tdx_enabled, probe
 
 
 def facts(version, domcaps_tdx, driver="QEMU"):
@@ -92,9 +92,9 @@ def test_real_libvirt_11_is_refused_unless_qemu_args_is_forced(legacy_qemu_conn,
     forced native XML is refused by libvirt itself in one line; qemu-args defines."""
     import uuid
 
-    from tdxvirt import tds
+    from tdxvirt.domain.spec import TDSpec
     from tdxvirt.errors import LibvirtOperationError
-    from tdxvirt.spec import TDSpec
+    from tdxvirt.lifecycle import tds
 
     host, gpu = gpu_host
     name = f"l-{uuid.uuid4().hex[:10]}"

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_the_checked_in_reference_and_man_pages_are_current(tmp_path):
     # In a process of its own, as scripts/gen-docs runs: click caches each command's help
     # option from the first context that asks, and tests invoke sub-groups directly.
-    done = subprocess.run([sys.executable, "-m", "tdxvirt.reference", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "tdxvirt.cli.reference", str(tmp_path)],
                           capture_output=True, text=True, check=True)
     fresh = [Path(line) for line in done.stdout.split()]
     for path in fresh:

@@ -16,14 +16,14 @@ from lxml import etree
 from test_doctor_host import by_name, statuses, tdx_ready_root
 
 from tdxvirt.cli import main
-from tdxvirt.cli_host import host
-from tdxvirt.conn import open_connection
+from tdxvirt.cli.host import host
 from tdxvirt.doctor import connection, ovmf, qemu, run_checks
 from tdxvirt.doctor.context import Context, is_remote, parse_object_help, parse_qemu_version
 from tdxvirt.host import HostRoot
 from tdxvirt.host.commands import RecordingRunner, SubprocessRunner
 from tdxvirt.pci import PciAddress
 from tdxvirt.sim import layout
+from tdxvirt.virt.conn import open_connection
 
 if "host" not in main.commands:
     main.add_command(host)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tdxvirt import tds
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import TdxvirtError
-from tdxvirt.spec import TDSpec
+from tdxvirt.lifecycle import tds
 
 RELAY = Path(__file__).parent / "standins/socket_relay.py"
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
@@ -34,7 +34,7 @@ def relay(sim, tmp_path):
 
 def test_daemon_lost_during_define_leaves_nothing_and_a_rerun_works(relay, conn, gpu_host, td_name):
     """Holds: one clear error, no domain defined, and the same define then succeeds."""
-    from tdxvirt.conn import open_connection
+    from tdxvirt.virt.conn import open_connection
 
     process, uri = relay
     host, gpu = gpu_host

@@ -32,11 +32,11 @@ from remote_hosts import (
     remote_host,
 )
 
-from tdxvirt import tds
 from tdxvirt.cli import main
 from tdxvirt.config import Config
 from tdxvirt.errors import InputError
-from tdxvirt.fleet import Host, resolve
+from tdxvirt.lifecycle import tds
+from tdxvirt.lifecycle.fleet import Host, resolve
 from tdxvirt.sim.hostroot import build_host_root
 
 NVIDIA = 0x10DE
@@ -171,7 +171,7 @@ def test_a_host_lost_mid_list_is_one_line_and_the_others_answer(cli, fleet, tmp_
             cut(doomed.sshd)
         return listing(domains)
 
-    monkeypatch.setattr("tdxvirt.tds.xmls_of_listed", cut_midway)
+    monkeypatch.setattr("tdxvirt.lifecycle.tds.xmls_of_listed", cut_midway)
     try:
         result = cli("-c", "gpu-a", "-c", doomed.uri, "-c", "gpu-b", "list", "--json")
     finally:
@@ -401,8 +401,8 @@ def test_offer_reads_cc_modes_of_this_machines_gpus(conn, sim_uri, tmp_path, mon
     from gpu_fakes import STANDIN, StandinTool, build, h100
 
     from tdxvirt.facts.local import LocalFacts
-    from tdxvirt.fleet import offer
     from tdxvirt.gpu.modes import mode_reader
+    from tdxvirt.lifecycle.fleet import offer
 
     domain = f"{uuid.uuid4().int % 0xEFFF + 0x1000:04x}"
     off, on, bound = f"{domain}:38:00.0", f"{domain}:39:00.0", f"{domain}:3a:00.0"
@@ -470,7 +470,7 @@ def test_a_host_that_never_answers_is_one_line_after_its_deadline(cli, fleet):
 def test_ssh_hosts_are_opened_without_a_terminal():
     """Hosts are asked at once: libvirt's no_tty=1 keeps ssh from prompting on one
     terminal (the fleet's ssh tests above connect that way, with their keys)."""
-    from tdxvirt.fleet import with_no_tty
+    from tdxvirt.lifecycle.fleet import with_no_tty
 
     assert Host("a", "qemu+ssh://root@a/system").connect_uri == \
         "qemu+ssh://root@a/system?no_tty=1"
@@ -532,7 +532,7 @@ def test_no_host_qualifies_names_the_remedy_of_each_reason(cli):
 
 
 def test_a_host_whose_tdx_is_known_on_is_preferred():
-    from tdxvirt.fleet import Answer, Offer, choose
+    from tdxvirt.lifecycle.fleet import Answer, Offer, choose
 
     unknown = Answer(Host("first", "test+ssh://h1/x"), Offer(["0000:17:00.0"], tdx_known=False))
     known = Answer(Host("second", "qemu+ssh://h2/system"), Offer(["0000:38:00.0"],
@@ -586,7 +586,7 @@ def test_a_pick_passes_over_a_gpu_another_tdxvirt_is_picking(two_free_gpus, sim_
     """Another tdxvirt holds the first GPU's pick lock: this define moves on to the
     second; with both held it defines nothing and says so in one line."""
     from tdxvirt import locks
-    from tdxvirt.fleet import pick_keys
+    from tdxvirt.lifecycle.fleet import pick_keys
 
     root, gpus, names = two_free_gpus
 
@@ -608,8 +608,8 @@ def test_a_gpu_defined_since_the_offer_is_not_claimed(two_free_gpus, sim_uri, co
     """Holders are read again under the pick lock: a GPU a domain took after the offer
     was read is passed over for the next."""
     from tdxvirt.cli import main as _  # noqa: F401  (the CLI's imports, as a run has them)
-    from tdxvirt.fleet import claimed
-    from tdxvirt.spec import TDSpec
+    from tdxvirt.domain.spec import TDSpec
+    from tdxvirt.lifecycle.fleet import claimed
 
     root, gpus, names = two_free_gpus
     tds.define_td(conn, root, TDSpec.from_user(name=names[2], gpus=[gpus[0]]))
@@ -636,7 +636,7 @@ def test_parallel_picks_never_give_one_gpu_twice(two_free_gpus, sim_uri, conn):
     loser = next(err for code, _, err in outcomes if code == 1)
     assert len(loser.splitlines()) == 1 and loser.startswith(
         "tdxvirt: error: no host can take this TD"), loser
-    from tdxvirt.tds import read_facts
+    from tdxvirt.lifecycle.tds import read_facts
 
     given = sorted(g for d in conn.listAllDomains(0) if d.name() in names
                    for g in read_facts(d.XMLDesc(0)).gpus)

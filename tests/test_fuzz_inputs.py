@@ -145,9 +145,9 @@ def test_config_file_any_content(tmp_path_factory, text, monkeypatch_session):
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(alphabet=string.printable + "\x00é𝔁", max_size=60))
 def test_every_parser_raises_only_input_errors(text):
+    from tdxvirt.domain.spec import validate_name
+    from tdxvirt.domain.tdx_options import parse_measurement, parse_policy, parse_qgs
     from tdxvirt.pci import PciAddress
-    from tdxvirt.spec import validate_name
-    from tdxvirt.tdx_options import parse_measurement, parse_policy, parse_qgs
     from tdxvirt.units import parse_size
 
     for parse in (PciAddress.parse, validate_name, parse_size, parse_policy, parse_qgs,

@@ -16,10 +16,10 @@ from lxml import etree
 from scenarios import plan_for, scenarios
 from xmltools import dropped_elements
 
-from tdxvirt.render import render_domain
-from tdxvirt.schema import validate_domain_xml
-from tdxvirt.spec import TDSpec
-from tdxvirt.td_rules import td_problems
+from tdxvirt.domain.render import render_domain
+from tdxvirt.domain.spec import TDSpec
+from tdxvirt.domain.td_rules import td_problems
+from tdxvirt.virt.schema import validate_domain_xml
 
 GOLDEN = Path(__file__).parent / "golden"
 SCENARIOS = {s.name: s for s in scenarios()}

@@ -29,7 +29,7 @@ from gpu_fakes import (
     override_of,
 )
 
-from tdxvirt.cli_gpu import Hooks, gpu, make_group
+from tdxvirt.cli.gpu import Hooks, gpu, make_group
 
 GPU = "0000:38:00.0"
 AS_ROOT = Hooks(euid=lambda: 0)
@@ -321,7 +321,7 @@ def test_cc_mode_without_the_tool_says_how_to_install(run, board, tmp_path):
 def test_the_group_to_wire_and_a_fast_start():
     assert gpu.name == "gpu" and sorted(gpu.commands) == ["cc-mode", "detach", "list", "reattach"]
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, tdxvirt.cli_gpu; print(sorted(m for m in "
+        [sys.executable, "-c", "import sys, tdxvirt.cli.gpu; print(sorted(m for m in "
          "('libvirt', 'lxml', 'tabulate', 'jinja2', 'tdxvirt.gpu') if m in sys.modules))"],
         capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "[]", loaded.stderr

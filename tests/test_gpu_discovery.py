@@ -8,11 +8,11 @@ from gpu_fakes import HGX_GPUS, HGX_SWITCHES, audio, bridge, build, h100, hgx_de
 from lxml import etree
 
 from tdxvirt.cli import main
-from tdxvirt.conn import open_connection
 from tdxvirt.facts.libvirt import parse_nodedev_xml
 from tdxvirt.gpu.discovery import discover
 from tdxvirt.pci import PciAddress
 from tdxvirt.units import GIB, MIB
+from tdxvirt.virt.conn import open_connection
 
 
 def by_address(records):

@@ -384,7 +384,7 @@ def _define(conn, name: str, channel: bool = True, running: bool = True):
 
 def _main():
     from tdxvirt.cli import main
-    from tdxvirt.cli_guest import guest
+    from tdxvirt.cli.guest import guest
 
     if "guest" not in main.commands:
         main.add_command(guest)

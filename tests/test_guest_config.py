@@ -102,7 +102,7 @@ def kernel_configs() -> dict[str, Path]:
 @pytest.fixture
 def run_cli():
     from tdxvirt.cli import main
-    from tdxvirt.cli_guest import guest
+    from tdxvirt.cli.guest import guest
 
     if "guest" not in main.commands:  # until the lead wires it into tdxvirt.cli
         main.add_command(guest)

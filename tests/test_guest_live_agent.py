@@ -196,7 +196,7 @@ def test_cli_verify_prints_each_check_and_its_fix(qemu_conn, running_guest, sim)
     from click.testing import CliRunner
 
     from tdxvirt.cli import main
-    from tdxvirt.cli_guest import guest
+    from tdxvirt.cli.guest import guest
 
     if "guest" not in main.commands:  # until the lead wires it into tdxvirt.cli
         main.add_command(guest)

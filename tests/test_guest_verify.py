@@ -429,7 +429,7 @@ def test_an_unknown_td_is_not_found(conn):
 
 def test_cli_verify_one_line_errors(sim_uri, conn, td_name):
     from tdxvirt.cli import main
-    from tdxvirt.cli_guest import guest
+    from tdxvirt.cli.guest import guest
 
     if "guest" not in main.commands:  # until the lead wires it into tdxvirt.cli
         main.add_command(guest)

@@ -16,8 +16,8 @@ import pytest
 from conftest import cli_runner
 from lxml import etree
 
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import InputError
-from tdxvirt.spec import TDSpec
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import discard
 
-from tdxvirt import tds
 from tdxvirt.cli import main
 from tdxvirt.errors import InputError
+from tdxvirt.lifecycle import tds
 
 MINIMAL = ("<domain type='test'><name>{name}</name><memory>524288</memory>"
            "<os><type>hvm</type></os></domain>")

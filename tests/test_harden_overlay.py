@@ -21,11 +21,11 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
-from tdxvirt import tds
 from tdxvirt.cli import main
 from tdxvirt.config import Config
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import InputError
-from tdxvirt.spec import TDSpec
+from tdxvirt.lifecycle import tds
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="root-only checks (tdxvirt runs as root)")
 
@@ -209,8 +209,8 @@ def test_unknown_group_falls_back_to_root_with_one_note(sim_uri, gpu_host, tmp_p
 
 def test_the_simulated_hosts_qemu_group_is_found(sim):
     """The forky root's real qemu.conf names no group; its commented default does."""
-    from tdxvirt.assemble import storage_owner
     from tdxvirt.host import HostRoot
+    from tdxvirt.lifecycle.assemble import storage_owner
 
     owner = storage_owner(HostRoot(sim.host_root))
     assert owner.group == "libvirt-qemu" and owner.gid > 0 and owner.note is None

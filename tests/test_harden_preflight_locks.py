@@ -8,10 +8,11 @@ import os
 import pytest
 from lxml import etree
 
-from tdxvirt import locks, tds
+from tdxvirt import locks
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import TdxvirtError
+from tdxvirt.lifecycle import tds
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
-from tdxvirt.spec import TDSpec
 
 NIC = {"vendor": "0x8086", "device": "0x1592", "class": "0x020000"}  # an Intel E810 NIC
 

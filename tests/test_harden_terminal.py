@@ -17,9 +17,9 @@ import pytest
 from conftest import discard
 from lxml import etree
 
-from tdxvirt import tds
-from tdxvirt.domainxml import NAMESPACE
-from tdxvirt.spec import TDSpec
+from tdxvirt.domain.domainxml import NAMESPACE
+from tdxvirt.domain.spec import TDSpec
+from tdxvirt.lifecycle import tds
 from tdxvirt.textsafe import safe, table, xml_parsable
 
 METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT

@@ -20,7 +20,7 @@ from test_hostcfg_kernelargs import GRUBBY_INFO
 from test_hostcfg_realfiles import augeas_load, grub_defaults, shipped_lenses, shipped_qemu_conf
 
 from tdxvirt.cli import main
-from tdxvirt.cli_host import host
+from tdxvirt.cli.host import host
 from tdxvirt.errors import HostNotReadyError
 from tdxvirt.host.commands import RecordingRunner
 from tdxvirt.hostcfg import apply
@@ -332,7 +332,7 @@ def test_cli_dry_run_and_refusals(debian):
 _NOT_ROOT = """
 import os, sys
 from tdxvirt.cli import main
-from tdxvirt.cli_host import host
+from tdxvirt.cli.host import host
 import tdxvirt.doctor.context, tdxvirt.host.commands, tdxvirt.hostcfg.setup  # noqa: E401
 main.add_command(host)
 # Python lives under /root here, which an ordinary user cannot read: import first, then

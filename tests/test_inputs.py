@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tdxvirt.domain.spec import TDSpec, default_name, parse_gpus, validate_name, validate_vcpus
 from tdxvirt.errors import InputError
 from tdxvirt.pci import PciAddress
-from tdxvirt.spec import TDSpec, default_name, parse_gpus, validate_name, validate_vcpus
 from tdxvirt.units import GIB, MIB, parse_size
 
 
@@ -117,7 +117,7 @@ def test_spec_from_user_checks_image(tmp_path):
 
 @given(st.text())
 def test_tdx_option_parsers_raise_only_input_error(text):
-    from tdxvirt.tdx_options import parse_measurement, parse_policy, parse_qgs
+    from tdxvirt.domain.tdx_options import parse_measurement, parse_policy, parse_qgs
 
     for parser in (parse_policy, lambda t: parse_measurement(t, "--mr-owner"), parse_qgs):
         try:
@@ -130,7 +130,7 @@ def test_tdx_option_parsers_raise_only_input_error(text):
 def test_measurement_accepts_exactly_48_bytes(raw):
     import base64
 
-    from tdxvirt.tdx_options import parse_measurement
+    from tdxvirt.domain.tdx_options import parse_measurement
 
     text = base64.b64encode(raw).decode()
     if len(raw) == 48:
@@ -143,6 +143,6 @@ def test_measurement_accepts_exactly_48_bytes(raw):
 @pytest.mark.parametrize("text, policy", [("0x10000000", 0x10000000), ("10000000", 0x10000000),
                                           ("0x1", 1), ("0x10000001", 0x10000001), ("0", 0)])
 def test_policies(text, policy):
-    from tdxvirt.tdx_options import parse_policy
+    from tdxvirt.domain.tdx_options import parse_policy
 
     assert parse_policy(text) == policy

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from lxml import etree
 from scenarios import plan_for, scenarios
 
-from tdxvirt.integrity import problems
-from tdxvirt.render import render_domain
+from tdxvirt.domain.integrity import problems
+from tdxvirt.domain.render import render_domain
 
 SCENARIOS = {s.name: s for s in scenarios()}
 TDS = sorted(name for name, s in SCENARIOS.items() if s.dialect != "plain")

@@ -2,19 +2,17 @@
 
 The layers, lowest first (docs/architecture.md):
 0. base: errors, units, PCI addresses, paths, terminal-safe text, user files, the
-   kernel-config parser, TDX options, the trust walk, locks, the config file, the
-   build record, first-boot inputs
+   kernel-config parser, the trust walk, locks, the config file, the build record,
+   first-boot inputs
 1. this machine and libvirt: this machine's files (tdxvirt.host), its GPUs' binding,
-   groups and CC modes (tdxvirt.gpu but `gpu list`), the libvirt connection, finding a
-   domain, the TDX dialect and schema
-2. the domain: what the user asked (spec), every decision (policy), the XML written
-   (render) and read (domainxml), its rules (td_rules, integrity), measurements, which
-   of its files tdxvirt may delete (storage_paths)
+   groups and CC modes (tdxvirt.gpu but `gpu list`), libvirt access (tdxvirt.virt)
+2. the domain (tdxvirt.domain): spec, policy, the XML written and read, its rules,
+   measurements, which of its files tdxvirt may delete
 3. host facts: local or through libvirt, one interface (tdxvirt.facts)
 4. features: host changes and checks, the guest, builds, attestation, the simulated
    host
-5. operations on TDs: define, start, preflight, repair, fleet, `gpu list`
-6. the command line
+5. operations on TDs (tdxvirt.lifecycle), and `gpu list`
+6. the command line (tdxvirt.cli)
 
 Every import counts, also those inside functions (tdxvirt imports lazily for speed).
 """
@@ -27,21 +25,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "tdxvirt"
 
 LAYERS = {
-    0: ["errors", "units", "pci", "paths", "textsafe", "userfile", "kconfig", "tdx_options",
-        "host.trust", "locks", "config", "build.artifacts", "guest.userdata", "guest.seed",
+    0: ["errors", "units", "pci", "paths", "textsafe", "userfile", "kconfig", "host.trust",
+        "locks", "config", "build.artifacts", "guest.userdata", "guest.seed",
         "guest", "build", "attest"],  # the last three: the packages' own error classes
-    1: ["host", "conn", "dialect", "schema", "lookup", "gpu"],
-    2: ["spec", "policy", "render", "domainxml", "td_rules", "integrity", "tdvf", "bootmeasure",
-        "measure", "storage_paths"],
+    1: ["host", "virt", "gpu"],
+    2: ["domain"],
     3: ["facts"],
-    4: ["hostcfg", "doctor", "guest.checks", "guest.verify",
-        "build.actions", "build.distro", "build.edk2", "build.gitops", "build.kconfig",
-        "build.manifest", "build.progress", "build.runner", "build.stamps", "build.steps",
-        "attest.quote", "attest.checks", "attest.dcap", "attest.evidence", "attest.report",
-        "sim"],
-    5: ["assemble", "tds", "preflight", "repair", "fleet", "gpu.discovery"],
-    6: ["cli", "cli_build", "cli_gpu", "cli_guest", "cli_host", "cli_measure", "cli_repair",
-        "completion", "reference", "__main__"],
+    4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "build.actions", "build.distro",
+        "build.edk2", "build.gitops", "build.kconfig", "build.manifest", "build.progress",
+        "build.runner", "build.stamps", "build.steps", "attest.quote", "attest.checks",
+        "attest.dcap", "attest.evidence", "attest.report", "sim"],
+    5: ["lifecycle", "gpu.discovery"],
+    6: ["cli"],
 }
 _LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 

@@ -14,11 +14,12 @@ import uuid
 import pytest
 from click.testing import CliRunner
 
-from tdxvirt import locks, tds
+from tdxvirt import locks
 from tdxvirt.cli import main
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import DeviceBusyError, HostNotReadyError, LibvirtOperationError
+from tdxvirt.lifecycle import tds
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
-from tdxvirt.spec import TDSpec
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from tdxvirt.domain.policy import align_memory, mmio_window_mb, plan_domain
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.host.pci import read_device
 from tdxvirt.pci import PciAddress
-from tdxvirt.policy import align_memory, mmio_window_mb, plan_domain
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
-from tdxvirt.spec import TDSpec
 from tdxvirt.units import GIB, MIB
 
 

@@ -42,19 +42,20 @@ from remote_hosts import (
     volume,
 )
 
-from tdxvirt import locks, tds
+from tdxvirt import locks
 from tdxvirt.cli import main
-from tdxvirt.conn import host_of, open_connection
+from tdxvirt.domain.integrity import problems as integrity_problems
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import DeviceBusyError, InputError
 from tdxvirt.facts import facts_for
 from tdxvirt.facts.libvirt import LibvirtFacts, parse_nodedev_xml
 from tdxvirt.facts.local import LocalFacts
-from tdxvirt.integrity import problems as integrity_problems
+from tdxvirt.lifecycle import tds
+from tdxvirt.lifecycle.preflight import start_problems
 from tdxvirt.pci import PciAddress
-from tdxvirt.preflight import start_problems
 from tdxvirt.sim.hostroot import build_host_root
-from tdxvirt.spec import TDSpec
 from tdxvirt.units import GIB, MIB
+from tdxvirt.virt.conn import host_of, open_connection
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 NVIDIA = 0x10DE
@@ -364,8 +365,8 @@ def test_host_check_reads_that_hosts_gpus(hosts, nothing_local):
 def test_undefine_remove_storage_deletes_nothing_here(hosts, nothing_local, monkeypatch, host):
     """Each host's td-store records an overlay tdxvirt made there: nothing is deleted
     (here or there), nothing checked here, and the TD stays defined."""
-    monkeypatch.setattr("tdxvirt.storage_paths.os.unlink", refuse("deleted a file here"))
-    monkeypatch.setattr("tdxvirt.storage_paths._open_parent", refuse("checked a file here"))
+    monkeypatch.setattr("tdxvirt.domain.storage_paths.os.unlink", refuse("deleted a file here"))
+    monkeypatch.setattr("tdxvirt.domain.storage_paths._open_parent", refuse("checked a file here"))
     line = one_line_error(cli(hosts[host], nothing_local, "undefine", "td-store",
                               "--remove-storage"), 2)
     assert "a remote host, and tdxvirt deletes no files there" in line

@@ -7,14 +7,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from tdxvirt.domainxml import NAMESPACE, read_domain_xml
+from tdxvirt.domain.domainxml import NAMESPACE, read_domain_xml
+from tdxvirt.domain.policy import plan_domain
+from tdxvirt.domain.render import render_domain
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import TdxvirtError
 from tdxvirt.host.pci import read_device
 from tdxvirt.pci import PciAddress
-from tdxvirt.policy import plan_domain
-from tdxvirt.render import render_domain
-from tdxvirt.schema import validate_domain_xml
-from tdxvirt.spec import TDSpec
+from tdxvirt.virt.schema import validate_domain_xml
 
 NATIVE = 12_008_000
 

@@ -23,10 +23,10 @@ from test_integrity import (
     virt_xml,
 )
 
-from tdxvirt.domainxml import NAMESPACE
-from tdxvirt.integrity import problems
-from tdxvirt.repair import DEFAULT_POLICY, plan_repair
-from tdxvirt.schema import validate_domain_xml
+from tdxvirt.domain.domainxml import NAMESPACE
+from tdxvirt.domain.integrity import problems
+from tdxvirt.lifecycle.repair import DEFAULT_POLICY, plan_repair
+from tdxvirt.virt.schema import validate_domain_xml
 
 # Edits a user may make that keep a TD a TD; a repair must keep every one.
 COMPATIBLE = {

@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 from conftest import one_line_error
 
-from tdxvirt import bootmeasure
+from tdxvirt.domain import bootmeasure
+from tdxvirt.domain.measure import predict
 from tdxvirt.errors import InputError
-from tdxvirt.measure import predict
 from tdxvirt.paths import state_dir
 
 CMDLINE = "console=ttyS0 quiet clearcpuid=mtrr"

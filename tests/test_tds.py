@@ -6,9 +6,9 @@ import libvirt
 import pytest
 from xmltools import dropped_elements
 
-from tdxvirt import tds
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import HostNotReadyError, InputError, LibvirtOperationError, NotFoundError
-from tdxvirt.spec import TDSpec
+from tdxvirt.lifecycle import tds
 
 
 def _spec(name, gpu, **user):
@@ -105,7 +105,7 @@ def test_missing_gpu_defines_nothing(conn, host_root, td_name):
 
 def test_domain_undefined_between_listing_and_reading_is_skipped(conn, gpu_host, td_name):
     """Another process may undefine a domain while tdxvirt walks the list."""
-    from tdxvirt.conn import xml_of_listed
+    from tdxvirt.virt.conn import xml_of_listed
 
     host, gpu = gpu_host
     tds.define_td(conn, host, _spec(td_name, gpu))

@@ -1,7 +1,7 @@
 """MRTD prediction from TDVF metadata, checked against a second implementation.
 
 The second implementation below is written from the specifications, not from
-tdxvirt.tdvf: it finds the descriptor by its signature instead of through OVMF's
+tdxvirt.domain.tdvf: it finds the descriptor by its signature instead of through OVMF's
 GUIDed table, lists every TDX module operation as an event first, and hashes the
 concatenated extension buffers in one call.
 """
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tdxvirt.domain.tdvf import SINGLE_PASS, TWO_PASS, firmware_mrtd, mrtd, parse
 from tdxvirt.errors import InputError
-from tdxvirt.tdvf import SINGLE_PASS, TWO_PASS, firmware_mrtd, mrtd, parse
 
 
 def reference_sections(image: bytes) -> list[tuple[int, int, int, int, int, int]]:
@@ -162,7 +162,7 @@ def test_measure_through_the_cli_on_the_emulated_host(sim, qemu_conn, debian_tdx
 
 
 def test_a_firmware_on_another_host_is_unknown_not_read_here(tmp_path):
-    from tdxvirt.measure import predict
+    from tdxvirt.domain.measure import predict
 
     xml = "<domain><name>r</name><os><loader type='rom'>/usr/share/ovmf/X.fd</loader></os></domain>"
     asked = []

@@ -28,7 +28,7 @@ from scenarios import plan_for, scenarios
 from xmltools import QEMU_NS, dropped_elements
 
 from tdxvirt.cli import main
-from tdxvirt.render import render_domain
+from tdxvirt.domain.render import render_domain
 
 TDXVIRT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 UPSTREAM = sorted(s.name for s in scenarios() if s.dialect != "canonical")
@@ -176,7 +176,7 @@ REFUSALS = {
 
 @pytest.mark.parametrize("what", sorted(REFUSALS))
 def test_the_drivers_tdx_validation_refuses_and_tdxvirt_refuses_first(what, qemu_conn, tmp_path):
-    from tdxvirt.td_rules import td_problems
+    from tdxvirt.domain.td_rules import td_problems
 
     plan = _plan("one-gpu", tmp_path)
     root = etree.fromstring(render_domain(plan).encode())

@@ -15,13 +15,13 @@ import pytest
 from click.testing import CliRunner
 from lxml import etree
 
-from tdxvirt import tds
 from tdxvirt.cli import main
 from tdxvirt.config import Config
-from tdxvirt.conn import open_connection
-from tdxvirt.domainxml import NAMESPACE, read_domain_xml
+from tdxvirt.domain.domainxml import NAMESPACE, read_domain_xml
+from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import InputError
-from tdxvirt.spec import TDSpec
+from tdxvirt.lifecycle import tds
+from tdxvirt.virt.conn import open_connection
 
 METADATA_ELEMENT = 2  # VIR_DOMAIN_METADATA_ELEMENT
 T = f"{{{NAMESPACE}}}"

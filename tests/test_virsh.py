@@ -8,8 +8,8 @@ import subprocess
 import pytest
 from lxml import etree
 
-from tdxvirt import tds
-from tdxvirt.spec import TDSpec
+from tdxvirt.domain.spec import TDSpec
+from tdxvirt.lifecycle import tds
 
 pytestmark = pytest.mark.skipif(shutil.which("virsh") is None, reason="virsh not installed")
 

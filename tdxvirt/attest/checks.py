@@ -8,7 +8,7 @@ expected. What each check proves:
   not replayed from an earlier one;
 - debug: TDATTRIBUTES.DEBUG is clear, so the host cannot read or change the TD;
 - MRTD, RTMR0-3: the TD's initial contents (firmware) and what it measured at boot are
-  the predicted ones (tdxvirt.measure); a register with no prediction is not checked;
+  the predicted ones (tdxvirt.domain.measure); a register with no prediction is not checked;
 - quote signature: a DCAP verifier (dcap.py) traced the quote to Intel's root CA with
   current collateral; only then do the values above come from the TDX module rather
   than from whoever produced the bytes;
@@ -57,7 +57,7 @@ class Predictions:
 
 def as_prediction(value: str | None, source: str) -> Prediction:
     """A 96-hex-digit value is a prediction; anything else (None, or a sentence saying
-    why a register is unknown, as tdxvirt.measure gives) is not."""
+    why a register is unknown, as tdxvirt.domain.measure gives) is not."""
     text = (value or "").strip().lower()
     if HEX96.match(text):
         return Prediction(text, source)
@@ -65,7 +65,7 @@ def as_prediction(value: str | None, source: str) -> Prediction:
 
 
 def predictions_from(measurements) -> Predictions:
-    """From tdxvirt.measure's Measurements: MRTD from the firmware read here,
+    """From tdxvirt.domain.measure's Measurements: MRTD from the firmware read here,
     RTMR1/RTMR2 when measure predicts them. The value define recorded is never the
     expectation: it lives in the domain XML of the host under attestation, which can
     rewrite it along with the firmware."""

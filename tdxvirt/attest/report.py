@@ -123,9 +123,9 @@ def attest_guest(guest, name: str, nonce: bytes, predictions: Predictions, sourc
 
 def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSource,
                   timeout: float, now: int | None = None) -> AttestReport:
-    """``predict(domain_xml)`` gives the Predictions (the CLI's: tdxvirt.measure with
+    """``predict(domain_xml)`` gives the Predictions (the CLI's: tdxvirt.domain.measure with
     this host's facts)."""
-    from ..domainxml import read_domain_xml
+    from ..domain.domainxml import read_domain_xml
     from ..guest import GuestNotReadyError
     from ..guest.verify import (
         GuestExec,
@@ -134,7 +134,7 @@ def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSour
         missing_agent_message,
         silent_agent_message,
     )
-    from ..lookup import lookup, parsable_xml
+    from ..virt.lookup import lookup, parsable_xml
 
     domain = lookup(conn, name)
     name = domain.name()

@@ -7,11 +7,11 @@ TDX; *qemu-args* when libvirt has no TDX XML but the QEMU it drives has tdx-gues
 
 from __future__ import annotations
 
-from ..dialect import KVM_INTEL_TDX as KVM_TDX
-from ..dialect import LIBVIRT_NATIVE_TDX, LibvirtFacts, choose, version_text
+from ..domain.policy import LIBVIRT_HOSTDEV_IOMMUFD
 from ..errors import HostNotReadyError
 from ..host.commands import NOT_RUN
-from ..policy import LIBVIRT_HOSTDEV_IOMMUFD
+from ..virt.dialect import KVM_INTEL_TDX as KVM_TDX
+from ..virt.dialect import LIBVIRT_NATIVE_TDX, LibvirtFacts, choose, version_text
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 from .qemu import TDX_OBJECT
@@ -21,7 +21,7 @@ LIBVIRT_TRUSTED_TDX_CAPS = 11_010_000
 
 
 def dialect(ctx: Context) -> str | None:
-    """The dialect `define` would pick (tdxvirt.dialect.choose, the one place that
+    """The dialect `define` would pick (tdxvirt.virt.dialect.choose, the one place that
     decides), else qemu-args when this libvirt lacks TDX XML but its QEMU has
     tdx-guest (define uses it when told --dialect qemu-args), else None."""
     version = ctx.libvirt_version
@@ -65,7 +65,7 @@ def _caps(ctx: Context) -> Check:
 def checks(ctx: Context) -> list[Check]:
     conn = ctx.conn
     if conn is None:
-        from ..conn import BINDINGS_MISSING
+        from ..virt.conn import BINDINGS_MISSING
 
         missing = ctx.conn_error == BINDINGS_MISSING  # the error names its own remedy
         return [Check("libvirt: connection", FAIL,

@@ -108,7 +108,7 @@ class Context:
             return None
         from lxml import etree
 
-        from ..conn import libvirt_error_type
+        from ..virt.conn import libvirt_error_type
 
         for virttype in ("kvm", None):
             try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..dialect import KVM_INTEL_TDX as KVM_TDX
 from ..host.kmsg import KernelLogUnreadable, read_kernel_log
+from ..virt.dialect import KVM_INTEL_TDX as KVM_TDX
 from .check import FAIL, OK, SKIP, Check
 from .context import Context
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..policy import LIBVIRT_HOSTDEV_IOMMUFD
+from ..domain.policy import LIBVIRT_HOSTDEV_IOMMUFD
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 from .gpus import local_gpus

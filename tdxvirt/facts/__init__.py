@@ -11,7 +11,7 @@ Chosen once, from the libvirt URI (:func:`facts_for`):
   on, run on or deleted from this machine; what libvirt cannot tell is asked for (an
   option such as ``--mmio-window`` or ``--ovmf``) or reported unknown (``None``).
 
-define (tdxvirt.assemble), start's preflight (tdxvirt.preflight), the integrity check,
+define (tdxvirt.lifecycle.assemble), start's preflight (tdxvirt.lifecycle.preflight), the integrity check,
 ``gpu list``, ``host check``'s GPU rows and ``undefine --remove-storage`` ask a
 :class:`HostFacts` and never branch on the URI or read a HostRoot themselves. Both
 implementations return the same device record, :class:`tdxvirt.host.pci.PciDevice`.
@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..conn import host_of, is_remote
+from ..virt.conn import host_of, is_remote
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..domain.spec import TDSpec
+    from ..domain.storage_paths import StorageRemoval
     from ..host import HostRoot
     from ..host.pci import PciDevice
     from ..pci import PciAddress
-    from ..spec import TDSpec
-    from ..storage_paths import StorageRemoval
 
 
 class HostFacts:

@@ -25,11 +25,11 @@ from functools import cached_property
 
 from lxml import etree
 
-from ..conn import host_of, libvirt_error_type, translate
 from ..errors import InputError, LibvirtUnavailableError, NotFoundError
 from ..host import nvidia
 from ..host.pci import PciDevice
 from ..pci import PciAddress
+from ..virt.conn import host_of, libvirt_error_type, translate
 from . import HostFacts
 
 # virConnectListAllNodeDeviceFlags VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV
@@ -180,7 +180,7 @@ class LibvirtFacts(HostFacts):
     def tdx_enabled(self) -> bool | None:
         if self._domcaps is None:
             return None
-        from ..dialect import domcaps_report_tdx
+        from ..virt.dialect import domcaps_report_tdx
 
         return domcaps_report_tdx(etree.tostring(self._domcaps, encoding="unicode"))
 
@@ -267,6 +267,6 @@ class LibvirtFacts(HostFacts):
         return None  # CC / PPCIe modes: unknown from here
 
     def storage_removal(self, name: str, xml: str, recorded: dict, config=None):
-        from ..storage_paths import StorageRemoval
+        from ..domain.storage_paths import StorageRemoval
 
         return StorageRemoval(name, xml, self.uri, recorded, config)  # refuses every file

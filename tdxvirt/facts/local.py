@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from ..conn import host_of
 from ..host import HostRoot, iommu, nvidia
 from ..host.pci import PciDevice, read_device
 from ..pci import PciAddress
+from ..virt.conn import host_of
 from . import HostFacts
 
 
@@ -46,7 +46,7 @@ class LocalFacts(HostFacts):
         return pci_node_devices(self.conn)
 
     def tdx_enabled(self) -> bool | None:
-        from ..dialect import host_tdx_enabled
+        from ..virt.dialect import host_tdx_enabled
 
         return host_tdx_enabled(self.host)
 
@@ -72,7 +72,7 @@ class LocalFacts(HostFacts):
     def check_disk(self, spec) -> list[str]:
         """The user's --disk / --image read as the declared format (never guessed), and
         refused with a backing file unless --allow-backing-file (policy.inspect_image)."""
-        from ..policy import inspect_image
+        from ..domain.policy import inspect_image
 
         if spec.disk:
             return inspect_image(spec.disk, spec.disk_format, "--disk", spec.allow_backing_file)
@@ -94,6 +94,6 @@ class LocalFacts(HostFacts):
         return mode_reader(self.host, tool_path)
 
     def storage_removal(self, name: str, xml: str, recorded: dict, config=None):
-        from ..storage_paths import StorageRemoval
+        from ..domain.storage_paths import StorageRemoval
 
         return StorageRemoval(name, xml, self.uri, recorded, config)

@@ -215,7 +215,7 @@ class LibvirtBinder:
                 LibvirtCall("virNodeDevice", "reAttach", (), "virNodeDeviceReAttach")]
 
     def run(self, steps: Sequence[LibvirtCall]) -> None:
-        from ..conn import libvirt_error_type, message
+        from ..virt.conn import libvirt_error_type, message
 
         self.check_ready(to_vfio=False)
         device = None

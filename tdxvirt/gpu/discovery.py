@@ -106,7 +106,7 @@ def discover(facts: HostFacts | HostRoot, conn=None) -> list[GpuRecord]:
         facts = LocalFacts(facts, conn.getURI() if conn is not None else "", conn)
     holders: dict[str, str] = {}
     if conn is not None:  # every domain that passes the device through, not just one
-        from ..assemble import all_gpu_holders
+        from ..lifecycle.assemble import all_gpu_holders
 
         holders = {address: ",".join(names) for address, names in all_gpu_holders(conn).items()}
     nodedevs = facts.libvirt_devices()

@@ -29,7 +29,7 @@ VOLUME_LABEL = "cidata"
 USER_DATA = "user-data"
 META_DATA = "meta-data"
 # The mode write_seed_iso gives a seed on its own. `define` never leaves it so: it
-# writes the seed in a private directory, makes it 0640 root:<QEMU's group> (tdxvirt.tds
+# writes the seed in a private directory, makes it 0640 root:<QEMU's group> (tdxvirt.lifecycle.tds
 # SEED_MODE, assemble.storage_owner: `host setup` sets dynamic_ownership = 0, so libvirt
 # no longer chowns disk files and QEMU reads the seed through its group) and only then
 # links it into place, because user-data may hold secrets (issue #18).

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..domainxml import AGENT_CHANNEL_NAME
+from ..domain.domainxml import AGENT_CHANNEL_NAME
 from ..errors import LibvirtOperationError
 from ..textsafe import guest_text
 from . import GuestNotReadyError
@@ -78,7 +78,7 @@ class LibvirtAgentChannel:
         import libvirt
         import libvirt_qemu
 
-        from ..conn import message, translate
+        from ..virt.conn import message, translate
 
         try:
             return libvirt_qemu.qemuAgentCommand(self.domain, request, timeout, 0)
@@ -425,7 +425,7 @@ def verify_guest(guest: GuestExec, name: str) -> VerifyReport:
 
 def agent_channel_state(domain_xml: str) -> str | None:
     """None without a guest-agent channel; else its live state ('connected', 'disconnected', '')."""
-    from ..domainxml import DomainXML
+    from ..domain.domainxml import DomainXML
     from ..textsafe import xml_parsable
 
     target = DomainXML.of(xml_parsable(domain_xml)).agent_channel()
@@ -433,7 +433,7 @@ def agent_channel_state(domain_xml: str) -> str | None:
 
 
 def verify_domain(conn, name: str, timeout: float = DEFAULT_TIMEOUT) -> VerifyReport:
-    from ..lookup import lookup
+    from ..virt.lookup import lookup
 
     domain = lookup(conn, name)
     name = domain.name()  # the resolved name (lookup refuses an ambiguous argument)

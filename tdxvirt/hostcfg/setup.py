@@ -18,12 +18,12 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..dialect import KVM_INTEL_TDX
 from ..errors import HostNotReadyError, InputError
 from ..host import trust
 from ..host.commands import NOT_RUN, CommandRunner, RefusingRunner, SubprocessRunner, refuses
 from ..host.osrelease import OsRelease, read_os_release
 from ..host.root import HostRoot
+from ..virt.dialect import KVM_INTEL_TDX
 from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
 from .plan import HostPlan, Notice, RunCommand, Step, WriteFile
 

@@ -25,7 +25,7 @@ class SimStatus:
 
 
 def install_schemas(sim: SimLayout) -> None:
-    """Copy libvirt 12.x's RelaxNG schemas where tdxvirt.schema looks for them."""
+    """Copy libvirt 12.x's RelaxNG schemas where tdxvirt.virt.schema looks for them."""
     target = state_dir() / "schemas"
     source = sim.chroot / SCHEMAS
     if (target / "domain.rng").exists() or not source.is_dir():

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..errors import InputError
 from .domainxml import DomainXML
-from .errors import InputError
 from .tdvf import SINGLE_PASS, TWO_PASS, firmware_mrtd
 
 ORDER_NOTE = {SINGLE_PASS: "upstream KVM (Linux >= 6.16): each page added, then extended",

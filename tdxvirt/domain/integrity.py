@@ -10,7 +10,7 @@ there is one with TDX launch security or a ``tdx-guest`` object).
 ``problems`` is used by ``show`` (listed), ``list`` (a marker), ``start`` (refused
 before anything runs, one line naming what changed and how to restore it; not
 overridable, because a TD must never boot unprotected) and ``repair`` (which fixes
-each problem by its kind, tdxvirt.repair).
+each problem by its kind, tdxvirt.lifecycle.repair).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ LIBVIRT_HOSTDEV_IOMMUFD = 12_001_000
 class Problem:
     what: str  # what is wrong now
     fix: str  # how to get the TD back
-    kind: str = ""  # which rule (tdxvirt.repair fixes each kind)
+    kind: str = ""  # which rule (tdxvirt.lifecycle.repair fixes each kind)
 
     def __str__(self) -> str:
         return f"{self.what} ({self.fix})"

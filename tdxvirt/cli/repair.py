@@ -1,10 +1,10 @@
-"""`tdxvirt repair`: bring an edited TD back to what tdxvirt defined (tdxvirt.repair)."""
+"""`tdxvirt repair`: bring an edited TD back to what tdxvirt defined (tdxvirt.lifecycle.repair)."""
 
 from __future__ import annotations
 
 import click
 
-from .cli import _td_names, pass_session
+from . import _td_names, pass_session
 
 
 @click.command()
@@ -22,9 +22,9 @@ def repair(session, name, mmio_window, dry_run):
     managed-save image. Prints the changes as a diff of the definition. A running TD
     gets the repaired definition at its next start.
     """
-    from .repair import repair_td
-    from .textsafe import quoted, terminal_lines
-    from .units import parse_size
+    from ..lifecycle.repair import repair_td
+    from ..textsafe import quoted, terminal_lines
+    from ..units import parse_size
 
     window = None if mmio_window is None else parse_size(mmio_window, "--mmio-window")
     conn = session.conn()

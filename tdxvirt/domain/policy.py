@@ -9,14 +9,14 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from . import __version__
-from .dialect import LIBVIRT_NATIVE_TDX, version_text  # noqa: F401  (re-exported)
+from .. import __version__
+from ..errors import HostNotReadyError, InputError
+from ..host.pci import PciDevice
+from ..pci import PciAddress
+from ..units import MIB, human
+from ..virt.dialect import LIBVIRT_NATIVE_TDX, version_text  # noqa: F401  (re-exported)
 from .domainxml import MMIO_FWCFG
-from .errors import HostNotReadyError, InputError
-from .host.pci import PciDevice
-from .pci import PciAddress
 from .spec import HUGEPAGES, TDSpec
-from .units import MIB, human
 
 LIBVIRT_HOSTDEV_IOMMUFD = 12_001_000
 
@@ -76,8 +76,8 @@ class DomainPlan:
     numa_nodeset: str | None
     seed: str | None = None  # the cloud-init seed ISO tdxvirt creates
     qemu_args: tuple[str, ...] = ()
-    mrtd: str | None = None  # predicted from the firmware at define (tdxvirt.tdvf), single pass
-    rtmr1: str | None = None  # predicted at define for a directly booted kernel (tdxvirt.measure)
+    mrtd: str | None = None  # predicted from the firmware at define (tdxvirt.domain.tdvf), single pass
+    rtmr1: str | None = None  # predicted at define for a directly booted kernel (tdxvirt.domain.measure)
     rtmr2: str | None = None
     tdxvirt_version: str = __version__
     warnings: tuple[str, ...] = field(default=())
@@ -130,7 +130,7 @@ def plan_mmio(devices: list[PciDevice], requested: int | None) -> tuple[int, str
     needed = mmio_window_mb(devices)
     if requested is None:
         if needed is None:
-            from .host.nvidia import model_name
+            from ..host.nvidia import model_name
 
             unknown = [d for d in devices if d.bar_sizes is None]
             named = ", ".join(f"{d.address} ({model_name(d)})" for d in unknown)
@@ -298,7 +298,7 @@ def seed_path(spec: TDSpec, overlay_dir: str | None) -> str | None:
 def plan_disk(spec: TDSpec, overlay_dir: str | None) -> Disk | None:
     """The boot disk: --disk as is, or a new qcow2 overlay on --image. Both in the format
     the user declared (spec.disk_format, default raw): never guessed from the content
-    (tdxvirt.assemble has the file checked with inspect_image before)."""
+    (tdxvirt.lifecycle.assemble has the file checked with inspect_image before)."""
     if spec.disk:
         return Disk(spec.disk, spec.disk_format)
     if spec.image:

@@ -1,4 +1,4 @@
-"""`tdxvirt measure`: what a TD's measurements must be (tdxvirt.measure)."""
+"""`tdxvirt measure`: what a TD's measurements must be (tdxvirt.domain.measure)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import click
 
-from .cli import _td_names, pass_session
+from . import _td_names, pass_session
 
-SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.tdvf's names; not imported for --help
+SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.domain.tdvf's names; not imported for --help
 
 
 @click.command()
@@ -26,9 +26,9 @@ SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.tdvf's names; not i
 def measure(session, name, firmware, kernel, initrd, page_order, as_json):
     """Predict a TD's measurements: MRTD from its firmware; RTMR1 and RTMR2 from a directly
     booted kernel, initrd and command line; each value it cannot predict says why."""
-    from . import tds
-    from .measure import predict
-    from .textsafe import safe
+    from ..domain.measure import predict
+    from ..lifecycle import tds
+    from ..textsafe import safe
 
     conn = session.conn()
     xml = tds.parsable_xml(tds.lookup(conn, name).XMLDesc(0))

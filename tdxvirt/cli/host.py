@@ -23,8 +23,8 @@ def host():
 @click.pass_context
 def check(ctx, as_json, gpus):
     """Check everything a TD with GPUs needs; exit 1 if anything fails."""
-    from .doctor import failed
-    from .pci import PciAddress
+    from ..doctor import failed
+    from ..pci import PciAddress
 
     session = ctx.obj
     addresses = tuple(PciAddress.parse(gpu) for gpu in gpus)
@@ -41,8 +41,8 @@ def check(ctx, as_json, gpus):
 
 
 def _run_checks(session, addresses, connect):
-    from .doctor import Context, run_checks
-    from .host.commands import host_runner
+    from ..doctor import Context, run_checks
+    from ..host.commands import host_runner
 
     root = session.host
     # Programs run only from /: below any other host root the checks that need one
@@ -52,7 +52,7 @@ def _run_checks(session, addresses, connect):
 
 
 def _report(session, results) -> dict:
-    from .doctor import failed
+    from ..doctor import failed
 
     return {"uri": session.uri, "host_root": str(session.host.base), "failed": failed(results),
             "checks": [c.as_dict() for c in results]}
@@ -62,7 +62,7 @@ def _print_checks(results, host: str | None = None) -> None:
     """The checks' table and counts; ``host``: a fleet's HOST cell on every row."""
     from tabulate import tabulate
 
-    from .textsafe import safe
+    from ..textsafe import safe
 
     rows = [[c.name, c.status, c.found, c.remedy] for c in results]
     headers = ["CHECK", "STATUS", "FOUND", "REMEDY"]
@@ -78,13 +78,13 @@ def _print_checks(results, host: str | None = None) -> None:
 
 
 def _check_fleet(ctx, session, addresses, as_json) -> None:
-    """`host check` on several hosts at once (tdxvirt.fleet): one table per host, each
+    """`host check` on several hosts at once (tdxvirt.lifecycle.fleet): one table per host, each
     row with its HOST first, in the order the hosts were given. A host whose libvirt
     cannot be reached is one error line (not a table of checks that could not run)."""
-    from .cli import _ask_fleet, _fleet_failed, fleet_error_records
-    from .doctor import failed
-    from .doctor.check import FAIL
-    from .textsafe import safe
+    from ..doctor import failed
+    from ..doctor.check import FAIL
+    from ..textsafe import safe
+    from . import _ask_fleet, _fleet_failed, fleet_error_records
 
     def question(each):
         each.conn()  # unreachable: this host's one error line
@@ -128,10 +128,10 @@ def _check_fleet(ctx, session, addresses, as_json) -> None:
 @click.pass_context
 def setup(ctx, dry_run, revert, user, group, security_driver, legacy_vfio, run_below_root):
     """Configure this host for TDs with GPUs (modprobe.d, kernel args, qemu.conf)."""
-    from .doctor.context import is_remote
-    from .errors import InputError
-    from .hostcfg import setup as host_setup
-    from .hostcfg.plan import render_step
+    from ..doctor.context import is_remote
+    from ..errors import InputError
+    from ..hostcfg import setup as host_setup
+    from ..hostcfg.plan import render_step
 
     session = ctx.obj
     if is_remote(session.uri):

@@ -1,7 +1,7 @@
 """The command reference and man pages, generated from click's own help.
 
 Generated, never hand-written, so they cannot drift from the commands: tests compare
-the checked-in files with a fresh generation. ``python -m tdxvirt.reference DIR``
+the checked-in files with a fresh generation. ``python -m tdxvirt.cli.reference DIR``
 writes ``DIR/commands.md`` and ``DIR/man/tdxvirt*.1``.
 """
 
@@ -26,7 +26,7 @@ def _walk(command: click.Command, path: tuple[str, ...], parent: click.Context |
 
 def commands():
     """(path, command, help text) of tdxvirt and every subcommand, in order."""
-    from .cli import main
+    from . import main
 
     for path, command, ctx in _walk(main, ("tdxvirt",), None):
         yield path, command, command.get_help(ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import (
+from ..errors import (
     LibvirtOperationError,
     LibvirtUnavailableError,
     NotFoundError,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .cli import _td_names  # completion, imported only when completing
+from . import _td_names  # completion, imported only when completing
 
 
 @click.group()
@@ -23,15 +23,15 @@ def check_config(config_file, as_json):
     CONFIG_FILE is a /boot/config-* file, a kernel build's .config, or /proc/config.gz.
     Exit 1 when a required option is missing.
     """
-    from .guest import GuestNotReadyError
-    from .guest.checks import check_config as run_checks
-    from .kconfig import load_kernel_config
+    from ..guest import GuestNotReadyError
+    from ..guest.checks import check_config as run_checks
+    from ..kconfig import load_kernel_config
 
     report = run_checks(load_kernel_config(config_file))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        from .textsafe import safe, table
+        from ..textsafe import safe, table
 
         # values read from the config file (a state such as CONFIG_X="...") are escaped
         rows = [[r.requirement.group, f"CONFIG_{r.requirement.symbol}", r.needs, r.has, r.result, r.note]
@@ -59,14 +59,14 @@ def verify(session, name, timeout, as_json):
 
     Runs read-only commands in the guest through its agent. Exit 1 when a check fails.
     """
-    from .guest import GuestNotReadyError
-    from .guest.verify import verify_domain
+    from ..guest import GuestNotReadyError
+    from ..guest.verify import verify_domain
 
     report = verify_domain(session.conn(), name, timeout=timeout)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
-        from .textsafe import quoted, safe, table
+        from ..textsafe import quoted, safe, table
 
         # Every detail is the guest's own output (capped by verify, escaped here): a
         # guest decides what its agent answers, so none of it is shown raw, and none of
@@ -136,24 +136,24 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
     Each check says pass, fail or not-checked. Exit 0 only when none failed and the
     quote's signature verified; else 1.
     """
-    from .attest import AttestationFailedError
-    from .attest.checks import no_predictions, predictions_from
-    from .attest.dcap import load_collateral
-    from .attest.report import CollateralSource, attest_domain
-    from .errors import InputError
+    from ..attest import AttestationFailedError
+    from ..attest.checks import no_predictions, predictions_from
+    from ..attest.dcap import load_collateral
+    from ..attest.report import CollateralSource, attest_domain
+    from ..errors import InputError
 
     # Inputs are read before the guest is asked anything: a bad file changes nothing.
     source = CollateralSource(collateral=load_collateral(collateral) if collateral else None,
                               pccs_url=pccs_url)
     if not collateral and not pccs_url:
-        from .config import load_config
+        from ..config import load_config
 
         source = CollateralSource(pccs_url=load_config().pccs_url)
     conn = session.conn()
     facts = session.facts(conn)
 
     def predict(xml: str):
-        from .measure import predict as measure
+        from ..domain.measure import predict as measure
 
         def local_file(path: str):
             # A host fact: below the host root, and never read for a remote URI.
@@ -174,7 +174,7 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
 
 
 def _print_attestation(report) -> None:
-    from .textsafe import quoted, safe, table
+    from ..textsafe import quoted, safe, table
 
     rows = [[c.name, c.result, c.detail] for c in report.checks]
     click.echo(table(rows, ["CHECK", "RESULT", "DETAIL"]))

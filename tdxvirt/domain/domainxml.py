@@ -4,7 +4,7 @@ tdxvirt looks at, and the few names the template shares with the readers.
 A domain is read in one pass over its top-level elements (``list`` reads a thousand
 domains: path lookups per rule cost more than parsing the XML), then each question
 (its launch security, loader, features, hostdevs, disks, tdxvirt's mark) is a lookup
-in what that pass kept. Writing stays in domains/td.xml.j2 (and tdxvirt.repair's
+in what that pass kept. Writing stays in domains/td.xml.j2 (and tdxvirt.lifecycle.repair's
 structural fixes); both use the names defined here.
 """
 
@@ -106,7 +106,7 @@ class DomainXML:
     @property
     def protected(self):
         """<tdxvirt:protected>: the loader, launch security and QEMU arguments as define
-        wrote them (tdxvirt.repair puts them back), or None."""
+        wrote them (tdxvirt.lifecycle.repair puts them back), or None."""
         return None if self.mark is None else self.mark.find(_PROTECTED)
 
     # --- what makes it a TD -----------------------------------------------------------

@@ -38,7 +38,7 @@ import struct
 import uuid
 from dataclasses import asdict, dataclass
 
-from .errors import InputError
+from ..errors import InputError
 
 DIGEST_SIZE = 48
 CALLING = "Calling EFI Application from Boot Option"

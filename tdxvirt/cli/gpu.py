@@ -16,7 +16,7 @@ from typing import Callable
 
 import click
 
-from .cli import _gpu_addresses  # completion, imported only when completing
+from . import _gpu_addresses  # completion, imported only when completing
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def _size(count: int) -> str:
 
 
 def _binder(session, method: str, hooks: Hooks):
-    from .gpu.binding import LibvirtBinder, SysfsBinder
+    from ..gpu.binding import LibvirtBinder, SysfsBinder
 
     if method == "sysfs":
         writer = hooks.sysfs_writer(session.host) if hooks.sysfs_writer else None
@@ -50,7 +50,7 @@ def _binder(session, method: str, hooks: Hooks):
 
 
 def _print_outcomes(outcomes) -> None:
-    from .textsafe import table
+    from ..textsafe import table
 
     rows = [[o.address, o.label, o.before or "-", o.after or "-", o.result] for o in outcomes]
     click.echo(table(rows, ["DEVICE", "WHAT", "BEFORE", "NOW", "RESULT"]))
@@ -60,7 +60,7 @@ def _print_modes(results, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
         return
-    from .textsafe import table
+    from ..textsafe import table
 
     rows = [[r.address, r.model, r.cc_mode or "-", r.ppcie_mode or "-", r.result] for r in results]
     click.echo(table(rows, ["DEVICE", "MODEL", "CC", "PPCIE", "RESULT"]))
@@ -77,8 +77,8 @@ def _group_cell(record) -> str:
 def _this_machine_only(session, what: str) -> None:
     """detach, reattach and cc-mode read and change this machine's sysfs and run NVIDIA's
     tool here: refused for a URI naming another host, before anything is read."""
-    from .conn import is_remote
-    from .errors import InputError
+    from ..errors import InputError
+    from ..virt.conn import is_remote
 
     if is_remote(session.uri):
         raise InputError(f"{what} reads and changes the GPUs of the machine it runs on, and "
@@ -116,8 +116,8 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         _print_gpus(records)
 
     def _refuse_remote_modes(uri: str) -> None:
-        from .conn import is_remote
-        from .errors import InputError
+        from ..errors import InputError
+        from ..virt.conn import is_remote
 
         if is_remote(uri):
             raise InputError(f"--modes runs NVIDIA's tool on this machine, but {uri} "
@@ -126,10 +126,10 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
 
     def _gpu_records(session, modes, tool):
         """(records, where they are, warnings: escaped) of the session's one host."""
-        from .conn import is_remote
-        from .errors import LibvirtUnavailableError
-        from .gpu import discovery
-        from .textsafe import safe
+        from ..errors import LibvirtUnavailableError
+        from ..gpu import discovery
+        from ..textsafe import safe
+        from ..virt.conn import is_remote
 
         remote = is_remote(session.uri)
         if modes:
@@ -145,7 +145,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         facts = session.facts(conn) if conn is not None else None
         records = discovery.discover(facts if facts is not None else session.host, conn)
         if modes and records:
-            from .gpu import admin_tool, ccmode, devices, privilege
+            from ..gpu import admin_tool, ccmode, devices, privilege
 
             privilege.require_root("reading CC / PPCIe modes", privilege.READS_REGISTERS,
                                    hooks.euid, dry_run_hint=False)
@@ -158,7 +158,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         return records, (facts.where if facts is not None else "this host"), warnings
 
     def _print_gpus(records, hosts: list[str] | None = None) -> None:
-        from .textsafe import table
+        from ..textsafe import table
 
         # TD is a domain name from libvirt, which accepts CR, ESC and bidi marks in it
         rows = [[r.address, r.model, r.driver or "-", _group_cell(r),
@@ -173,10 +173,10 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         click.echo(table(rows, headers))
 
     def _list_fleet(session, as_json, modes, tool):
-        """`gpu list` on several hosts at once (tdxvirt.fleet), a HOST column first."""
-        from .cli import _ask_fleet, _fleet_failed, fleet_error_records
-        from .errors import InputError
-        from .textsafe import safe
+        """`gpu list` on several hosts at once (tdxvirt.lifecycle.fleet), a HOST column first."""
+        from ..errors import InputError
+        from ..textsafe import safe
+        from . import _ask_fleet, _fleet_failed, fleet_error_records
 
         if modes:  # refused before any host is asked, not once per host
             for host in session.hosts:
@@ -206,7 +206,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         _fleet_failed(answers)
 
     def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
-        from .gpu import devices, privilege, vfio
+        from ..gpu import devices, privilege, vfio
 
         _this_machine_only(session, f"tdxvirt gpu {action}")
         if not dry_run:
@@ -221,7 +221,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                 lines = vfio.dry_run(vfio.plan_detach(host, targets, force), binder)
             else:
                 lines = vfio.dry_run(vfio.plan_reattach(host, targets), binder)
-            from .textsafe import safe
+            from ..textsafe import safe
 
             click.echo("\n".join(safe(line) for line in lines))
             return
@@ -279,8 +279,8 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
     @click.pass_obj
     def cc_mode(session, bdfs, cc, ppcie, tool, dry_run, as_json):
         """Query (default) or set CC / PPCIe mode with NVIDIA's gpu-admin-tools, by BDF."""
-        from .errors import InputError
-        from .gpu import admin_tool, ccmode, devices, privilege
+        from ..errors import InputError
+        from ..gpu import admin_tool, ccmode, devices, privilege
 
         _this_machine_only(session, "tdxvirt gpu cc-mode")
         if cc and ppcie:
@@ -299,7 +299,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             board = ccmode.ppcie_targets(host, targets)
             extra = [str(d.address) for d in board if d not in targets]
             if extra:
-                from .textsafe import safe
+                from ..textsafe import safe
 
                 click.echo(f"PPCIe is board-wide: also setting {safe(', '.join(extra))}", err=True)
             targets = board
@@ -319,7 +319,7 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             ccmode.require_idle(host, targets)
             click.echo("cc-mode (dry run, nothing changed): devices already in that mode are "
                        "skipped; each run is followed by a query to check the mode")
-            from .textsafe import safe
+            from ..textsafe import safe
 
             for argv in ccmode.set_commands(tool_cmd, targets, setting, bool(ppcie)):
                 click.echo("  " + safe(shlex.join(argv)))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from lxml import etree
 
-from .errors import TdxvirtError
-from .paths import schema_dirs
+from ..errors import TdxvirtError
+from ..paths import schema_dirs
 
 
 def _knows_tdx(directory: Path) -> bool:

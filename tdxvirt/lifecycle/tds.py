@@ -12,24 +12,24 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import locks
-from .conn import libvirt_error_type, translate, xmls_of_listed
-from .errors import (
+from .. import locks
+from ..errors import (
     HostNotReadyError,
     InputError,
     LibvirtOperationError,
     TdxvirtError,
 )
-from .lookup import _absent, lookup, parsable_xml, resolved  # noqa: F401  (tds' callers)
+from ..virt.conn import libvirt_error_type, translate, xmls_of_listed
+from ..virt.lookup import _absent, lookup, parsable_xml, resolved  # noqa: F401  (tds' callers)
 
 if TYPE_CHECKING:  # rendering, planning and XML reading (lxml) are imported only by the
     # functions that use them: `list` starts reading domains before lxml is loaded
+    from ..domain.domainxml import DomainFacts
+    from ..domain.policy import Disk
+    from ..domain.spec import TDSpec
+    from ..facts import HostFacts
+    from ..host import HostRoot
     from .assemble import AssembledTD
-    from .domainxml import DomainFacts
-    from .facts import HostFacts
-    from .host import HostRoot
-    from .policy import Disk
-    from .spec import TDSpec
 
 
 # virDomainDefineFlags VIR_DOMAIN_DEFINE_VALIDATE: without it libvirt silently drops
@@ -49,7 +49,7 @@ class TDRow:
     facts: DomainFacts
     state: str
     uptime: float | None = None  # seconds, when tdxvirt started it
-    problems: tuple[str, ...] = ()  # tdxvirt.integrity: how it is no longer the TD defined
+    problems: tuple[str, ...] = ()  # tdxvirt.domain.integrity: how it is no longer the TD defined
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _parse(xml: str, name: str | None = None):
 
     from lxml import etree
 
-    from .domainxml import read_domain_root
+    from ..domain.domainxml import read_domain_root
 
     try:
         root = etree.fromstring(xml.encode())
@@ -86,22 +86,22 @@ def _parse(xml: str, name: str | None = None):
 
 
 def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
-    """tdxvirt.integrity's problems of a domain, with the facts this connection has
+    """tdxvirt.domain.integrity's problems of a domain, with the facts this connection has
     (integrity_inputs)."""
-    from .integrity import problems
+    from ..domain.integrity import problems
 
     return problems(xml_or_root, **integrity_inputs(conn, domain, host))
 
 
 def integrity_inputs(conn, domain, host=None) -> dict:
-    """What tdxvirt.integrity.problems needs to know beyond the XML: the target
+    """What tdxvirt.domain.integrity.problems needs to know beyond the XML: the target
     libvirt's version, a managed-save image, whether the driver keeps
     <qemu:commandline>, and (given the host's facts or this machine's HostRoot, see
     tdxvirt.facts.facts_for) the MMIO window the hostdevs' BARs need, where their
     sizes are known."""
     needed = None
     if host is not None:
-        from .facts import facts_for
+        from ..facts import facts_for
 
         needed = _window_needed(facts_for(conn, host))
     try:
@@ -121,8 +121,8 @@ def _window_needed(facts):
     """The MMIO window (MiB) define would size for these devices, from the host's facts
     (None: a device it lacks, which preflight names, or whose BARs are unknown)."""
     def needed(bdfs: list[str]) -> int | None:
-        from .pci import PciAddress
-        from .policy import mmio_window_mb
+        from ..domain.policy import mmio_window_mb
+        from ..pci import PciAddress
 
         try:
             return mmio_window_mb([facts.device(PciAddress.parse(bdf)) for bdf in bdfs])
@@ -165,7 +165,7 @@ def checked_storage_dir(directory: str) -> str:
         raise InputError(f"cannot create the storage directory {directory}: "
                          f"{error.strerror}; create it, or set defaults.overlay_dir") from None
     real = os.path.realpath(directory)
-    from .host.trust import trust_problem  # the one walk that judges paths root may trust
+    from ..host.trust import trust_problem  # the one walk that judges paths root may trust
 
     problem = trust_problem(real)  # None when not root
     if problem is None:
@@ -296,7 +296,7 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
     from the checks to the define, so a second tdxvirt asking for either waits, then
     sees the first one's domain.
     """
-    from .facts import facts_for
+    from ..facts import facts_for
 
     facts = facts_for(conn, host)
     with locks.held([locks.name_key(facts.lock_host, spec.name),
@@ -340,8 +340,8 @@ def _with_warning(td: AssembledTD, warning: str) -> AssembledTD:
 def _create_seed(spec: TDSpec, path: str, owner=None) -> None:
     """The cloud-init seed, written privately and linked into place like the overlay,
     mode 0640 root:<QEMU's group> (user-data may hold secrets)."""
-    from .guest.seed import build_seed_iso
-    from .guest.userdata import hostname_for
+    from ..guest.seed import build_seed_iso
+    from ..guest.userdata import hostname_for
 
     directory = checked_storage_dir(os.path.dirname(path))
     final = os.path.join(directory, os.path.basename(path))
@@ -373,7 +373,7 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
     ``host``: this machine's HostRoot or the host's facts (tdxvirt.facts.facts_for).
     ``read_modes`` reads the GPUs' CC / PPCIe modes (HostFacts.mode_reader); None
     leaves them unchecked."""
-    from .facts import facts_for
+    from ..facts import facts_for
 
     facts = facts_for(conn, host)
     domain = lookup(conn, name)
@@ -411,8 +411,8 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
 
 def _mark_started(domain) -> None:
     """Live-only metadata with the start time, so list can show uptime."""
-    from .domainxml import RUN_NAMESPACE
-    from .render import render_run_marker
+    from ..domain.domainxml import RUN_NAMESPACE
+    from ..domain.render import render_run_marker
 
     try:
         domain.setMetadata(METADATA_ELEMENT, render_run_marker(time.time()), "tdxvirt-run",
@@ -471,7 +471,7 @@ def undefine(conn, name, remove_storage: bool = False, config=None, dry_run: boo
     """Remove a stopped TD's definition; with remove_storage, the files tdxvirt made.
 
     Returns the files removed. A base image is never removed: only the overlay and
-    the cloud-init seed tdxvirt created, and only when tdxvirt.storage_paths accepts
+    the cloud-init seed tdxvirt created, and only when tdxvirt.domain.storage_paths accepts
     them (``config`` picks the storage directory, as for define; default: the config
     files). The paths are checked before libvirt's undefine: on a refusal nothing is
     deleted and the domain stays defined, so the user can fix it and run it again.
@@ -516,7 +516,7 @@ def _state_name(state_code: int, reason: int | None) -> str:
 def _checked_storage(conn, name: str, xml: str, facts: DomainFacts, config, remove_storage: bool):
     """The files undefine may delete, all checked now (issue #14: the XML is not trusted),
     by the host's facts: this machine's files for a local URI; none on another host."""
-    from .facts import facts_for
+    from ..facts import facts_for
 
     recorded = {"overlay": facts.overlay, "seed": facts.seed} if remove_storage else {}
     return facts_for(conn).storage_removal(name, xml, recorded, config)
@@ -538,7 +538,7 @@ def domain_xml(conn, name, inactive: bool = False) -> str:
 def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | None = None,
          reason: int | None = None, commandline_kept: bool = True, found=None) -> TDRow:
     """``found``: the integrity problems when the caller already has them."""
-    from .integrity import problems
+    from ..domain.integrity import problems
 
     root, facts = _parse(xml, domain.name())
     started = facts.started if state_code == 1 else None
@@ -550,9 +550,9 @@ def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | N
 
 
 def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
-    from .build.artifacts import build_of
-    from .conn import is_remote
-    from .domainxml import DomainXML
+    from ..build.artifacts import build_of
+    from ..domain.domainxml import DomainXML
+    from ..virt.conn import is_remote
 
     if is_remote(uri):
         return ()
@@ -565,7 +565,7 @@ def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
 def show(conn, name) -> TDInfo:
     """The TD and every problem: how it is no longer the TD defined (integrity), else
     what TDX's rules say of its XML (td_rules)."""
-    from .td_rules import td_problems
+    from ..domain.td_rules import td_problems
 
     domain = lookup(conn, name)
     xml = parsable_xml(domain.XMLDesc(0))  # every parser below gets XML lxml accepts
@@ -599,7 +599,7 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     now = time.time()
     listed = conn.getAllDomainStats(STATS_STATE)
     xmls = xmls_of_listed([domain for domain, _ in listed])  # reading starts now
-    from .domainxml import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
+    from ..domain.domainxml import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
 
     version, kept = conn.getLibVersion(), _keeps_commandline(conn)
     for (domain, stats), xml in zip(listed, xmls):

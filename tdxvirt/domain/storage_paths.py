@@ -8,7 +8,7 @@ every rule below holds for it, and every recorded file is checked before any is 
 1. Local only: for a remote URI the files live on that host; nothing is deleted here.
 2. The name: the recorded path must be exactly the path ``define`` would create for
    this domain now: ``<storage dir>/<name>.qcow2`` for the overlay and
-   ``<storage dir>/<name>-seed.iso`` for the seed (tdxvirt.policy.overlay_path,
+   ``<storage dir>/<name>-seed.iso`` for the seed (tdxvirt.domain.policy.overlay_path,
    seed_path), where <storage dir> is the directory this machine's configuration
    picks (defaults.overlay_dir, else /var/lib/libvirt/images when it exists, else
    <state dir>/images: storage_dir below). The directory recorded in the
@@ -37,7 +37,7 @@ import shlex
 import stat
 from dataclasses import dataclass
 
-from .errors import InputError, TdxvirtError
+from ..errors import InputError, TdxvirtError
 
 LIBVIRT_IMAGES = "/var/lib/libvirt/images"
 
@@ -46,7 +46,7 @@ def storage_dir(config) -> str:
     """The directory of this machine where tdxvirt creates overlays and seeds (config
     overlay_dir, else libvirt's images directory, else the state directory's); also the
     only directory `undefine --remove-storage` deletes from."""
-    from .paths import state_dir
+    from ..paths import state_dir
 
     if config.overlay_dir:
         return config.overlay_dir
@@ -103,14 +103,14 @@ class StorageRemoval:
         recorded = {kind: path for kind, path in recorded.items() if path}
         if not recorded:
             return
-        from .conn import is_remote
+        from ..virt.conn import is_remote
 
         if is_remote(uri):
             self._refuse(next(iter(recorded.values())),
                          f"{name!r} is defined at {uri}, a remote host, and tdxvirt deletes no "
                          "files there; storage on a remote host must be removed on that host")
         if config is None:  # loaded only when there is something to check
-            from .config import load_config
+            from ..config import load_config
 
             config = load_config()
         directory = storage_dir(config)

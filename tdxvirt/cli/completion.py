@@ -11,7 +11,7 @@ import click
 
 
 def _session(ctx: click.Context):
-    from .cli import Session
+    from . import Session
 
     root = ctx.find_root()
     params = root.params
@@ -23,11 +23,11 @@ def td_names(ctx: click.Context, _param, incomplete: str):
     from click.shell_completion import CompletionItem
 
     try:
-        from .conn import open_connection
+        from ..virt.conn import open_connection
 
         session = _session(ctx)
         if session.sim:  # completing never starts the simulated host
-            from .sim import control
+            from ..sim import control
 
             if not control.status().daemon:
                 return []
@@ -46,7 +46,7 @@ def gpu_addresses(ctx: click.Context, _param, incomplete: str):
     from click.shell_completion import CompletionItem
 
     try:
-        from .conn import is_remote
+        from ..virt.conn import is_remote
 
         session = _session(ctx)
         if is_remote(session.uri):
@@ -72,7 +72,7 @@ def print_version(ctx: click.Context, _param, value: bool) -> None:
         import libvirt
 
         lines.append(f"libvirt library {_dotted(libvirt.getVersion())}")
-        from .conn import open_connection
+        from ..virt.conn import open_connection
 
         session = _session(ctx)
         try:

@@ -1,7 +1,7 @@
 """What the user asked for: a TD spec, validated field by field.
 
 A TDSpec holds intent only (parsed and checked user input). Decisions that depend on
-the host (firmware path, MMIO window, alignment) are made in :mod:`tdxvirt.policy`.
+the host (firmware path, MMIO window, alignment) are made in :mod:`tdxvirt.domain.policy`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import InputError
-from .pci import PciAddress
+from ..errors import InputError
+from ..pci import PciAddress
+from ..units import MIB, parse_size
 from .tdx_options import POLICY_DEBUG, QuoteService, parse_measurement, parse_policy, parse_qgs
-from .units import MIB, parse_size
 
 # Stricter than libvirt (which only forbids '/'): a name users can type in a shell,
 # that is safe in file names and needs no quoting in virsh.
@@ -152,7 +152,7 @@ class TDSpec:
                   remote: bool = False) -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field.
 
-        ``remote``: the TD runs on another host (tdxvirt.conn.is_remote), where the
+        ``remote``: the TD runs on another host (tdxvirt.virt.conn.is_remote), where the
         files named (--disk, --ovmf, --qemu, --kernel, --initrd) are that host's: they
         must be absolute and are not looked for on this machine (define asks libvirt
         for the disk; the rest libvirt opens at the start)."""
@@ -240,8 +240,8 @@ def _first_boot(name: str, ssh_key_files, user_data_file) -> tuple[tuple[str, ..
     """Read and check --ssh-key / --user-data now, so bad input fails before anything."""
     if not ssh_key_files and not user_data_file:
         return (), None
-    from .guest.seed import plan_seed
-    from .guest.userdata import hostname_for, read_ssh_key_file, read_user_data_file
+    from ..guest.seed import plan_seed
+    from ..guest.userdata import hostname_for, read_ssh_key_file, read_user_data_file
 
     keys = tuple(k for path in ssh_key_files for k in read_ssh_key_file(path))
     own = None if user_data_file is None else read_user_data_file(user_data_file)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from .errors import HostNotReadyError
-from .host import HostRoot
+from ..errors import HostNotReadyError
+from ..host import HostRoot
 
 LIBVIRT_NATIVE_TDX = 11_006_000
 KVM_INTEL_TDX = "/sys/module/kvm_intel/parameters/tdx"

@@ -52,10 +52,10 @@ class _Selection:
 def _prepare(session, component, manifest, workdir, jobs, install, build_all):
     from pathlib import Path
 
-    from .build import distro, steps
-    from .build import manifest as manifests
-    from .host import HostRoot
-    from .paths import state_dir
+    from ..build import distro, steps
+    from ..build import manifest as manifests
+    from ..host import HostRoot
+    from ..paths import state_dir
 
     loaded = manifests.load(manifest)
     selected = steps.select(loaded, component)
@@ -100,7 +100,7 @@ def _print_distribution(selection) -> None:
 
 
 def _expected_artifacts(ctx, components) -> dict[str, str]:
-    from .build import edk2, steps
+    from ..build import edk2, steps
 
     expected = {}
     if "kernel" in components:
@@ -174,7 +174,7 @@ def build():
 @click.pass_obj
 def plan(session, component, manifest, workdir, jobs, install, build_all, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
-    from .build.runner import states
+    from ..build.runner import states
 
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
     step_states = states(steps, ctx)
@@ -192,10 +192,10 @@ def plan(session, component, manifest, workdir, jobs, install, build_all, as_jso
 @click.pass_obj
 def run(session, component, manifest, workdir, jobs, install, build_all, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
-    from .build import artifacts
-    from .build.progress import ConsoleReporter
-    from .build.runner import require_root, states
-    from .build.runner import run as run_plan
+    from ..build import artifacts
+    from ..build.progress import ConsoleReporter
+    from ..build.runner import require_root, states
+    from ..build.runner import run as run_plan
 
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
@@ -223,7 +223,7 @@ def status(as_json):
     """Show the recorded artifacts and the sources they were built from."""
     import os
 
-    from .build import artifacts
+    from ..build import artifacts
 
     file = artifacts.record_file()
     record = artifacts.load(file)

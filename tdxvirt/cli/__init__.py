@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import click
 
-from .errors import TdxvirtError
+from ..errors import TdxvirtError
 
 
 def one_line(text: str) -> str:
@@ -33,9 +33,9 @@ class TdxvirtGroup(click.Group):
     own and are imported only when named, so start-up pays for none of them.
     """
 
-    LAZY = {"host": "tdxvirt.cli_host:host", "gpu": "tdxvirt.cli_gpu:gpu",
-            "guest": "tdxvirt.cli_guest:guest", "build": "tdxvirt.cli_build:build",
-            "measure": "tdxvirt.cli_measure:measure", "repair": "tdxvirt.cli_repair:repair"}
+    LAZY = {"host": "tdxvirt.cli.host:host", "gpu": "tdxvirt.cli.gpu:gpu",
+            "guest": "tdxvirt.cli.guest:guest", "build": "tdxvirt.cli.build:build",
+            "measure": "tdxvirt.cli.measure:measure", "repair": "tdxvirt.cli.repair:repair"}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -66,7 +66,7 @@ class TdxvirtGroup(click.Group):
             # calls, say) still ends as one line, never a traceback.
             if type(error).__module__ != "libvirt":
                 raise
-            from .conn import translate
+            from ..virt.conn import translate
 
             translated = translate(error, "libvirt")
             _fail(str(translated), translated.exit_code)
@@ -77,11 +77,11 @@ class Session:
     """Global options, and the connection and host root they select (opened lazily).
 
     ``uri`` is what `-c` gave: None, one URI, or several (a tuple); with ``fleet``
-    (``--fleet``) the config file's [hosts] (tdxvirt.fleet.resolve)."""
+    (``--fleet``) the config file's [hosts] (tdxvirt.lifecycle.fleet.resolve)."""
 
     def __init__(self, uri: str | tuple[str, ...] | None, sim: bool, host_root: str | None,
                  fleet: bool = False, host_timeout: float | None = None):
-        from .fleet import DEFAULT_TIMEOUT
+        from ..lifecycle.fleet import DEFAULT_TIMEOUT
 
         self.sim = sim
         self.host_timeout = host_timeout or DEFAULT_TIMEOUT  # each host's deadline in a fleet
@@ -100,22 +100,22 @@ class Session:
         if sim and host_root is None:
             import os
 
-            from .sim import layout
+            from ..sim import layout
 
             for key, value in layout().gpu_tool_env.items():
                 os.environ.setdefault(key, value)  # an explicit tool or state wins
 
     @property
     def hosts(self):
-        """The hosts named (tdxvirt.fleet.Host), in order; one for a single -c URI, []
+        """The hosts named (tdxvirt.lifecycle.fleet.Host), in order; one for a single -c URI, []
         when no -c was given."""
         if self._hosts is None:
-            from .fleet import Host, resolve
+            from ..lifecycle.fleet import Host, resolve
 
             if self._uri is not None:
                 self._hosts = [Host(self._uri, self._uri)]
             else:
-                from .config import load_config
+                from ..config import load_config
 
                 self._hosts = resolve(self._connects, self._fleet, load_config)
         return self._hosts
@@ -129,12 +129,12 @@ class Session:
 
     @property
     def uri(self) -> str:
-        from .conn import resolve_uri
+        from ..virt.conn import resolve_uri
 
         if self._uri is None and (self._connects or self._fleet):
             hosts = self.hosts
             if len(hosts) > 1:
-                from .errors import InputError
+                from ..errors import InputError
 
                 raise InputError(
                     f"this command acts on one host, and {len(hosts)} were given "
@@ -142,7 +142,7 @@ class Session:
                     "host check ask several; define picks one with --gpu any or --gpus N)")
             self._uri = hosts[0].uri
         if self._uri is None and self.sim:
-            from .sim import layout
+            from ..sim import layout
 
             return layout().uri
         return resolve_uri(self._uri)
@@ -150,7 +150,7 @@ class Session:
     def each_host(self) -> list[Session]:
         """A session per host named, each to open a connection of its own."""
         if self.sim:  # the simulated host is started once, not by every thread
-            from .sim import control
+            from ..sim import control
 
             control.up()
         sessions = []
@@ -163,10 +163,10 @@ class Session:
 
     @property
     def host(self):
-        from .host import HostRoot
+        from ..host import HostRoot
 
         if self._host_root is None and self.sim:
-            from .sim import layout
+            from ..sim import layout
 
             return HostRoot(layout().host_root)
         return HostRoot(self._host_root or "/")
@@ -174,17 +174,17 @@ class Session:
     def facts(self, conn=None):
         """The facts of the host the URI's TDs run on (tdxvirt.facts): this machine's,
         read below the host root, or another host's, through its libvirt only."""
-        from .facts import facts_for
+        from ..facts import facts_for
 
         return facts_for(conn if conn is not None else self.conn(), self.host, self.uri)
 
     def conn(self):
         if self._conn is None:
             if self.sim and not self._started:
-                from .sim import control
+                from ..sim import control
 
                 control.up()
-            from .conn import open_connection
+            from ..virt.conn import open_connection
 
             self._conn = open_connection(self._connect_uri or self.uri)
         return self._conn
@@ -320,9 +320,9 @@ def define(session, name, print_xml, dry_run, no_tdx, gpu_count, **options):
 
 
 def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
-    from . import tds
-    from .conn import is_remote
-    from .spec import TDSpec
+    from ..domain.spec import TDSpec
+    from ..lifecycle import tds
+    from ..virt.conn import is_remote
 
     # For a remote URI the files named are that host's: not looked for here.
     spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=is_remote(session.uri), **options)
@@ -331,7 +331,7 @@ def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
         _warn(td.plan.warnings)
         click.echo(td.xml, nl=False)
         if dry_run:
-            from .textsafe import safe
+            from ..textsafe import safe
 
             plan = td.plan
             made = [(plan.disk.path, f"qcow2 overlay on {plan.disk.overlay_base}")] \
@@ -349,7 +349,7 @@ def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
 def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool,
                   allow_shared: bool) -> int:
     """How many GPUs define is to pick itself (0: the user named them)."""
-    from .errors import InputError
+    from ..errors import InputError
 
     anys = [g for g in gpus if g.strip().lower() == "any"]
     if not anys and not count:
@@ -370,13 +370,13 @@ def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool,
 def _picked(session, count: int, tdx: bool, managed: bool, mmio_window: str | None,
             to_stderr: bool):
     """The session of the host that gives ``count`` free GPUs and those GPUs, their pick
-    locks held until the block ends (tdxvirt.fleet: offer, choose, claimed); the choice
+    locks held until the block ends (tdxvirt.lifecycle.fleet: offer, choose, claimed); the choice
     and why are printed. A host whose free GPUs other tdxvirt processes took meanwhile
     is passed over for the next."""
-    from . import fleet
-    from .conn import host_of
-    from .errors import HostNotReadyError
-    from .textsafe import safe
+    from ..errors import HostNotReadyError
+    from ..lifecycle import fleet
+    from ..textsafe import safe
+    from ..virt.conn import host_of
 
     sessions = session.each_host() or [session]
 
@@ -429,7 +429,7 @@ def _close_answered(sessions, answers) -> None:
 
 
 def _describe(td, uri: str) -> None:
-    from .textsafe import safe
+    from ..textsafe import safe
 
     plan = td.plan
     kind, how = ("VM", "plain, no TDX") if plan.dialect == "plain" else ("TD", f"{plan.dialect} dialect")
@@ -457,7 +457,7 @@ def _describe(td, uri: str) -> None:
 
 
 def _warn(warnings) -> None:
-    from .textsafe import safe
+    from ..textsafe import safe
 
     for warning in warnings:
         click.echo(f"tdxvirt: warning: {safe(warning)}", err=True)
@@ -472,7 +472,7 @@ def _warn(warnings) -> None:
 @pass_session
 def start(session, name, skip_preflight, console, gpu_tool):
     """Start a TD after checking what would make it fail or run unprotected."""
-    from . import tds
+    from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)
     shown = _quoted(domain.name())
@@ -495,8 +495,8 @@ def start(session, name, skip_preflight, console, gpu_tool):
 @pass_session
 def stop(session, name, timeout, force):
     """Shut a TD down through ACPI and wait for it to power off."""
-    from . import tds
-    from .errors import LibvirtOperationError
+    from ..errors import LibvirtOperationError
+    from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)
     label, uuid = _quoted(domain.name()), domain.UUIDString()
@@ -525,7 +525,7 @@ def stop(session, name, timeout, force):
 @pass_session
 def destroy(session, name):
     """Power a TD off at once (like pulling the plug)."""
-    from . import tds
+    from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)
     if tds.destroy(session.conn(), domain):
@@ -539,7 +539,7 @@ def destroy(session, name):
 @pass_session
 def reboot(session, name):
     """Reboot a TD (a TD cannot be reset: libvirt restarts its QEMU process)."""
-    from . import tds
+    from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)
     tds.reboot(session.conn(), domain)
@@ -556,8 +556,8 @@ def reboot(session, name):
 @pass_session
 def undefine(session, name, remove_storage, dry_run):
     """Remove a stopped TD's definition."""
-    from . import tds
-    from .textsafe import safe
+    from ..lifecycle import tds
+    from ..textsafe import safe
 
     domain = tds.lookup(session.conn(), name)
     identity = tds.resolved(domain)  # read before: an undefined domain has no name to ask
@@ -575,7 +575,7 @@ def undefine(session, name, remove_storage, dry_run):
 @pass_session
 def autostart(session, name, disable):
     """Start a TD when the host (libvirt) starts."""
-    from . import tds
+    from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)
     tds.set_autostart(session.conn(), domain, not disable)
@@ -588,11 +588,11 @@ def autostart(session, name, disable):
 @pass_session
 def xml(session, name, inactive):
     """Print a TD's domain XML."""
-    from . import tds
+    from ..lifecycle import tds
 
     text = tds.domain_xml(session.conn(), name, inactive=inactive)
     if sys.stdout.isatty():  # a terminal acts on ESC, CR or bidi marks libvirt let in
-        from .textsafe import terminal_lines
+        from ..textsafe import terminal_lines
 
         text = terminal_lines(text)
     click.echo(text, nl=False)  # piped: libvirt's XML byte for byte, like virsh dumpxml
@@ -603,14 +603,14 @@ def xml(session, name, inactive):
 @pass_session
 def console(session, name):
     """Attach to a TD's serial console (hands over to `virsh console`)."""
-    from . import tds
+    from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)  # a clear error before handing over
     _console(session.uri, domain.UUIDString())  # virsh resolves a UUID to that domain only
 
 
 def _quoted(name: str) -> str:
-    from .textsafe import quoted
+    from ..textsafe import quoted
 
     return quoted(name)
 
@@ -621,7 +621,7 @@ def _console(uri: str, uuid: str) -> None:
     import os
     import shutil
 
-    from .errors import HostNotReadyError
+    from ..errors import HostNotReadyError
 
     virsh = shutil.which("virsh")
     if virsh is None:
@@ -671,7 +671,7 @@ def _duration(seconds) -> str:
 @pass_session
 def list_(session, include_foreign, as_json):
     """List TDs with their state and GPUs."""
-    from . import tds
+    from ..lifecycle import tds
 
     if session.several:
         _list_fleet(session, include_foreign, as_json)
@@ -690,7 +690,7 @@ def list_(session, include_foreign, as_json):
 def _print_tds(records: list[dict], include_foreign: bool, hosts: list[str] | None = None) -> None:
     """The TD table; ``hosts``: a HOST cell per record, first (a fleet)."""
     headers = ["NAME", "STATE", "TYPE", "DIALECT", "VCPUS", "MEMORY", "GPUS", "UPTIME"]
-    from .textsafe import table as safe_table
+    from ..textsafe import table as safe_table
 
     # TYPE is what the TD was defined as (tdxvirt's metadata), marked '!' when its XML
     # no longer is that: `show` names what changed.
@@ -716,10 +716,10 @@ def _print_tds(records: list[dict], include_foreign: bool, hosts: list[str] | No
 
 
 def _ask_fleet(session, question) -> list:
-    """``question(host session)`` on every host at once (tdxvirt.fleet.ask_each), each
+    """``question(host session)`` on every host at once (tdxvirt.lifecycle.fleet.ask_each), each
     within the session's deadline (--host-timeout); each host that failed is one error
     line on stderr, after the others' output (_fleet_failed)."""
-    from .fleet import Host, ask_each
+    from ..lifecycle.fleet import Host, ask_each
 
     sessions = session.each_host()
     answers = ask_each(sessions, lambda s: Host(s.label, s.uri), question,
@@ -738,7 +738,7 @@ def fleet_error_records(answers) -> list[dict]:
 def _fleet_failed(answers) -> None:
     """The error line of each host that did not answer (escaped: libvirt's words from
     another host), then exit 1 if any."""
-    from .textsafe import safe
+    from ..textsafe import safe
 
     failed = [a for a in answers if a.error is not None]
     for answer in failed:
@@ -750,7 +750,7 @@ def _fleet_failed(answers) -> None:
 
 def _list_fleet(session, include_foreign: bool, as_json: bool) -> None:
     """`list` on several hosts: one table (or JSON array) with each TD's host first."""
-    from . import tds
+    from ..lifecycle import tds
 
     answers = _ask_fleet(session, lambda each: _records(
         tds.list_tds(each.conn(), include_foreign=include_foreign)))
@@ -776,7 +776,7 @@ def _list_fleet(session, include_foreign: bool, as_json: bool) -> None:
 @pass_session
 def show(session, name, as_json):
     """Show a TD as tdxvirt understands it from its domain XML."""
-    from . import tds
+    from ..lifecycle import tds
 
     info = tds.show(session.conn(), name)
     record = {**_records([info.row])[0], "uuid": info.uuid, "autostart": info.autostart,
@@ -787,7 +787,7 @@ def show(session, name, as_json):
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
-    from .textsafe import safe
+    from ..textsafe import safe
 
     for key, value in record.items():
         if isinstance(value, list):  # each item escaped: a ', ' inside one stays visible
@@ -807,7 +807,7 @@ def sim():
               help="First install the simulated host if it is missing (debootstrap, apt).")
 def sim_up(install):
     """Start the simulated host's daemon and keeper if they are not running."""
-    from .sim import control
+    from ..sim import control
 
     if install:
         started = control.provision(log=lambda line: click.echo(f"sim: {line}"))
@@ -819,7 +819,7 @@ def sim_up(install):
 @sim.command(name="down")
 def sim_down():
     """Stop the simulated host (its test-driver domains are forgotten)."""
-    from .sim import control
+    from ..sim import control
 
     stopped = control.down()
     click.echo(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running")
@@ -828,7 +828,7 @@ def sim_down():
 @sim.command(name="status")
 def sim_status():
     """Show whether the simulated host is installed and running."""
-    from .sim import control, layout
+    from ..sim import control, layout
 
     status = control.status()
     click.echo(f"installed:  {'yes' if status.installed else 'no (run scripts/setup)'}")

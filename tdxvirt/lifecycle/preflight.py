@@ -9,14 +9,14 @@ pool, CC modes) is left to the start itself.
 
 from __future__ import annotations
 
-from .conn import xml_of_listed
-from .domainxml import DomainXML, read_domain_xml
-from .errors import NotFoundError
-from .facts import HostFacts, facts_for
-from .host import HostRoot
-from .host.nvidia import is_nvswitch, kind_of
-from .pci import PciAddress
-from .td_rules import td_problems
+from ..domain.domainxml import DomainXML, read_domain_xml
+from ..domain.td_rules import td_problems
+from ..errors import NotFoundError
+from ..facts import HostFacts, facts_for
+from ..host import HostRoot
+from ..host.nvidia import is_nvswitch, kind_of
+from ..pci import PciAddress
+from ..virt.conn import xml_of_listed
 
 VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1
 

@@ -1,6 +1,6 @@
 """Bring an edited TD back to what tdxvirt defined, keeping the compatible edits.
 
-tdxvirt.integrity finds each way a domain stopped being the TD it was defined as; this
+tdxvirt.domain.integrity finds each way a domain stopped being the TD it was defined as; this
 module fixes exactly those, one fix per problem kind, on a copy of the domain's own
 XML. Everything else (vCPUs, memory, disks and NICs added, names) stays as the user
 left it, so a repair never undoes virt-xml's or virt-manager's compatible work.
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from .domainxml import MMIO_FWCFG, QEMU_NS, DomainXML
-from .errors import InputError
-from .integrity import Problem, intended_tdx, problems
+from ..domain.domainxml import MMIO_FWCFG, QEMU_NS, DomainXML
+from ..domain.integrity import Problem, intended_tdx, problems
+from ..errors import InputError
 
 DEFAULT_POLICY = "0x10000000"
 _QEMU = f"{{{QEMU_NS}}}"
@@ -64,7 +64,7 @@ def plan_repair(xml: str, *, libvirt_version: int | None, window_needed_mib=None
                 commandline_kept: bool = True) -> Repair:
     """What repairing this domain XML changes; nothing is changed here.
 
-    The arguments are tdxvirt.integrity.problems' (the host's facts), plus
+    The arguments are tdxvirt.domain.integrity.problems' (the host's facts), plus
     ``window_override`` (--mmio-window, bytes)."""
     # re-indented before and after, so the diff shows the changes and nothing else
     root = etree.fromstring(xml.encode(), etree.XMLParser(remove_blank_text=True))
@@ -275,8 +275,8 @@ class _Fixer:
         self.changes.append(f"set the 64-bit MMIO window to {size} MiB (for the hostdevs it has now)")
 
     def _window_size(self) -> int:
-        from .policy import window_mb_for
-        from .units import MIB, human
+        from ..domain.policy import window_mb_for
+        from ..units import MIB, human
 
         needed = None
         if self.window_needed_mib is not None:
@@ -376,17 +376,18 @@ def repair_td(conn, host, name, *, dry_run: bool = False,
     (libvirt rewrote the XML into something still broken, or the managed-save image
     cannot be removed) puts the previous definition back. The image is removed last,
     after the repaired definition checked clean: it cannot be put back."""
-    from . import locks, tds
-    from .conn import libvirt_error_type, translate
-    from .errors import HostNotReadyError
-    from .facts import facts_for
+    from .. import locks
+    from ..errors import HostNotReadyError
+    from ..facts import facts_for
+    from ..virt.conn import libvirt_error_type, translate
+    from . import tds
 
     facts = facts_for(conn, host)
     domain = tds.lookup(conn, name)
     name = domain.name()
     xml = tds.parsable_xml(domain.XMLDesc(_XML_SECURE | _XML_INACTIVE))
     if DomainXML.of(xml).name != name:  # a character XML forbids, made readable for lxml
-        from .textsafe import quoted
+        from ..textsafe import quoted
 
         raise InputError(f"the name of {quoted(name)} holds characters XML does not allow, so "
                          "tdxvirt cannot redefine it under that name; rename it first "
@@ -433,12 +434,12 @@ def repair_td(conn, host, name, *, dry_run: bool = False,
 def _put_back(conn, xml: str, name: str, error_type) -> None:
     """Redefine the definition the repair replaced; when even that fails, say which
     definition is in place now (the repaired one) and how to look at it."""
-    from .errors import HostNotReadyError
+    from ..errors import HostNotReadyError
 
     try:
         conn.defineXMLFlags(xml, 0)
     except error_type as error:
-        from .conn import message
+        from ..virt.conn import message
 
         raise HostNotReadyError(
             f"the repair of {name!r} failed and putting its previous definition back failed too "

@@ -7,7 +7,7 @@ import binascii
 import re
 from dataclasses import dataclass
 
-from .errors import InputError
+from ..errors import InputError
 
 POLICY_DEBUG = 1 << 0
 POLICY_SEPT_VE_DISABLE = 1 << 28

@@ -1,13 +1,13 @@
 """Finding the domain a user named, as virsh does, and reading its XML safely.
 
-Below everything that acts on domains (tdxvirt.tds, guest, attest): a lookup needs
+Below everything that acts on domains (tdxvirt.lifecycle.tds, guest, attest): a lookup needs
 only the libvirt connection.
 """
 
 from __future__ import annotations
 
+from ..errors import InputError, NotFoundError
 from .conn import libvirt_error_type, translate
-from .errors import InputError, NotFoundError
 
 
 def _absent(error) -> bool:
@@ -29,7 +29,7 @@ def lookup(conn, name: str):
     """
     if not isinstance(name, str):
         return name  # already a domain object (the CLI resolves once, then acts on it)
-    from .textsafe import safe
+    from ..textsafe import safe
 
     libvirt_error = libvirt_error_type()
     finders = []
@@ -64,7 +64,7 @@ def lookup(conn, name: str):
 def resolved(domain) -> str:
     """'name' (UUID ...) of a resolved domain, terminal-safe: what destructive commands
     echo, so the user sees which domain was acted on."""
-    from .textsafe import quoted
+    from ..textsafe import quoted
 
     return f"{quoted(domain.name())} (UUID {domain.UUIDString()})"
 
@@ -73,6 +73,6 @@ def parsable_xml(xml: str) -> str:
     """A domain's XML as lxml can read it: libvirt writes some characters XML forbids
     (an ESC in a name given to virDomainRename) raw into it; those become U+FFFD. The
     same text when there is none."""
-    from .textsafe import xml_parsable
+    from ..textsafe import xml_parsable
 
     return xml_parsable(xml)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterable, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
-from .errors import HostNotReadyError, InputError, TdxvirtError
+from ..errors import HostNotReadyError, InputError, TdxvirtError
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -173,9 +173,9 @@ def ask_each(items: list[S], host_of: Callable[[S], Host], question: Callable[[S
     import threading
     import time
 
-    from .conn import libvirt_error_type, translate
+    from ..virt.conn import libvirt_error_type, translate
 
-    error_type = libvirt_error_type()  # the bindings, or their one-line error (tdxvirt.conn)
+    error_type = libvirt_error_type()  # the bindings, or their one-line error (tdxvirt.virt.conn)
 
     def answer(item: S) -> Answer[T]:
         host = host_of(item)
@@ -239,7 +239,7 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-# The CC modes start's preflight accepts (tdxvirt.preflight._mode_problems): a TD runs
+# The CC modes start's preflight accepts (tdxvirt.lifecycle.preflight._mode_problems): a TD runs
 # on a GPU in CC mode on or devtools (NVIDIA's debug variant of on), a plain VM on one
 # whose mode is off (or that has none).
 TD_CC_MODES = ("on", "devtools")
@@ -251,16 +251,16 @@ def offer(facts, conn, count: int, tdx: bool = True, managed: bool = True,
     """The first ``count`` free GPUs of the host ``facts`` describe, in address order.
 
     Free: an NVIDIA GPU (not an NVSwitch) that no domain defined there passes through
-    (tdxvirt.assemble.all_gpu_holders), on vfio-pci unless libvirt manages the binding
+    (tdxvirt.lifecycle.assemble.all_gpu_holders), on vfio-pci unless libvirt manages the binding
     (--managed, the default), with BAR sizes known or --mmio-window given, and in a CC
     mode start's preflight accepts (TD_CC_MODES, PLAIN_CC_MODES) where ``read_modes``
     can tell; unknown modes (another host: NVIDIA's tool runs only on its own host) are
     said. The host also needs TDX on for a TD (unknown, as libvirt's test driver leaves
     it, is said; libvirt and start's preflight check it again). Each refusal carries
     the remedy that fits it, for the error when no host qualifies (choose)."""
+    from ..host.nvidia import GPU, kind_of
+    from ..textsafe import quoted  # domain names are whatever that host's libvirt holds
     from .assemble import all_gpu_holders
-    from .host.nvidia import GPU, kind_of
-    from .textsafe import quoted  # domain names are whatever that host's libvirt holds
 
     notes = []
     enabled = facts.tdx_enabled() if tdx else None
@@ -350,7 +350,7 @@ def pick_keys(lock_host: str, addresses) -> list[str]:
     """The keys a `define --gpu any` holds while it picks and defines (tdxvirt.locks):
     apart from define's own GPU keys, which define_td takes again itself (an flock is
     per open file, so one process taking one key twice would wait on itself)."""
-    from . import locks
+    from .. import locks
 
     return [f"pick-{key}" for key in locks.gpu_keys(lock_host, addresses)]
 
@@ -362,9 +362,9 @@ def claimed(conn, lock_host: str, candidates: list[str], count: int):
     tdxvirt is picking right now is skipped (its lock is tried, never waited on), and
     one a domain took since the offer was read (holders are read again under the lock)
     too, so parallel picks never give one GPU twice and a loser moves on."""
-    from . import locks
+    from .. import locks
+    from ..errors import DeviceBusyError
     from .assemble import all_gpu_holders
-    from .errors import DeviceBusyError
 
     with ExitStack() as stack:
         pending = iter(candidates)

@@ -2,7 +2,7 @@
 
 Gathers the facts (libvirt version and capabilities; from the host that runs the TD,
 through tdxvirt.facts: its TDX state, GPUs, firmware and disk; tdxvirt's config),
-lets :mod:`tdxvirt.policy` decide, renders, and checks the result against TDX's rules
+lets :mod:`tdxvirt.domain.policy` decide, renders, and checks the result against TDX's rules
 and libvirt's schema. Changes nothing anywhere.
 """
 
@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import dialect as dialects
-from .config import Config, load_config
-from .conn import xmls_of_listed
-from .errors import InputError, TdxvirtError
-from .facts import HostFacts, facts_for
-from .host import HostRoot
-from .host.nvidia import is_nvswitch, require_gpu
-from .host.pci import PciDevice
-from .policy import DomainPlan, plan_domain
-from .render import render_domain
-from .schema import validate_domain_xml
-from .spec import TDSpec
-from .storage_paths import storage_dir
-from .td_rules import td_problems
+from ..config import Config, load_config
+from ..domain.policy import DomainPlan, plan_domain
+from ..domain.render import render_domain
+from ..domain.spec import TDSpec
+from ..domain.storage_paths import storage_dir
+from ..domain.td_rules import td_problems
+from ..errors import InputError, TdxvirtError
+from ..facts import HostFacts, facts_for
+from ..host import HostRoot
+from ..host.nvidia import is_nvswitch, require_gpu
+from ..host.pci import PciDevice
+from ..virt import dialect as dialects
+from ..virt.conn import xmls_of_listed
+from ..virt.schema import validate_domain_xml
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def select_devices(facts: HostFacts | HostRoot, spec: TDSpec) -> tuple[list[PciD
     """The GPUs and (for --ppcie) the board's NVSwitches, with warnings. A HostRoot
     stands for this machine's facts."""
     if not isinstance(facts, HostFacts):
-        from .facts.local import LocalFacts
+        from ..facts.local import LocalFacts
 
         facts = LocalFacts(facts, "")
     warnings = []
@@ -102,7 +102,7 @@ def resolve_loader(spec: TDSpec, config: Config, facts: HostFacts | HostRoot, di
     if builds and "ovmf" in builds:
         return builds["ovmf"].path
     if not isinstance(facts, HostFacts):
-        from .facts.local import LocalFacts
+        from ..facts.local import LocalFacts
 
         facts = LocalFacts(facts, "")
     return facts.tdx_firmware(dialect)
@@ -155,7 +155,7 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
     if plan.tdx and plan.loader and not facts.remote:
         from dataclasses import replace
 
-        from .tdvf import predicted_mrtd
+        from ..domain.tdvf import predicted_mrtd
 
         plan = replace(plan, mrtd=predicted_mrtd(facts.host.path(plan.loader)))
     xml = render_domain(plan)
@@ -169,11 +169,11 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
 
 def _with_boot_measurements(plan: DomainPlan, xml: str, facts: HostFacts) -> tuple[DomainPlan, str]:
     """The plan and XML with the RTMR1/RTMR2 a directly booted kernel will give, where
-    they are predictable (tdxvirt.measure decides from the rendered domain: its kernel,
+    they are predictable (tdxvirt.domain.measure decides from the rendered domain: its kernel,
     initrd, command line, firmware and option ROMs); unchanged otherwise."""
     from dataclasses import replace
 
-    from .measure import is_prediction, predict_boot
+    from ..domain.measure import is_prediction, predict_boot
 
     def here(path: str) -> str:
         return str(facts.host.path(path))
@@ -206,7 +206,7 @@ def storage_owner(host: HostRoot) -> StorageOwner:
     `host setup` sets dynamic_ownership = 0, so libvirt no longer chowns disk files to
     QEMU: the files tdxvirt creates must already be readable by QEMU's group, and by
     nobody else (a seed's user-data may hold secrets, an overlay holds the guest's disk)."""
-    from .hostcfg.qemuconf import QemuConf, QemuConfSyntaxError
+    from ..hostcfg.qemuconf import QemuConf, QemuConfSyntaxError
 
     def unknown(why: str) -> StorageOwner:
         return StorageOwner(0, None, f"QEMU's group is unknown ({why}): the overlay and seed "
