@@ -78,8 +78,8 @@ class DomainXML:
                           for arg in line.iterfind(_ARG)]
         launch = top.get("launchSecurity")
         self.launch = launch if launch is not None and launch.get("type") == "tdx" else None
-        self._children = {tag: {c.tag: c for c in reversed(top[tag]) if isinstance(c.tag, str)}
-                          for tag in ("os", "features", "memoryBacking") if tag in top}
+        self._children: dict[str, dict] = {}  # os, features, memoryBacking: indexed when asked
+        self._pci = None
 
     @classmethod
     def of(cls, xml_or_root) -> DomainXML:
@@ -150,14 +150,24 @@ class DomainXML:
                         found = value
         return found
 
+    def _child(self, parent: str, tag: str):
+        """The first <parent><tag> (parent a top-level element)."""
+        children = self._children.get(parent)
+        if children is None:
+            element = self.top.get(parent)
+            children = {} if element is None else {
+                c.tag: c for c in reversed(element) if isinstance(c.tag, str)}
+            self._children[parent] = children
+        return children.get(tag)
+
     def os_child(self, tag: str):
-        return self._children.get("os", {}).get(tag)
+        return self._child("os", tag)
 
     def feature(self, tag: str):
-        return self._children.get("features", {}).get(tag)
+        return self._child("features", tag)
 
     def memory_backing(self, tag: str):
-        return self._children.get("memoryBacking", {}).get(tag)
+        return self._child("memoryBacking", tag)
 
     @property
     def os_firmware(self) -> str | None:
@@ -199,13 +209,16 @@ class DomainXML:
         return () if devices is None else devices.iterchildren(tag)
 
     def pci_hostdevs(self) -> list[tuple[str, object]]:
-        """(BDF, element) of each PCI hostdev with a source address."""
-        found = []
-        for hostdev in self.devices("hostdev"):
-            address = hostdev.find("source/address")
-            if hostdev.get("type") == "pci" and address is not None:
-                found.append((bdf_of(address), hostdev))
-        return found
+        """(BDF, element) of each PCI hostdev with a source address (read once: list
+        and its integrity check both ask)."""
+        if self._pci is None:
+            found = []
+            for hostdev in self.devices("hostdev"):
+                address = hostdev.find("source/address")
+                if hostdev.get("type") == "pci" and address is not None:
+                    found.append((bdf_of(address), hostdev))
+            self._pci = found
+        return self._pci
 
     def disk_files(self) -> list[tuple[str, str]]:
         """(device: 'disk', 'cdrom', ..., source file) of each file-backed disk."""
@@ -264,43 +277,32 @@ def read_domain_xml(xml: str) -> DomainFacts:
 
 
 def read_domain_root(root) -> DomainFacts:
-    """read_domain_xml on an already parsed domain (list also checks its integrity)."""
-    name = vcpu = memory = mark = run = None
-    tdx, gpus = False, []
-    for child in root:
-        tag = child.tag
-        if tag == "name":
-            name = child.text
-        elif tag == "vcpu":
-            vcpu = child.text
-        elif tag == "memory":
-            memory = child
-        elif tag == "metadata":
-            mark = child.find(_TD)
-            run = child.find(_RUN)
-        elif tag == "devices":
-            for hostdev in child.iterchildren("hostdev"):
-                address = hostdev.find("source/address")
-                if hostdev.get("type") == "pci" and address is not None:
-                    gpus.append(bdf_of(address))
-        elif tag == "launchSecurity":
-            tdx = tdx or child.get("type") == "tdx"
-        elif tag == COMMANDLINE:  # the qemu-args dialect
-            tdx = tdx or any("tdx-guest" in (arg.get("value") or "") for arg in child)
-    marked = {} if mark is None else {k: mark.findtext(t) for k, t in _MARK_TEXT.items()}
+    """read_domain_xml on an already parsed domain."""
+    return facts_of(DomainXML(root))
+
+
+def facts_of(domain: DomainXML) -> DomainFacts:
+    """The facts of an indexed domain (list indexes each domain once, then reads its
+    facts and checks its integrity from the same index)."""
+    top = domain.top
+    name, vcpu = top.get("name"), top.get("vcpu")
+    marked = {} if domain.mark is None else {
+        child.tag: child.text for child in domain.mark if isinstance(child.tag, str)}
+    metadata = top.get("metadata")
+    run = None if metadata is None else metadata.find(_RUN)
     return DomainFacts(
-        name=name,
-        managed_by_tdxvirt=mark is not None,
-        tdx=tdx,
-        gpus=tuple(gpus),
-        vcpus=int(vcpu or 0),
-        memory_kib=_kib(memory),
-        dialect=marked.get("dialect"),
-        overlay=marked.get("overlay"),
-        seed=marked.get("seed"),
-        mrtd=marked.get("mrtd"),
-        rtmr1=marked.get("rtmr1"),
-        rtmr2=marked.get("rtmr2"),
+        name=None if name is None else name.text,
+        managed_by_tdxvirt=domain.mark is not None,
+        tdx=domain.launch is not None or domain.has_tdx_object(),
+        gpus=tuple(bdf for bdf, _ in domain.pci_hostdevs()),
+        vcpus=int((None if vcpu is None else vcpu.text) or 0),
+        memory_kib=_kib(top.get("memory")),
+        dialect=marked.get(_MARK_TEXT["dialect"]),
+        overlay=marked.get(_MARK_TEXT["overlay"]),
+        seed=marked.get(_MARK_TEXT["seed"]),
+        mrtd=marked.get(_MARK_TEXT["mrtd"]),
+        rtmr1=marked.get(_MARK_TEXT["rtmr1"]),
+        rtmr2=marked.get(_MARK_TEXT["rtmr2"]),
         started=_float(run.get("started")) if run is not None else None,
     )
 

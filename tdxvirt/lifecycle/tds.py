@@ -70,19 +70,20 @@ def read_facts(xml: str, name: str | None = None) -> DomainFacts:
 
 
 def _parse(xml: str, name: str | None = None):
-    """(root, facts) of a domain's XML, as read_facts reads it."""
+    """(the indexed domain, its facts) of a domain's XML, as read_facts reads it."""
     from dataclasses import replace
 
     from lxml import etree
 
-    from ..domain.domainxml import read_domain_root
+    from ..domain.domainxml import DomainXML, facts_of
 
     try:
         root = etree.fromstring(xml.encode())
     except etree.XMLSyntaxError:  # rare: only then the extra pass over the text
         root = etree.fromstring(parsable_xml(xml).encode())
-    facts = read_domain_root(root)
-    return root, facts if name is None or facts.name == name else replace(facts, name=name)
+    domain = DomainXML(root)
+    facts = facts_of(domain)
+    return domain, facts if name is None or facts.name == name else replace(facts, name=name)
 
 
 def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
