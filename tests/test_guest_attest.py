@@ -25,13 +25,16 @@ from click.testing import CliRunner
 from conftest import one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_attest_eventlog import EV_SEPARATOR, quote_with, real_ccel, records, tpm_boot  # noqa: F401 (fixtures)
 from test_attest_quote import V4, V4_COLLATERAL, V4_VALID_AT, matching
 from test_guest_live_agent import agent_guest_files, running_guest  # noqa: F401 (fixtures)
 from test_guest_verify import CC_OFF_F, CC_ON_F, MALFORMED_REPLIES, CorruptedReply, StandInAgent
 from test_guest_verify import _define as define_test_domain
+from test_rtmr import guest_files  # noqa: F401 (fixture, for the real event log)
 
 from tdxvirt.attest import dcap as dcap_verifier
 from tdxvirt.attest.checks import FAIL, NOT_CHECKED, PASS, no_predictions
+from tdxvirt.attest.eventlog import parse_event_log
 from tdxvirt.attest.evidence import CC_STATUS, CCEL_DATA, EVENT_LOG_LIMIT, NVATTEST, TSM_REPORTS, collect
 from tdxvirt.attest.quote import parse_quote
 from tdxvirt.attest.report import CollateralSource, attest_domain, attest_guest
@@ -187,19 +190,19 @@ def test_the_quote_request_writes_the_nonce_and_cleans_up():
 
 
 def test_a_recorded_quote_passes_every_quote_check_for_its_own_reportdata():
-    agent = TdAgent(ccel=b"TCG event log bytes")
+    agent = TdAgent()  # the recorded quote's TD left no CCEL with it
     report = attest_guest(_guest(agent), "td-1", REPORTDATA, matching(V4), _file_source(), gpus=1, now=V4_VALID_AT)
     results = _results(report)
     quote_checks = ["quote format", "REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0", "RTMR1",
                     "RTMR2", "RTMR3", "quote signature (DCAP)", "platform TCB"]
     assert [results[name] for name in quote_checks] == [PASS] * len(quote_checks)
     assert results["GPU CC mode (guest-reported)"] == PASS
-    assert results["event log replay"] == NOT_CHECKED  # collected, not replayed: said so
+    assert results["event log replay"] == NOT_CHECKED  # no log: said why
     assert results["GPU attestation (guest-run verifier)"] == NOT_CHECKED
     assert report.ok and [c.name for c in report.not_checked] == ["event log replay",
                                                                  "GPU attestation (guest-run verifier)"]
     data = report.as_dict()
-    assert data["evidence"]["event_log_bytes"] == len(b"TCG event log bytes")
+    assert data["evidence"]["event_log_bytes"] is None and data["replayed_events"] is None
     assert data["collateral"]["valid_until"] == "2025-07-19 10:00:35 UTC"
     assert "nvattest" in data["evidence"]["gpu"]["verifier_note"] and NO_SUCH in data["evidence"]["gpu"]["verifier_note"]
 
@@ -432,7 +435,8 @@ def test_cli_json_follows_the_schema(sim_uri, conn, td_name, agent_behind_libvir
     assert result.exit_code == 1  # a random nonce: the recorded quote is a replay
     data = json.loads(result.stdout)
     assert set(data) == {"domain", "ok", "verified", "firmware_matched", "nonce", "verification_time", "checks", "quote",
-                         "collateral", "evidence"}
+                         "collateral", "evidence", "replayed_events"}
+    assert data["replayed_events"] is None  # no CCEL in this guest
     assert data["domain"] == td_name and data["ok"] is False and len(bytes.fromhex(data["nonce"])) == 64
     assert {c["result"] for c in data["checks"]} <= {"pass", "fail", "not-checked"}
     assert all(set(c) == {"check", "result", "detail"} for c in data["checks"])
@@ -507,9 +511,68 @@ def test_the_config_files_pccs_url_must_be_a_url(tmp_path, monkeypatch):
 def test_a_verified_quote_without_an_mrtd_prediction_is_not_attested():
     """A signature that verifies proves the quote came from a TDX module, not which
     firmware runs: without MRTD compared the exit code says not attested."""
-    agent = TdAgent(ccel=b"TCG event log bytes")
+    agent = TdAgent()
     report = attest_guest(_guest(agent), "td-1", REPORTDATA, no_predictions("the firmware is on the remote host"),
                           _file_source(), gpus=1, now=V4_VALID_AT)
     assert report.verified and not report.failed and not report.ok
     assert "MRTD was not compared with a prediction" in report.failure_message()
     assert "--firmware FILE" in report.failure_message()
+
+
+# --- the CC event log replayed against the quote (a real firmware's log, see test_attest_eventlog) ---
+
+def test_a_ccel_that_replays_to_the_quote_passes_and_its_events_are_reported(real_ccel, tpm_boot, guest_files):  # noqa: F811
+    log = parse_event_log(real_ccel)
+    quote = quote_with(log.replay())  # the recorded quote with the log's RTMRs: its signature breaks
+    report = attest_guest(_guest(TdAgent(quote=quote, ccel=real_ccel)), "td-1", REPORTDATA, matching(quote),
+                          _file_source(), gpus=1, now=V4_VALID_AT)
+    checks = {c.name: c for c in report.checks}
+    assert checks["event log replay"].result == PASS
+    assert checks["event log replay"].detail.startswith(f"the event log's {len(log.events)} events (")
+    assert checks["quote signature (DCAP)"].result == FAIL  # the stand-in quote's RTMRs were rewritten
+    events = report.as_dict()["replayed_events"]
+    assert [e["number"] for e in events] == [e.number for e in log.events if e.rtmr is not None]
+    assert set(events[0]) == {"number", "register", "index", "type", "digest", "description"}
+    [kernel] = [e for e in events if e["type"] == "EV_EFI_BOOT_SERVICES_APPLICATION"]
+    from tdxvirt.domain.bootmeasure import authenticode_sha384
+    assert kernel["register"] == "RTMR1" and kernel["digest"] == authenticode_sha384(guest_files[0].read_bytes())
+
+
+def test_a_ccel_that_does_not_replay_fails_naming_the_register(real_ccel, tpm_boot):  # noqa: F811
+    log = parse_event_log(real_ccel)
+    quote = quote_with(log.replay())
+    _, found = records(real_ccel.rstrip(b"\xff"))
+    first = next(e for e in log.events if e.kind == EV_SEPARATOR and e.rtmr == 0)
+    start = found[first.number - 1][0]
+    tampered = real_ccel[:start] + b"\x03" + real_ccel[start + 1:]  # its index moved from RTMR0 (1) to RTMR2 (3)
+    report = attest_guest(_guest(TdAgent(quote=quote, ccel=tampered)), "td-1", REPORTDATA, matching(quote),
+                          _file_source(), now=V4_VALID_AT)
+    check = {c.name: c for c in report.checks}["event log replay"]
+    assert check.result == FAIL and check.detail.startswith("RTMR0 replayed from the event log's ")
+    assert report.as_dict()["replayed_events"] is None
+    garbage = attest_guest(_guest(TdAgent(ccel=b"TCG event log bytes")), "td-1", REPORTDATA, matching(V4),
+                           _file_source(), now=V4_VALID_AT)
+    check = {c.name: c for c in garbage.checks}["event log replay"]
+    assert check.result == FAIL and "does not start with the Spec ID event" in check.detail
+    assert [c.name for c in garbage.failed] == ["event log replay"]  # the recorded quote itself still passes
+
+
+def test_cli_reports_the_replay(sim_uri, conn, td_name, agent_behind_libvirt, real_ccel, tpm_boot):  # noqa: F811
+    _define(conn, td_name)
+    log = parse_event_log(real_ccel)
+    agent_behind_libvirt.quote, agent_behind_libvirt.ccel = quote_with(log.replay()), real_ccel
+    arguments = ["-c", sim_uri, "guest", "attest", td_name, "--nonce", REPORTDATA.hex()]
+    result = CliRunner().invoke(_main(), arguments + ["--json"])
+    data = json.loads(result.stdout)
+    replay = next(c for c in data["checks"] if c["check"] == "event log replay")
+    assert replay["result"] == "pass" and "replay to the quote's RTMR0-2" in replay["detail"]
+    assert len(data["replayed_events"]) == sum(len(log.extending(i)) for i in range(3))
+    text = CliRunner().invoke(_main(), arguments)
+    row = next(line for line in text.stdout.splitlines() if line.startswith("event log replay"))
+    assert " pass " in row
+
+    agent_behind_libvirt.ccel = real_ccel[:len(real_ccel.rstrip(b"\xff")) - 2]  # the last record cut short
+    failed = CliRunner().invoke(_main(), arguments)
+    assert "event log replay" in one_line_error(failed, 1)
+    row = next(line for line in failed.stdout.splitlines() if line.startswith("event log replay"))
+    assert " fail " in row and "the CC event log is truncated" in row

@@ -3,6 +3,7 @@
 - ``evidence``: what the guest hands over through its QEMU guest agent (the TD quote
   from configfs-tsm, the CCEL event log, NVIDIA's CC mode and verifier result);
 - ``quote``: the TDX quote's layout (versions 4 and 5);
+- ``eventlog``: the CC event log parsed and replayed against the quote's RTMRs;
 - ``dcap``: the quote's signature chain and TCB, through a DCAP verifier (dcap-qvl)
   and its collateral (a file, or a PCCS);
 - ``checks``: each check with its own result (pass, fail, not-checked) and message;
@@ -14,6 +15,10 @@ from ..errors import InputError, TdxvirtError
 
 class QuoteFormatError(TdxvirtError):
     """Bytes that are not a TDX quote (or a truncated one)."""
+
+
+class EventLogFormatError(TdxvirtError):
+    """Bytes that are not a CC event log (truncated, absurd lengths, no SHA-384)."""
 
 
 class CollateralError(InputError):

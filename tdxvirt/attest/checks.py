@@ -13,7 +13,9 @@ expected. What each check proves:
   current collateral; only then do the values above come from the TDX module rather
   than from whoever produced the bytes;
 - platform TCB: Intel's TCB status for this platform (UpToDate passes; any other
-  status, with its advisories, fails: the owner decides whether to accept it).
+  status, with its advisories, fails: the owner decides whether to accept it);
+- event log replay: the CCEL's events extend RTMR0-2 (RTMR3 when it has events for
+  it) to the quote's values, so its events describe what was measured (eventlog.py).
 The GPU checks are the guest's own account (its nvidia-smi, its verifier run), not
 verified by the host.
 """
@@ -24,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from . import QuoteFormatError
+from .eventlog import CcEvent, EventLogFormatError, parse_event_log
 from .quote import TdQuote, parse_quote
 
 PASS, FAIL, NOT_CHECKED = "pass", "fail", "not-checked"
@@ -172,10 +175,35 @@ def check_quote(raw: bytes, nonce: bytes, predictions: Predictions, verdict=None
     return quote, checks
 
 
-def check_event_log(event_log: bytes | None, note: str) -> Check:
-    """The CCEL is collected but not replayed yet: said so, with what was found."""
-    return Check("event log replay", NOT_CHECKED,
-                 note if event_log is None else f"{note}; tdxvirt does not replay it against the RTMRs yet")
+def check_event_log(event_log: bytes | None, note: str,
+                    quote: TdQuote | None) -> tuple[Check, tuple[CcEvent, ...] | None]:
+    """The CCEL replayed (eventlog.py) against the quote's RTMRs, and the events the
+    replay vouches for (None unless it passed). A log that does not replay to the quote
+    does not describe what was measured: tampered with, or broken, so it fails. RTMR3 is
+    compared only when the log has events for it: the guest's software extends it at
+    run time without writing to the CCEL."""
+    name = "event log replay"
+    if event_log is None:
+        return Check(name, NOT_CHECKED, note), None
+    if quote is None:
+        return Check(name, NOT_CHECKED, f"{note}; the quote could not be parsed, so there are no RTMRs "
+                                        "to replay it against"), None
+    try:
+        log = parse_event_log(event_log)
+    except EventLogFormatError as error:
+        return Check(name, FAIL, f"{error} ({note}): it does not describe what was measured "
+                                 "(a broken or tampered log)"), None
+    compared = [i for i in range(4) if i < 3 or log.extending(3)]
+    for i, value in zip(compared, log.replay()):
+        if value != quote.rtmr(i):
+            return Check(name, FAIL, f"RTMR{i} replayed from the event log's {len(log.extending(i))} events is "
+                                     f"{_short(value)}, the quote's is {_short(quote.rtmr(i))}: the log does not "
+                                     "describe what was measured (a broken or tampered log)"), None
+    extended = sum(len(log.extending(i)) for i in compared)
+    rtmr3 = "" if 3 in compared else "; RTMR3 has no events in the log (only software at run time extends it)"
+    return (Check(name, PASS, f"the event log's {len(log.events)} events ({extended} extending) replay to the "
+                              f"quote's RTMR0-{compared[-1]}{rtmr3}"),
+            tuple(event for event in log.events if event.rtmr in compared))
 
 
 def check_gpu(gpu) -> list[Check]:

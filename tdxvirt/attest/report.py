@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from . import QuoteFormatError
 from . import dcap as dcap_verifier
 from .checks import FAIL, NOT_CHECKED, PASS, SIGNATURE, Check, Predictions, check_event_log, check_gpu, check_quote
+from .eventlog import CcEvent
 from .evidence import Evidence, collect
 from .quote import TdQuote, parse_quote
 
@@ -51,6 +52,7 @@ class AttestReport:
     evidence: Evidence
     collateral: dcap_verifier.Collateral | None
     verification_time: int
+    replayed_events: tuple[CcEvent, ...] | None = None  # the CCEL's events, only when they replayed
 
     @property
     def ok(self) -> bool:
@@ -84,7 +86,9 @@ class AttestReport:
                 "checks": [check.as_dict() for check in self.checks],
                 "quote": self.quote.as_dict() if self.quote else None,
                 "collateral": self.collateral.as_dict() if self.collateral else None,
-                "evidence": self.evidence.as_dict()}
+                "evidence": self.evidence.as_dict(),
+                "replayed_events": None if self.replayed_events is None
+                else [event.as_dict() for event in self.replayed_events]}
 
     def failure_message(self) -> str:
         """Why the exit code is 1, in one line."""
@@ -112,8 +116,9 @@ def assess(name: str, nonce: bytes, evidence: Evidence, predictions: Predictions
         if collateral is not None:
             verdict = dcap_verifier.verify(evidence.quote, collateral, now)
     quote, checks = check_quote(evidence.quote, nonce, predictions, verdict, missing)
-    checks += [check_event_log(evidence.event_log, evidence.event_log_note), *check_gpu(evidence.gpu)]
-    return AttestReport(name, nonce, tuple(checks), quote, evidence, collateral, now)
+    replay, events = check_event_log(evidence.event_log, evidence.event_log_note, quote)
+    checks += [replay, *check_gpu(evidence.gpu)]
+    return AttestReport(name, nonce, tuple(checks), quote, evidence, collateral, now, events)
 
 
 def attest_guest(guest, name: str, nonce: bytes, predictions: Predictions, source: CollateralSource,

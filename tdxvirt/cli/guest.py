@@ -129,7 +129,8 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
 
     Through the QEMU guest agent the guest's kernel makes a quote (configfs-tsm) whose
     REPORTDATA is the nonce; the CC event log and, where NVIDIA's tools are installed
-    in the guest, the GPU's CC mode and NVIDIA's verifier result are collected too.
+    in the guest, the GPU's CC mode and NVIDIA's verifier result are collected too; the
+    event log is replayed against the quote's RTMRs (--json lists its events).
     Here the quote is parsed, REPORTDATA compared with the nonce, the debug bit checked,
     MRTD and the RTMRs compared with their predictions, and the signature chain
     verified with a DCAP verifier (dcap-qvl) and collateral from --collateral or a PCCS.
