@@ -55,14 +55,18 @@ def test_symlinks_are_refused_and_their_target_untouched(tmp_path):
     assert target.read_bytes() == b"target\n" and link.is_symlink()
 
 
-def test_a_planted_temporary_link_is_not_written_through(tmp_path):
+def test_a_planted_temporary_link_is_not_written_through(tmp_path, monkeypatch):
     victim = tmp_path / "victim"
     victim.write_bytes(b"victim\n")
     path = tmp_path / "qemu.conf"
     path.write_bytes(b"old\n")
-    (tmp_path / f".qemu.conf.tdxvirt-{os.getpid()}.tmp").symlink_to(victim)
+    names = iter(["aaaaaaaa", "bbbbbbbb"])  # the first temporary name is taken by a link
+    monkeypatch.setattr("tdxvirt.hostcfg.files.secrets.token_hex", lambda _: next(names))
+    planted = tmp_path / f".qemu.conf.tdxvirt-{os.getpid()}-aaaaaaaa.tmp"
+    planted.symlink_to(victim)
     atomic_write(path, b"new\n")
     assert path.read_bytes() == b"new\n" and victim.read_bytes() == b"victim\n"
+    assert planted.is_symlink()  # a name someone else made is never deleted
 
 
 def test_a_directory_is_refused(tmp_path):

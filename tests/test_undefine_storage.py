@@ -139,6 +139,28 @@ def test_a_path_only_in_metadata_is_refused(conn, td, td_name, tmp_path):
     assert "not a disk of" in message
 
 
+def test_a_file_put_at_the_overlays_name_later_is_refused(conn, td, td_name):
+    """Right name, right place, still the disk: but not the file define created (another
+    inode), so no proof tdxvirt made it."""
+    config, overlay, seed = td
+    data = overlay.read_bytes()
+    overlay.unlink()
+    overlay.write_bytes(data)  # someone's own file now, at tdxvirt's name
+    message = assert_refused(conn, td_name, config, overlay, overlay, seed)
+    assert "no record of creating this file" in message
+
+
+def test_metadata_and_disks_alone_never_name_a_file(conn, td, td_name, tmp_path):
+    """A domain whose XML says everything tdxvirt would (metadata, disk source, the
+    storage directory's name pattern) about a file tdxvirt did not create."""
+    config, overlay, seed = td
+    foreign = overlay.parent / f"{td_name}-seed.iso"
+    seed.unlink()
+    foreign.write_bytes(b"a file another tool made")
+    message = assert_refused(conn, td_name, config, foreign, foreign, overlay)
+    assert "no record of creating this file" in message
+
+
 def test_a_symlink_as_the_overlay_is_refused(conn, td, td_name, victim):
     config, overlay, seed = td
     overlay.unlink()

@@ -24,7 +24,12 @@ every rule below holds for it, and every recorded file is checked before any is 
 4. No symlinks: every directory from ``/`` down is opened with O_NOFOLLOW, and the
    entry itself is stat'ed without following, so neither the file nor any parent may
    be a symlink; the file must be a regular file.
-5. The delete is ``unlinkat`` relative to the directory fd opened in 4: a symlink
+5. Made by tdxvirt: ``define`` records every file it creates (path, device, inode) in
+   this machine's state directory (``<state dir>/created``, root's, 0700), outside
+   anything libvirt can edit; the file must be that very file (a file put at the name
+   later is another inode), so a domain's XML and metadata alone never name a file
+   to delete. Files defined before these records existed are refused: delete by hand.
+6. The delete is ``unlinkat`` relative to the directory fd opened in 4: a symlink
    swapped in for a directory after the check cannot redirect it.
 
 A recorded file that no longer exists is skipped: there is nothing to delete.
@@ -32,10 +37,13 @@ A recorded file that no longer exists is skipped: there is nothing to delete.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InputError, TdxvirtError
 
@@ -51,6 +59,44 @@ def storage_dir(config) -> str:
     if config.overlay_dir:
         return config.overlay_dir
     return LIBVIRT_IMAGES if os.path.isdir(LIBVIRT_IMAGES) else str(state_dir() / "images")
+
+def _record_of(path: str) -> Path:
+    from ..paths import state_dir
+
+    return state_dir() / "created" / hashlib.sha256(path.encode()).hexdigest()
+
+
+def record_created(path: str) -> None:
+    """Remember that tdxvirt created ``path`` (called right after it did): its device
+    and inode, in a root-only record no domain edit can reach (rule 5)."""
+    record = _record_of(path)
+    try:
+        status = os.stat(path, follow_symlinks=False)
+        record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = record.with_name(f".{record.name}.{os.getpid()}")
+        temporary.write_text(json.dumps({"path": path, "dev": status.st_dev, "ino": status.st_ino}))
+        os.replace(temporary, record)
+    except OSError as error:
+        raise TdxvirtError(f"cannot record {path} as tdxvirt's in {record.parent} "
+                           f"({error.strerror}); nothing was defined") from None
+
+
+def forget_created(path: str) -> None:
+    """Drop the record of a file tdxvirt removed (or never managed to create)."""
+    try:
+        _record_of(path).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _created_by_tdxvirt(path: str, status: os.stat_result) -> bool:
+    try:
+        record = json.loads(_record_of(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("path") == path and \
+        (record.get("dev"), record.get("ino")) == (status.st_dev, status.st_ino)
+
 
 # O_PATH: directories need no read permission to be walked; unlinkat accepts the fd.
 _DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -139,10 +185,11 @@ class StorageRemoval:
             self._refuse(path, f"a directory on its path is a symlink or not a directory "
                                f"({error.strerror})")
         try:
-            mode = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False).st_mode
+            status = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             os.close(dir_fd)
             return
+        mode = status.st_mode
         self.removals.append(_Removal(path, dir_fd))  # closed by close() from here on
         if stat.S_ISLNK(mode):
             self._refuse(path, "it is a symlink")
@@ -151,6 +198,9 @@ class StorageRemoval:
         if path not in in_use:
             self._refuse(path, f"it is not a disk of {self.name!r} any more (only a path in "
                                "the domain's current <disk><source file=...> is deleted)")
+        if not _created_by_tdxvirt(path, status):
+            self._refuse(path, "tdxvirt has no record of creating this file (another tool made "
+                               "it, it was replaced since, or an older tdxvirt made it)")
 
     def _refuse(self, path: str, why: str):
         raise InputError(
@@ -166,10 +216,12 @@ class StorageRemoval:
             try:
                 os.unlink(os.path.basename(removal.path), dir_fd=removal.dir_fd)
             except FileNotFoundError:
+                forget_created(removal.path)
                 continue  # gone since the check
             except OSError as error:
                 raise TdxvirtError(f"{self.name!r} is undefined but {removal.path} could not be "
                                    f"deleted ({error.strerror}); delete it by hand") from None
+            forget_created(removal.path)
             removed.append(removal.path)
         return removed
 

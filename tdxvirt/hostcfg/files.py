@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,16 +103,19 @@ def _write_at(dir_fd: int, name: str, data: bytes, new_mode: int, shown: Path | 
     if st is not None:
         _refuse_special(shown, st)
     mode = stat.S_IMODE(st.st_mode) if st is not None else new_mode
-    temp = f".{name}.tdxvirt-{os.getpid()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     created = False  # on failure, remove the temporary file only if this run made it
     try:
-        try:
-            # O_EXCL | O_NOFOLLOW: never write through a planted file or link.
-            fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
-        except FileExistsError:
-            os.unlink(temp, dir_fd=dir_fd)  # left by a killed run of ours (same pid reused)
-            fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+        # O_EXCL | O_NOFOLLOW: never write through a planted file or link; a name that
+        # exists (a killed run's leftover, or anyone's) is never deleted: another is taken.
+        for attempt in range(100):
+            temp = f".{name}.tdxvirt-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+                break
+            except FileExistsError:
+                if attempt == 99:
+                    raise
         created = True
         try:
             view = memoryview(data)

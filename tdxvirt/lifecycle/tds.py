@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import locks
+from ..domain.storage_paths import forget_created, record_created
 from ..errors import (
     HostNotReadyError,
     InputError,
@@ -319,9 +320,11 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
             if overlay:
                 _create_overlay(overlay, owner)
                 created.append(overlay.path)
+                record_created(overlay.path)  # the only proof undefine --remove-storage accepts
             if td.plan.seed:
                 _create_seed(spec, td.plan.seed, owner)
                 created.append(td.plan.seed)
+                record_created(td.plan.seed)
             conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
         except libvirt_error_type() as error:
             _remove(created)
@@ -365,6 +368,7 @@ def _remove(paths: list[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        forget_created(path)
 
 
 def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
