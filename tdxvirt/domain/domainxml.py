@@ -35,6 +35,31 @@ def bdf_of(address) -> str:
         int(address.get(k), 16) for k in ("domain", "bus", "slot", "function"))
 
 
+def option_groups(items, value=str) -> list[list]:
+    """Command-line items (argument strings, or <qemu:arg> elements with ``value``
+    giving their text) grouped as QEMU reads them: an option, then its values."""
+    groups: list[list] = []
+    for item in items:
+        if (value(item) or "").startswith("-") or not groups:
+            groups.append([item])
+        else:
+            groups[-1].append(item)
+    return groups
+
+
+def machine_support(group: list[str]) -> str | None:
+    """The confidential-guest-support a ``-machine``/``-M`` group sets (None: it sets
+    none; '' when it sets it empty, which unsets it)."""
+    if len(group) < 2 or group[0].lstrip("-") not in ("machine", "M"):
+        return None
+    found = None
+    for part in (group[1] or "").split(","):
+        key, _, setting = part.partition("=")
+        if key == "confidential-guest-support":
+            found = setting
+    return found
+
+
 def _object_fields(text: str) -> dict[str, str]:
     """An -object's properties: JSON ({"qom-type": ..., "id": ...}) or QEMU's
     key=value list, whose first bare word is the type."""
@@ -118,13 +143,7 @@ class DomainXML:
     def qemu_option_groups(self) -> list[tuple[str, list[str]]]:
         """<qemu:arg> values grouped as QEMU reads them: (option without its dashes,
         its values), e.g. ('machine', ['confidential-guest-support=tdx'])."""
-        groups: list[tuple[str, list[str]]] = []
-        for value in self.qemu_args:
-            if value.startswith("-") or not groups:
-                groups.append((value.lstrip("-"), []))
-            else:
-                groups[-1][1].append(value)
-        return groups
+        return [(group[0].lstrip("-"), group[1:]) for group in option_groups(self.qemu_args)]
 
     def tdx_object_ids(self) -> set[str]:
         """The ids of the tdx-guest objects <qemu:commandline> creates (``-object`` in
@@ -142,12 +161,10 @@ class DomainXML:
         """The confidential-guest-support <qemu:commandline> gives the machine: QEMU
         merges every -machine, so the last one that names it wins (None: none does)."""
         found = None
-        for option, values in self.qemu_option_groups():
-            if option in ("machine", "M") and values:
-                for part in values[0].split(","):
-                    key, _, value = part.partition("=")
-                    if key == "confidential-guest-support":
-                        found = value
+        for group in option_groups(self.qemu_args):
+            setting = machine_support(group)
+            if setting is not None:  # '' too: a later empty setting unsets it
+                found = setting
         return found
 
     def _child(self, parent: str, tag: str):

@@ -25,7 +25,6 @@ RTMR0_UNKNOWN = ("not predictable without the host's ACPI tables for this domain
                  "builds them at start from machine, memory, devices and MMIO window)")
 RTMR12_DISK_BOOT = ("not predicted: the TD boots from its disk (no <kernel>), and RTMR1/RTMR2 "
                     "then hold what its boot loader measures; boot a kernel directly to predict them")
-RTMR12_UNKNOWN = RTMR12_DISK_BOOT  # the older name, still imported by tdxvirt.attest's tests
 
 
 @dataclass(frozen=True)

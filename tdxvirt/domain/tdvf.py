@@ -163,6 +163,7 @@ def firmware_mrtd(path: str | Path, order: str = SINGLE_PASS) -> tuple[str, list
     try:
         image = Path(path).read_bytes()
     except OSError as error:
-        raise InputError(f"cannot read firmware {path}: {error.strerror}") from None
+        raise InputError(f"cannot read firmware {path}: {error.strerror}; give the path of the "
+                         "TD's firmware image (its <os><loader>, or a copy of it)") from None
     sections = parse(image, str(path))
     return mrtd(image, sections, order).hex(), sections

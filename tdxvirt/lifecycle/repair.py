@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from ..domain.domainxml import MMIO_FWCFG, QEMU_NS, DomainXML
+from ..domain.domainxml import MMIO_FWCFG, QEMU_NS, DomainXML, machine_support, option_groups
 from ..domain.integrity import Problem, intended_tdx, problems
 from ..errors import InputError
 
@@ -321,25 +321,20 @@ class _Fixer:
 
 def _option_groups(args) -> list[list]:
     """<qemu:arg> elements grouped as QEMU reads them: an option and its values."""
-    groups: list[list] = []
-    for arg in args:
-        if (arg.get("value") or "").startswith("-") or not groups:
-            groups.append([arg])
-        else:
-            groups[-1].append(arg)
-    return groups
+    return option_groups(args, _values_of)
+
+
+def _values_of(arg) -> str:
+    return arg.get("value") or ""
 
 
 def _sets_support(group) -> bool:
     """A -machine (or -M) group that sets confidential-guest-support."""
-    option = (group[0].get("value") or "").lstrip("-")
-    return option in ("machine", "M") and len(group) > 1 and any(
-        part.partition("=")[0] == "confidential-guest-support"
-        for part in (group[1].get("value") or "").split(","))
+    return machine_support(_values(group)) is not None
 
 
 def _values(group) -> list[str]:
-    return [arg.get("value") for arg in group]
+    return [_values_of(arg) for arg in group]
 
 
 _FIXES = {
@@ -414,8 +409,8 @@ def repair_td(conn, host, name, *, dry_run: bool = False,
                 raise translate(error, f"libvirt refused the repaired {name!r} (nothing was changed)") from None
             # checked before the managed-save image goes: that holds the guest's memory
             # and cannot be put back, a definition can
-            inputs = {**tds.integrity_inputs(conn, domain, facts), "managed_save": False}
-            still = problems(tds.parsable_xml(domain.XMLDesc(_XML_INACTIVE)), **inputs)
+            still = problems(tds.parsable_xml(domain.XMLDesc(_XML_INACTIVE)),
+                             **{**inputs, "managed_save": False})
             if still:
                 _put_back(conn, xml, name, error_type)
                 raise HostNotReadyError(f"{name!r} is still not the TD it was defined as after the "
