@@ -34,7 +34,7 @@ LAYERS = {
     4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "build.actions", "build.distro",
         "build.edk2", "build.gitops", "build.kconfig", "build.manifest", "build.progress",
         "build.runner", "build.stamps", "build.steps", "attest.quote", "attest.checks",
-        "attest.dcap", "attest.evidence", "attest.report", "sim"],
+        "attest.dcap", "attest.evidence", "attest.report", "sim", "enforce"],
     5: ["lifecycle", "gpu.discovery"],
     6: ["cli"],
 }

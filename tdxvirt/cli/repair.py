@@ -52,3 +52,34 @@ def repair(session, name, mmio_window, dry_run):
     click.echo(f"Repaired {quoted(result.name)}" + (
         "; it is running: the repair takes effect when it is next started"
         if result.running else ""))
+
+
+@click.command()
+@click.argument("name", shell_complete=_td_names)
+@click.option("--dry-run", is_flag=True, help="Show what would be recorded; record nothing.")
+@pass_session
+def adopt(session, name, dry_run):
+    """Record a TD tdxvirt has no record of (another tool's, a clone) as it is now.
+
+    From then on `show`, `repair`, `start` and libvirt's hook judge it against this
+    root-owned record, whatever is later edited in its XML. A TD that breaks TDX's
+    rules is refused: `tdxvirt repair NAME` first.
+    """
+    from ..lifecycle.adopt import adopt_td
+    from ..textsafe import quoted, terminal_lines
+
+    result = adopt_td(session.conn(), name, dry_run=dry_run)
+    record = result.record
+    policy = "-" if record.policy is None else f"{record.policy:#x}"
+    rows = [("dialect", record.dialect), ("TD attributes", policy),
+            ("MRCONFIGID", record.mr_config_id or "-"), ("MROWNER", record.mr_owner or "-"),
+            ("MROWNERCONFIG", record.mr_owner_config or "-"),
+            ("firmware", record.loader or "libvirt's choice"), ("kernel", record.kernel or "-"),
+            ("initrd", record.initrd or "-"), ("GPUs", ", ".join(record.gpus) or "-"),
+            ("QEMU arguments", " ".join(record.qemu_args) or "-"), ("CPU mode", record.cpu_mode)]
+    click.echo(("Would record" if dry_run else "Recorded") + f" {quoted(result.name)} "
+               f"({record.uuid})" + (", replacing its previous record" if result.replaces else "") + ":")
+    for label, value in rows:
+        click.echo(f"  {label + ':':16} {terminal_lines(value)}")
+    if dry_run:
+        click.echo("(dry run: nothing was recorded)")

@@ -60,7 +60,7 @@ def machine_support(group: list[str]) -> str | None:
     return found
 
 
-def _object_fields(text: str) -> dict[str, str]:
+def object_fields(text: str) -> dict[str, str]:
     """An -object's properties: JSON ({"qom-type": ..., "id": ...}) or QEMU's
     key=value list, whose first bare word is the type."""
     import json
@@ -120,6 +120,29 @@ class DomainXML:
         return None if element is None else element.text
 
     @property
+    def uuid(self) -> str | None:
+        """The domain's UUID as libvirt wrote it (lower case), or None."""
+        element = self.top.get("uuid")
+        return None if element is None or not element.text else element.text.strip().lower()
+
+    @property
+    def virt_type(self) -> str | None:
+        """<domain type='kvm'|'qemu'>."""
+        return self.root.get("type")
+
+    @property
+    def cpu_mode(self) -> str | None:
+        """<cpu mode=...> (libvirt's default, 'custom', when <cpu> has no mode; None
+        without <cpu>)."""
+        cpu = self.top.get("cpu")
+        return None if cpu is None else cpu.get("mode", "custom")
+
+    @property
+    def title(self) -> str | None:
+        element = self.top.get("title")
+        return None if element is None else (element.text or "")
+
+    @property
     def marked_bdfs(self) -> set[str]:
         """The GPUs and NVSwitches tdxvirt passed through (its metadata)."""
         return set() if self.mark is None else {e.get("bdf") for e in self.mark if e.get("bdf")}
@@ -145,6 +168,16 @@ class DomainXML:
         its values), e.g. ('machine', ['confidential-guest-support=tdx'])."""
         return [(group[0].lstrip("-"), group[1:]) for group in option_groups(self.qemu_args)]
 
+    def tdx_objects(self) -> list[dict[str, str]]:
+        """The properties of each tdx-guest object <qemu:commandline> creates."""
+        found = []
+        for option, values in self.qemu_option_groups():
+            if option == "object" and values:
+                fields = object_fields(values[0])
+                if fields.get("qom-type") == "tdx-guest":
+                    found.append(fields)
+        return found
+
     def tdx_object_ids(self) -> set[str]:
         """The ids of the tdx-guest objects <qemu:commandline> creates (``-object`` in
         JSON or key=value form)."""
@@ -152,7 +185,7 @@ class DomainXML:
         for option, values in self.qemu_option_groups():
             if option != "object" or not values:
                 continue
-            fields = _object_fields(values[0])
+            fields = object_fields(values[0])
             if fields.get("qom-type") == "tdx-guest" and fields.get("id"):
                 ids.add(fields["id"])
         return ids

@@ -21,8 +21,9 @@ from typing import Callable
 
 from lxml import etree
 
-from .domainxml import DomainXML
-from .tdx_options import POLICY_ALLOWED
+from .domainxml import MMIO_FWCFG, DomainXML, machine_support, object_fields, option_groups
+from .record import RecordError, TDRecord
+from .tdx_options import POLICY_ALLOWED, POLICY_DEBUG, POLICY_SEPT_VE_DISABLE
 
 LIBVIRT_HOSTDEV_IOMMUFD = 12_001_000
 
@@ -50,20 +51,28 @@ def intended_tdx(root) -> bool:
 
 def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
              window_needed_mib: Callable[[list[str]], int | None] | None = None,
-             managed_save: bool = False, commandline_kept: bool = True) -> list[Problem]:
+             managed_save: bool = False, commandline_kept: bool = True,
+             record: TDRecord | RecordError | None = None,
+             memory_snapshots: tuple[str, ...] = ()) -> list[Problem]:
     """Every way the domain no longer is the TD it was defined as; [] when it is one.
 
     ``libvirt_version``: the target libvirt's, to expect iommufd hostdevs (>= 12.1);
     ``window_needed_mib``: the MMIO window the hostdevs' BARs need (None: unknown);
     ``managed_save``: libvirt holds a managed-save image of the domain;
     ``commandline_kept``: False for libvirt's test driver, which drops
-    ``<qemu:commandline>`` from every domain (so its absence says nothing there)."""
+    ``<qemu:commandline>`` from every domain (so its absence says nothing there);
+    ``record``: root's record of this TD (tdxvirt.domain.record), the reference when
+    there is one (a RecordError: one is there but cannot be trusted; None: judged by
+    rules alone); ``memory_snapshots``: names of the domain's snapshots with memory."""
     domain = DomainXML.of(xml)
-    if not _intended(domain):
-        return []
     name = "NAME" if domain.name is None else shlex.quote(domain.name)  # a command to paste
+    if isinstance(record, RecordError):
+        return [Problem(str(record), f"`tdxvirt adopt {name}` records it again after you check it",
+                        kind="record")]
+    if record is None and not _intended(domain):
+        return []
     edit = f"`tdxvirt repair {name}` puts it back (`--dry-run` shows how)"
-    dialect = domain.dialect or ""
+    dialect = record.dialect if record is not None else (domain.dialect or "")
     args = domain.qemu_args
     found: list[Problem] = []
 
@@ -80,6 +89,13 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
             found.append(Problem("-machine confidential-guest-support no longer names its tdx-guest "
                                  f"object ({'unset' if support is None else repr(support)}): it would "
                                  "boot as an ordinary, unprotected VM", edit, kind="tdx-object"))
+        for fields in domain.tdx_objects():
+            attributes = object_attributes(fields)
+            if attributes is None:
+                found.append(Problem("its tdx-guest object's attributes cannot be read: its "
+                                     "protection is unknown", edit, kind="tdx-object"))
+            else:
+                found += _attribute_problems(attributes, record, edit, "tdx-object")
     else:
         if launch is None:
             found.append(Problem("<launchSecurity type='tdx'> was removed: it would boot as an "
@@ -93,6 +109,10 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
             if bad:
                 found.append(Problem(f"TDX policy {policy!r} is not one libvirt allows (only 0x1 "
                                      "debug and 0x10000000 SEPT #VE disable)", edit, kind="policy"))
+            else:
+                found += _attribute_problems(int(policy.removeprefix("0x"), 16), record, edit, "policy")
+            if record is not None:
+                found += _launch_values_problems(launch, record, edit)
         if domain.commandline_confidential_guest_support() is not None:
             found.append(Problem("<qemu:commandline> sets -machine confidential-guest-support, "
                                  "overriding libvirt's TDX launch security: it could boot "
@@ -110,6 +130,9 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
     elif loader.get("type") != "rom":
         found.append(Problem(f"its firmware is loaded as {loader.get('type') or 'pflash'}, "
                              "not ROM", edit, kind="loader-type"))
+    elif record is not None and record.loader and (loader.text or "").strip() != record.loader:
+        found.append(Problem(f"its firmware is now {(loader.text or '').strip()}, not {record.loader} "
+                             "as defined: the TD's MRTD changes with it", edit, kind="loader"))
     if domain.os_child("nvram") is not None:
         found.append(Problem("it has NVRAM (a TD keeps no UEFI variables)", edit, kind="nvram"))
     ioapic = domain.feature("ioapic")
@@ -154,8 +177,160 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
         if legacy:
             found.append(Problem(f"GPU hostdev {', '.join(legacy)} lost <driver iommufd='yes'/>",
                                  edit, kind="iommufd"))
+    found += _foreign_arguments(domain, record, dialect, edit, commandline_kept)
+    found += _cpu_problems(domain, record, edit)
+    wanted = set(record.gpus) if record is not None else domain.marked_bdfs
+    gone = sorted(wanted - {bdf for bdf, _ in pci})
+    if gone:
+        found.append(Problem(f"GPU hostdev {', '.join(gone)} that it was defined with is gone: it "
+                             "would run without it", f"add it back (`virt-xml {name} --add-device "
+                             f"--hostdev {gone[0]}`), or `tdxvirt adopt {name}` to record it as it is",
+                             kind="gpu-removed"))
+    if record is not None:
+        found += _boot_problems(domain, record, edit)
+    else:
+        marked_uuid = domain.mark_text("uuid")
+        if marked_uuid and domain.uuid and marked_uuid.strip().lower() != domain.uuid:
+            found.append(Problem(f"it is a copy (clone) of the TD {marked_uuid.strip()}: it shares that "
+                                 "TD's GPUs and measurements and has no record of its own",
+                                 f"give it GPUs of its own, then `tdxvirt adopt {name}`; or "
+                                 f"`virsh undefine {name}`", kind="clone"))
+    for snapshot in memory_snapshots:
+        found.append(Problem(f"its snapshot {snapshot!r} holds memory: reverting would resume saved "
+                             "memory instead of booting a freshly measured TD",
+                             f"`virsh snapshot-delete {name} {shlex.quote(snapshot)}`",
+                             kind="memory-snapshot"))
     if managed_save:
         found.append(Problem("libvirt holds a managed-save image: starting would resume "
                              "saved memory instead of booting a freshly measured TD",
                              f"`virsh managedsave-remove {name}`", kind="managed-save"))
     return found
+
+
+# TD attributes tdxvirt knows by name (Intel TDX module ABI, TDATTRIBUTES)
+_ATTRIBUTE_NAMES = {0: "DEBUG", 28: "SEPT_VE_DISABLE", 30: "PKS", 31: "KL", 63: "PERFMON"}
+
+
+def _attribute_problems(value: int, record: TDRecord | None, fix: str, kind: str) -> list[Problem]:
+    """The TD attributes against the record's (without one: debug off, SEPT #VE disabled,
+    tdxvirt's own default), each weakening named."""
+    found = []
+    if value & POLICY_DEBUG and (record is None or not (record.policy or 0) & POLICY_DEBUG):
+        found.append(Problem("debug is on (TD attribute DEBUG, policy bit 0): the host can read and "
+                             "change the TD's memory", fix, kind=kind))
+    if not value & POLICY_SEPT_VE_DISABLE and (record is None or (record.policy or 0) & POLICY_SEPT_VE_DISABLE):
+        found.append(Problem("SEPT #VE is enabled (TD attribute SEPT_VE_DISABLE, policy bit 28, "
+                             "cleared): the host can inject #VE through EPT violations", fix, kind=kind))
+    if record is not None and record.policy is not None and not found and value != record.policy:
+        changed = [_ATTRIBUTE_NAMES.get(bit, f"bit {bit}") for bit in range(64)
+                   if (value ^ record.policy) >> bit & 1]
+        found.append(Problem(f"its TD attributes are {value:#x}, not {record.policy:#x} as defined "
+                             f"({', '.join(changed)} changed)", fix, kind=kind))
+    return found
+
+
+def object_attributes(fields: dict[str, str]) -> int | None:
+    """A tdx-guest object's TD attributes: ``attributes`` with ``sept-ve-disable`` and
+    ``debug`` applied as QEMU applies them (None: unreadable)."""
+    try:
+        text = fields.get("attributes", "0")
+        value = int(text, 0) if not text.isdigit() else int(text)
+    except ValueError:
+        return None
+    for key, bit in (("sept-ve-disable", POLICY_SEPT_VE_DISABLE), ("debug", POLICY_DEBUG)):
+        setting = fields.get(key)
+        if setting is None:
+            continue
+        if setting.lower() in ("on", "true", "yes", "1"):
+            value |= bit
+        elif setting.lower() in ("off", "false", "no", "0"):
+            value &= ~bit
+        else:
+            return None
+    return value
+
+
+_LAUNCH_VALUES = (("mrConfigId", "mr_config_id", "MRCONFIGID"), ("mrOwner", "mr_owner", "MROWNER"),
+                  ("mrOwnerConfig", "mr_owner_config", "MROWNERCONFIG"))
+
+
+def _launch_values_problems(launch, record: TDRecord, fix: str) -> list[Problem]:
+    found = []
+    for tag, attribute, what in _LAUNCH_VALUES:
+        now = (launch.findtext(tag) or "").strip() or None
+        if now != getattr(record, attribute):
+            found.append(Problem(f"its {what} is {now or 'unset'}, not {getattr(record, attribute) or 'unset'} "
+                                 "as defined: attestation would bind another identity",
+                                 fix, kind="launch-security"))
+    return found
+
+
+def _foreign_arguments(domain: DomainXML, record: TDRecord | None, dialect: str, fix: str,
+                       commandline_kept: bool) -> list[Problem]:
+    """QEMU arguments tdxvirt did not write: -readconfig, -set, -global, a second
+    -machine or -object... change the machine behind libvirt's back (QEMU reads them
+    after libvirt's own), so only the ones recorded at define are accepted."""
+    if not commandline_kept:
+        return []
+    groups = option_groups(domain.qemu_args)
+    foreign = [" ".join(groups[index]) for index in sorted(foreign_groups(domain, record, dialect))]
+    if not foreign:
+        return []
+    shown = "; ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+    return [Problem(f"<qemu:commandline> passes QEMU arguments tdxvirt did not write ({shown[:300]}): "
+                    "QEMU applies them after libvirt's own and they can change the TD behind its back",
+                    fix, kind="qemu-args")]
+
+
+def foreign_groups(domain: DomainXML, record: TDRecord | None, dialect: str) -> set[int]:
+    """The indexes of <qemu:commandline>'s option groups tdxvirt did not write: with a
+    record, those it does not hold (each recorded group accepted once); without one,
+    all but a tdx-guest object and a -machine naming it. The MMIO window is judged by
+    its own rules."""
+    allowed = None if record is None else option_groups(list(record.qemu_args))
+    foreign = set()
+    for index, group in enumerate(option_groups(domain.qemu_args)):
+        option = group[0].lstrip("-")
+        if option == "fw_cfg" and len(group) == 2 and group[1].startswith(f"name={MMIO_FWCFG},"):
+            continue
+        if allowed is not None:
+            if group in allowed:
+                allowed.remove(group)
+                continue
+        elif len(group) == 2 and _ours_by_rule(option, group[1], dialect):
+            continue
+        foreign.add(index)
+    return foreign
+
+
+def _ours_by_rule(option: str, value: str, dialect: str) -> bool:
+    """Without a record: a tdx-guest object, and a -machine that only names one (the
+    qemu-args dialect; elsewhere such a -machine is support-override's problem)."""
+    if option == "object":
+        return object_fields(value).get("qom-type") == "tdx-guest"
+    if option in ("machine", "M"):
+        if dialect != "qemu-args":
+            return machine_support([option, value]) is not None
+        return all(part.partition("=")[0] == "confidential-guest-support" for part in value.split(","))
+    return False
+
+
+def _cpu_problems(domain: DomainXML, record: TDRecord | None, fix: str) -> list[Problem]:
+    wanted = record.cpu_mode if record is not None else (
+        "host-passthrough" if domain.virt_type == "kvm" else None)
+    if wanted is None or domain.cpu_mode == wanted:
+        return []
+    return [Problem(f"its CPU mode is {domain.cpu_mode or 'unset'}, not {wanted}: a TD gets the host's "
+                    "CPU as the TDX module allows it, a modelled CPU changes its CPUID and XFAM",
+                    fix, kind="cpu-mode")]
+
+
+def _boot_problems(domain: DomainXML, record: TDRecord, fix: str) -> list[Problem]:
+    """A directly booted kernel, initrd and command line against the record (their
+    RTMR predictions hold only for those)."""
+    changed = [tag for tag in ("kernel", "initrd", "cmdline")
+               if (domain.os_text(tag) or None) != (getattr(record, tag) or None)]
+    if not changed:
+        return []
+    return [Problem(f"its {', '.join(changed)} changed since define: its boot measurements "
+                    "(RTMR1/RTMR2) no longer hold", fix, kind="boot")]

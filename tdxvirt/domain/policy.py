@@ -81,6 +81,12 @@ class DomainPlan:
     rtmr2: str | None = None
     tdxvirt_version: str = __version__
     warnings: tuple[str, ...] = field(default=())
+    uuid: str | None = None  # chosen at define, so the root-owned record can be keyed by it
+
+    @property
+    def title(self) -> str:
+        """What GUIs list: the name first (virt-manager cuts long titles)."""
+        return f"{self.name} [TDX]"
 
     @property
     def tdx(self) -> bool:

@@ -207,7 +207,8 @@ def apply_plan(plan: HostPlan, root: HostRoot, runner: CommandRunner,
                 if step.new is None:
                     host.remove_file(step.path)
                 else:
-                    host.atomic_write(step.path, step.new, new_mode=step.mode)
+                    host.atomic_write(step.path, step.new, new_mode=step.mode,
+                                      dir_mode=step.dir_mode)
             except HostNotReadyError as error:
                 raise roll_back(str(error)) from None
             undo.append((step, state))

@@ -20,6 +20,7 @@ class WriteFile:
     new: bytes | None  # None: remove the file (reverting one tdxvirt created)
     why: str
     mode: int = 0o644  # for a file that does not exist yet
+    dir_mode: int | None = None  # create its missing directories with this mode
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ from ..host.commands import NOT_RUN, CommandRunner, RefusingRunner, SubprocessRu
 from ..host.osrelease import OsRelease, read_os_release
 from ..host.root import HostRoot
 from ..virt.dialect import KVM_INTEL_TDX
+from ..enforce import script as hook
 from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
 from .plan import HostPlan, Notice, RunCommand, Step, WriteFile
 
 QEMU_CONF = qemuconf.PATH
 GRUB = kernelargs.GRUB_DEFAULTS
-FILES = (modprobe.FILE, GRUB, QEMU_CONF, udev.FILE)
+FILES = (modprobe.FILE, GRUB, QEMU_CONF, udev.FILE, hook.HOOK)
 DIRS = ("/etc/modprobe.d", "/etc/udev/rules.d", "/etc/libvirt")
 _TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 SECURITY_DRIVERS = ("none", "keep")
@@ -331,6 +332,21 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
                 notices.append(Notice(daemon.restart_advice(facts.daemon),
                                       "warning" if facts.daemon.running else "info"))
 
+    wanted_hook = hook_script()
+    if facts.files[hook.HOOK] != wanted_hook:
+        steps.append(WriteFile(hook.HOOK, facts.files[hook.HOOK], wanted_hook,
+                               "refuse, inside libvirt, to start a TD that is no longer what root "
+                               "recorded, whichever tool starts it (libvirt's qemu hook)",
+                               mode=hook.HOOK_MODE, dir_mode=hook.HOOK_DIR_MODE))
+        if not any(isinstance(c, RunCommand) and c.argv == daemon.restart_argv(facts.daemon)
+                   for c in commands):
+            argv = daemon.restart_argv(facts.daemon)
+            if argv:
+                commands.append(RunCommand(argv, "libvirt finds its hooks when it starts"))
+            else:
+                notices.append(Notice(daemon.restart_advice(facts.daemon),
+                                      "warning" if facts.daemon.running else "info"))
+
     if options.security_driver == "keep":
         if "/etc/udev/rules.d" not in facts.dirs:
             notices.append(Notice(f"cannot install {udev.FILE}: there is no "
@@ -380,7 +396,7 @@ def plan_revert(manifest: dict, current: dict[str, bytes | None],
         commands.append(RunCommand(facts.grub_regen, "regenerate the boot loader's menu"))
     if udev.FILE in restored:
         commands.append(RunCommand(udev.RELOAD, "make udev forget tdxvirt's rules"))
-    if QEMU_CONF in restored:
+    if restored & {QEMU_CONF, hook.HOOK}:
         argv = daemon.restart_argv(facts.daemon)
         if argv:
             commands.append(RunCommand(argv, "make libvirt reread qemu.conf"))
@@ -389,6 +405,13 @@ def plan_revert(manifest: dict, current: dict[str, bytes | None],
     if restored & {GRUB, modprobe.FILE} or manifest.get("undo"):
         notices.append(Notice("the boot settings were restored", "reboot"))
     return HostPlan(tuple(steps + commands + notices))
+
+
+def hook_script() -> bytes:
+    """The hook setup installs: tdxvirt's current Python and this machine's records."""
+    from ..domain.record import records_dir
+
+    return hook.script(str(records_dir()))
 
 
 # --- running ----------------------------------------------------------------------

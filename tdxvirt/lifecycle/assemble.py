@@ -152,9 +152,12 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
     )
     if warnings:
         plan = _with_warnings(plan, warnings)
-    if plan.tdx and plan.loader and not facts.remote:
-        from dataclasses import replace
+    from dataclasses import replace
+    from uuid import uuid4
 
+    # chosen here, not by libvirt, so root's record and tdxvirt's metadata name it
+    plan = replace(plan, uuid=str(uuid4()))
+    if plan.tdx and plan.loader and not facts.remote:
         from ..domain.tdvf import predicted_mrtd
 
         plan = replace(plan, mrtd=predicted_mrtd(facts.host.path(plan.loader)))

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import re
 from dataclasses import dataclass, field
 
 from lxml import etree
 
 from ..domain.domainxml import MMIO_FWCFG, QEMU_NS, DomainXML, machine_support, option_groups
-from ..domain.integrity import Problem, intended_tdx, problems
+from ..domain.integrity import Problem, foreign_groups, intended_tdx, problems
+from ..domain.record import TDRecord
+from ..domain.recorded import parse_protected
 from ..errors import InputError
 
 DEFAULT_POLICY = "0x10000000"
@@ -52,29 +53,47 @@ class Repair:
         return bool(self.changes) or self.remove_managed_save
 
     def diff(self) -> str:
-        lines = difflib.unified_diff(self.before.splitlines(), self.after.splitlines(),
-                                     "current definition", "repaired definition", lineterm="")
-        # the definition is read with its secrets (so a redefine keeps them): never print them
-        return "\n".join(re.sub(r"(passwd|password)=(['\"]).*?\2", r"\1=\2***\2", line)
-                         for line in lines)
+        # the definition is read with its secrets (so a redefine keeps them): the diff is
+        # of copies whose secret attributes are blanked through the parser, never by text
+        before, after = _redacted(self.before), _redacted(self.after)
+        return "\n".join(difflib.unified_diff(before.splitlines(), after.splitlines(),
+                                               "current definition", "repaired definition",
+                                               lineterm=""))
+
+
+_SECRET_ATTRIBUTES = ("passwd", "password", "secret", "key")
+
+
+def _redacted(xml: str) -> str:
+    root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False))
+    for element in root.iter():
+        if not isinstance(element.tag, str):
+            continue
+        for attribute in element.attrib:
+            if etree.QName(attribute).localname.lower() in _SECRET_ATTRIBUTES:
+                element.set(attribute, "***")
+    return _text(root)
 
 
 def plan_repair(xml: str, *, libvirt_version: int | None, window_needed_mib=None,
                 window_override: int | None = None, managed_save: bool = False,
-                commandline_kept: bool = True) -> Repair:
+                commandline_kept: bool = True, record=None,
+                memory_snapshots: tuple[str, ...] = ()) -> Repair:
     """What repairing this domain XML changes; nothing is changed here.
 
-    The arguments are tdxvirt.domain.integrity.problems' (the host's facts), plus
-    ``window_override`` (--mmio-window, bytes)."""
+    The arguments are tdxvirt.domain.integrity.problems' (the host's facts and root's
+    record of the TD), plus ``window_override`` (--mmio-window, bytes)."""
     # re-indented before and after, so the diff shows the changes and nothing else
     root = etree.fromstring(xml.encode(), etree.XMLParser(remove_blank_text=True))
     etree.indent(root, "  ")
     name = root.findtext("name") or "?"
     found = problems(root, libvirt_version=libvirt_version, window_needed_mib=window_needed_mib,
-                     managed_save=managed_save, commandline_kept=commandline_kept)
+                     managed_save=managed_save, commandline_kept=commandline_kept, record=record,
+                     memory_snapshots=memory_snapshots)
     before = _text(root)
     fixed = copy.deepcopy(root)
-    fixer = _Fixer(fixed, window_needed_mib, window_override)
+    fixer = _Fixer(fixed, window_needed_mib, window_override,
+                   record if isinstance(record, TDRecord) else None)
     left, applied = [], set()
     for problem in found:
         if problem.kind == "managed-save":
@@ -91,9 +110,11 @@ def plan_repair(xml: str, *, libvirt_version: int | None, window_needed_mib=None
         # what is still wrong after the fixes (each fix only touches its own elements)
         left += [p for p in problems(fixed, libvirt_version=libvirt_version,
                                      window_needed_mib=window_needed_mib,
-                                     commandline_kept=commandline_kept)
+                                     commandline_kept=commandline_kept, record=record,
+                                     memory_snapshots=memory_snapshots)
                  if p.kind not in {q.kind for q in left}]
-    return Repair(name, before, after, fixer.changes, managed_save, left, is_td=intended_tdx(root))
+    return Repair(name, before, after, fixer.changes, managed_save, left,
+                  is_td=record is not None or intended_tdx(root))
 
 
 def _text(root) -> str:
@@ -103,12 +124,15 @@ def _text(root) -> str:
 class _Fixer:
     """The fixes, each changing only the elements its problem is about."""
 
-    def __init__(self, root, window_needed_mib, window_override):
+    def __init__(self, root, window_needed_mib, window_override, record=None):
         self.root = root
         self.changes: list[str] = []
         self.window_needed_mib = window_needed_mib
         self.window_override = window_override
-        self.protected = DomainXML(root).protected
+        self.record = record
+        # what define rendered, from root's record only: the <tdxvirt:protected> copy in
+        # the domain's metadata is editable by any libvirt user and never read here
+        self.protected = None if record is None else parse_protected(record.protected)
 
     def _recorded(self, tag: str):
         """A copy of the element define recorded, or None."""
@@ -216,7 +240,47 @@ class _Fixer:
             source.set("type", "anonymous")
         self.changes.append("remove the huge pages backing")
 
+    def qemu_args(self) -> None:
+        """Drop every QEMU argument tdxvirt did not write (with a record: exactly the
+        recorded ones stay, the MMIO window aside)."""
+        if self.record is not None:
+            self.tdx_object()
+            return
+        line = self._commandline()
+        foreign = foreign_groups(DomainXML(self.root), None, DomainXML(self.root).dialect or "")
+        for index, group in enumerate(_option_groups(list(line))):
+            if index in foreign:
+                for arg in group:
+                    line.remove(arg)
+        self.changes.append("removed the QEMU arguments tdxvirt did not write")
+
+    def cpu_mode(self) -> None:
+        wanted = self.record.cpu_mode if self.record is not None else "host-passthrough"
+        cpu = self.root.find("cpu")
+        if cpu is None:
+            cpu = etree.SubElement(self.root, "cpu")
+        for attribute in ("match", "check", "migratable"):
+            cpu.attrib.pop(attribute, None)
+        for child in list(cpu):
+            if child.tag in ("model", "vendor", "feature"):
+                cpu.remove(child)
+        cpu.set("mode", wanted)
+        self.changes.append(f"set the CPU mode back to {wanted}")
+
+    def boot(self) -> None:
+        os_element = self._child("os")
+        for tag in ("kernel", "initrd", "cmdline"):
+            for old in os_element.findall(tag):
+                os_element.remove(old)
+            value = getattr(self.record, tag)
+            if value is not None:
+                etree.SubElement(os_element, tag).text = value
+        self.changes.append("put back the kernel, initrd and command line as defined")
+
     def tdx_object(self) -> None:
+        if self.record is not None:
+            self._commandline_from_record()
+            return
         recorded = self._recorded(f"{_QEMU}commandline")
         if recorded is None:
             raise InputError(
@@ -237,6 +301,26 @@ class _Fixer:
                 arg.tail = None
                 line.append(copy.deepcopy(arg))
         self.changes.append("put back the tdx-guest object and the QEMU arguments tdxvirt defined")
+
+    def _commandline_from_record(self) -> None:
+        """<qemu:commandline> as recorded (the MMIO window as it is now: the window fixes
+        size it); every other argument goes."""
+        line = self._commandline()
+        windows = [list(group) for group in _option_groups(list(line))
+                   if _values(group)[0] == "-fw_cfg" and len(group) == 2
+                   and (group[1].get("value") or "").startswith(f"name={MMIO_FWCFG},")]
+        for arg in list(line):
+            line.remove(arg)
+        recorded = [g for g in option_groups(list(self.record.qemu_args))
+                    if not (g[0] == "-fw_cfg" and len(g) == 2 and g[1].startswith(f"name={MMIO_FWCFG},"))]
+        for group in recorded:
+            for value in group:
+                etree.SubElement(line, f"{_QEMU}arg", value=value)
+        for group in windows:
+            for arg in group:
+                arg.tail = None
+                line.append(arg)
+        self.changes.append("put back the QEMU arguments tdxvirt recorded (and only those)")
 
     def support_override(self) -> None:
         """Drop confidential-guest-support from every -machine of <qemu:commandline>
@@ -354,6 +438,9 @@ _FIXES = {
     "window-small": _Fixer.window,
     "window-twice": _Fixer.window,
     "iommufd": _Fixer.iommufd,
+    "qemu-args": _Fixer.qemu_args,
+    "cpu-mode": _Fixer.cpu_mode,
+    "boot": _Fixer.boot,
 }
 
 

@@ -42,6 +42,7 @@ STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutt
 SHUTOFF, SHUTOFF_SAVED = 5, 5  # VIR_DOMAIN_SHUTOFF, reason VIR_DOMAIN_SHUTOFF_SAVED
 STATS_STATE = 1  # VIR_DOMAIN_STATS_STATE
 UNDEFINE_NVRAM = 4  # VIR_DOMAIN_UNDEFINE_NVRAM
+_XML_INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE
 METADATA_ELEMENT, AFFECT_LIVE = 2, 1  # VIR_DOMAIN_METADATA_ELEMENT, VIR_DOMAIN_AFFECT_LIVE
 
 
@@ -111,7 +112,56 @@ def integrity_inputs(conn, domain, host=None) -> dict:
     except libvirt_error_type():
         saved = False
     return {"libvirt_version": conn.getLibVersion(), "window_needed_mib": needed,
-            "managed_save": saved, "commandline_kept": _keeps_commandline(conn)}
+            "managed_save": saved, "commandline_kept": _keeps_commandline(conn),
+            "record": record_of(conn, domain), "memory_snapshots": memory_snapshots(domain)}
+
+
+def record_of(conn, domain):
+    """Root's record of this TD (tdxvirt.domain.record) where it runs on this machine; a
+    RecordError when one is there but untrustworthy; None for none, and for a remote
+    URI, whose TDs' records live on that host (docs/security.md)."""
+    store = record_store(conn)
+    return None if store is None else _stored(store, domain.UUIDString())
+
+
+def record_store(conn):
+    """This machine's records for a local URI; None for a remote one."""
+    from ..domain.record import local_store
+    from ..virt.conn import is_remote
+
+    return None if is_remote(conn.getURI()) else local_store()
+
+
+def _stored(store, uuid: str):
+    from ..domain.record import RecordError
+
+    try:
+        return store.read(uuid)
+    except RecordError as error:
+        return error
+
+
+def memory_snapshots(domain) -> tuple[str, ...]:
+    """The names of the domain's snapshots that hold memory (internal or external): a
+    revert resumes that memory instead of booting a measured TD."""
+    from lxml import etree
+
+    try:
+        snapshots = domain.listAllSnapshots(0)
+    except libvirt_error_type():
+        return ()
+    found = []
+    for snapshot in snapshots:
+        try:
+            root = etree.fromstring(snapshot.getXMLDesc(0).encode())
+        except (libvirt_error_type(), etree.XMLSyntaxError):
+            found.append(snapshot.getName())  # unreadable: assume the worst
+            continue
+        memory = root.find("memory")
+        if memory is not None and memory.get("snapshot", "no") != "no" or memory is None and \
+                root.findtext("state") in ("running", "paused", "pmsuspended"):
+            found.append(snapshot.getName())
+    return tuple(found)
 
 
 def _keeps_commandline(conn) -> bool:
@@ -325,14 +375,53 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
                 _create_seed(spec, td.plan.seed, owner)
                 created.append(td.plan.seed)
                 record_created(td.plan.seed)
-            conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
+            defined = conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
         except libvirt_error_type() as error:
             _remove(created)
             raise translate(error, f"libvirt refused to define {spec.name!r}") from None
         except BaseException:
             _remove(created)
             raise
+        if td.plan.tdx:
+            try:
+                _record(defined, td, facts.remote)
+            except BaseException:
+                _undefine_quietly(defined)
+                _remove(created)
+                raise
     return td
+
+
+def _record(domain, td: AssembledTD, remote: bool) -> None:
+    """Root's record of the TD just defined (tdxvirt.domain.record), from the XML
+    tdxvirt rendered; the firmware libvirt chose when it was left to libvirt. A remote
+    host's TDs are not recorded here: their hook can only read its own host's records
+    (docs/security.md)."""
+    if remote:
+        return
+    from ..domain.domainxml import DomainXML
+    from ..domain.record import local_store
+    from ..domain.recorded import record_from
+
+    loader = None
+    if not td.plan.loader:
+        try:
+            loader = DomainXML.of(parsable_xml(domain.XMLDesc(_XML_INACTIVE))).loader_path() or None
+        except libvirt_error_type():
+            loader = None
+    record = record_from(td.xml, td.plan.uuid, loader=loader)
+    try:
+        local_store().write(record)
+    except OSError as error:
+        raise TdxvirtError(f"cannot write the TD record of {td.plan.name!r} ({error.strerror}); "
+                           "nothing was defined") from None
+
+
+def _undefine_quietly(domain) -> None:
+    try:
+        domain.undefine()
+    except libvirt_error_type():
+        pass
 
 
 def _with_warning(td: AssembledTD, warning: str) -> AssembledTD:
@@ -501,7 +590,17 @@ def undefine(conn, name, remove_storage: bool = False, config=None, dry_run: boo
             domain.undefineFlags(UNDEFINE_NVRAM) if has_nvram else domain.undefine()
         except libvirt_error_type() as error:
             raise translate(error, f"cannot undefine {name!r}") from None
+        _forget_record(conn, domain)
         return storage.remove()
+
+
+def _forget_record(conn, domain) -> None:
+    """The record goes with the domain: a later domain of the same UUID is a new one."""
+    from ..domain.record import local_store
+    from ..virt.conn import is_remote
+
+    if not is_remote(conn.getURI()):
+        local_store().remove(domain.UUIDString())
 
 
 def _saved(domain) -> bool:
@@ -541,15 +640,19 @@ def domain_xml(conn, name, inactive: bool = False) -> str:
 
 
 def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | None = None,
-         reason: int | None = None, commandline_kept: bool = True, found=None) -> TDRow:
-    """``found``: the integrity problems when the caller already has them."""
+         reason: int | None = None, commandline_kept: bool = True, found=None,
+         store=None) -> TDRow:
+    """``found``: the integrity problems when the caller already has them; ``store``:
+    the records to judge by (None: a remote host's, unknown here)."""
     from ..domain.integrity import problems
 
     root, facts = _parse(xml, domain.name())
     started = facts.started if state_code == 1 else None
     if found is None:
-        found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept) \
-            if facts.managed_by_tdxvirt or facts.tdx else ()
+        record = None if store is None else _stored(store, domain.UUIDString())
+        found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept,
+                         record=record) \
+            if facts.managed_by_tdxvirt or facts.tdx or record is not None else ()
     return TDRow(facts, _state_name(state_code, reason),
                  None if started is None else max(0.0, now - started), tuple(map(str, found)))
 
@@ -606,12 +709,12 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
     xmls = xmls_of_listed([domain for domain, _ in listed])  # reading starts now
     from ..domain.domainxml import read_domain_xml  # noqa: F401  (lxml loads while XML arrives)
 
-    version, kept = conn.getLibVersion(), _keeps_commandline(conn)
+    version, kept, store = conn.getLibVersion(), _keeps_commandline(conn), record_store(conn)
     for (domain, stats), xml in zip(listed, xmls):
         if xml is None:
             continue
         row = _row(domain, stats.get("state.state", 0), xml, now, version,
-                   stats.get("state.reason"), kept)
+                   stats.get("state.reason"), kept, store=store)
         if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
             rows.append(row)
     return sorted(rows, key=lambda row: row.facts.name)

@@ -31,16 +31,18 @@ class Distribution:
     what: str
 
 
-# python3-minimal: the emulated TDX host's QEMU wrapper (tdxhost.py) runs under it.
+# python3-minimal: the emulated TDX host's QEMU wrapper (tdxhost.py) runs under it;
+# python3-lxml: tdxvirt's libvirt hook (tdxvirt.enforce) runs under the root's Python.
 # The storage and node-device drivers: what a real host's libvirt has, and what
 # virt-xml/virt-install need to add a disk by path on a connection they call remote.
 FORKY = Distribution("forky", ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
                                "libvirt-daemon-driver-storage", "libvirt-daemon-driver-nodedev",
                                "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx",
-                               "python3-minimal"),
+                               "python3-minimal", "python3-lxml"),
                      "libvirt 12.x, QEMU and OVMF")
 TRIXIE = Distribution("trixie", ("libvirt-daemon", "libvirt-daemon-driver-qemu",
-                                 "qemu-system-x86", "python3-minimal"), "libvirt 11.x and QEMU (no TDX XML)")
+                                 "qemu-system-x86", "python3-minimal", "python3-lxml"),
+                 "libvirt 11.x and QEMU (no TDX XML)")
 # Without this every domain start fails: "Failed disable mount propagation out of the
 # root filesystem: Invalid argument" (no private mount namespace in a chroot here).
 QEMU_CONF_LINE = "namespaces = [ ]\n"

@@ -54,9 +54,11 @@ def _source(name: str) -> bytes:
 
 
 def install(root: Path) -> None:
-    """Put the wrapper and the compiled shim into the root (idempotent, by content)."""
+    """Put the wrapper, the compiled shim and tdxvirt's libvirt hook into the root
+    (idempotent, by content)."""
     lib = root / SIM_LIB
     lib.mkdir(parents=True, exist_ok=True)
+    _install_hook(root)
     wrapper = root / WRAPPER
     source = _source("qemu_wrapper.py")
     if not wrapper.exists() or wrapper.read_bytes() != source:
@@ -79,6 +81,38 @@ def install(root: Path) -> None:
     if result.returncode != 0:
         raise SimulatorError(f"compiling the emulated host's ioctl shim failed: {result.stderr.strip()}")
     stamp.write_text(digest)
+
+
+# tdxvirt as the simulated host has it installed: its hook (tdxvirt.enforce.script) run
+# by the root's own Python, this checkout's tdxvirt package and this machine's TD
+# records bound read-only where the hook finds them (one host: the records tdxvirt
+# writes are the ones the daemon's hook reads).
+HOOK_CODE = "usr/lib/tdxvirt/python"
+HOOK_RECORDS = "var/lib/tdxvirt/records"
+
+
+def _install_hook(root: Path) -> None:
+    from ..domain.record import records_dir
+    from ..enforce.script import HOOK, HOOK_MODE, script
+
+    records_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+    (root / HOOK_CODE / "tdxvirt").mkdir(parents=True, exist_ok=True)  # mount points
+    (root / HOOK_RECORDS).mkdir(parents=True, exist_ok=True)
+    hook = root / HOOK.lstrip("/")
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    content = script(f"/{HOOK_RECORDS}", interpreter="/usr/bin/python3", code=f"/{HOOK_CODE}")
+    if not hook.exists() or hook.read_bytes() != content:
+        hook.write_bytes(content)
+    hook.chmod(HOOK_MODE)
+
+
+def _bind_hook_sources(root: Path) -> None:
+    from .. import __file__ as package_init
+    from ..domain.record import records_dir
+
+    for source, target in ((Path(package_init).parent, root / HOOK_CODE / "tdxvirt"),
+                           (records_dir(), root / HOOK_RECORDS)):
+        _mount("--bind", "-o", "ro", str(source), str(target))
 
 
 def _mount(*argv: str) -> None:
@@ -122,6 +156,7 @@ def enter(root: Path, devices: Path) -> None:
     _populate_dev(root, devices)
     for relative in SYSFS_FROM_DEVICES:
         _mount("--bind", str(devices / relative), str(root / relative))
+    _bind_hook_sources(root)
     _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
     _mount("--bind", str(root / WRAPPER), str(root / QEMU))
     for daemon in DAEMONS:

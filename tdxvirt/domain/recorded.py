@@ -1,0 +1,75 @@
+"""A TD record (tdxvirt.domain.record) from a domain's XML that root trusts: the XML
+define just rendered, or the one root looked at and accepted with ``tdxvirt adopt``."""
+
+from __future__ import annotations
+
+import copy
+
+from lxml import etree
+
+from .domainxml import COMMANDLINE, NAMESPACE, DomainXML
+from .record import TDRecord
+
+
+def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: bool = False) -> TDRecord:
+    """The record of this domain as its XML says now. ``loader``: the firmware libvirt
+    chose at define when the XML let it pick (<os firmware='efi'>)."""
+    domain = DomainXML.of(xml_or_root)
+    launch = domain.launch
+    policy = None
+    if launch is not None:
+        policy = int((launch.findtext("policy") or "0").strip().removeprefix("0x"), 16)
+    else:
+        from .integrity import object_attributes
+
+        objects = domain.tdx_objects()
+        policy = object_attributes(objects[0]) if objects else None
+
+    def launch_text(tag):
+        return None if launch is None else ((launch.findtext(tag) or "").strip() or None)
+
+    return TDRecord(
+        uuid=uuid.lower(), name=domain.name or "", dialect=domain.dialect or (
+            "native" if launch is not None else "qemu-args"),
+        policy=policy, mr_config_id=launch_text("mrConfigId"), mr_owner=launch_text("mrOwner"),
+        mr_owner_config=launch_text("mrOwnerConfig"),
+        loader=domain.loader_path() or loader,
+        kernel=domain.os_text("kernel") or None, initrd=domain.os_text("initrd") or None,
+        cmdline=domain.os_text("cmdline") or None,
+        mrtd=domain.mark_text("mrtd"), rtmr1=domain.mark_text("rtmr1"), rtmr2=domain.mark_text("rtmr2"),
+        gpus=tuple(sorted(bdf for bdf, _ in domain.pci_hostdevs())),
+        qemu_args=tuple(domain.qemu_args),
+        cpu_mode=domain.cpu_mode or "host-passthrough",
+        protected=protected_fragment(domain, loader),
+        overlay=domain.mark_text("overlay"), seed=domain.mark_text("seed"),
+        title=domain.title, adopted=adopted,
+    )
+
+
+def protected_fragment(domain: DomainXML, loader: str | None = None) -> str:
+    """<tdxvirt:protected> with the loader, <launchSecurity> and <qemu:commandline> of
+    this domain: what repair puts back."""
+    protected = etree.Element(f"{{{NAMESPACE}}}protected", nsmap={"tdxvirt": NAMESPACE})
+    element = domain.os_child("loader")
+    if element is not None:
+        protected.append(_copy(element))
+    elif loader:
+        etree.SubElement(protected, "loader", type="rom", readonly="yes").text = loader
+    for tag in ("launchSecurity", COMMANDLINE):
+        element = domain.top.get(tag)
+        if element is not None:
+            protected.append(_copy(element))
+    return etree.tostring(protected, encoding="unicode")
+
+
+def _copy(element):
+    duplicate = copy.deepcopy(element)
+    duplicate.tail = None
+    return duplicate
+
+
+def parse_protected(text: str):
+    """The record's <tdxvirt:protected> element (None when it holds none)."""
+    if not text:
+        return None
+    return etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=False, no_network=True))

@@ -1,0 +1,117 @@
+"""What tdxvirt's libvirt qemu hook decides, inside the daemon, for one call.
+
+libvirt runs ``/etc/libvirt/hooks/qemu.d/tdxvirt NAME OPERATION SUBOPERATION EXTRA``
+with the domain's full XML on stdin, and a non-zero exit with a line on stderr stops
+the operation; that line reaches virsh and virt-manager's error dialog. The hook must
+not call libvirt's API (the daemon waits for it), so everything comes from the XML,
+root's TD records and libvirt's own root-owned snapshot metadata:
+
+- ``prepare begin`` (every start: virsh, virt-manager's Run, autostart, a snapshot
+  revert): the integrity check (tdxvirt.domain.integrity) against the record, and no
+  snapshot with memory;
+- ``restore begin`` (a managed save or ``virsh restore``) and ``migrate begin``:
+  refused for a TD: it must boot afresh and measured, here;
+- everything else, and every domain that is neither recorded nor a TD: allowed.
+
+A recorded TD fails closed: an unreadable record or any error here refuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+from pathlib import Path
+
+from ..domain.record import RecordError, RecordStore
+
+# libvirt's qemu driver keeps each domain's snapshot metadata here (root's, 0700)
+SNAPSHOT_DIR = "/var/lib/libvirt/qemu/snapshot"
+_SNAPSHOT_LIMIT = 1 << 20  # one snapshot's XML
+_SNAPSHOTS_MAX = 256  # more than this: refuse rather than read on
+
+
+def decide(name: str, operation: str, suboperation: str, xml: bytes, store: RecordStore,
+           snapshot_dir: str = SNAPSHOT_DIR) -> str | None:
+    """The one line refusing this call, or None to let it go on."""
+    if suboperation != "begin" or operation not in ("prepare", "restore", "migrate"):
+        return None
+    from lxml import etree
+
+    from ..domain.domainxml import DomainXML
+    from ..domain.integrity import intended_tdx, problems
+
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    try:
+        root = etree.fromstring(xml, parser)
+    except etree.XMLSyntaxError as error:
+        return f"tdxvirt: cannot read the definition of {name!r} ({error}); not started"
+    domain = DomainXML(root)
+    try:
+        record = store.read(domain.uuid or "")
+    except RecordError as error:
+        record = error
+    if record is None and not intended_tdx(root):
+        return None  # neither recorded nor a TD: an ordinary VM
+    quoted = shlex.quote(name)
+    if operation == "restore":
+        return (f"tdxvirt: {name!r} is an Intel TDX trust domain and is never resumed from saved "
+                f"memory: it boots afresh and measured; remove the saved image "
+                f"(`virsh managedsave-remove {quoted}`) and start it again")
+    if operation == "migrate":
+        return f"tdxvirt: {name!r} is an Intel TDX trust domain, which tdxvirt does not migrate"
+    snapshots, unreadable = memory_snapshots(Path(snapshot_dir) / name)
+    if unreadable:
+        return f"tdxvirt: {unreadable}; {name!r} was not started"
+    found = problems(domain, record=record, memory_snapshots=snapshots)
+    if not found:
+        return None
+    first, more = found[0], len(found) - 1
+    extra = f" (and {more} more: `tdxvirt show {quoted}`)" if more else ""
+    return (f"tdxvirt: {name!r} is no longer the TD it was defined as: {first.what}; "
+            f"{first.fix}{extra}")
+
+
+def memory_snapshots(directory: Path) -> tuple[tuple[str, ...], str | None]:
+    """The snapshots in libvirt's metadata directory of one domain that hold memory,
+    and a reason when they cannot be read (bounded: regular files, each capped)."""
+    from lxml import etree
+
+    try:
+        entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return (), None
+    except OSError as error:
+        return (), f"cannot read the snapshot metadata in {directory} ({error.strerror})"
+    xml_files = [e for e in entries if e.name.endswith(".xml")]
+    if len(xml_files) > _SNAPSHOTS_MAX:
+        return (), f"{directory} holds more than {_SNAPSHOTS_MAX} snapshots"
+    found = []
+    for entry in xml_files:
+        data = _bounded(entry.path)
+        if data is None:
+            return (), f"the snapshot metadata {entry.path} is not a readable regular file"
+        try:
+            root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+        except etree.XMLSyntaxError:
+            return (), f"the snapshot metadata {entry.path} is not XML"
+        memory = root.find("memory")
+        state = root.findtext("state")
+        if memory is not None and memory.get("snapshot", "no") != "no" or \
+                memory is None and state in ("running", "paused", "pmsuspended"):
+            found.append(root.findtext("name") or entry.name[:-4])
+    return tuple(found), None
+
+
+def _bounded(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _SNAPSHOT_LIMIT + 1)
+        return None if len(data) > _SNAPSHOT_LIMIT else data
+    finally:
+        os.close(fd)
