@@ -192,6 +192,40 @@ def bench_define_and_list(results, repeat, uri, count_define, count_list):
                     pass
 
 
+def bench_hook(results, repeat):
+    """libvirt's qemu hook as `host setup` installs it (the Python tdxvirt runs under),
+    called as libvirt calls it at a start: for an ordinary VM (let through before
+    tdxvirt loads) and for a recorded TD (the whole integrity check against the record);
+    target well under 100 ms a start."""
+    from scenarios import plan_for, scenarios
+
+    from tdxvirt.domain.record import RecordStore
+    from tdxvirt.domain.recorded import record_from
+    from tdxvirt.domain.render import render_domain
+    from tdxvirt.enforce.script import script
+
+    python = str(Path(TDXVIRT).parent / "python")
+    with tempfile.TemporaryDirectory() as work:
+        base = Path(work)
+        [scenario] = [s for s in scenarios() if s.name == "one-gpu"]
+        _, plan = plan_for(scenario, base / "root")
+        identity = str(uuid.uuid4())
+        td = render_domain(plan).replace("<name>", f"<uuid>{identity}</uuid><name>", 1)
+        RecordStore(base / "records").write(record_from(td, identity))
+        hook = base / "hook"
+        hook.write_bytes(script(str(base / "records"), interpreter=python))
+        hook.chmod(0o755)
+        vm = (f"<domain type='kvm'><name>vm</name><uuid>{uuid.uuid4()}</uuid></domain>").encode()
+        for key, xml in (("hook_vm_s", vm), ("hook_td_s", td.encode())):
+            samples = []
+            for _ in range(max(repeat, 5)):
+                start = time.perf_counter()
+                subprocess.run([str(hook), "dom", "prepare", "begin", "-"], input=xml, check=True)
+                samples.append(time.perf_counter() - start)
+            results[key] = statistics.median(samples)
+        results["virsh_version_s"], _ = timed(["virsh", "--version"], repeat)
+
+
 def bench_build_noop(results, repeat):
     from test_build_runner import Sources
 
@@ -231,6 +265,9 @@ TARGETS = [  # (label, value key, baseline key (or "ratio": value is one) or Non
     ("render + validate one TD (after the first)", "render_validate_s", None, 0.005, "s"),
     ("define one TD vs virsh define --validate", "define_per_td_s", "virsh_define_per_td_s", 1.2, "x"),
     ("build run, nothing to do", "build_noop_s", None, 1.0, "s"),
+    ("libvirt hook, ordinary VM start", "hook_vm_s", None, 0.100, "s"),
+    ("libvirt hook, TD start (checked)", "hook_td_s", None, 0.100, "s"),
+    ("libvirt hook, TD start vs virsh --version", "hook_td_s", "virsh_version_s", None, "x"),
     ("sim up, cold (until domcaps say TDX)", "sim_up_cold_s", None, 30.0, "s"),
     ("sim up, warm", "sim_up_warm_s", None, 1.0, "s"),
 ]
@@ -290,6 +327,7 @@ def main() -> int:
     bench_render(figures, args.repeat)
     bench_define_and_list(figures, args.repeat, uri, args.define, args.tds)
     bench_build_noop(figures, args.repeat)
+    bench_hook(figures, args.repeat)
     bench_sim_up(figures, args.repeat)  # last: taking the host down forgets the test driver's TDs
     print("environment:", json.dumps(results["environment"]))
     ok = report(figures)

@@ -87,6 +87,13 @@ def tdx_ready_root(base: Path) -> HostRoot:
         write(base, node)
     (base / "sys/bus/pci/devices/0000:38:00.0/vfio-dev/vfio0").mkdir(parents=True)
     write(base, "/sys/module/vfio_iommu_type1/parameters/dma_entry_limit", "2097152\n")
+    from tdxvirt.enforce.script import HOOK
+    from tdxvirt.hostcfg.setup import hook_script
+
+    hook = base / HOOK.lstrip("/")
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_bytes(hook_script())
+    hook.chmod(0o755)
     return root
 
 

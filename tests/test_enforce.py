@@ -33,12 +33,13 @@ QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
 def _recorded(name, tmp_path):
-    """A golden TD with a UUID, and root's record of it as define writes it."""
+    """A golden TD named "one", with a UUID, and root's record of it as define writes it."""
     plan, xml = golden(name, tmp_path)
     root = etree.fromstring(xml.encode())
+    root.find("name").text = "one"
     identity = str(uuid.uuid4())
     etree.SubElement(root, "uuid").text = identity
-    return plan, root, record_from(xml, identity)
+    return plan, root, record_from(root, identity)
 
 
 def _arg(root, *values):
@@ -57,9 +58,20 @@ RECORDED_WEAKENINGS = {
     "-global": lambda r: _arg(r, "-global", "ICH9-LPC.disable_s3=0"),
     "cpu host-model": lambda r: r.find("cpu").set("mode", "host-model"),
     "loader swapped": lambda r: setattr(r.find("os/loader"), "text", "/tmp/evil-ovmf.fd"),
-    "mrConfigId changed": lambda r: etree.SubElement(r.find("launchSecurity"), "mrConfigId").__setattr__(
-        "text", "A" * 64),
+    "mrConfigId changed": lambda r: _set(r.find("launchSecurity"), "mrConfigId", "A" * 64),
 }
+
+
+def _set(parent, tag: str, text: str) -> None:
+    element = parent.find(tag)
+    if element is None:
+        element = etree.SubElement(parent, tag)
+    element.text = text
+
+
+def _canonical(element) -> bytes:
+    parser = etree.XMLParser(remove_blank_text=True)
+    return etree.tostring(etree.fromstring(etree.tostring(element), parser))
 # Weakenings repair cannot undo by itself (a person decides): refused with the way back.
 UNREPAIRABLE = {"GPU removed": lambda r: r.find("devices").remove(r.find("devices/hostdev"))}
 
@@ -85,13 +97,17 @@ def test_debug_and_sept_ve_are_named_and_without_a_record_too(tmp_path):
     assert "SEPT #VE is enabled" in found.what
 
 
-def test_a_qemu_args_td_whose_attributes_turn_on_debug_is_caught(tmp_path):
+def test_a_qemu_args_tds_attributes_are_read_from_its_tdx_object(tmp_path):
+    """The scenario asks for debug (recorded: fine); SEPT #VE enabled in the object's
+    attributes is caught with the record and without, debug without one."""
     _, root, record = _recorded("qemu-args", tmp_path)
+    assert problems(root, record=record) == []
+    assert any("debug is on" in p.what for p in problems(root, record=None))
     line = root.find(f"{{{QEMU}}}commandline")
     [tdx] = [a for a in line if "tdx-guest" in a.get("value")]
-    tdx.set("value", tdx.get("value").replace('"attributes":268435456', '"attributes":268435457'))
+    tdx.set("value", tdx.get("value").replace('"attributes":268435457', '"attributes":1'))
     for reference in (record, None):
-        assert any("debug is on" in p.what for p in problems(root, record=reference)), reference
+        assert any("SEPT #VE is enabled" in p.what for p in problems(root, record=reference)), reference
 
 
 def test_the_metadata_copy_is_never_a_reference(tmp_path, schema_dir):
@@ -131,7 +147,7 @@ def test_any_weakening_is_repaired_back_to_the_record(name, edits, tmp_path, sch
     assert problems(fixed, libvirt_version=12_008_000, record=record,
                     window_needed_mib=lambda _: plan.mmio_mb) == []
     for path in ("launchSecurity", "os/loader", "cpu"):
-        assert etree.tostring(fixed.find(path)).strip() == etree.tostring(original.find(path)).strip()
+        assert _canonical(fixed.find(path)) == _canonical(original.find(path)), path
     validate_domain_xml(repair.after, schema_dir)
 
 

@@ -112,8 +112,10 @@ def test_setup_applies_everything_once_and_revert_restores_every_byte(debian, tm
     kinds = [n.kind for n in plan.notices]
     assert kinds == ["warning", "reboot"]  # sVirt off; kernel command line changed
     manifest = json.loads((base / apply.MANIFEST.lstrip("/")).read_text())
-    assert sorted(manifest["files"]) == ["/etc/default/grub", "/etc/libvirt/qemu.conf",
-                                         "/etc/modprobe.d/tdxvirt.conf"]
+    assert sorted(manifest["files"]) == ["/etc/default/grub", "/etc/libvirt/hooks/qemu.d/tdxvirt",
+                                         "/etc/libvirt/qemu.conf", "/etc/modprobe.d/tdxvirt.conf"]
+    hook = base / "etc/libvirt/hooks/qemu.d/tdxvirt"
+    assert hook.stat().st_mode & 0o777 == 0o755 and hook.read_bytes().startswith(b"#!")
     assert manifest["files"]["/etc/modprobe.d/tdxvirt.conf"]["existed"] is False
 
     changed = snapshot(base)
@@ -228,8 +230,8 @@ def test_a_failing_command_puts_the_files_back(debian):
         _setup(root, runner)
     message = str(caught.value)
     assert message.startswith("`update-grub` failed (exit 1): grub-probe: error:")
-    assert "tdxvirt put back /etc/libvirt/qemu.conf, /etc/default/grub, " \
-           "/etc/modprobe.d/tdxvirt.conf" in message
+    assert "tdxvirt put back /etc/libvirt/hooks/qemu.d/tdxvirt, /etc/libvirt/qemu.conf, " \
+           "/etc/default/grub, /etc/modprobe.d/tdxvirt.conf" in message
     assert snapshot(base) == before
 
 

@@ -122,7 +122,10 @@ def _domain_xml(xml: str, name: str, gpu_bus: str | None = None,
     with an overlay disk tdxvirt made."""
     root = etree.fromstring(xml.encode())
     root.find("name").text = name
+    identity = str(uuid.uuid4())  # another TD tdxvirt defined: a UUID of its own
+    root.find("uuid").text = identity
     td = root.find("metadata/{urn:tdxvirt:td:1}td")
+    td.find("{urn:tdxvirt:td:1}uuid").text = identity
     if gpu_bus:
         td.find("{urn:tdxvirt:td:1}gpu").set("bdf", f"0000:{gpu_bus}:00.0")
         root.find("devices/hostdev/source/address").set("bus", f"0x{gpu_bus}")
@@ -441,6 +444,7 @@ def test_nodedev_parsing_gives_the_one_device_record():
 def test_integrity_accepts_libvirts_firmware_pick_only_for_a_td():
     xml = """<domain type='kvm'><name>x</name><os firmware='efi'><type>hvm</type></os>
       <features><smm state='off'/><pmu state='off'/><ioapic driver='qemu'/></features>
+      <cpu mode='host-passthrough'/>
       <launchSecurity type='tdx'><policy>0x10000000</policy></launchSecurity></domain>"""
     assert integrity_problems(xml) == []
     no_pick = xml.replace(" firmware='efi'", "")

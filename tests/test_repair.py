@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import uuid
 
 import libvirt
 import pytest
@@ -25,6 +26,7 @@ from test_integrity import (
 
 from tdxvirt.domain.domainxml import NAMESPACE
 from tdxvirt.domain.integrity import problems
+from tdxvirt.domain.recorded import record_from
 from tdxvirt.lifecycle.repair import DEFAULT_POLICY, plan_repair
 from tdxvirt.virt.schema import validate_domain_xml
 
@@ -45,11 +47,16 @@ def _repaired(xml: str, plan, **extra):
                        window_needed_mib=lambda bdfs: plan.mmio_mb if bdfs else None, **extra)
 
 
+def _record(xml: str):
+    """Root's record of a golden TD, as define writes it."""
+    return record_from(xml, str(uuid.uuid4()))
+
+
 @pytest.mark.parametrize("name", TDS)
 def test_an_untouched_golden_td_needs_no_repair(name, tmp_path):
     plan, xml = golden(name, tmp_path)
     repair = plan_repair(xml, libvirt_version=SCENARIOS[name].libvirt_version,
-                         window_needed_mib=lambda _: plan.mmio_mb)
+                         window_needed_mib=lambda _: plan.mmio_mb, record=_record(xml))
     assert not repair.needed and repair.changes == [] and repair.diff() == ""
 
 
@@ -69,10 +76,11 @@ def test_any_weakening_is_repaired_and_compatible_edits_are_kept(name, edits, ke
             WEAKENINGS[edit](root)
         except (AttributeError, TypeError):  # an earlier edit removed what this one changes
             pass
-    repair = _repaired(etree.tostring(root).decode(), plan)
+    record = _record(xml)
+    repair = _repaired(etree.tostring(root).decode(), plan, record=record)
     assert repair.left == [] and repair.changes
     fixed = etree.fromstring(repair.after.encode())
-    assert problems(fixed, libvirt_version=12_008_000,
+    assert problems(fixed, libvirt_version=12_008_000, record=record,
                     window_needed_mib=lambda _: plan.mmio_mb) == []
     for edit in kept:
         assert COMPATIBLE[edit][1](fixed), f"{edit} lost by the repair after {edits}"
@@ -121,7 +129,7 @@ def test_a_window_smaller_than_the_bars_is_refused(tmp_path):
         _repaired(etree.tostring(root).decode(), plan, window_override=32 << 30)
 
 
-def test_a_qemu_args_td_gets_its_tdx_object_back_and_keeps_the_users_arguments(tmp_path):
+def test_a_qemu_args_td_gets_its_tdx_object_back_and_loses_arguments_nobody_recorded(tmp_path):
     plan, xml = golden("qemu-args", tmp_path)
     root = etree.fromstring(xml.encode())
     line = root.find("{http://libvirt.org/schemas/domain/qemu/1.0}commandline")
@@ -130,9 +138,9 @@ def test_a_qemu_args_td_gets_its_tdx_object_back_and_keeps_the_users_arguments(t
         line.remove(arg)
     for value in users:
         etree.SubElement(line, "{http://libvirt.org/schemas/domain/qemu/1.0}arg", value=value)
-    repair = _repaired(etree.tostring(root).decode(), plan)
+    repair = _repaired(etree.tostring(root).decode(), plan, record=_record(xml))
     values = [a.get("value") for a in etree.fromstring(repair.after.encode()).find(line.tag)]
-    assert any("tdx-guest" in v for v in values) and values[-2:] == users
+    assert any("tdx-guest" in v for v in values) and "virtio-rng-pci" not in values
     assert values.count("-fw_cfg") == 1
 
 
@@ -144,11 +152,12 @@ def test_a_qemu_args_td_gets_its_machine_back_and_loses_an_override(tmp_path):
         line.remove(arg)  # the machine no longer uses the object
     for value in ("-machine", "confidential-guest-support=", "-device", "virtio-rng-pci"):
         etree.SubElement(line, line.tag.replace("commandline", "arg"), value=value)
-    repair = _repaired(etree.tostring(root).decode(), plan)
-    assert repair.left == [] and problems(repair.after, libvirt_version=12_008_000) == []
+    record = _record(xml)
+    repair = _repaired(etree.tostring(root).decode(), plan, record=record)
+    assert repair.left == [] and problems(repair.after, libvirt_version=12_008_000, record=record) == []
     values = [a.get("value") for a in etree.fromstring(repair.after.encode()).find(line.tag)]
     assert "confidential-guest-support=tdx" in values and "confidential-guest-support=" not in values
-    assert values[-2:] == ["-device", "virtio-rng-pci"]  # the user's own argument stays
+    assert "virtio-rng-pci" not in values  # QEMU arguments root did not record go
 
 
 def test_a_policy_repair_keeps_the_quote_service_and_measurement_values(tmp_path):

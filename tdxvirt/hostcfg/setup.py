@@ -18,13 +18,13 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..enforce import script as hook
 from ..errors import HostNotReadyError, InputError
 from ..host import trust
 from ..host.commands import NOT_RUN, CommandRunner, RefusingRunner, SubprocessRunner, refuses
 from ..host.osrelease import OsRelease, read_os_release
 from ..host.root import HostRoot
 from ..virt.dialect import KVM_INTEL_TDX
-from ..enforce import script as hook
 from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
 from .plan import HostPlan, Notice, RunCommand, Step, WriteFile
 
@@ -333,7 +333,8 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
                                       "warning" if facts.daemon.running else "info"))
 
     wanted_hook = hook_script()
-    if facts.files[hook.HOOK] != wanted_hook:
+    # no /etc/libvirt: libvirt is not installed, which the qemu.conf step already says
+    if "/etc/libvirt" in facts.dirs and facts.files[hook.HOOK] != wanted_hook:
         steps.append(WriteFile(hook.HOOK, facts.files[hook.HOOK], wanted_hook,
                                "refuse, inside libvirt, to start a TD that is no longer what root "
                                "recorded, whichever tool starts it (libvirt's qemu hook)",
