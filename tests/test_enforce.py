@@ -405,3 +405,19 @@ def test_define_records_the_td_and_undefine_forgets_it(sim, qemu_conn):
     with pytest.raises(libvirt.libvirtError):
         qemu_conn.lookupByName(name)
 
+
+
+def test_a_recorded_td_stays_listed_and_shown_without_its_marks(td, sim, qemu_conn, tmp_path):
+    """virsh edit strips tdxvirt's metadata and the title: root's record still names it
+    a TD (list, show), and repair puts the title GUIs show back."""
+    import json
+
+    edited_with_virsh(sim, td, tmp_path, "root.remove(root.find('metadata'))\n"
+                                         "root.remove(root.find('title'))")
+    assert any(line.startswith(td) for line in run("list").stdout.splitlines())
+    shown = json.loads(run("show", td, "--json").stdout)
+    assert shown["record"] == "recorded" and shown["title"] is None and shown["problems"] == []
+    assert shown["mrtd"] and len(shown["mrtd"]) == 96  # root's record's, the metadata is gone
+    repaired = run("repair", td)
+    assert repaired.returncode == 0 and f"put back the title '{td} [TDX]'" in repaired.stdout
+    assert f"{td} [TDX]" in virsh(sim, "list", "--all", "--title").stdout

@@ -12,7 +12,7 @@ from tdxvirt.cli import main
 LIST = {"name", "state", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
         "uptime_s", "problems"}
 SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd", "rtmr1",
-                "rtmr2"}
+                "rtmr2", "title", "record"}
 MEASURE = {"name", "firmware", "mrtd", "order", "order_note", "sections", "rtmr0", "rtmr1",
            "rtmr2", "unknown", "recorded", "rtmr_events", "rtmr_assumptions", "recorded_rtmr1",
            "recorded_rtmr2"}

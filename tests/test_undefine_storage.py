@@ -52,8 +52,14 @@ def victim(tmp_path):
 
 
 def set_recorded(conn, name, **paths):
-    """Rewrite tdxvirt's metadata (overlay=..., seed=...) the way `virsh metadata --set` does."""
+    """Rewrite tdxvirt's metadata (overlay=..., seed=...) the way `virsh metadata --set` does,
+    on a domain root holds no record of (as an older tdxvirt defined it): only then are
+    the metadata's paths read at all, and these rules judge them (with a record, see
+    test_the_record_decides_and_metadata_edits_change_nothing)."""
+    from tdxvirt.domain.record import local_store
+
     domain = conn.lookupByName(name)
+    local_store().remove(domain.UUIDString())
     mark = etree.fromstring(domain.metadata(METADATA_ELEMENT, NAMESPACE).encode())
     for element in mark.iter():  # libvirt hands the element back without its namespace
         element.tag = T + etree.QName(element).localname
@@ -101,6 +107,25 @@ def test_metadata_naming_another_file_is_refused(conn, td, td_name, victim, kind
     set_recorded(conn, td_name, **{kind: victim})
     message = assert_refused(conn, td_name, config, victim, victim, overlay, seed)
     assert "storage directory" in message
+
+
+def test_the_record_decides_and_metadata_edits_change_nothing(conn, td, td_name, victim):
+    """A libvirt user points the metadata at a victim: root's record names the overlay
+    and seed define created, so those go and the victim stays."""
+    from tdxvirt.domain.record import local_store
+
+    config, overlay, seed = td
+    domain = conn.lookupByName(td_name)
+    mark = etree.fromstring(domain.metadata(METADATA_ELEMENT, NAMESPACE).encode())
+    for element in mark.iter():
+        element.tag = T + etree.QName(element).localname
+    mark.find(T + "overlay").text = str(victim)
+    domain.setMetadata(METADATA_ELEMENT, etree.tostring(mark).decode(), "tdxvirt", NAMESPACE, 0)
+    assert local_store().read(domain.UUIDString()).overlay == str(overlay)
+    assert tds.undefine(conn, td_name, remove_storage=True, config=config) == [str(overlay),
+                                                                                str(seed)]
+    assert victim.read_text() == "root:*:1::::::\n"
+    assert local_store().read(domain.UUIDString()) is None
 
 
 def test_a_victim_that_is_also_a_disk_is_still_refused(conn, td, td_name, victim):

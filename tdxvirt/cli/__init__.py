@@ -780,10 +780,10 @@ def show(session, name, as_json):
     from ..lifecycle import tds
 
     info = tds.show(session.conn(), name)
-    record = {**_records([info.row])[0], "uuid": info.uuid, "autostart": info.autostart,
+    record = {**_records([info.row])[0], "uuid": info.uuid, "title": info.title,
+              "record": info.record, "autostart": info.autostart,
               "persistent": info.persistent, "overlay": info.row.facts.overlay,
-              "seed": info.row.facts.seed, "mrtd": info.row.facts.mrtd,
-              "rtmr1": info.row.facts.rtmr1, "rtmr2": info.row.facts.rtmr2,
+              "seed": info.row.facts.seed, **info.measurements,
               "builds": list(info.builds), "problems": list(info.problems)}
     if as_json:
         click.echo(json.dumps(record, indent=2))

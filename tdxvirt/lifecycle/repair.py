@@ -104,6 +104,7 @@ def plan_repair(xml: str, *, libvirt_version: int | None, window_needed_mib=None
         elif fix not in applied:  # e.g. a missing and a doubled window: one fix
             applied.add(fix)
             fix(fixer)
+    fixer.title()
     etree.indent(fixed, "  ")
     after = _text(fixed)
     if after != before:
@@ -138,6 +139,21 @@ class _Fixer:
         """A copy of the element define recorded, or None."""
         found = None if self.protected is None else self.protected.find(tag)
         return None if found is None else copy.deepcopy(found)
+
+    def title(self) -> None:
+        """The title define set (GUIs show it: how a person sees the domain is a TD);
+        not a protection, so a changed title is no problem, only put back here."""
+        wanted = None if self.record is None else self.record.title
+        if not wanted or self.root.findtext("title") == wanted:
+            return
+        title = self.root.find("title")
+        if title is None:
+            title = etree.Element("title")
+            anchor = self.root.find("uuid")
+            anchor = self.root.find("name") if anchor is None else anchor
+            self.root.insert(0 if anchor is None else self.root.index(anchor) + 1, title)
+        title.text = wanted
+        self.changes.append(f"put back the title {wanted!r}")
 
     def _child(self, parent_tag: str):
         parent = self.root.find(parent_tag)

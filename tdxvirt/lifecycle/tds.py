@@ -52,6 +52,7 @@ class TDRow:
     state: str
     uptime: float | None = None  # seconds, when tdxvirt started it
     problems: tuple[str, ...] = ()  # tdxvirt.domain.integrity: how it is no longer the TD defined
+    recorded: bool = False  # root holds a record of it (listed even with its marks stripped)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class TDInfo:
     persistent: bool
     problems: tuple[str, ...]
     builds: tuple[str, ...]  # the `tdxvirt build` results its emulator and firmware come from
+    record: str = "none"  # root's record of it: recorded, adopted, none, or why it is not trusted
+    title: str | None = None
+    measurements: dict | None = None  # MRTD/RTMRs predicted at define: root's record's, else the metadata's
 
 
 def read_facts(xml: str, name: str | None = None) -> DomainFacts:
@@ -583,7 +587,7 @@ def undefine(conn, name, remove_storage: bool = False, config=None, dry_run: boo
     xml = parsable_xml(domain.XMLDesc(0))  # unchanged unless libvirt wrote XML lxml refuses
     facts = read_facts(xml)
     has_nvram = "<nvram" in xml  # plain VMs get UEFI variables; TDs never do
-    with _checked_storage(conn, domain.name(), xml, facts, config, remove_storage) as storage:
+    with _checked_storage(conn, domain, xml, facts, config, remove_storage) as storage:
         if dry_run:  # every check ran; nothing is undefined or deleted
             return [removal.path for removal in storage.removals]
         try:
@@ -617,13 +621,20 @@ def _state_name(state_code: int, reason: int | None) -> str:
     return STATE_NAMES.get(state_code, "unknown")
 
 
-def _checked_storage(conn, name: str, xml: str, facts: DomainFacts, config, remove_storage: bool):
+def _checked_storage(conn, domain, xml: str, facts: DomainFacts, config, remove_storage: bool):
     """The files undefine may delete, all checked now (issue #14: the XML is not trusted),
     by the host's facts: this machine's files for a local URI; none on another host."""
+    from ..domain.record import TDRecord
     from ..facts import facts_for
 
-    recorded = {"overlay": facts.overlay, "seed": facts.seed} if remove_storage else {}
-    return facts_for(conn).storage_removal(name, xml, recorded, config)
+    recorded = {}
+    if remove_storage:
+        # root's record names the storage define created; the metadata's paths (claims a
+        # libvirt user can edit) only for a domain without one, and checked all the same
+        record = record_of(conn, domain)
+        source = record if isinstance(record, TDRecord) else facts
+        recorded = {"overlay": source.overlay, "seed": source.seed}
+    return facts_for(conn).storage_removal(domain.name(), xml, recorded, config)
 
 
 def set_autostart(conn, name, enabled: bool) -> None:
@@ -648,13 +659,14 @@ def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | N
 
     root, facts = _parse(xml, domain.name())
     started = facts.started if state_code == 1 else None
+    record = None if store is None else _stored(store, domain.UUIDString())
     if found is None:
-        record = None if store is None else _stored(store, domain.UUIDString())
         found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept,
                          record=record) \
             if facts.managed_by_tdxvirt or facts.tdx or record is not None else ()
     return TDRow(facts, _state_name(state_code, reason),
-                 None if started is None else max(0.0, now - started), tuple(map(str, found)))
+                 None if started is None else max(0.0, now - started), tuple(map(str, found)),
+                 recorded=record is not None)
 
 
 def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
@@ -673,13 +685,19 @@ def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
 def show(conn, name) -> TDInfo:
     """The TD and every problem: how it is no longer the TD defined (integrity), else
     what TDX's rules say of its XML (td_rules)."""
+    from ..domain.domainxml import DomainXML
     from ..domain.td_rules import td_problems
 
     domain = lookup(conn, name)
     xml = parsable_xml(domain.XMLDesc(0))  # every parser below gets XML lxml accepts
     state, reason = domain.state()[:2]
-    found = [str(p) for p in integrity_problems(conn, domain, xml)]
-    row = _row(domain, state, xml, time.time(), reason=reason, found=found)
+    inputs = integrity_inputs(conn, domain)
+    from ..domain.integrity import problems as integrity_check
+
+    found = [str(p) for p in integrity_check(xml, **inputs)]
+    record = inputs["record"]
+    row = _row(domain, state, xml, time.time(), reason=reason, found=found,
+               store=record_store(conn))
     from .assemble import all_gpu_holders
 
     running = all_gpu_holders(conn, running_only=True) if row.facts.gpus else {}
@@ -694,7 +712,32 @@ def show(conn, name) -> TDInfo:
         persistent=bool(domain.isPersistent()),
         problems=tuple((found or td_problems(xml)) + shared),
         builds=_builds_used(xml, conn.getURI()),
+        record=_record_state(record, conn),
+        title=DomainXML.of(xml).title,
+        measurements=_measurements(record, row.facts),
     )
+
+
+def _record_state(record, conn) -> str:
+    from ..domain.record import TDRecord
+
+    if isinstance(record, TDRecord):
+        return "adopted" if record.adopted else "recorded"
+    if record is not None:
+        return f"untrustworthy: {record}"
+    from ..virt.conn import is_remote
+
+    return "none here (the host's own tdxvirt records it: `tdxvirt adopt`)" if is_remote(conn.getURI()) \
+        else "none (judged by TDX's rules alone; `tdxvirt adopt` records it)"
+
+
+def _measurements(record, facts) -> dict:
+    """What define predicted: from root's record when there is one (the metadata copy is
+    a libvirt user's to edit)."""
+    from ..domain.record import TDRecord
+
+    source = record if isinstance(record, TDRecord) else facts
+    return {"mrtd": source.mrtd, "rtmr1": source.rtmr1, "rtmr2": source.rtmr2}
 
 
 def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
@@ -715,6 +758,6 @@ def list_tds(conn, include_foreign: bool = False) -> list[TDRow]:
             continue
         row = _row(domain, stats.get("state.state", 0), xml, now, version,
                    stats.get("state.reason"), kept, store=store)
-        if row.facts.managed_by_tdxvirt or (include_foreign and row.facts.tdx):
+        if row.facts.managed_by_tdxvirt or row.recorded or (include_foreign and row.facts.tdx):
             rows.append(row)
     return sorted(rows, key=lambda row: row.facts.name)
