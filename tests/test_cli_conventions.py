@@ -102,3 +102,25 @@ def test_define_and_undefine_dry_runs_change_nothing(sim, qemu_conn, tmp_path):
         assert name in qemu_conn.listDefinedDomains()
     finally:
         assert runner.invoke(main, ["--sim", "undefine", name]).exit_code == 0
+
+
+def test_completion_drops_names_that_would_forge_candidates_and_quotes_globs(sim, conn):
+    """Names libvirt's rename lets any of its users give: a newline would forge a second
+    candidate (click's bash protocol is one per line), an escape or a quote would reach
+    the shell raw; glob characters are quoted (click's bash script expands unquoted)."""
+    tag = f"cmp-{uuid.uuid4().hex[:6]}"
+    names = [f"{tag}-a*b", f"{tag}-x\nforged", f"{tag}-e\x1b[31m", f"{tag}-it's", f"{tag}-plain"]
+    domains = []
+    try:
+        for index, name in enumerate(names):
+            domain = conn.defineXML(
+                f"<domain type='test'><name>{tag}-{index}</name><memory>65536</memory>"
+                "<os><type>hvm</type></os></domain>")
+            domain.rename(name, 0)
+            domains.append(conn.lookupByUUIDString(domain.UUIDString()))
+        offered = complete("-c", sim.test_uri, "show", tag)
+        assert sorted(offered) == sorted([f"{tag}-a\\*b", f"{tag}-plain"]), offered
+        assert not any(word.startswith("forged") for word in offered)
+    finally:
+        for domain in domains:
+            domain.undefine()

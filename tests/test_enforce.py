@@ -312,7 +312,8 @@ LIVE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(LIVE_CASES))
 def test_virsh_start_of_a_weakened_td_is_refused_inside_libvirt_then_repaired(case, td, sim,
-                                                                              qemu_conn, tmp_path):
+                                                                              qemu_conn, tmp_path,
+                                                                              cc_on):
     edit, says, way_back = LIVE_CASES[case]
     edit(sim, td, tmp_path)
     _refused(virsh(sim, "start", td), says, way_back)
@@ -323,7 +324,7 @@ def test_virsh_start_of_a_weakened_td_is_refused_inside_libvirt_then_repaired(ca
     virsh(sim, "destroy", td)
 
 
-def test_a_removed_gpu_is_refused_until_root_adopts_the_td_as_it_is(td, sim, qemu_conn):
+def test_a_removed_gpu_is_refused_until_root_adopts_the_td_as_it_is(td, sim, qemu_conn, cc_on):
     virt_xml(sim, td, "--remove-device", "--hostdev", "1")
     _refused(virsh(sim, "start", td), "is gone", f"tdxvirt adopt {td}")
     repaired = run("repair", td)
@@ -337,7 +338,7 @@ def test_a_removed_gpu_is_refused_until_root_adopts_the_td_as_it_is(td, sim, qem
     virsh(sim, "destroy", td)
 
 
-def test_save_then_start_and_a_memory_snapshot_are_refused(td, sim, qemu_conn):
+def test_save_then_start_and_a_memory_snapshot_are_refused(td, sim, qemu_conn, cc_on):
     assert virsh(sim, "start", td).returncode == 0
     assert virsh(sim, "managedsave", td).returncode == 0
     _refused(virsh(sim, "start", td), "never resumed from saved memory",
@@ -356,7 +357,7 @@ def test_save_then_start_and_a_memory_snapshot_are_refused(td, sim, qemu_conn):
     virsh(sim, "destroy", td)
 
 
-def test_a_clone_is_refused_until_it_has_its_own_gpu_and_root_adopts_it(td, sim, qemu_conn):
+def test_a_clone_is_refused_until_it_has_its_own_gpu_and_root_adopts_it(td, sim, qemu_conn, cc_on):
     clone = f"{td}-clone"
     made = subprocess.run(["virt-clone", "--connect", sim.qemu_uri, "--original", td, "--name", clone,
                            "--auto-clone"], capture_output=True, text=True, timeout=120)
@@ -421,3 +422,16 @@ def test_a_recorded_td_stays_listed_and_shown_without_its_marks(td, sim, qemu_co
     repaired = run("repair", td)
     assert repaired.returncode == 0 and f"put back the title '{td} [TDX]'" in repaired.stdout
     assert f"{td} [TDX]" in virsh(sim, "list", "--all", "--title").stdout
+
+
+def test_a_td_whose_gpu_is_not_in_cc_mode_is_refused_whoever_starts_it(td, sim, qemu_conn):
+    """The simulated H100 is in CC mode off (as the real one reported): the hook reads
+    it through the stand-in for NVIDIA's tool, as on a host with the real tool."""
+    import json
+
+    state = json.loads((sim.base / "gpu-modes.json").read_text())
+    assert state["0000:38:00.0"]["cc"] == "off"
+    refused = virsh(sim, "start", td)
+    assert "would not start safely: GPU 0000:38:00.0 has CC mode off" in refused.stderr
+    assert "`tdxvirt gpu cc-mode 0000:38:00.0 --set on`" in refused.stderr
+    assert not qemu_conn.lookupByName(td).isActive()

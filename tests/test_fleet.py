@@ -641,3 +641,32 @@ def test_parallel_picks_never_give_one_gpu_twice(two_free_gpus, sim_uri, conn):
     given = sorted(g for d in conn.listAllDomains(0) if d.name() in names
                    for g in read_facts(d.XMLDesc(0)).gpus)
     assert given == gpus
+
+
+def test_a_host_whose_xml_tdxvirt_cannot_read_is_that_hosts_one_line():
+    """A hostile or broken host answers with XML the parsers refuse (<vcpu>four</vcpu>,
+    <numa node='zero'/>): its answer is one line, every other host's stands."""
+    from lxml import etree
+
+    from tdxvirt.domain.domainxml import read_domain_xml
+    from tdxvirt.facts.libvirt import parse_nodedev_xml
+    from tdxvirt.lifecycle.fleet import ask_each
+
+    assert read_domain_xml("<domain><name>x</name><vcpu>four</vcpu>"
+                           "<memory>lots</memory></domain>").vcpus == 0
+    hosts = [Host("good", "qemu+ssh://good/system"), Host("bad", "qemu+ssh://bad/system"),
+             Host("broken", "qemu+ssh://broken/system")]
+
+    def question(host):
+        if host.label == "bad":
+            return parse_nodedev_xml("<device><capability type='pci'><numa node='zero'/>"
+                                     "</capability></device>")
+        if host.label == "broken":
+            return etree.fromstring(b"<domain><name>\x1b[31m</domain>")
+        return "fine"
+
+    good, bad, broken = ask_each(hosts, lambda host: host, question)
+    assert good.value == "fine" and good.error is None
+    for answer in (bad, broken):
+        assert answer.error.startswith(f"{answer.host.uri} answered with XML tdxvirt cannot read")
+        assert "\n" not in answer.error and "\x1b" not in answer.error

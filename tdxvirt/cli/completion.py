@@ -38,7 +38,25 @@ def td_names(ctx: click.Context, _param, incomplete: str):
             conn.close()
     except Exception:  # completion offers what it can; it never breaks the shell
         return []
-    return [CompletionItem(name) for name in names if name.startswith(incomplete)]
+    return [CompletionItem(candidate) for name in names if name.startswith(incomplete)
+            and (candidate := completion_word(name)) is not None]
+
+
+_GLOB = set("*?[]")
+_UNSAFE = set("'\"\\$`!;&|<>(){}#~ ")
+
+
+def completion_word(name: str) -> str | None:
+    """A libvirt name as the shell may take it from completion: None for one it cannot
+    (control or format characters, a newline would forge a second candidate; quotes,
+    spaces and shell syntax: typed quoted by hand), glob characters backslash-quoted
+    (click's bash script expands candidates unquoted)."""
+    import unicodedata
+
+    if not name or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") or c in _UNSAFE
+                       for c in name):
+        return None
+    return "".join(f"\\{c}" if c in _GLOB else c for c in name)
 
 
 def gpu_addresses(ctx: click.Context, _param, incomplete: str):

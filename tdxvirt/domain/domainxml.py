@@ -345,7 +345,7 @@ def facts_of(domain: DomainXML) -> DomainFacts:
         managed_by_tdxvirt=domain.mark is not None,
         tdx=domain.launch is not None or domain.has_tdx_object(),
         gpus=tuple(bdf for bdf, _ in domain.pci_hostdevs()),
-        vcpus=int((None if vcpu is None else vcpu.text) or 0),
+        vcpus=_int(None if vcpu is None else vcpu.text),
         memory_kib=_kib(top.get("memory")),
         dialect=marked.get(_MARK_TEXT["dialect"]),
         overlay=marked.get(_MARK_TEXT["overlay"]),
@@ -355,6 +355,12 @@ def facts_of(domain: DomainXML) -> DomainFacts:
         rtmr2=marked.get(_MARK_TEXT["rtmr2"]),
         started=_float(run.get("started")) if run is not None else None,
     )
+
+
+def _int(text: str | None) -> int:
+    """A count libvirt writes as digits; 0 for anything else (a hostile host's XML)."""
+    text = (text or "").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def _float(text: str | None) -> float | None:
@@ -369,6 +375,6 @@ _UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib
 
 
 def _kib(memory) -> int:
-    if memory is None or not memory.text:
+    if memory is None or not memory.text or not memory.text.strip().isdigit():
         return 0
     return int(int(memory.text) * _UNIT_KIB.get(memory.get("unit", "KiB").lower(), 1))

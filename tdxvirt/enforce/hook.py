@@ -64,12 +64,42 @@ def decide(name: str, operation: str, suboperation: str, xml: bytes, store: Reco
     if unreadable:
         return f"tdxvirt: {unreadable}; {name!r} was not started"
     found = problems(domain, record=record, memory_snapshots=snapshots)
-    if not found:
-        return None
-    first, more = found[0], len(found) - 1
-    extra = f" (and {more} more: `tdxvirt show {quoted}`)" if more else ""
-    return (f"tdxvirt: {name!r} is no longer the TD it was defined as: {first.what}; "
-            f"{first.fix}{extra}")
+    if found:
+        first, more = found[0], len(found) - 1
+        extra = f" (and {more} more: `tdxvirt show {quoted}`)" if more else ""
+        return (f"tdxvirt: {name!r} is no longer the TD it was defined as: {first.what}; "
+                f"{first.fix}{extra}")
+    modes = gpu_mode_problems([bdf for bdf, _ in domain.pci_hostdevs()])
+    if modes:
+        more = f" (and {len(modes) - 1} more)" if len(modes) > 1 else ""
+        return f"tdxvirt: {name!r} would not start safely: {modes[0]}{more}"
+    return None
+
+
+TOOL_TIMEOUT = 15.0  # seconds for each run of NVIDIA's tool: the daemon waits for the hook
+
+
+def gpu_mode_problems(addresses: list[str]) -> list[str]:
+    """The GPUs' CC / PPCIe modes against a TD's start, read through NVIDIA's tool on
+    this host (``$TDXVIRT_GPU_TOOLS`` or the module installed beside tdxvirt), each run
+    bounded; nothing when the tool is not installed (the modes are then unknown here:
+    tdxvirt's own `start` and the GPU's attestation still check them)."""
+    if not addresses:
+        return []
+    from ..errors import TdxvirtError
+    from ..gpu.ccmode import mode_problems
+    from ..gpu.modes import mode_reader
+    from ..host import HostRoot
+    from ..host.pci import read_device
+
+    host = HostRoot("/")
+    try:
+        read = mode_reader(host, timeout=TOOL_TIMEOUT)
+    except TdxvirtError as error:  # an untrusted tool: refused, never silently skipped
+        return [str(error)]
+    if read is None:
+        return []
+    return mode_problems(lambda address: read_device(host, address), addresses, True, read)
 
 
 def memory_snapshots(directory: Path) -> tuple[tuple[str, ...], str | None]:

@@ -28,6 +28,7 @@ import sys
 
 RECORDS = {records!r}
 CODE = {code!r}
+ENVIRONMENT = {environment!r}  # for NVIDIA's tool (the simulated host's stand-in)
 LIMIT = {limit!r}
 CHECKED = (("prepare", "begin"), ("restore", "begin"), ("migrate", "begin"))
 
@@ -44,6 +45,7 @@ def main(argv):
         return 0  # neither recorded nor a TD: an ordinary VM never loads tdxvirt
     if len(data) > LIMIT:
         return refuse(f"the definition of {{name!r}} is larger than tdxvirt's hook reads")
+    os.environ.update(ENVIRONMENT)
     try:
         if CODE:
             sys.path.insert(0, CODE)
@@ -71,10 +73,13 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def script(records: str, *, interpreter: str | None = None, code: str | None = None) -> bytes:
+def script(records: str, *, interpreter: str | None = None, code: str | None = None,
+           environment: dict[str, str] | None = None) -> bytes:
     """The hook file: ``records``, the record directory as the daemon sees it;
     ``interpreter``, a Python with tdxvirt's dependencies (default: the one running
     tdxvirt now); ``code``, a directory holding the ``tdxvirt`` package when that
-    Python does not have it installed (the simulated host's root)."""
+    Python does not have it installed (the simulated host's root); ``environment``,
+    variables NVIDIA's tool needs there (the simulated host's stand-in)."""
     return _SCRIPT.format(interpreter=interpreter or sys.executable, records=str(records),
-                          code=code, limit=STDIN_LIMIT).encode()
+                          code=code, environment=dict(environment or {}),
+                          limit=STDIN_LIMIT).encode()

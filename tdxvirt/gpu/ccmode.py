@@ -96,15 +96,17 @@ def _outcomes(run: admin_tool.ToolRun, bdfs: list[str],
     return outcomes
 
 
-def query(tool: Tool, devices: list[PciDevice], with_ppcie: bool) -> list[ModeResult]:
+def query(tool: Tool, devices: list[PciDevice], with_ppcie: bool,
+          timeout: float = QUERY_TIMEOUT) -> list[ModeResult]:
     """Each device's CC mode (GPUs) and PPCIe mode (NVSwitches; GPUs when
-    ``with_ppcie``), one run of the tool per device so one failure hides no other."""
+    ``with_ppcie``), one run of the tool per device so one failure hides no other;
+    ``timeout`` bounds each run."""
     results = []
     for device in devices:
         want_cc = kind_of(device) == GPU
         want_ppcie = kind_of(device) == NVSWITCH or (with_ppcie and is_hopper(device))
         bdf = str(device.address)
-        run = admin_tool.run(tool, admin_tool.query_args(bdf, want_cc, want_ppcie), QUERY_TIMEOUT)
+        run = admin_tool.run(tool, admin_tool.query_args(bdf, want_cc, want_ppcie), timeout)
         expected = {CC} if want_cc else set()
         expected |= {PPCIE} if want_ppcie else set()
         problem = _outcomes(run, [bdf], lambda r: expected <= set(r.modes))[bdf]
@@ -112,6 +114,50 @@ def query(tool: Tool, devices: list[PciDevice], with_ppcie: bool) -> list[ModeRe
         results.append(_result(device, "queried" if problem is None else f"FAILED: {problem}",
                                problem is None, modes.get(CC), modes.get(PPCIE)))
     return results
+
+
+# The CC modes a start accepts: a TD runs on a GPU in CC mode on or devtools (NVIDIA's
+# debug variant of on), with PPCIe on when NVSwitches are passed too; a plain VM on one
+# whose mode is off (or that has none).
+TD_CC_MODES = ("on", "devtools")
+PLAIN_CC_MODES = (None, "off")
+
+
+def mode_problems(device_of, addresses, tdx: bool, read_modes) -> list[str]:
+    """What the GPUs' modes say against a start (tdxvirt's preflight and libvirt's hook):
+    ``device_of`` reads a device of the host that runs the domain, ``addresses`` are its
+    PCI hostdevs, ``read_modes`` reads their modes. Devices whose mode could not be read
+    are left to the start itself."""
+    from ..errors import NotFoundError
+    from ..pci import PciAddress
+
+    devices = []
+    for address in addresses:  # every PCI hostdev, NICs and other devices included
+        try:
+            device = device_of(PciAddress.parse(address))
+        except NotFoundError:
+            continue  # reported by the hostdev check
+        if kind_of(device) is not None:  # NVIDIA's tool is run on GPUs and NVSwitches only
+            devices.append(device)
+    if not devices:
+        return []
+    ppcie = tdx and any(kind_of(d) == NVSWITCH for d in devices)
+    problems = []
+    for result in read_modes(devices):
+        if not result.ok:
+            continue
+        if ppcie:
+            if result.ppcie_mode != "on":
+                problems.append(f"{result.address} is not in PPCIe mode (it is "
+                                f"{result.ppcie_mode or 'unknown'}); `tdxvirt gpu cc-mode "
+                                f"{result.address} --ppcie on` sets the whole board")
+        elif tdx and result.cc_mode not in TD_CC_MODES:
+            problems.append(f"GPU {result.address} has CC mode {result.cc_mode}; a TD needs it "
+                            f"on: `tdxvirt gpu cc-mode {result.address} --set on`")
+        elif not tdx and result.cc_mode not in PLAIN_CC_MODES:
+            problems.append(f"GPU {result.address} has CC mode {result.cc_mode}; a VM without "
+                            f"TDX needs it off: `tdxvirt gpu cc-mode {result.address} --set off`")
+    return problems
 
 
 def require_vfio_first(devices: list[PciDevice]) -> None:

@@ -11,10 +11,10 @@ import os
 from ..host import HostRoot
 
 
-def mode_reader(host: HostRoot, tool_path: str | None = None):
+def mode_reader(host: HostRoot, tool_path: str | None = None, timeout: float | None = None):
     """A reader of the GPUs' CC / PPCIe modes through NVIDIA's tool, or None when they
     cannot be read here (the tool is not installed, not root, or a fake host root
-    with no tool named for it)."""
+    with no tool named for it); ``timeout`` bounds each run of the tool."""
     from ..errors import TdxvirtError
     from . import admin_tool, ccmode
     from .devices import NVSWITCH, kind_of
@@ -30,6 +30,8 @@ def mode_reader(host: HostRoot, tool_path: str | None = None):
 
     def read(devices):
         with_ppcie = any(kind_of(d) == NVSWITCH for d in devices)
-        return ccmode.query(tool, devices, with_ppcie=with_ppcie)
+        if timeout is None:
+            return ccmode.query(tool, devices, with_ppcie=with_ppcie)
+        return ccmode.query(tool, devices, with_ppcie=with_ppcie, timeout=timeout)
 
     return read

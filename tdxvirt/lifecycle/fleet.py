@@ -186,6 +186,14 @@ def ask_each(items: list[S], host_of: Callable[[S], Host], question: Callable[[S
         except error_type as error:  # one the library did not wrap: still one line
             # (a transport gone reads "...: lost the libvirt connection: ...")
             return Answer(host, error=str(translate(error, f"libvirt at {host.uri}")))
+        except (ValueError, LookupError, SyntaxError) as error:  # lxml's parse errors too
+            # a host's own XML that tdxvirt cannot read (<vcpu>four</vcpu>, a broken node
+            # device) is that host's answer: the other hosts are still shown
+            from ..textsafe import safe
+
+            return Answer(host, error=f"{host.uri} answered with XML tdxvirt cannot read "
+                                      f"({type(error).__name__}: {safe(str(error))[:200]}); "
+                                      "check that host's libvirt")
 
     # Daemon threads, not concurrent.futures: a host that never answers (a silent
     # listener, an ssh that waits minutes) is left waiting in its thread, which ends with
@@ -239,11 +247,6 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-# The CC modes start's preflight accepts (tdxvirt.lifecycle.preflight._mode_problems): a TD runs
-# on a GPU in CC mode on or devtools (NVIDIA's debug variant of on), a plain VM on one
-# whose mode is off (or that has none).
-TD_CC_MODES = ("on", "devtools")
-PLAIN_CC_MODES = (None, "off")
 
 
 def offer(facts, conn, count: int, tdx: bool = True, managed: bool = True,
@@ -299,6 +302,8 @@ def offer(facts, conn, count: int, tdx: bool = True, managed: bool = True,
         else:
             free.append(device)
     if read_modes is not None and free:
+        from ..gpu.ccmode import PLAIN_CC_MODES, TD_CC_MODES  # what a start accepts
+
         accepted, wanted = (TD_CC_MODES, "on") if tdx else (PLAIN_CC_MODES, "off")
         modes = {r.address: r for r in read_modes(free)}
         kept = []

@@ -13,8 +13,8 @@ from ..domain.domainxml import DomainXML, read_domain_xml
 from ..domain.td_rules import td_problems
 from ..errors import NotFoundError
 from ..facts import HostFacts, facts_for
+from ..gpu.ccmode import mode_problems
 from ..host import HostRoot
-from ..host.nvidia import is_nvswitch, kind_of
 from ..pci import PciAddress
 from ..virt.conn import xml_of_listed
 
@@ -62,38 +62,6 @@ def _held_by_running(conn, name: str, gpus: tuple[str, ...]) -> list[str]:
     return problems
 
 
-def _mode_problems(host: HostFacts, facts, read_modes) -> list[str]:
-    """A TD needs its GPUs in CC mode (PPCIe mode with NVSwitches); a plain VM needs
-    CC off. Devices whose mode could not be read are left to the start itself."""
-    devices = []
-    for address in facts.gpus:  # every PCI hostdev, NICs and other devices included
-        try:
-            device = host.device(PciAddress.parse(address))
-        except NotFoundError:
-            continue  # reported by the hostdev check
-        if kind_of(device) is not None:  # NVIDIA's tool is run on GPUs and NVSwitches only
-            devices.append(device)
-    if not devices:
-        return []
-    ppcie = facts.tdx and any(is_nvswitch(d) for d in devices)
-    problems = []
-    for result in read_modes(devices):
-        if not result.ok:
-            continue
-        if ppcie:
-            if result.ppcie_mode != "on":
-                problems.append(f"{result.address} is not in PPCIe mode (it is "
-                                f"{result.ppcie_mode or 'unknown'}); `tdxvirt gpu cc-mode "
-                                f"{result.address} --ppcie on` sets the whole board")
-        elif facts.tdx and result.cc_mode not in ("on", "devtools"):
-            problems.append(f"GPU {result.address} has CC mode {result.cc_mode}; a TD needs it "
-                            f"on: `tdxvirt gpu cc-mode {result.address} --set on`")
-        elif not facts.tdx and result.cc_mode not in (None, "off"):
-            problems.append(f"GPU {result.address} has CC mode {result.cc_mode}; a VM without "
-                            f"TDX needs it off: `tdxvirt gpu cc-mode {result.address} --set off`")
-    return problems
-
-
 def start_problems(conn, host: HostRoot | HostFacts, xml: str, read_modes=None) -> list[str]:
     """Problems of the domain whose (inactive or live) XML this is, on the host that
     runs it (``host``: this machine's HostRoot, or that host's facts; see facts_for).
@@ -111,6 +79,6 @@ def start_problems(conn, host: HostRoot | HostFacts, xml: str, read_modes=None) 
         problems.extend(_hostdev_problems(host, hostdev, address))
     problems.extend(_file_problems(host, parsed))
     if read_modes is not None:
-        problems.extend(_mode_problems(host, domain, read_modes))
+        problems.extend(mode_problems(host.device, domain.gpus, domain.tdx, read_modes))
     problems.extend(_held_by_running(conn, domain.name, domain.gpus))
     return problems

@@ -42,14 +42,22 @@ def ensure_host_root(sim: SimLayout) -> None:
     current = marker.read_text().strip() if marker.is_file() else None
     if current != SIM_HOST_VERSION:
         build_sim_host(sim.host_root, sim.chroot)
+    ensure_gpu_modes(sim)
+
+
+def ensure_gpu_modes(sim: SimLayout) -> None:
+    """The simulated GPU's modes, kept by the stand-in for NVIDIA's tool (and read by
+    the emulated host's libvirt hook, so they exist before its daemon starts)."""
     modes = Path(sim.gpu_tool_env["STANDIN_STATE"])
     if not modes.exists():  # the real H100 reported CC off (fixture nvidia-smi output)
+        modes.parent.mkdir(parents=True, exist_ok=True)
         modes.write_text(json.dumps({"0000:38:00.0": {"cc": "off", "ppcie": "off"}}) + "\n")
 
 
 def up(sim: SimLayout | None = None) -> list[str]:
     """Start whatever is not running; return what was started."""
     sim = sim or layout()
+    ensure_gpu_modes(sim)
     started = []
     if chroot.start_daemons(sim.chroot, sim.socket, sim.devices):
         started.append("emulated TDX host (libvirt 12.x)")

@@ -89,6 +89,12 @@ def install(root: Path) -> None:
 # writes are the ones the daemon's hook reads).
 HOOK_CODE = "usr/lib/tdxvirt/python"
 HOOK_RECORDS = "var/lib/tdxvirt/records"
+# The GPU's modes as the stand-in for NVIDIA's tool keeps them (SimLayout.gpu_tool_env),
+# bound where the hook's stand-in reads them; its runs are logged beside QEMU's.
+HOOK_GPU_MODES = "var/lib/tdxvirt/sim-gpu-modes.json"
+HOOK_GPU_ENV = {"TDXVIRT_GPU_TOOLS": f"/{HOOK_CODE}/tdxvirt/sim/standin_gpu_tools.py",
+                "STANDIN_SYSFS": "/", "STANDIN_STATE": f"/{HOOK_GPU_MODES}",
+                "STANDIN_RECORD": f"/{RECORD_DIR}/gpu-tool-runs.jsonl"}
 
 
 def _install_hook(root: Path) -> None:
@@ -98,9 +104,11 @@ def _install_hook(root: Path) -> None:
     records_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
     (root / HOOK_CODE / "tdxvirt").mkdir(parents=True, exist_ok=True)  # mount points
     (root / HOOK_RECORDS).mkdir(parents=True, exist_ok=True)
+    (root / HOOK_GPU_MODES).touch()
     hook = root / HOOK.lstrip("/")
     hook.parent.mkdir(parents=True, exist_ok=True)
-    content = script(f"/{HOOK_RECORDS}", interpreter="/usr/bin/python3", code=f"/{HOOK_CODE}")
+    content = script(f"/{HOOK_RECORDS}", interpreter="/usr/bin/python3", code=f"/{HOOK_CODE}",
+                     environment=HOOK_GPU_ENV)
     if not hook.exists() or hook.read_bytes() != content:
         hook.write_bytes(content)
     hook.chmod(HOOK_MODE)
@@ -109,10 +117,14 @@ def _install_hook(root: Path) -> None:
 def _bind_hook_sources(root: Path) -> None:
     from .. import __file__ as package_init
     from ..domain.record import records_dir
+    from . import layout
 
-    for source, target in ((Path(package_init).parent, root / HOOK_CODE / "tdxvirt"),
-                           (records_dir(), root / HOOK_RECORDS)):
-        _mount("--bind", "-o", "ro", str(source), str(target))
+    for source, target, mode in (
+            (Path(package_init).parent, root / HOOK_CODE / "tdxvirt", "ro"),
+            (records_dir(), root / HOOK_RECORDS, "ro"),
+            # the stand-in writes its state back after every run (same file, same inode)
+            (Path(layout().gpu_tool_env["STANDIN_STATE"]), root / HOOK_GPU_MODES, "rw")):
+        _mount("--bind", "-o", mode, str(source), str(target))
 
 
 def _mount(*argv: str) -> None:
