@@ -576,3 +576,46 @@ def test_cli_reports_the_replay(sim_uri, conn, td_name, agent_behind_libvirt, re
     assert "event log replay" in one_line_error(failed, 1)
     row = next(line for line in failed.stdout.splitlines() if line.startswith("event log replay"))
     assert " fail " in row and "the CC event log is truncated" in row
+
+
+def test_a_loader_a_libvirt_user_swapped_fails_the_references_and_predicts_from_the_record(
+        sim, sim_uri, conn, td_name, agent_behind_libvirt, tmp_path):
+    """The review's attack: a libvirt user points <loader> at a one-byte-modified OVMF.
+    The prediction stays the one of the firmware root recorded, and the swap fails the
+    references check by name (exit 1), whatever else passes."""
+    import shutil
+
+    from lxml import etree
+
+    from tdxvirt.domain.record import local_store
+    from tdxvirt.domain.recorded import record_from
+    from tdxvirt.domain.tdvf import firmware_mrtd
+
+    root = tmp_path / "host"
+    genuine = root / "usr/share/ovmf/OVMF.inteltdx.fd"
+    genuine.parent.mkdir(parents=True)
+    shutil.copyfile(sim.chroot / "usr/share/ovmf/OVMF.inteltdx.ms.fd", genuine)
+    evil = bytearray(genuine.read_bytes())
+    evil[len(evil) // 2] ^= 0xFF
+    (root / "tmp").mkdir()
+    (root / "tmp/evil-ovmf.fd").write_bytes(evil)
+    domain = _define(conn, td_name, running=False)
+    xml = etree.fromstring(domain.XMLDesc(0).encode())
+    etree.SubElement(xml.find("os"), "loader", type="rom").text = "/usr/share/ovmf/OVMF.inteltdx.fd"
+    domain = conn.defineXML(etree.tostring(xml).decode())
+    local_store().write(record_from(domain.XMLDesc(0), domain.UUIDString()))  # root's define
+    try:
+        xml.find("os/loader").text = "/tmp/evil-ovmf.fd"  # the libvirt user's edit
+        conn.defineXML(etree.tostring(xml).decode()).create()  # the test driver has no hook
+        result = CliRunner().invoke(_main(), ["-c", sim_uri, "--host-root", str(root), "guest", "attest",
+                                              td_name, "--nonce", REPORTDATA.hex(), "--json"])
+        assert result.exit_code == 1
+        checks = {c["check"]: c for c in json.loads(result.stdout)["checks"]}
+        assert checks["references"]["result"] == "fail"
+        assert ("<loader> is /tmp/evil-ovmf.fd, root's record says /usr/share/ovmf/OVMF.inteltdx.fd"
+                in checks["references"]["detail"])
+        recorded_mrtd = firmware_mrtd(str(genuine), "single-pass")[0]
+        assert f"differs from {recorded_mrtd} (predicted from the firmware " \
+               "/usr/share/ovmf/OVMF.inteltdx.fd)" in checks["MRTD"]["detail"]
+    finally:
+        local_store().remove(domain.UUIDString())

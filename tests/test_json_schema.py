@@ -15,7 +15,7 @@ SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "
                 "rtmr2", "title", "record"}
 MEASURE = {"name", "firmware", "mrtd", "order", "order_note", "sections", "rtmr0", "rtmr1",
            "rtmr2", "unknown", "recorded", "rtmr_events", "rtmr_assumptions", "recorded_rtmr1",
-           "recorded_rtmr2"}
+           "recorded_rtmr2", "reference", "reference_differences"}
 SECTION = {"type", "address", "pages", "extended", "added"}
 GPU = {"address", "vendor_id", "device_id", "model", "product", "kind", "driver", "iommu_group",
        "peers", "numa_node", "bar_sizes", "largest_bar", "cc_mode", "ppcie_mode", "td"}

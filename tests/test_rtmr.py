@@ -33,9 +33,12 @@ from pathlib import Path
 
 import pytest
 from conftest import one_line_error
+from lxml import etree
 
 from tdxvirt.domain import bootmeasure
 from tdxvirt.domain.measure import predict
+from tdxvirt.domain.record import local_store
+from tdxvirt.domain.recorded import record_from
 from tdxvirt.errors import InputError
 from tdxvirt.paths import state_dir
 
@@ -323,18 +326,37 @@ def test_measure_cli_prints_the_prediction(conn, td_name, sim, guest_files, gpu_
         (host / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, host / target)
 
-    def define(xml: str) -> None:
-        conn.defineXML(xml.replace("<domain>", "<domain type='test'>")
-                       .replace("<name>rtmr</name>", f"<name>{td_name}</name>")
-                       .replace("<os>", "<memory>524288</memory><os><type arch='x86_64'>hvm</type>"))
+    def define(xml: str):
+        return conn.defineXML(xml.replace("<domain>", "<domain type='test'>")
+                              .replace("<name>rtmr</name>", f"<name>{td_name}</name>")
+                              .replace("<os>", "<memory>524288</memory><os><type arch='x86_64'>hvm</type>"))
 
-    define(direct_boot_xml("/boot/vmlinuz", "/boot/initrd"))
+    domain = define(direct_boot_xml("/boot/vmlinuz", "/etc/shadow"))
+    # no root-owned record: no file its XML names is read (no hash of /etc/shadow for
+    # whoever may edit domains), only files given on the command line
     report = json.loads(run("measure", td_name, "--json").output)
+    assert report["mrtd"] is None and "no root-owned record" in report["unknown"]
+    assert "was not read" in report["rtmr2"] and report["rtmr_events"] == []
+    conn.lookupByName(td_name).undefine()
+    domain = define(direct_boot_xml("/boot/vmlinuz", "/boot/initrd"))
+    store = local_store()
+    store.write(record_from(domain.XMLDesc(0), domain.UUIDString()))  # as root's define writes it
+    report = json.loads(run("measure", td_name, "--json").output)
+    assert report["reference"] == "root's record of this TD" and report["reference_differences"] == []
     assert len(report["rtmr1"]) == 96 and len(report["rtmr2"]) == 96
     assert report["rtmr2"] == predicted(sim, guest_files).rtmr2
     assert [e["register"] for e in report["rtmr_events"]] == ["RTMR1"] * 5 + ["RTMR2"] * 2
     text = run("measure", td_name).output
     assert f"RTMR1:     {report['rtmr1']}" in text and "assumes: " in text
+    # a libvirt user points <initrd> elsewhere: the record's initrd is still what is read
+    root = etree.fromstring(domain.XMLDesc(0).encode())
+    root.find("os/initrd").text = "/etc/shadow"
+    conn.defineXML(etree.tostring(root).decode())
+    changed = json.loads(run("measure", td_name, "--json").output)
+    assert changed["rtmr2"] == report["rtmr2"]
+    assert changed["reference_differences"] == [
+        "<initrd> is /etc/shadow, root's record says /boot/initrd"]
+    store.remove(domain.UUIDString())
     conn.lookupByName(td_name).undefine()
     define("<domain><name>rtmr</name><os><loader>/usr/share/ovmf/OVMF.fd</loader></os></domain>")
     error = one_line_error(run("measure", td_name, "--kernel", str(host / "boot/vmlinuz")), 2)

@@ -128,9 +128,13 @@ def attest_guest(guest, name: str, nonce: bytes, predictions: Predictions, sourc
 
 def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSource,
                   timeout: float, now: int | None = None) -> AttestReport:
-    """``predict(domain_xml)`` gives the Predictions (the CLI's: tdxvirt.domain.measure with
-    this host's facts)."""
+    """``predict(basis)`` gives the Predictions from a tdxvirt.domain.recorded
+    PredictionBasis (the CLI's: tdxvirt.domain.measure with this host's facts): root's
+    record of the TD, never the paths its live XML names."""
+    from dataclasses import replace
+
     from ..domain.domainxml import read_domain_xml
+    from ..domain.recorded import prediction_basis
     from ..guest import GuestNotReadyError
     from ..guest.verify import (
         GuestExec,
@@ -152,6 +156,20 @@ def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSour
         raise GuestNotReadyError(missing_agent_message(name))
     if state == "disconnected":
         raise GuestNotReadyError(silent_agent_message(name))
-    predictions = predict(xml)
+    basis = prediction_basis(conn.getURI(), domain.UUIDString(), xml)
+    predictions = predict(basis)
     guest = GuestExec(LibvirtAgentChannel(domain, uri=conn.getURI()), timeout=timeout, name=f"TD {name!r}")
-    return attest_guest(guest, name, nonce, predictions, source, len(read_domain_xml(xml).gpus), now)
+    report = attest_guest(guest, name, nonce, predictions, source, len(read_domain_xml(xml).gpus), now)
+    return replace(report, checks=(reference_check(basis), *report.checks))
+
+
+def reference_check(basis) -> Check:
+    """Where the predictions come from: root's record (its live definition unchanged:
+    pass; changed: fail, by name), or no trusted reference (not-checked)."""
+    if not basis.trusted:
+        return Check("references", NOT_CHECKED, basis.source)
+    if basis.differences:
+        return Check("references", FAIL, "the live definition differs from root's record: "
+                     + "; ".join(basis.differences) + " (predictions are the record's)")
+    return Check("references", PASS, "predicted from root's record of this TD; its live "
+                 "definition names the same firmware, kernel, initrd and command line")

@@ -153,15 +153,18 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
     conn = session.conn()
     facts = session.facts(conn)
 
-    def predict(xml: str):
+    def predict(basis):
         from ..domain.measure import predict as measure
 
         def local_file(path: str):
-            # A host fact: below the host root, and never read for a remote URI.
-            return None if facts.remote else str(facts.host.path(path))
+            # A host fact: below the host root, never read for a remote URI, and only
+            # when root's record names it (never a path a libvirt user pointed elsewhere)
+            return None if facts.remote or not basis.trusted else str(facts.host.path(path))
 
         try:
-            return predictions_from(measure(xml, local_file, page_order, firmware_override=firmware))
+            return predictions_from(measure(basis.xml, local_file, page_order, firmware_override=firmware,
+                                            unread_why=None if facts.remote or basis.trusted
+                                            else basis.source))
         except InputError as error:
             return no_predictions(str(error))
 

@@ -27,22 +27,31 @@ def measure(session, name, firmware, kernel, initrd, page_order, as_json):
     """Predict a TD's measurements: MRTD from its firmware; RTMR1 and RTMR2 from a directly
     booted kernel, initrd and command line; each value it cannot predict says why."""
     from ..domain.measure import predict
+    from ..domain.recorded import prediction_basis
     from ..lifecycle import tds
     from ..textsafe import safe
 
     conn = session.conn()
-    xml = tds.parsable_xml(tds.lookup(conn, name).XMLDesc(0))
+    domain = tds.lookup(conn, name)
+    basis = prediction_basis(conn.getURI(), domain.UUIDString(), tds.parsable_xml(domain.XMLDesc(0)))
     facts = session.facts(conn)
 
     def local_file(path: str):
-        # The firmware, kernel and initrd are host facts: below the host root, and never read for a remote URI.
-        return None if facts.remote else str(facts.host.path(path))
+        # The firmware, kernel and initrd are host facts: below the host root, never read
+        # for a remote URI, and only when root's record names them (no hash oracle of
+        # root's files for whoever can edit the domain's XML).
+        return None if facts.remote or not basis.trusted else str(facts.host.path(path))
 
-    result = predict(xml, local_file, page_order, firmware, kernel, initrd)
+    result = predict(basis.xml, local_file, page_order, firmware, kernel, initrd,
+                     unread_why=None if facts.remote or basis.trusted else basis.source)
     if as_json:
-        click.echo(json.dumps(result.as_dict(), indent=2))
+        click.echo(json.dumps({**result.as_dict(), "reference": basis.source,
+                               "reference_differences": list(basis.differences)}, indent=2))
         return
     click.echo(f"TD:        {safe(result.name)}")
+    click.echo(f"reference: {safe(basis.source)}")
+    for difference in basis.differences:
+        click.echo(f"           the live definition DIFFERS: {safe(difference)}")
     click.echo(f"firmware:  {safe(result.firmware)}")
     click.echo(f"MRTD:      {result.mrtd or 'unknown: ' + (result.unknown or '')}")
     click.echo(f"           (page order {result.order}: {result.order_note})")

@@ -77,9 +77,10 @@ def _rom_off(device) -> bool:
 
 
 def predict_boot(root, firmware_file: str | None, read_host_path, kernel_override=None,
-                 initrd_override=None):
+                 initrd_override=None, unread_why: str | None = None):
     """RTMR1/RTMR2 of the domain ``root``; host paths are read only through
-    ``read_host_path`` (None: not readable from here), so a remote TD's files never are."""
+    ``read_host_path`` (None: not readable from here), so a remote TD's files never are;
+    ``unread_why``: why they are not (default: they are on the TD's host)."""
     from .bootmeasure import BootPrediction, predict_direct_boot
 
     domain = DomainXML.of(root)
@@ -99,8 +100,9 @@ def predict_boot(root, firmware_file: str | None, read_host_path, kernel_overrid
     initrd_file = initrd_override or (read_host_path(initrd) if initrd else None)
     for path, local, option in ((kernel, kernel_file, "--kernel"), (initrd, initrd_file, "--initrd")):
         if path and local is None:
-            why = (f"not predicted: {path} is on the host that runs the TD; copy it here and "
-                   f"give {option} FILE")
+            why = (f"not predicted: {path} was not read ({unread_why}); give {option} FILE"
+                   if unread_why else f"not predicted: {path} is on the host that runs the TD; "
+                   f"copy it here and give {option} FILE")
             return BootPrediction(why, why, [], [])
     firmware = None
     if firmware_file is not None:
@@ -116,10 +118,11 @@ def predict_boot(root, firmware_file: str | None, read_host_path, kernel_overrid
 
 def predict(xml: str, read_firmware_path, order: str = SINGLE_PASS,
             firmware_override: str | None = None, kernel_override: str | None = None,
-            initrd_override: str | None = None) -> Measurements:
+            initrd_override: str | None = None, unread_why: str | None = None) -> Measurements:
     """``read_firmware_path(path)`` maps a host path of the domain (loader, kernel, initrd)
     to a readable file on this machine, or None when the file lives on a host tdxvirt
-    cannot read (remote)."""
+    cannot read (remote), or must not be read (``unread_why`` says why: no root-owned
+    record names it)."""
     domain = DomainXML.of(xml)
     name = domain.name or "?"
     recorded = domain.mark_text("mrtd")
@@ -128,11 +131,14 @@ def predict(xml: str, read_firmware_path, order: str = SINGLE_PASS,
         raise InputError(f"{name!r} names no firmware (<os><loader>); a TD loads TDX firmware "
                          "as ROM: restore the loader, or give --firmware FILE")
     readable = firmware_override or read_firmware_path(loader)
-    boot = predict_boot(domain, readable, read_firmware_path, kernel_override, initrd_override)
+    boot = predict_boot(domain, readable, read_firmware_path, kernel_override, initrd_override,
+                        unread_why)
     recorded_rtmrs = {f"recorded_{r}": domain.mark_text(r) for r in ("rtmr1", "rtmr2")}
     if readable is None:
         return Measurements(name, loader, None, order, ORDER_NOTE[order],
-                            unknown=f"the firmware {loader} is on the host that runs the TD; "
+                            unknown=f"the firmware {loader} was not read ({unread_why}); give "
+                                    "--firmware FILE" if unread_why else
+                                    f"the firmware {loader} is on the host that runs the TD; "
                                     "copy it here and give --firmware FILE", recorded=recorded,
                             rtmr1=boot.rtmr1, rtmr2=boot.rtmr2,
                             rtmr_events=[e.as_dict() for e in boot.events],

@@ -4,6 +4,7 @@ define just rendered, or the one root looked at and accepted with ``tdxvirt adop
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 from lxml import etree
 
@@ -73,3 +74,75 @@ def parse_protected(text: str):
     if not text:
         return None
     return etree.fromstring(text.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+
+
+_MARKED_MEASUREMENTS = ("mrtd", "rtmr1", "rtmr2")
+
+
+def reference_xml(xml: str, record: TDRecord) -> tuple[str, list[str]]:
+    """The domain's XML with every reference a prediction reads taken from root's record
+    (firmware, kernel, initrd, command line, the measurements define predicted), and how
+    the live definition differs from it: ``measure`` and ``guest attest`` predict from
+    this, never from paths a libvirt user can point at another file."""
+    root = etree.fromstring(xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+    domain = DomainXML(root)
+    differences = []
+    os_element = root.find("os")
+    if os_element is None:
+        os_element = etree.SubElement(root, "os")
+    for tag, wanted in (("loader", record.loader), ("kernel", record.kernel),
+                        ("initrd", record.initrd), ("cmdline", record.cmdline)):
+        now = domain.os_text(tag) or None
+        if now != wanted:
+            differences.append(f"<{tag}> is {now or 'unset'}, root's record says {wanted or 'unset'}")
+        for old in os_element.findall(tag):
+            os_element.remove(old)
+        if wanted is not None:
+            element = etree.SubElement(os_element, tag)
+            element.text = wanted
+            if tag == "loader":
+                element.set("type", "rom")
+    mark = domain.mark
+    if mark is None:
+        metadata = root.find("metadata")
+        if metadata is None:
+            metadata = etree.SubElement(root, "metadata")
+        mark = etree.SubElement(metadata, f"{{{NAMESPACE}}}td", nsmap={"tdxvirt": NAMESPACE})
+    for tag in _MARKED_MEASUREMENTS:
+        for old in mark.findall(f"{{{NAMESPACE}}}{tag}"):
+            mark.remove(old)
+        if getattr(record, tag):
+            etree.SubElement(mark, f"{{{NAMESPACE}}}{tag}").text = getattr(record, tag)
+    return etree.tostring(root, encoding="unicode"), differences
+
+
+@dataclass(frozen=True)
+class PredictionBasis:
+    """What ``measure`` and ``guest attest`` predict from: root's record of the TD (then
+    ``xml`` carries its references) or nothing trusted (then no file the XML names is
+    read: only files the user names with --firmware/--kernel/--initrd are)."""
+
+    xml: str
+    trusted: bool
+    source: str
+    differences: tuple[str, ...] = ()  # how the live definition differs from the record
+
+
+def prediction_basis(uri: str, uuid: str, xml: str) -> PredictionBasis:
+    from ..virt.conn import is_remote
+    from .record import RecordError, local_store
+
+    if is_remote(uri):
+        return PredictionBasis(xml, False, "no root-owned record here: the TD's host holds its "
+                               "records (`tdxvirt adopt` there); files given with --firmware, "
+                               "--kernel, --initrd only")
+    try:
+        record = local_store().read(uuid)
+    except RecordError as error:
+        return PredictionBasis(xml, False, str(error))
+    if record is None:
+        return PredictionBasis(xml, False, "no root-owned record of this TD (`tdxvirt adopt` "
+                               "records it): the paths in its XML are a libvirt user's to change, "
+                               "so only files given with --firmware, --kernel, --initrd are read")
+    reference, differences = reference_xml(xml, record)
+    return PredictionBasis(reference, True, "root's record of this TD", tuple(differences))
