@@ -31,6 +31,7 @@ from tdxvirt.attest.checks import (
     FAIL,
     NOT_CHECKED,
     PASS,
+    Identity,
     Prediction,
     Predictions,
     as_prediction,
@@ -75,10 +76,14 @@ def flip(raw: bytes, offset: int, mask: int = 0x01) -> bytes:
 
 
 def matching(quote_raw: bytes) -> Predictions:
-    """Predictions equal to what dcap-qvl's parser reads from the quote."""
+    """Predictions equal to what dcap-qvl's parser reads from the quote, bound to the TD
+    the quote is of (its MR values and TD attributes, as root's record would hold them)."""
     report = dcap_qvl.parse_quote(quote_raw).report
+    identity = Identity(report.mr_config_id, report.mr_owner, report.mr_owner_config,
+                        int.from_bytes(report.td_attributes, "little"))
     return Predictions(Prediction(report.mr_td.hex(), "predicted"),
-                       tuple(Prediction(getattr(report, f"rt_mr{i}").hex(), "predicted") for i in range(4)))
+                       tuple(Prediction(getattr(report, f"rt_mr{i}").hex(), "predicted") for i in range(4)),
+                       identity)
 
 
 def by_name(checks) -> dict:
@@ -167,7 +172,9 @@ def test_the_v4_sample_passes_every_check_in_its_collateral_window():
     results = {check.name: check.result for check in checks}
     assert set(results.values()) == {PASS}, checks
     assert list(results) == ["quote format", "REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0",
-                             "RTMR1", "RTMR2", "RTMR3", "quote signature (DCAP)", "platform TCB"]
+                             "RTMR1", "RTMR2", "RTMR3", "MRCONFIGID", "MROWNER", "MROWNERCONFIG",
+                             "TD attributes", "quote signature (DCAP)", "platform TCB"]
+    assert by_name(checks)["TD attributes"].detail.startswith("0x0000000010000000 (SEPT_VE_DISABLE)")
     assert by_name(checks)["platform TCB"].detail == "UpToDate"
     assert by_name(checks)["quote format"].detail == ("TDX quote v4, TD report 1.0, 4300 bytes of signature "
                                                       "data, 70 bytes of zero padding")
@@ -394,3 +401,44 @@ def test_crl_times_are_read_from_the_der():
                                                                           epoch("2025-07-19T10:00:35Z"))
     with pytest.raises(ValueError):
         dcap_verifier.crl_window(bytes.fromhex(data["pck_crl"])[:30])
+
+
+def test_a_genuine_quote_of_another_td_fails_its_identity_by_name():
+    """The review's relay: dcap-qvl's real, validly signed sample quote (MRCONFIGID all
+    zero) presented for a TD root recorded with another MRCONFIGID: the signature,
+    MRTD and RTMRs all pass, MRCONFIGID fails, and the attestation is not ok."""
+    import dataclasses
+
+    collateral = dcap_verifier.load_collateral(str(V4_COLLATERAL))
+    verdict = dcap_verifier.verify(V4, collateral, V4_VALID_AT)
+    ours = matching(V4)
+    other = dataclasses.replace(ours, identity=dataclasses.replace(ours.identity,
+                                                                   mr_config_id=b"\x01" * 48))
+    _, checks = check_quote(V4, parse_quote(V4).report_data, other, verdict)
+    found = by_name(checks)
+    assert found["quote signature (DCAP)"].result == PASS and found["MRTD"].result == PASS
+    assert found["MRCONFIGID"].result == FAIL
+    assert found["MRCONFIGID"].detail.startswith("all zero, not 0101") and "another TD's" in found["MRCONFIGID"].detail
+
+
+@pytest.mark.parametrize("bit", [b for b in range(64) if b != 30])  # PKS follows the host's CPU
+def test_every_td_attribute_bit_flipped_is_caught_by_name(bit):
+    from tdxvirt.attest.checks import ATTRIBUTE_BITS, check_identity
+
+    quote = parse_quote(V4)
+    identity = matching(V4).identity
+    attributes = int.from_bytes(quote.field("td_attributes"), "little") ^ (1 << bit)
+    flipped = parse_quote(V4[:V4_BODY + OFFSETS["td_attributes"]] + attributes.to_bytes(8, "little")
+                          + V4[V4_BODY + OFFSETS["td_attributes"] + 8:])
+    check = by_name(check_identity(flipped, identity))["TD attributes"]
+    assert check.result == FAIL
+    assert ATTRIBUTE_BITS.get(bit, f"bit {bit}") in check.detail
+
+
+def test_no_record_leaves_the_identity_not_checked_and_the_quote_not_bound():
+    from tdxvirt.attest.checks import IDENTITY, check_identity
+
+    checks = check_identity(parse_quote(V4), None)
+    assert [c.name for c in checks] == list(IDENTITY)
+    assert {c.result for c in checks} == {NOT_CHECKED}
+    assert "no root-owned record" in checks[0].detail

@@ -434,8 +434,9 @@ def test_cli_json_follows_the_schema(sim_uri, conn, td_name, agent_behind_libvir
     result = CliRunner().invoke(_main(), ["-c", sim_uri, "guest", "attest", td_name, "--json"])
     assert result.exit_code == 1  # a random nonce: the recorded quote is a replay
     data = json.loads(result.stdout)
-    assert set(data) == {"domain", "ok", "verified", "firmware_matched", "nonce", "verification_time", "checks", "quote",
-                         "collateral", "evidence", "replayed_events"}
+    assert set(data) == {"domain", "ok", "verified", "bound", "firmware_matched", "nonce", "verification_time",
+                         "checks", "quote", "collateral", "evidence", "replayed_events"}
+    assert data["bound"] is False  # a test-driver domain root has no record of
     assert data["replayed_events"] is None  # no CCEL in this guest
     assert data["domain"] == td_name and data["ok"] is False and len(bytes.fromhex(data["nonce"])) == 64
     assert {c["result"] for c in data["checks"]} <= {"pass", "fail", "not-checked"}

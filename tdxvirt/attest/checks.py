@@ -53,9 +53,45 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """What binds a quote to one TD beyond its firmware: the MR values and the TD
+    attributes root recorded when it defined (or adopted) the TD."""
+
+    mr_config_id: bytes  # 48 bytes each; all zero when none was set
+    mr_owner: bytes
+    mr_owner_config: bytes
+    attributes: int  # the TD attributes asked for (the launch-security policy)
+    source: str = "root's record of this TD"
+
+
+@dataclass(frozen=True)
 class Predictions:
     mrtd: Prediction
     rtmrs: tuple[Prediction, Prediction, Prediction, Prediction]
+    identity: Identity | None = None  # None: no root-owned record binds a quote to the TD
+
+
+def identity_from(record) -> Identity:
+    """A TD record's (tdxvirt.domain.record) MR values (base64, as libvirt and QEMU take
+    them) and TD attributes."""
+    import base64
+
+    def value(text):
+        return base64.b64decode(text) if text else bytes(48)
+
+    return Identity(value(record.mr_config_id), value(record.mr_owner),
+                    value(record.mr_owner_config), record.policy or 0)
+
+
+# TDATTRIBUTES bits by name (Intel TDX module ABI). PKS is set by QEMU itself when the
+# host CPU has it (host-passthrough), so it follows the host, not the record.
+ATTRIBUTE_BITS = {0: "DEBUG", 4: "HGS_PLUS_PROF", 5: "PERF_PROF", 6: "PMT_PROF", 16: "ICSSD",
+                  27: "LASS", 28: "SEPT_VE_DISABLE", 29: "MIGRATABLE", 30: "PKS", 31: "KL",
+                  62: "TPA", 63: "PERFMON"}
+HOST_DEPENDENT_BITS = {30}
+IDENTITY = ("MRCONFIGID", "MROWNER", "MROWNERCONFIG", "TD attributes")
+_UNBOUND = ("no root-owned record of this TD binds the quote to it (`tdxvirt adopt` on its host "
+            "records one): a quote of any TD with this firmware would match")
 
 
 def as_prediction(value: str | None, source: str) -> Prediction:
@@ -140,6 +176,38 @@ def check_register(name: str, found: bytes, prediction: Prediction) -> Check:
                              "the TD does not run what was predicted")
 
 
+def check_identity(quote: TdQuote, identity: Identity | None) -> list[Check]:
+    """MRCONFIGID, MROWNER, MROWNERCONFIG and the TD attributes against root's record:
+    a genuine quote of another TD (a hostile guest relaying the nonce) differs here."""
+    if identity is None:
+        return [Check(name, NOT_CHECKED, _UNBOUND) for name in IDENTITY]
+    checks = []
+    for name, field, expected in (("MRCONFIGID", "mr_config_id", identity.mr_config_id),
+                                  ("MROWNER", "mr_owner", identity.mr_owner),
+                                  ("MROWNERCONFIG", "mr_owner_config", identity.mr_owner_config)):
+        found = quote.field(field)
+        shown = "all zero" if not any(found) else found.hex()
+        if found == expected:
+            checks.append(Check(name, PASS, f"{shown}, as in {identity.source}"))
+        else:
+            wanted = "all zero (none set)" if not any(expected) else expected.hex()
+            checks.append(Check(name, FAIL, f"{shown}, not {wanted} as in {identity.source}: the quote "
+                                            "is another TD's (relayed by the guest?)"))
+    found = int.from_bytes(quote.field("td_attributes"), "little")
+    differing = [bit for bit in range(64)
+                 if (found ^ identity.attributes) >> bit & 1 and bit not in HOST_DEPENDENT_BITS]
+    named = ", ".join(ATTRIBUTE_BITS.get(bit, f"bit {bit}") for bit in range(64) if found >> bit & 1)
+    if not differing:
+        checks.append(Check("TD attributes", PASS, f"{found:#018x} ({named or 'none set'}), as in "
+                                                   f"{identity.source}"))
+    else:
+        changes = ", ".join(f"{ATTRIBUTE_BITS.get(bit, f'bit {bit}')} "
+                            f"{'set' if found >> bit & 1 else 'clear'}" for bit in differing)
+        checks.append(Check("TD attributes", FAIL, f"{found:#018x}, not {identity.attributes:#018x} as in "
+                                                   f"{identity.source}: {changes}"))
+    return checks
+
+
 def check_signature(verdict, missing: str) -> list[Check]:
     """The DCAP verifier's verdict (dcap.Verdict), or ``missing`` (why there is none)."""
     signature, tcb = SIGNATURE, "platform TCB"
@@ -166,11 +234,12 @@ def check_quote(raw: bytes, nonce: bytes, predictions: Predictions, verdict=None
     if quote is None:
         skipped = "the quote could not be parsed"
         names = ["REPORTDATA is the nonce", "TD debug off", "MRTD", "RTMR0", "RTMR1", "RTMR2", "RTMR3",
-                 SIGNATURE, "platform TCB"]
+                 *IDENTITY, SIGNATURE, "platform TCB"]
         return None, [shape, *(Check(name, NOT_CHECKED, skipped) for name in names)]
     checks = [shape, check_report_data(quote, nonce), check_debug(quote),
               check_register("MRTD", quote.mr_td, predictions.mrtd)]
     checks += [check_register(f"RTMR{i}", quote.rtmr(i), predictions.rtmrs[i]) for i in range(4)]
+    checks += check_identity(quote, predictions.identity)
     checks += check_signature(verdict, missing)
     return quote, checks
 

@@ -15,7 +15,19 @@ from dataclasses import dataclass
 
 from . import QuoteFormatError
 from . import dcap as dcap_verifier
-from .checks import FAIL, NOT_CHECKED, PASS, SIGNATURE, Check, Predictions, check_event_log, check_gpu, check_quote
+from .checks import (
+    FAIL,
+    IDENTITY,
+    NOT_CHECKED,
+    PASS,
+    SIGNATURE,
+    Check,
+    Predictions,
+    check_event_log,
+    check_gpu,
+    check_quote,
+    identity_from,
+)
 from .eventlog import CcEvent
 from .evidence import Evidence, collect
 from .quote import TdQuote, parse_quote
@@ -60,7 +72,13 @@ class AttestReport:
         prediction: a quote whose signature or firmware was not checked proves nothing
         about what runs, so a script that gates keys on the exit code never passes one
         (other checks not run are listed, never counted as passed)."""
-        return not self.failed and self.verified and self.firmware_matched
+        return not self.failed and self.verified and self.firmware_matched and self.bound
+
+    @property
+    def bound(self) -> bool:
+        """The quote is this TD's: its MR values and TD attributes are the ones root recorded."""
+        passed = {c.name for c in self.checks if c.result == PASS}
+        return all(name in passed for name in IDENTITY)
 
     @property
     def firmware_matched(self) -> bool:
@@ -79,7 +97,7 @@ class AttestReport:
         return [check for check in self.checks if check.result == NOT_CHECKED]
 
     def as_dict(self) -> dict:
-        return {"domain": self.domain, "ok": self.ok, "verified": self.verified,
+        return {"domain": self.domain, "ok": self.ok, "verified": self.verified, "bound": self.bound,
                 "firmware_matched": self.firmware_matched,
                 "nonce": self.nonce.hex(),
                 "verification_time": dcap_verifier.when(self.verification_time),
@@ -98,8 +116,11 @@ class AttestReport:
         if not self.verified:
             return (f"TD {self.domain!r} is not attested: the quote's signature was not verified "
                     "(see the table above); give --collateral FILE or --pccs-url URL")
-        return (f"TD {self.domain!r} is not attested: its MRTD was not compared with a prediction "
-                "(see the table above); give --firmware FILE, a copy of the TD's firmware")
+        if not self.firmware_matched:
+            return (f"TD {self.domain!r} is not attested: its MRTD was not compared with a prediction "
+                    "(see the table above); give --firmware FILE, a copy of the TD's firmware")
+        return (f"TD {self.domain!r} is not attested: no root-owned record binds the quote to this TD "
+                "(its MR values and TD attributes were not compared); run `tdxvirt adopt` on its host")
 
 
 def assess(name: str, nonce: bytes, evidence: Evidence, predictions: Predictions,
@@ -158,6 +179,8 @@ def attest_domain(conn, name: str, nonce: bytes, predict, source: CollateralSour
         raise GuestNotReadyError(silent_agent_message(name))
     basis = prediction_basis(conn.getURI(), domain.UUIDString(), xml)
     predictions = predict(basis)
+    if basis.record is not None:
+        predictions = replace(predictions, identity=identity_from(basis.record))
     guest = GuestExec(LibvirtAgentChannel(domain, uri=conn.getURI()), timeout=timeout, name=f"TD {name!r}")
     report = attest_guest(guest, name, nonce, predictions, source, len(read_domain_xml(xml).gpus), now)
     return replace(report, checks=(reference_check(basis), *report.checks))

@@ -126,7 +126,7 @@ class PredictionBasis:
     trusted: bool
     source: str
     differences: tuple[str, ...] = ()  # how the live definition differs from the record
-
+    record: TDRecord | None = None
 
 def prediction_basis(uri: str, uuid: str, xml: str) -> PredictionBasis:
     from ..virt.conn import is_remote
@@ -145,4 +145,4 @@ def prediction_basis(uri: str, uuid: str, xml: str) -> PredictionBasis:
                                "records it): the paths in its XML are a libvirt user's to change, "
                                "so only files given with --firmware, --kernel, --initrd are read")
     reference, differences = reference_xml(xml, record)
-    return PredictionBasis(reference, True, "root's record of this TD", tuple(differences))
+    return PredictionBasis(reference, True, "root's record of this TD", tuple(differences), record)
