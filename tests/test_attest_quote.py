@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import struct
 import threading
 from datetime import datetime
@@ -290,8 +291,12 @@ def test_expired_collateral_is_said_so_and_fails_the_signature_check():
 
 
 def test_bad_collateral_files_are_one_line_errors(tmp_path):
-    with pytest.raises(CollateralError, match="cannot read collateral file .*: No such file"):
+    with pytest.raises(CollateralError, match="collateral file .*none.json does not exist"):
         dcap_verifier.load_collateral(str(tmp_path / "none.json"))
+    os.mkfifo(tmp_path / "fifo.json")  # refused at once, never a hang; /dev/zero never read
+    for special, kind in ((tmp_path / "fifo.json", "a FIFO"), ("/dev/zero", "a character device")):
+        with pytest.raises(CollateralError, match=f"is {kind}, not a regular file"):
+            dcap_verifier.load_collateral(str(special))
     (tmp_path / "text.json").write_text("not json")
     with pytest.raises(CollateralError, match="is not JSON"):
         dcap_verifier.load_collateral(str(tmp_path / "text.json"))

@@ -168,3 +168,56 @@ def test_a_firmware_on_another_host_is_unknown_not_read_here(tmp_path):
     asked = []
     result = predict(xml, lambda path: asked.append(path))  # a remote host: nothing readable
     assert result.mrtd is None and "--firmware FILE" in result.unknown and asked == ["/usr/share/ovmf/X.fd"]
+
+
+def _crafted(sim, edit) -> bytes:
+    """The real TDX firmware with its TDVF section table edited (each 32-byte section:
+    DataOffset, RawDataSize, MemoryAddress at +8, MemoryDataSize at +16, Type, Attributes)."""
+    import struct
+
+    from tdxvirt.domain.tdvf import _metadata_offset
+
+    image = bytearray((sim.chroot / "usr/share/ovmf/OVMF.inteltdx.ms.fd").read_bytes())
+    start = _metadata_offset(bytes(image), "x")
+    count = struct.unpack_from("<I", image, start + 12)[0]
+    edit(image, start, count)
+    return bytes(image)
+
+
+def test_crafted_section_tables_are_refused_before_any_loop(sim, tmp_path):
+    """The review's 4 KiB-style attack: a section of 2^52 bytes would loop for days; an
+    oversized count, an overlap, a GPA past the TD's space: each one line, at once."""
+    import struct
+    import time
+
+    def huge(image, start, count):
+        struct.pack_into("<Q", image, start + 16 + 16, 1 << 51)  # section 0's MemoryDataSize
+
+    def many(image, start, count):
+        struct.pack_into("<I", image, start + 12, 10_000)
+        struct.pack_into("<I", image, start + 4, 16 + 32 * 10_000)
+
+    def overlap(image, start, count):
+        address = struct.unpack_from("<Q", image, start + 16 + 32 + 8)[0]  # section 1's
+        struct.pack_into("<Q", image, start + 16 + 8, address)  # section 0 placed on it
+
+    def beyond(image, start, count):
+        struct.pack_into("<Q", image, start + 16 + 8, (1 << 52) - 0x1000)  # section 0's address
+
+    for edit, words in ((huge, "more than any TDX firmware"), (many, "10000 sections|more than the 64"),
+                        (overlap, "overlap"), (beyond, "beyond a TD's guest-physical")):
+        path = tmp_path / f"{edit.__name__}.fd"
+        path.write_bytes(_crafted(sim, edit))
+        started = time.monotonic()
+        with pytest.raises(InputError, match=words):
+            firmware_mrtd(path)
+        assert time.monotonic() - started < 2, edit.__name__
+
+
+def test_a_fifo_or_a_device_as_firmware_is_refused_at_once(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.fd")
+    for special, kind in ((tmp_path / "fifo.fd", "a FIFO"), ("/dev/zero", "a character device")):
+        with pytest.raises(InputError, match=f"is {kind}, not a regular file"):
+            firmware_mrtd(special)

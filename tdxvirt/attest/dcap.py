@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 from . import CollateralError
 
@@ -134,13 +133,20 @@ def collateral_from(data: dict, source: str) -> Collateral:
     return Collateral(data, source, not_before, not_after, parts)
 
 
+COLLATERAL_LIMIT = 16 << 20  # a PCCS's collateral JSON is tens of KiB
+
+
 def load_collateral(path: str) -> Collateral:
+    """dcap-qvl's collateral JSON from a file: a regular file (never a FIFO or device:
+    refused before a byte is read), at most COLLATERAL_LIMIT bytes."""
+    from ..errors import TdxvirtError
+    from ..userfile import read_user_file
+
+    hint = "give the collateral JSON saved from a PCCS (docs/attestation.md), or --pccs-url"
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise CollateralError(f"cannot read collateral file {path}: {error.strerror}; give the "
-                              "collateral JSON saved from a PCCS (docs/attestation.md), or "
-                              "--pccs-url") from None
+        data = json.loads(read_user_file(path, "collateral file", hint, limit=COLLATERAL_LIMIT))
+    except TdxvirtError as error:
+        raise CollateralError(str(error)) from None
     except ValueError as error:
         raise CollateralError(f"collateral file {path} is not JSON ({error}); give dcap-qvl's "
                               "collateral JSON") from None

@@ -48,6 +48,11 @@ TDX_PROVIDER = "tdx_guest"
 QUOTE_LIMIT = 64 * 1024  # a TDX quote is about 5 KiB; more is not a quote
 EVENT_LOG_LIMIT = 8 * 1024 * 1024
 READ_CHUNK = 64 * 1024
+# A hostile guest picks its reply sizes: qemu-ga's fread fills every chunk asked for
+# until the end of the file, so a short chunk that is not the end is a stall (1-byte
+# replies would mean millions of agent calls), and a whole read has one deadline.
+MIN_PROGRESS = 4096
+READ_DEADLINE = 120.0
 NVATTEST = ("nvattest", "attest", "--device", "gpu", "--verifier", "local")
 CC_STATUS = ("nvidia-smi", "conf-compute", "-f")
 
@@ -83,9 +88,16 @@ class GuestFiles:
         data = self.guest.decode("guest-file-read", "buf-b64", reply.get("buf-b64", ""))
         if len(data) != count:
             raise self.guest.malformed("guest-file-read", f"a count that is not the {len(data)} bytes it sent", count)
+        if count > READ_CHUNK:
+            raise self.guest.malformed("guest-file-read", f"more than the {READ_CHUNK} bytes asked for", count)
         return data, eof or not count
 
-    def read(self, path: str, limit: int) -> bytes:
+    def read(self, path: str, limit: int, deadline: float = READ_DEADLINE) -> bytes:
+        """The whole file, at most ``limit`` bytes, within ``deadline`` seconds, each chunk
+        but the last a full one (at least MIN_PROGRESS bytes)."""
+        import time
+
+        ends = time.monotonic() + deadline
         handle = self._open(path, "r")
         try:
             data = bytearray()
@@ -97,6 +109,14 @@ class GuestFiles:
                                              "that is not what the kernel returns there")
                 if end:
                     return bytes(data)
+                if len(chunk) < MIN_PROGRESS:
+                    raise GuestNotReadyError(
+                        f"the guest agent in {self.guest.name} returned {len(chunk)} bytes of {path} "
+                        f"where {READ_CHUNK} were asked for, before its end: a stalling agent; "
+                        "nothing was attested")
+                if time.monotonic() > ends:
+                    raise GuestNotReadyError(f"reading {path} from {self.guest.name} took more than "
+                                             f"{deadline:g} s; nothing was attested")
         finally:
             self._close_quietly(handle)
 

@@ -43,6 +43,12 @@ PAGE_AUG = 0x2
 SECTION_TYPES = {0: "BFV", 1: "CFV", 2: "TD_HOB", 3: "TempMem", 4: "PermMem", 5: "Payload",
                  6: "PayloadParam"}
 SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"
+# Bounds a crafted image cannot stretch (a TDVF adds and measures a few MiB, in a
+# handful of sections): checked before any loop runs over the sections' pages.
+MAX_SECTIONS = 64
+MAX_MEASURED_BYTES = 512 << 20
+GPA_LIMIT = 1 << 52
+FIRMWARE_LIMIT = 256 << 20  # bytes read of a firmware file
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ def parse(image: bytes, path: str = "the firmware") -> list[Section]:
     if signature != b"TDVF" or version != 1 or length != 16 + 32 * count \
             or start + length > len(image):
         raise _bad(path, f"descriptor {signature!r} version {version} with {count} sections")
+    if count > MAX_SECTIONS:
+        raise _bad(path, f"{count} sections, more than the {MAX_SECTIONS} any TDVF has")
     sections = [Section(*struct.unpack_from("<IIQQII", image, start + 16 + 32 * i))
                 for i in range(count)]
     for s in sections:
@@ -101,6 +109,18 @@ def parse(image: bytes, path: str = "the firmware") -> list[Section]:
                 or s.data_offset + s.raw_size > len(image):
             raise _bad(path, f"{s.kind} section at {s.address:#x} is not page-aligned or "
                              "points outside the image")
+        if s.address + s.memory_size > GPA_LIMIT:
+            raise _bad(path, f"{s.kind} section at {s.address:#x} of {s.memory_size:#x} bytes ends "
+                             "beyond a TD's guest-physical address space")
+    measured = sum(s.memory_size for s in sections
+                   if not s.attributes & PAGE_AUG or s.attributes & MR_EXTEND)
+    if measured > MAX_MEASURED_BYTES:
+        raise _bad(path, f"its sections add {measured:#x} bytes to the TD, more than any TDX "
+                         f"firmware ({MAX_MEASURED_BYTES >> 20} MiB)")
+    placed = sorted((s for s in sections if s.memory_size), key=lambda s: s.address)
+    for before, after in zip(placed, placed[1:]):
+        if before.address + before.memory_size > after.address:
+            raise _bad(path, f"its {before.kind} and {after.kind} sections overlap at {after.address:#x}")
     return sections
 
 
@@ -159,11 +179,15 @@ def predicted_mrtd(path: str | Path) -> str | None:
 
 
 def firmware_mrtd(path: str | Path, order: str = SINGLE_PASS) -> tuple[str, list[Section]]:
-    """(MRTD as hex, sections) of a firmware file."""
+    """(MRTD as hex, sections) of a firmware file: a regular file (a FIFO or /dev/zero is
+    refused before a byte is read), at most FIRMWARE_LIMIT bytes."""
+    from ..errors import NotFoundError
+    from ..userfile import read_user_file
+
+    hint = "give the path of the TD's firmware image (its <os><loader>, or a copy of it)"
     try:
-        image = Path(path).read_bytes()
-    except OSError as error:
-        raise InputError(f"cannot read firmware {path}: {error.strerror}; give the path of the "
-                         "TD's firmware image (its <os><loader>, or a copy of it)") from None
+        image = read_user_file(path, "firmware", hint, limit=FIRMWARE_LIMIT)
+    except NotFoundError:
+        raise InputError(f"cannot read firmware {path}: it does not exist; {hint}") from None
     sections = parse(image, str(path))
     return mrtd(image, sections, order).hex(), sections
