@@ -462,3 +462,23 @@ def test_a_damaged_firmware_file_gives_a_sentence_or_one_line(sim, guest_files, 
         else:
             assert "cannot tell from the firmware image where it adds initrd=initrd" in result.rtmr2
             assert len(result.rtmr1) == 96
+
+
+@pytest.mark.parametrize("cmdline, skips", [
+    ("console=ttyS0 noinitrd", True), ('noinitrd quiet="a b"', True),
+    ("console=ttyS0 -- noinitrd", False),  # after "--": the init's, not the stub's
+    ("noinitrd=1", False), ("xnoinitrd", False), ("console=ttyS0", False)])
+def test_noinitrd_before_the_dashes_means_no_initrd_event(sim, guest_files, cmdline, skips):
+    """The EFI stub parses its options (efi_parse_options, stopping at "--") and loads no
+    initrd under noinitrd: RTMR2 is then the command line alone, LoadOptions still
+    carrying the firmware's initrd=initrd."""
+    assert bootmeasure.stub_skips_initrd(cmdline) is skips
+    result = predicted(sim, guest_files, cmdline=cmdline)
+    events = [e["what"].split(" (")[0] for e in result.rtmr_events if e["register"] == "RTMR2"]
+    options = ("initrd=initrd " + cmdline + "\0").encode("utf-16-le")
+    first = hashlib.sha384(options).digest()
+    if skips:
+        assert events == ["LOADED_IMAGE::LoadOptions"] and result.rtmr2 == extend([first])
+        assert any("loads no initrd (noinitrd" in a for a in result.rtmr_assumptions)
+    else:
+        assert events == ["LOADED_IMAGE::LoadOptions", "Linux initrd"]

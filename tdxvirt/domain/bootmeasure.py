@@ -225,6 +225,24 @@ def rtmr1_events(kernel_digest: str) -> list[Event]:
             Event("RTMR1", 5, "EV_EFI_ACTION", sha384(EBS_SUCCESS.encode()), EBS_SUCCESS)]
 
 
+def stub_skips_initrd(cmdline: str) -> bool:
+    """The EFI stub's own option parser (drivers/firmware/efi/libstub/efi-stub-helper.c,
+    efi_parse_options: the kernel's next_arg, double quotes group, "--" ends the stub's
+    options) sets efi_noinitrd for ``noinitrd``: then it loads, and measures, no initrd."""
+    import shlex
+
+    try:
+        words = shlex.split(cmdline, posix=True)
+    except ValueError:  # an unbalanced quote: the kernel's next_arg takes the rest as one word
+        words = cmdline.split()
+    for word in words:
+        if word == "--":
+            return False
+        if word == "noinitrd":
+            return True
+    return False
+
+
 def rtmr2_events(options: bytes, initrd_digest: str | None) -> list[Event]:
     events = []
     if options:
@@ -311,8 +329,12 @@ def predict_direct_boot(kernel_path, initrd_path, cmdline: str, firmware: bytes 
                      "a readable copy of an edk2 OVMF build")
     events2 = []
     if rtmr2 is None:
-        events2 = rtmr2_events(load_options(cmdline, initrd_path is not None, placement), initrd_digest)
+        skips = initrd_path is not None and stub_skips_initrd(cmdline)
+        events2 = rtmr2_events(load_options(cmdline, initrd_path is not None, placement),
+                               None if skips else initrd_digest)
         rtmr2 = replay([e.digest for e in events2])
         assumptions.append(f"the kernel's EFI stub (Linux {shown}) measures its command line, then "
-                           "the initrd it loads through LINUX_EFI_INITRD_MEDIA_GUID")
+                           + ("loads no initrd (noinitrd on its command line), so it measures none"
+                              if skips else
+                              "the initrd it loads through LINUX_EFI_INITRD_MEDIA_GUID"))
     return BootPrediction(rtmr1, rtmr2, ([] if option_roms else events1) + events2, assumptions)
