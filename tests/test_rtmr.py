@@ -482,3 +482,35 @@ def test_noinitrd_before_the_dashes_means_no_initrd_event(sim, guest_files, cmdl
         assert any("loads no initrd (noinitrd" in a for a in result.rtmr_assumptions)
     else:
         assert events == ["LOADED_IMAGE::LoadOptions", "Linux initrd"]
+
+
+def test_a_kernel_the_secure_boot_firmware_would_refuse_is_not_defined(td_name, sim, guest_files,
+                                                                       gpu_host, run, conn, tmp_path):
+    """Debian's OVMF.inteltdx.ms.fd enforces Secure Boot with Microsoft's keys: an
+    unsigned kernel would never start on it (refused at define, naming the way out);
+    Debian's signed kernel gets a warning (its signer is shim's, not in that db)."""
+    import struct
+
+    host, gpu = gpu_host
+    kernel, _ = guest_files
+    firmware = sim.chroot / "usr/share/ovmf/OVMF.inteltdx.ms.fd"
+    image = bytearray(kernel.read_bytes())
+    pe = struct.unpack_from("<I", image, 0x3C)[0]
+    entry = pe + 24 + 112 + 4 * 8  # PE32+: the certificate table's data directory
+    struct.pack_into("<II", image, entry, 0, 0)
+    unsigned = tmp_path / "vmlinuz-unsigned"
+    unsigned.write_bytes(bytes(image))
+    for path in (unsigned, kernel, firmware):  # define checks the files; facts read the host root
+        (host.base / str(path).lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, host.base / str(path).lstrip("/"))
+    assert bootmeasure.authenticode_signed(bytes(image)) is False
+    refused = run("define", td_name, "--gpu", gpu, "--ovmf", str(firmware), "--kernel",
+                  str(unsigned), "--cmdline", "console=ttyS0")
+    line = one_line_error(refused, 2)
+    assert f"enforces Secure Boot with enrolled keys and the kernel {unsigned} is not signed" in line
+    assert "--ovmf with a TDX firmware without enrolled keys" in line
+    assert td_name not in [d.name() for d in conn.listAllDomains(0)]
+    signed = run("define", td_name, "--gpu", gpu, "--ovmf", str(firmware), "--kernel",
+                 str(kernel), "--cmdline", "console=ttyS0")
+    assert signed.exit_code == 0, signed.output
+    assert "starts only if its signer is in that firmware's db" in signed.output

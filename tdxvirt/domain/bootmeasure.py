@@ -184,6 +184,48 @@ def secure_boot_keys_enrolled(firmware: bytes) -> bool:
     return False
 
 
+def authenticode_signed(image: bytes) -> bool | None:
+    """Whether a PE/COFF image carries Authenticode signatures (a non-empty certificate
+    table, data directory 4); None when it is not a PE/COFF image."""
+    try:
+        if image[:2] != b"MZ":
+            return None
+        pe = struct.unpack_from("<I", image, 0x3C)[0]
+        if image[pe:pe + 4] != b"PE\0\0":
+            return None
+        optional = pe + 24
+        magic = struct.unpack_from("<H", image, optional)[0]
+        if magic not in (0x10B, 0x20B):
+            return None
+        directories = optional + (96 if magic == 0x10B else 112)
+        if struct.unpack_from("<I", image, directories - 4)[0] <= 4:
+            return False
+        return struct.unpack_from("<I", image, directories + 4 * 8 + 4)[0] > 0
+    except struct.error:
+        return None
+
+
+def secure_boot_problem(firmware: bytes, kernel: bytes, firmware_path: str, kernel_path: str
+                        ) -> tuple[str | None, str | None]:
+    """(why a directly booted kernel cannot boot, a warning) on a firmware that enforces
+    Secure Boot with enrolled keys: an unsigned kernel is refused outright by it; a
+    signed one boots only if its signer is in the firmware's db (Debian's kernels are
+    signed for shim, not for Microsoft's db, which Debian's OVMF.inteltdx.ms.fd holds)."""
+    if not secure_boot_keys_enrolled(firmware):
+        return None, None
+    signed = authenticode_signed(kernel)
+    if signed is False:
+        return (f"the firmware {firmware_path} enforces Secure Boot with enrolled keys and the "
+                f"kernel {kernel_path} is not signed: the firmware would refuse to start it; give "
+                "--ovmf with a TDX firmware without enrolled keys (`tdxvirt build` makes one)"), None
+    if signed:
+        return None, (f"the firmware {firmware_path} enforces Secure Boot with enrolled keys: the "
+                      f"signed kernel {kernel_path} starts only if its signer is in that firmware's "
+                      "db (a distribution kernel signed for shim is not); a TDX firmware without "
+                      "enrolled keys (--ovmf) boots any kernel")
+    return None, None
+
+
 def kernel_version(image: bytes) -> tuple[int, int] | None:
     """(major, minor) from the x86 boot protocol header's kernel_version string
     (Documentation/arch/x86/boot.rst: "HdrS" at 0x202, the pointer at 0x20e, +0x200)."""

@@ -161,6 +161,8 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
         from ..domain.tdvf import predicted_mrtd
 
         plan = replace(plan, mrtd=predicted_mrtd(facts.host.path(plan.loader)))
+    if plan.tdx and plan.kernel and plan.loader and not facts.remote:
+        plan = _with_secure_boot_check(plan, facts)
     xml = render_domain(plan)
     if plan.tdx and plan.kernel and not facts.remote:
         plan, xml = _with_boot_measurements(plan, xml, facts)
@@ -168,6 +170,25 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's
         raise TdxvirtError(f"internal error: generated TD breaks TDX rules: {problems[0]}")
     return AssembledTD(plan=plan, xml=xml, schema_checked=validate_domain_xml(xml))
+
+
+def _with_secure_boot_check(plan: DomainPlan, facts: HostFacts) -> DomainPlan:
+    """A directly booted kernel on a firmware that enforces Secure Boot: refused when it
+    is unsigned (it would never start), a warning when it is signed (only a signer in the
+    firmware's db starts it). Files that cannot be read here are left to `measure`."""
+    from ..domain.bootmeasure import secure_boot_problem
+    from ..domain.tdvf import FIRMWARE_LIMIT
+    from ..userfile import read_user_file
+
+    try:
+        firmware = read_user_file(facts.host.path(plan.loader), "firmware", limit=FIRMWARE_LIMIT)
+        kernel = read_user_file(facts.host.path(plan.kernel), "kernel", limit=FIRMWARE_LIMIT)
+    except TdxvirtError:
+        return plan
+    refusal, warning = secure_boot_problem(firmware, kernel, plan.loader, plan.kernel)
+    if refusal:
+        raise InputError(f"--kernel: {refusal}")
+    return _with_warnings(plan, [warning]) if warning else plan
 
 
 def _with_boot_measurements(plan: DomainPlan, xml: str, facts: HostFacts) -> tuple[DomainPlan, str]:
