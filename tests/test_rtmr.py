@@ -514,3 +514,37 @@ def test_a_kernel_the_secure_boot_firmware_would_refuse_is_not_defined(td_name, 
                  str(kernel), "--cmdline", "console=ttyS0")
     assert signed.exit_code == 0, signed.output
     assert "starts only if its signer is in that firmware's db" in signed.output
+
+
+def test_qemu_before_10_2_patches_the_kernel_so_rtmr1_is_not_predicted(sim, guest_files, qemu_conn):
+    """QEMU < 10.2 hands the firmware a kernel with its setup header patched; RTMR1 is
+    then not predicted, by name. RTMR2 (command line, initrd) does not depend on it."""
+    from tdxvirt.virt.conn import qemu_version
+
+    kernel, initrd = (str(p) for p in guest_files)
+    local = lambda p: p if p in (kernel, initrd) else str(sim.chroot / p.lstrip("/"))  # noqa: E731
+    xml = direct_boot_xml(kernel, initrd)
+    old = predict(xml, local, qemu_version=(9, 2, 0))
+    assert old.rtmr1.startswith("not predicted: QEMU 9.2.0 (< 10.2) patches the kernel's setup header")
+    assert [e["register"] for e in old.rtmr_events] == ["RTMR2", "RTMR2"]
+    new = predict(xml, local, qemu_version=(10, 2, 0))
+    assert len(new.rtmr1) == 96 and new.rtmr2 == old.rtmr2
+    assert any("QEMU >= 10.2 and edk2 >= 202502" in a for a in new.rtmr_assumptions)
+    assert qemu_version(qemu_conn) >= (11, 0, 0)  # the emulated host's QEMU: predicted
+
+
+def test_a_fifo_or_a_device_as_kernel_or_initrd_is_a_sentence_at_once(sim, guest_files, tmp_path):
+    import os
+    import time
+
+    kernel, initrd = (str(p) for p in guest_files)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    local = lambda p: p if p in (kernel, initrd, str(fifo), "/dev/zero") \
+        else str(sim.chroot / p.lstrip("/"))  # noqa: E731
+    started = time.monotonic()
+    for bad_kernel, bad_initrd in ((str(fifo), initrd), ("/dev/zero", initrd), (kernel, str(fifo)),
+                                   (kernel, "/dev/zero")):
+        result = predict(direct_boot_xml(bad_kernel, bad_initrd), local)
+        assert result.rtmr2.startswith("not predicted") and "not a regular file" in result.rtmr2
+    assert time.monotonic() - started < 10

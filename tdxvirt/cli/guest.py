@@ -155,6 +155,7 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
 
     def predict(basis):
         from ..domain.measure import predict as measure
+        from ..virt.conn import qemu_version
 
         def local_file(path: str):
             # A host fact: below the host root, never read for a remote URI, and only
@@ -164,7 +165,7 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
         try:
             return predictions_from(measure(basis.xml, local_file, page_order, firmware_override=firmware,
                                             unread_why=None if facts.remote or basis.trusted
-                                            else basis.source))
+                                            else basis.source, qemu_version=qemu_version(conn)))
         except InputError as error:
             return no_predictions(str(error))
 

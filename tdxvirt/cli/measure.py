@@ -42,8 +42,11 @@ def measure(session, name, firmware, kernel, initrd, page_order, as_json):
         # root's files for whoever can edit the domain's XML).
         return None if facts.remote or not basis.trusted else str(facts.host.path(path))
 
+    from ..virt.conn import qemu_version
+
     result = predict(basis.xml, local_file, page_order, firmware, kernel, initrd,
-                     unread_why=None if facts.remote or basis.trusted else basis.source)
+                     unread_why=None if facts.remote or basis.trusted else basis.source,
+                     qemu_version=qemu_version(conn))
     if as_json:
         click.echo(json.dumps({**result.as_dict(), "reference": basis.source,
                                "reference_differences": list(basis.differences)}, indent=2))

@@ -250,10 +250,29 @@ def load_options(cmdline: str, initrd: bool, placement: str | None) -> bytes:
     return text.decode("latin-1").encode("utf-16-le") + b"\0\0"
 
 
-def file_sha384(path) -> str:
-    digest = hashlib.sha384()
-    with open(path, "rb") as stream:
+KERNEL_LIMIT = 256 << 20
+INITRD_LIMIT = 4 << 30
+
+
+def file_sha384(path, limit: int = INITRD_LIMIT) -> str:
+    """SHA-384 of a regular file (a FIFO or a device raises OSError before a byte is read;
+    so does a file larger than ``limit``), read in blocks."""
+    import errno
+    import os
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as stream:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if status.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB")
+        digest, total = hashlib.sha384(), 0
         for block in iter(lambda: stream.read(1 << 20), b""):
+            total += len(block)
+            if total > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB")
             digest.update(block)
     return digest.hexdigest()
 
@@ -312,20 +331,32 @@ ASSUMED = [
 
 
 def _read(path, what: str) -> bytes | str:
+    """The file (a regular file, at most KERNEL_LIMIT bytes), or a sentence saying why not."""
+    from ..errors import TdxvirtError
+    from ..userfile import read_user_file
+
     try:
-        with open(path, "rb") as stream:
-            return stream.read()
-    except OSError as error:
-        return f"not predicted: cannot read the {what} {path} here ({error.strerror}): check the path"
+        return read_user_file(path, f"the {what}", limit=KERNEL_LIMIT)
+    except TdxvirtError as error:
+        return f"not predicted: {error}"
+
+
+# QEMU before 10.2 patches the kernel's setup header (boot_params fields it fills in)
+# in the image it hands the firmware, and the firmware measures that patched image;
+# QEMU 10.2 adds the unpatched kernel (fw_cfg etc/boot/kernel), which edk2 >= 202502
+# measures. tdxvirt models only the unpatched kernel.
+UNPATCHED_KERNEL_QEMU = (10, 2, 0)
 
 
 def predict_direct_boot(kernel_path, initrd_path, cmdline: str, firmware: bytes | None,
-                 option_roms: list[str]) -> BootPrediction:
+                 option_roms: list[str], qemu_version: tuple[int, int, int] | None = None
+                 ) -> BootPrediction:
     """RTMR1/RTMR2 for QEMU direct kernel boot of local copies of the TD's files.
 
     ``firmware`` is the image's bytes, or None when it cannot be read here; ``option_roms``
     names the devices whose option ROM the firmware would run (each is measured into RTMR1
-    as EV_EFI_BOOT_SERVICES_DRIVER, and tdxvirt cannot know its image)."""
+    as EV_EFI_BOOT_SERVICES_DRIVER, and tdxvirt cannot know its image); ``qemu_version``,
+    the host's QEMU when known (before 10.2 RTMR1 is not predicted)."""
     assumptions = list(ASSUMED)
     kernel = _read(kernel_path, "kernel")
     if isinstance(kernel, str):
@@ -339,8 +370,17 @@ def predict_direct_boot(kernel_path, initrd_path, cmdline: str, firmware: bytes 
     if option_roms:
         rtmr1 = ("not predictable while the firmware runs option ROMs, each measured into RTMR1 "
                  f"before the kernel ({', '.join(option_roms)}): give each <rom enabled='no'/>")
+    elif qemu_version is not None and qemu_version < UNPATCHED_KERNEL_QEMU:
+        shown_qemu = ".".join(map(str, qemu_version))
+        rtmr1 = (f"not predicted: QEMU {shown_qemu} (< 10.2) patches the kernel's setup header before "
+                 "the firmware measures it, and tdxvirt predicts only the unpatched kernel that "
+                 "QEMU >= 10.2 with edk2 >= 202502 measures; use those")
+        events1 = []
     else:
         rtmr1 = replay([e.digest for e in events1])
+        assumptions.append("QEMU >= 10.2 and edk2 >= 202502: the firmware measures the kernel file "
+                           "unpatched (fw_cfg etc/boot/kernel)" + (
+                               "" if qemu_version else "; the host's QEMU version is not known here"))
     if firmware is not None and secure_boot_keys_enrolled(firmware):
         assumptions.append("this firmware has secure-boot keys enrolled: it starts the kernel, "
                            "and these values hold, only if its db trusts the kernel's signature")

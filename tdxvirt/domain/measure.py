@@ -77,7 +77,7 @@ def _rom_off(device) -> bool:
 
 
 def predict_boot(root, firmware_file: str | None, read_host_path, kernel_override=None,
-                 initrd_override=None, unread_why: str | None = None):
+                 initrd_override=None, unread_why: str | None = None, qemu_version=None):
     """RTMR1/RTMR2 of the domain ``root``; host paths are read only through
     ``read_host_path`` (None: not readable from here), so a remote TD's files never are;
     ``unread_why``: why they are not (default: they are on the TD's host)."""
@@ -113,12 +113,13 @@ def predict_boot(root, firmware_file: str | None, read_host_path, kernel_overrid
             firmware = None
     cmdline = domain.os_child("cmdline")  # as written: the firmware measures it byte for byte
     return predict_direct_boot(kernel_file, initrd_file, "" if cmdline is None else cmdline.text or "",
-                               firmware, option_rom_devices(domain))
+                               firmware, option_rom_devices(domain), qemu_version)
 
 
 def predict(xml: str, read_firmware_path, order: str = SINGLE_PASS,
             firmware_override: str | None = None, kernel_override: str | None = None,
-            initrd_override: str | None = None, unread_why: str | None = None) -> Measurements:
+            initrd_override: str | None = None, unread_why: str | None = None,
+            qemu_version: tuple[int, int, int] | None = None) -> Measurements:
     """``read_firmware_path(path)`` maps a host path of the domain (loader, kernel, initrd)
     to a readable file on this machine, or None when the file lives on a host tdxvirt
     cannot read (remote), or must not be read (``unread_why`` says why: no root-owned
@@ -132,7 +133,7 @@ def predict(xml: str, read_firmware_path, order: str = SINGLE_PASS,
                          "as ROM: restore the loader, or give --firmware FILE")
     readable = firmware_override or read_firmware_path(loader)
     boot = predict_boot(domain, readable, read_firmware_path, kernel_override, initrd_override,
-                        unread_why)
+                        unread_why, qemu_version)
     recorded_rtmrs = {f"recorded_{r}": domain.mark_text(r) for r in ("rtmr1", "rtmr2")}
     if readable is None:
         return Measurements(name, loader, None, order, ORDER_NOTE[order],

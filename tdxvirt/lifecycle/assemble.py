@@ -165,7 +165,7 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
         plan = _with_secure_boot_check(plan, facts)
     xml = render_domain(plan)
     if plan.tdx and plan.kernel and not facts.remote:
-        plan, xml = _with_boot_measurements(plan, xml, facts)
+        plan, xml = _with_boot_measurements(plan, xml, facts, conn)
     problems = td_problems(xml)
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's
         raise TdxvirtError(f"internal error: generated TD breaks TDX rules: {problems[0]}")
@@ -191,18 +191,20 @@ def _with_secure_boot_check(plan: DomainPlan, facts: HostFacts) -> DomainPlan:
     return _with_warnings(plan, [warning]) if warning else plan
 
 
-def _with_boot_measurements(plan: DomainPlan, xml: str, facts: HostFacts) -> tuple[DomainPlan, str]:
+def _with_boot_measurements(plan: DomainPlan, xml: str, facts: HostFacts, conn) -> tuple[DomainPlan, str]:
     """The plan and XML with the RTMR1/RTMR2 a directly booted kernel will give, where
     they are predictable (tdxvirt.domain.measure decides from the rendered domain: its kernel,
     initrd, command line, firmware and option ROMs); unchanged otherwise."""
     from dataclasses import replace
 
     from ..domain.measure import is_prediction, predict_boot
+    from ..virt.conn import qemu_version
 
     def here(path: str) -> str:
         return str(facts.host.path(path))
 
-    boot = predict_boot(xml, here(plan.loader) if plan.loader else None, here)
+    boot = predict_boot(xml, here(plan.loader) if plan.loader else None, here,
+                        qemu_version=qemu_version(conn))
     values = {k: v for k, v in (("rtmr1", boot.rtmr1), ("rtmr2", boot.rtmr2)) if is_prediction(v)}
     if not values:
         return plan, xml

@@ -146,3 +146,15 @@ def xmls_of_listed(domains: list):
             yield xml
 
     return delivered()
+
+
+def qemu_version(conn) -> tuple[int, int, int] | None:
+    """The QEMU a qemu driver connection runs (its hypervisor version), or None for
+    another driver (libvirt's test driver runs no QEMU) or when libvirt does not say."""
+    try:
+        if conn.getType().upper() != "QEMU":
+            return None
+        version = conn.getVersion()
+    except libvirt_error_type():
+        return None
+    return (version // 1_000_000, version // 1000 % 1000, version % 1000) if version else None
