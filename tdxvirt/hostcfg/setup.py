@@ -295,6 +295,7 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
     new_cmdline = _plan_kernel_args(facts, steps, commands)
 
     current = facts.files[QEMU_CONF]
+    restart_for: list[str] = []  # why libvirt must restart (once, whatever the reasons)
     conf = qemuconf.QemuConf.parse(current) if current is not None else None
     try:
         user, group = _identity(options, conf, facts)
@@ -325,12 +326,7 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
                                    + ", ".join(f"{k} = {qemuconf.format_value(k, v)}"
                                                for k, v in settings.items()
                                                if k not in ("user", "group"))))
-            argv = daemon.restart_argv(facts.daemon)
-            if argv:
-                commands.append(RunCommand(argv, "make libvirt reread qemu.conf"))
-            else:
-                notices.append(Notice(daemon.restart_advice(facts.daemon),
-                                      "warning" if facts.daemon.running else "info"))
+            restart_for.append("reread qemu.conf")
 
     wanted_hook = hook_script()
     # no /etc/libvirt: libvirt is not installed, which the qemu.conf step already says
@@ -339,14 +335,14 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
                                "refuse, inside libvirt, to start a TD that is no longer what root "
                                "recorded, whichever tool starts it (libvirt's qemu hook)",
                                mode=hook.HOOK_MODE, dir_mode=hook.HOOK_DIR_MODE))
-        if not any(isinstance(c, RunCommand) and c.argv == daemon.restart_argv(facts.daemon)
-                   for c in commands):
-            argv = daemon.restart_argv(facts.daemon)
-            if argv:
-                commands.append(RunCommand(argv, "libvirt finds its hooks when it starts"))
-            else:
-                notices.append(Notice(daemon.restart_advice(facts.daemon),
-                                      "warning" if facts.daemon.running else "info"))
+        restart_for.append("find its hooks (it looks when it starts)")
+    if restart_for:
+        argv = daemon.restart_argv(facts.daemon)
+        if argv:
+            commands.append(RunCommand(argv, "make libvirt " + " and ".join(restart_for)))
+        else:
+            notices.append(Notice(daemon.restart_advice(facts.daemon),
+                                  "warning" if facts.daemon.running else "info"))
 
     if options.security_driver == "keep":
         if "/etc/udev/rules.d" not in facts.dirs:
