@@ -343,6 +343,17 @@ def test_measure_cli_prints_the_prediction(conn, td_name, sim, guest_files, gpu_
     store.write(record_from(domain.XMLDesc(0), domain.UUIDString()))  # as root's define writes it
     report = json.loads(run("measure", td_name, "--json").output)
     assert report["reference"] == "root's record of this TD" and report["reference_differences"] == []
+    # the same predictions as Trustee's RVPS takes them (its default TDX policy's names)
+    exported = run("measure", td_name, "--reference-values", "trustee")
+    message = json.loads(exported.stdout)
+    assert message["version"] == "0.1.0" and message["type"] == "sample"
+    values = json.loads(base64.b64decode(message["payload"]))
+    assert values["mr_td"] == [report["mrtd"]]
+    assert values["rtmr_1"] == [report["rtmr1"]] and values["rtmr_2"] == [report["rtmr2"]]
+    assert values["tdvfkernel"] == [report["rtmr_events"][0]["digest"]]
+    assert values["tdvfkernelparams"] == [next(e["digest"] for e in report["rtmr_events"]
+                                              if e["what"].startswith("LOADED_IMAGE::LoadOptions"))]
+    assert "tdxvirt: left out xfam" in exported.stderr
     assert len(report["rtmr1"]) == 96 and len(report["rtmr2"]) == 96
     assert report["rtmr2"] == predicted(sim, guest_files).rtmr2
     assert [e["register"] for e in report["rtmr_events"]] == ["RTMR1"] * 5 + ["RTMR2"] * 2

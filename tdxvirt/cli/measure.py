@@ -22,8 +22,11 @@ SINGLE_PASS, TWO_PASS = "single-pass", "two-pass"  # tdxvirt.domain.tdvf's names
 @click.option("--page-order", type=click.Choice([SINGLE_PASS, TWO_PASS]), default=SINGLE_PASS,
               show_default=True, help="How the host adds firmware pages (single-pass: upstream KVM).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--reference-values", type=click.Choice(["trustee"]), default=None,
+              help="Print the predictions as reference values for a verifier: trustee, a "
+                   "message for Trustee's RVPS (`rvps-tool register --path FILE`).")
 @pass_session
-def measure(session, name, firmware, kernel, initrd, page_order, as_json):
+def measure(session, name, firmware, kernel, initrd, page_order, as_json, reference_values):
     """Predict a TD's measurements: MRTD from its firmware; RTMR1 and RTMR2 from a directly
     booted kernel, initrd and command line; each value it cannot predict says why."""
     from ..domain.measure import predict
@@ -47,6 +50,18 @@ def measure(session, name, firmware, kernel, initrd, page_order, as_json):
     result = predict(basis.xml, local_file, page_order, firmware, kernel, initrd,
                      unread_why=None if facts.remote or basis.trusted else basis.source,
                      qemu_version=qemu_version(conn))
+    if reference_values:
+        from ..domain.refvalues import trustee_message, trustee_values
+        from ..errors import InputError
+
+        values, left_out = trustee_values(result)
+        if not values:
+            raise InputError(f"nothing about {safe(result.name)!r} is predicted, so there are no "
+                             f"reference values ({left_out[0]})")
+        for line in left_out:
+            click.echo(f"tdxvirt: left out {safe(line)}", err=True)
+        click.echo(json.dumps(trustee_message(values), indent=2))
+        return
     if as_json:
         click.echo(json.dumps({**result.as_dict(), "reference": basis.source,
                                "reference_differences": list(basis.differences)}, indent=2))
