@@ -199,8 +199,9 @@ def test_a_recorded_quote_passes_every_quote_check_for_its_own_reportdata():
     assert results["GPU CC mode (guest-reported)"] == PASS
     assert results["event log replay"] == NOT_CHECKED  # no log: said why
     assert results["GPU attestation (guest-run verifier)"] == NOT_CHECKED
-    assert report.ok and [c.name for c in report.not_checked] == ["event log replay",
-                                                                 "GPU attestation (guest-run verifier)"]
+    assert report.ok and [c.name for c in report.not_checked] == [
+        "event log replay", "GPU attestation (guest-run verifier)", "GPU evidence nonce",
+        "GPU evidence (host-verified)"]
     data = report.as_dict()
     assert data["evidence"]["event_log_bytes"] is None and data["replayed_events"] is None
     assert data["collateral"]["valid_until"] == "2025-07-19 10:00:35 UTC"
@@ -643,3 +644,36 @@ def test_a_guest_that_trickles_one_byte_a_reply_is_stopped_at_once():
         collect(_guest(agent), REPORTDATA, gpus=0)
     assert time.monotonic() - started < 5
     assert len([r for r in agent.requests if r["execute"] == "guest-file-read"]) < 10
+
+
+
+def _gpu_evidence(nonce_hex: str, devices: int = 1) -> str:
+    """nvattest collect-evidence's answer, with the fields NVIDIA documents (evidences:
+    version, arch, nonce, vbios_version, driver_version, evidence, certificate)."""
+    return json.dumps({"evidences": [{"version": "1.0", "arch": "HOPPER", "nonce": nonce_hex,
+                                      "vbios_version": "96.00.88.00.11", "driver_version": "580.65.06",
+                                      "evidence": "EeAB", "certificate": "LS0t"}] * devices,
+                       "result_code": 0, "result_message": "Ok"})
+
+
+def test_the_gpu_evidence_is_bound_to_this_quotes_nonce():
+    """The GPU signs its report over a nonce derived from the quote's REPORTDATA: evidence
+    made for another request (replayed by a hostile guest) fails by name."""
+    from tdxvirt.attest.checks import report_data_for
+    from tdxvirt.attest.evidence import gpu_nonce, nvattest_collect
+
+    expected = gpu_nonce(report_data_for(REPORTDATA))
+    assert len(bytes.fromhex(expected)) == 32  # SPDM's nonce
+    for answer, result, words in (
+            (_gpu_evidence(expected, devices=2), PASS, "evidence of 2 device(s) carries the nonce derived"),
+            (_gpu_evidence("00" * 32), FAIL, "replayed, or made for another request"),
+            ("not json", NOT_CHECKED, "gave no evidence")):
+        agent = TdAgent(programs={nvattest_collect(expected): (0, answer, ""),
+                                  NVATTEST: (0, json.dumps({"result_code": 0, "result_message": "Ok"}), "")})
+        report = attest_guest(_guest(agent), "td-1", REPORTDATA, matching(V4), _file_source(), gpus=1,
+                              now=V4_VALID_AT)
+        check = {c.name: c for c in report.checks}["GPU evidence nonce"]
+        assert check.result == result and words in check.detail, check
+        assert report.ok is (result != FAIL)
+        host = {c.name: c for c in report.checks}["GPU evidence (host-verified)"]
+        assert host.result == NOT_CHECKED and "needs NVIDIA's RIM and OCSP services" in host.detail

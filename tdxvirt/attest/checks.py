@@ -286,4 +286,16 @@ def check_gpu(gpu) -> list[Check]:
         mode = Check(cc, FAIL, f"{gpu.cc_note}: the GPU is not in confidential-computing mode "
                                "(`tdxvirt gpu cc-mode ADDRESS --set on` on the host, then restart the TD)")
     result = {True: PASS, False: FAIL, None: NOT_CHECKED}[gpu.verifier]
-    return [mode, Check(verifier, result, gpu.verifier_note)]
+    bound = {True: PASS, False: FAIL, None: NOT_CHECKED}[gpu.nonce_bound]
+    return [mode, Check(verifier, result, gpu.verifier_note),
+            Check("GPU evidence nonce", bound, gpu.nonce_note),
+            Check("GPU evidence (host-verified)", NOT_CHECKED,
+                  GPU_HOST_VERIFY_NOTE if gpu.passed_through else gpu.nonce_note)]
+
+
+# NVIDIA's verifier (nvattest attest --gpu-evidence) checks a GPU's evidence against
+# NVIDIA's reference measurements (RIM service) and certificate status (OCSP), which it
+# takes as service URLs only: it cannot verify from files, offline.
+GPU_HOST_VERIFY_NOTE = ("not verified on this host: NVIDIA's verifier (nvattest attest "
+                        "--gpu-evidence) needs NVIDIA's RIM and OCSP services, given only as URLs, "
+                        "not files; the evidence is in --json for a verifier that has them")

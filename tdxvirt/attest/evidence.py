@@ -54,6 +54,23 @@ READ_CHUNK = 64 * 1024
 MIN_PROGRESS = 4096
 READ_DEADLINE = 120.0
 NVATTEST = ("nvattest", "attest", "--device", "gpu", "--verifier", "local")
+# The GPU's evidence is bound to the same request as the TD's quote: its SPDM nonce (32
+# bytes) is derived from the quote's REPORTDATA, and `nvattest collect-evidence` in the
+# guest asks the GPU to sign its report over it (docs.nvidia.com/attestation, nvattest
+# "collect-evidence --nonce").
+GPU_NONCE_LABEL = b"tdxvirt GPU evidence for TD REPORTDATA "
+GPU_EVIDENCE_LIMIT = 1 << 20
+
+
+def gpu_nonce(report_data: bytes) -> str:
+    """The GPU evidence nonce for a quote's REPORTDATA: 32 bytes, hex."""
+    import hashlib
+
+    return hashlib.sha256(GPU_NONCE_LABEL + report_data).hexdigest()
+
+
+def nvattest_collect(nonce_hex: str) -> tuple[str, ...]:
+    return ("nvattest", "collect-evidence", "--device", "gpu", "--nonce", nonce_hex)
 CC_STATUS = ("nvidia-smi", "conf-compute", "-f")
 
 
@@ -155,10 +172,16 @@ class GpuEvidence:
     cc_note: str
     verifier: bool | None  # NVIDIA's verifier in the guest: passed, failed, or not run
     verifier_note: str
+    nonce_bound: bool | None = None  # every GPU evidence carries the derived nonce; None: no evidence
+    nonce_note: str = "no GPU evidence was collected"
+    evidence: str | None = None  # nvattest collect-evidence's JSON, as the guest gave it
+    passed_through: bool = True  # False: the TD has no GPU
 
     def as_dict(self) -> dict:
         return {"cc_status": self.cc_status, "cc_note": self.cc_note,
-                "verifier_passed": self.verifier, "verifier_note": self.verifier_note}
+                "verifier_passed": self.verifier, "verifier_note": self.verifier_note,
+                "nonce_bound": self.nonce_bound, "nonce_note": self.nonce_note,
+                "evidence": self.evidence}
 
 
 @dataclass(frozen=True)
@@ -316,10 +339,34 @@ def _run_tool(guest: GuestExec, argv) -> tuple[ExecResult | None, str]:
         return None, str(error)
 
 
-def fetch_gpu(guest: GuestExec, gpus: int | None) -> GpuEvidence:
+def fetch_gpu_evidence(guest: GuestExec, nonce_hex: str) -> tuple[bool | None, str, str | None]:
+    """(every device's evidence carries ``nonce_hex``, why, the evidence JSON) from
+    `nvattest collect-evidence` in the guest; (None, why, None) when it gave none."""
+    result, why = _run_tool(guest, nvattest_collect(nonce_hex))
+    if result is None:
+        return None, f"nvattest collect-evidence did not run in the guest: {why}", None
+    text = result.stdout[:GPU_EVIDENCE_LIMIT]
+    try:
+        answer = json.loads(text)
+    except (ValueError, RecursionError):
+        answer = None
+    evidences = answer.get("evidences") if isinstance(answer, dict) else None
+    if not result.ok or not isinstance(evidences, list) or not evidences \
+            or not all(isinstance(e, dict) for e in evidences):
+        return None, f"nvattest collect-evidence in the guest gave no evidence: {result.first_line()}", None
+    nonces = [str(e.get("nonce", "")).lower() for e in evidences]
+    if all(n == nonce_hex for n in nonces):
+        return True, (f"the GPU evidence of {len(evidences)} device(s) carries the nonce derived from "
+                      f"this quote's REPORTDATA ({nonce_hex[:16]}...): made for this request"), text
+    other = next(n for n in nonces if n != nonce_hex)
+    return False, (f"the GPU evidence carries the nonce {guest_text(other[:64]) or 'none'}, not "
+                   f"{nonce_hex} derived from this quote: replayed, or made for another request"), text
+
+
+def fetch_gpu(guest: GuestExec, gpus: int | None, report_data: bytes | None = None) -> GpuEvidence:
     if gpus == 0:
         none = "the TD has no GPU passed through"
-        return GpuEvidence(None, none, None, none)
+        return GpuEvidence(None, none, None, none, None, none, passed_through=False)
     smi, why = _run_tool(guest, CC_STATUS)
     if smi is None:
         status, cc_note = None, f"nvidia-smi did not run in the guest: {why}"
@@ -331,7 +378,8 @@ def fetch_gpu(guest: GuestExec, gpus: int | None) -> GpuEvidence:
     result, why = _run_tool(guest, NVATTEST)
     if result is None:
         return GpuEvidence(guest_text(status) if status else None, cc_note, None,
-                           f"NVIDIA's attestation CLI (nvattest) did not run in the guest: {why}")
+                           f"NVIDIA's attestation CLI (nvattest) did not run in the guest: {why}",
+                           None, f"nvattest is not usable in the guest: {why}")
     try:
         answer = json.loads(result.stdout)
     except (ValueError, RecursionError):
@@ -341,11 +389,15 @@ def fetch_gpu(guest: GuestExec, gpus: int | None) -> GpuEvidence:
     passed = result.ok and type(code) is int and code == 0  # not JSON false or 0.0
     note = (f"nvattest (local verifier) in the guest: {message or 'result_code 0'}" if passed
             else f"nvattest in the guest failed: {message or result.first_line()}")
-    return GpuEvidence(guest_text(status) if status else None, cc_note, passed, note)
+    bound, bound_note, evidence = (fetch_gpu_evidence(guest, gpu_nonce(report_data))
+                                   if report_data is not None else (None, "no nonce given", None))
+    return GpuEvidence(guest_text(status) if status else None, cc_note, passed, note,
+                       bound, bound_note, evidence)
 
 
 def collect(guest: GuestExec, nonce: bytes, gpus: int | None = None) -> Evidence:
     provider, quote, generation, cleanup = fetch_quote(guest, nonce)
     event_log, event_note = fetch_event_log(guest)
-    return Evidence(provider, quote, generation, event_log, event_note, fetch_gpu(guest, gpus),
+    return Evidence(provider, quote, generation, event_log, event_note,
+                    fetch_gpu(guest, gpus, report_data_for(nonce)),
                     notes=(cleanup,) if cleanup else ())
