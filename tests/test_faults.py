@@ -122,3 +122,69 @@ def test_two_processes_racing_for_one_name_exactly_one_wins(gpu_host, sim_uri, c
         assert [d.name() for d in conn.listAllDomains(0)].count(name) == 1
     finally:
         tds.undefine(conn, name)
+
+
+def test_a_define_whose_answer_is_lost_is_kept_not_rolled_back(sim, conn, gpu_host, td_name, tmp_path):
+    """libvirt saves the domain, then the connection drops before its answer arrives: a
+    lost connection is no refusal. tdxvirt asks libvirt again by the UUID it chose, finds
+    the domain, and keeps its overlay and writes its record (before: the overlay was
+    deleted under a defined domain)."""
+    from tdxvirt.config import Config
+    from tdxvirt.domain.record import local_store
+    from tdxvirt.virt.conn import open_connection
+
+    path = tmp_path / "lossy.sock"
+    process = subprocess.Popen([sys.executable, str(RELAY), str(path), str(sim.socket),
+                                "--lose-reply-of", "350"],  # REMOTE_PROC_DOMAIN_DEFINE_XML_FLAGS
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        host, gpu = gpu_host
+        base = tmp_path / "base.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M"], check=True)
+        config = Config(overlay_dir=str(tmp_path / "img"))
+        through = open_connection(f"test+unix:///default?socket={path}")
+        td = tds.define_td(through, host, TDSpec.from_user(name=td_name, gpus=[gpu], image=str(base),
+                                                           image_format="qcow2"), config)
+        domain = conn.lookupByName(td_name)
+        assert domain.UUIDString() == td.plan.uuid
+        assert (tmp_path / "img" / f"{td_name}.qcow2").is_file()
+        assert local_store().read(td.plan.uuid).name == td_name
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_racing_starts_of_one_td_all_exit_0(td, sim, qemu_conn, cc_on):
+    """One process starts the TD; every other one finds it running (before its check or
+    at libvirt's create) and says so with exit 0, as the docs promise for a running TD."""
+    from conftest import TDXVIRT
+
+    racers = [subprocess.Popen([TDXVIRT, "--sim", "start", td], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [(racer.wait(timeout=180), racer.stdout.read(), racer.stderr.read()) for racer in racers]
+    assert all(code == 0 for code, _, _ in results), results
+    assert sum("Started" in out for _, out, _ in results) == 1, results
+    assert qemu_conn.lookupByName(td).isActive()
+
+
+def test_a_storage_directory_that_cannot_take_a_file_is_one_line(sim, conn, gpu_host, td_name, tmp_path):
+    """A read-only (or full) storage directory: tempfile's OSError became a traceback."""
+    from conftest import cli_runner, one_line_error
+
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M"], check=True)
+    images = tmp_path / "ro"
+    images.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m,mode=0755", "tmpfs", str(images)], check=True)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[defaults]\noverlay_dir = "{images}"\n')
+    try:
+        os.environ["TDXVIRT_CONFIG"] = str(config)
+        result = cli_runner(sim.test_uri, gpu_host[0].base)(
+            "define", td_name, "--gpu", gpu_host[1], "--image", str(base), "--image-format", "qcow2")
+        line = one_line_error(result, 1)
+        assert f"cannot create a private directory in {images} (Read-only file system)" in line
+        assert td_name not in [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        subprocess.run(["umount", str(images)], check=True)

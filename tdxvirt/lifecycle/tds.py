@@ -18,6 +18,7 @@ from ..errors import (
     HostNotReadyError,
     InputError,
     LibvirtOperationError,
+    LibvirtUnavailableError,
     TdxvirtError,
 )
 from ..virt.conn import libvirt_error_type, translate, xmls_of_listed
@@ -282,7 +283,11 @@ def _private_file(directory: str, name: str):
     import shutil
     import tempfile
 
-    private = tempfile.mkdtemp(prefix=".tdxvirt-", dir=directory)
+    try:
+        private = tempfile.mkdtemp(prefix=".tdxvirt-", dir=directory)
+    except OSError as error:  # no space or inodes, read-only, no permission: one line
+        raise TdxvirtError(f"cannot create a private directory in {directory} ({error.strerror}); "
+                           "free space there or set defaults.overlay_dir; nothing was defined") from None
     return os.path.join(private, name), lambda: shutil.rmtree(private, ignore_errors=True)
 
 
@@ -355,6 +360,10 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
     from ..facts import facts_for
 
     facts = facts_for(conn, host)
+    try:
+        uri = conn.getURI()  # to ask again if the connection is lost mid-define
+    except libvirt_error_type() as error:
+        raise translate(error, f"cannot define {spec.name!r}") from None
     with locks.held([locks.name_key(facts.lock_host, spec.name),
                      *locks.gpu_keys(facts.lock_host, spec.gpus)]):
         if _exists(conn, spec.name):
@@ -381,8 +390,14 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
                 record_created(td.plan.seed)
             defined = conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
         except libvirt_error_type() as error:
-            _remove(created)
-            raise translate(error, f"libvirt refused to define {spec.name!r}") from None
+            answer = translate(error, f"libvirt refused to define {spec.name!r}")
+            # A lost connection is no refusal: libvirt may have saved the domain before its
+            # answer was lost. Asked again (the UUID is tdxvirt's own), it says which.
+            defined = _defined_after_all(uri, td.plan.uuid) \
+                if isinstance(answer, LibvirtUnavailableError) else None
+            if defined is None:
+                _remove(created)
+                raise answer from None
         except BaseException:
             _remove(created)
             raise
@@ -394,6 +409,31 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
                 _remove(created)
                 raise
     return td
+
+
+def _defined_after_all(uri: str, uuid: str | None):
+    """The domain of this UUID when a new connection finds it (libvirt saved it before the
+    old connection was lost); None when libvirt does not have it. When libvirt cannot be
+    asked again at all, nothing can be decided: the files define made stay (they may be a
+    saved domain's disks) and the one line says how to find out."""
+    from ..virt.conn import open_connection
+
+    if uuid is None:
+        return None
+    try:
+        again = open_connection(uri)
+    except TdxvirtError:
+        raise LibvirtUnavailableError(
+            f"the libvirt connection was lost during define and libvirt cannot be asked again "
+            f"at {uri}: whether the domain was saved is unknown, so its files were kept; when "
+            f"libvirt answers, `virsh -c {uri} dominfo {uuid}` says (then `tdxvirt adopt` it, "
+            "or remove the files and define again)") from None
+    try:
+        return again.lookupByUUIDString(uuid)
+    except libvirt_error_type() as error:
+        if _absent(error):
+            return None
+        raise translate(error, f"cannot ask libvirt again whether {uuid} was defined") from None
 
 
 def _record(domain, td: AssembledTD, remote: bool) -> None:
@@ -478,7 +518,8 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
     name = domain.name()  # the resolved name, for messages
     if domain.isActive():
         return False
-    xml = parsable_xml(domain.XMLDesc(0))
+    # the persistent definition: what a start runs, and unchanged by another tool's start
+    xml = parsable_xml(domain.XMLDesc(_XML_INACTIVE))
     with locks.held(locks.gpu_keys(facts.lock_host, read_facts(xml).gpus)):
         # Not a preflight to skip: a TD never boots unprotected or broken by an edit.
         weakened = integrity_problems(conn, domain, xml, facts)
@@ -496,15 +537,24 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
                 raise HostNotReadyError(f"{domain.name()!r} would not start safely: "
                                         f"{problems[0]}{more}; --skip-preflight overrides")
         # What was checked is what starts: another tool may have redefined it meanwhile.
-        if parsable_xml(domain.XMLDesc(0)) != xml:
+        if parsable_xml(domain.XMLDesc(_XML_INACTIVE)) != xml:
             raise HostNotReadyError(f"{name!r} was redefined while tdxvirt checked it; "
                                     f"run `tdxvirt start {name}` again to check the new definition")
         try:
             domain.create()
         except libvirt_error_type() as error:
+            if _running(domain):  # another tdxvirt, virsh or virt-manager started it meanwhile
+                return False
             raise translate(error, f"cannot start {name!r}") from None
     _mark_started(domain)
     return True
+
+
+def _running(domain) -> bool:
+    try:
+        return bool(domain.isActive())
+    except libvirt_error_type():
+        return False
 
 
 def _mark_started(domain) -> None:
