@@ -188,3 +188,66 @@ def test_a_storage_directory_that_cannot_take_a_file_is_one_line(sim, conn, gpu_
         assert td_name not in [d.name() for d in conn.listAllDomains(0)]
     finally:
         subprocess.run(["umount", str(images)], check=True)
+
+
+def _deletions(directory: Path):
+    """A generator of the names deleted in ``directory``, from the kernel's inotify (the
+    moment a file goes, not a timed guess), and the watch's file descriptor to close."""
+    import ctypes
+    import select
+    import struct as binary
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(0)
+    assert fd >= 0 and libc.inotify_add_watch(fd, str(directory).encode(), 0x200) >= 0  # IN_DELETE
+
+    def names(timeout: float = 60.0):
+        while select.select([fd], [], [], timeout)[0]:
+            data = os.read(fd, 65536)
+            while data:
+                _, _, _, length = binary.unpack_from("iIII", data)
+                yield data[16:16 + length].rstrip(b"\0").decode()
+                data = data[16 + length:]
+    return names(), fd
+
+
+def test_an_undefine_killed_after_libvirt_forgot_the_td_is_finished_by_the_next_define(
+        sim, qemu_conn, tmp_path):
+    """tdxvirt is SIGKILLed the moment libvirt deletes the domain's config (an inotify
+    event, not a timed kill): the overlay and records outlived the domain, and the name
+    could never be defined again. The intent it wrote first lets the next define finish
+    the undefine (libvirt, asked by the UUID, has no such domain) and go on."""
+    from conftest import TDXVIRT
+
+    name = f"killed-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M"], check=True)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[defaults]\noverlay_dir = "{tmp_path / "img"}"\n')
+    env = {**os.environ, "TDXVIRT_CONFIG": str(config)}
+    define = [TDXVIRT, "--sim", "define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "512M",
+              "--vcpus", "1", "--image", str(base), "--image-format", "qcow2"]
+    assert subprocess.run(define, env=env, capture_output=True, text=True).returncode == 0
+    overlay = tmp_path / "img" / f"{name}.qcow2"
+    assert overlay.is_file()
+    deleted, fd = _deletions(sim.chroot / "etc/libvirt/qemu")
+    try:
+        undefine = subprocess.Popen([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for gone in deleted:
+            if gone == f"{name}.xml":
+                undefine.send_signal(signal.SIGKILL)
+                break
+        undefine.wait(timeout=60)
+    finally:
+        os.close(fd)
+    assert undefine.returncode == -signal.SIGKILL
+    assert name not in [d.name() for d in qemu_conn.listAllDomains(0)]
+    assert overlay.is_file(), "the kill came too late to test anything"
+    again = subprocess.run(define, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"finished the interrupted undefine of '{name}': deleted {overlay}" in again.stdout + again.stderr
+    assert overlay.is_file()  # the new TD's own overlay
+    done = subprocess.run([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and not overlay.exists(), done.stderr

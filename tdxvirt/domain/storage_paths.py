@@ -98,6 +98,32 @@ def _created_by_tdxvirt(path: str, status: os.stat_result) -> bool:
         (record.get("dev"), record.get("ino")) == (status.st_dev, status.st_ino)
 
 
+def remove_created(path: str) -> bool:
+    """Delete ``path`` if it is still the very file tdxvirt recorded creating (rule 5),
+    a regular file reached without symlinks (rules 4, 6); forget its record either way
+    when it is gone. True when it was deleted. (An interrupted undefine's files, already
+    checked against the domain then: tdxvirt.lifecycle.journal.)"""
+    try:
+        dir_fd = _open_parent(path)
+    except OSError:
+        return False
+    try:
+        try:
+            status = os.stat(os.path.basename(path), dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            forget_created(path)
+            return False
+        if not stat.S_ISREG(status.st_mode) or not _created_by_tdxvirt(path, status):
+            return False
+        os.unlink(os.path.basename(path), dir_fd=dir_fd)
+        forget_created(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(dir_fd)
+
+
 # O_PATH: directories need no read permission to be walked; unlinkat accepts the fd.
 _DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

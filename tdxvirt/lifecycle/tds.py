@@ -23,6 +23,7 @@ from ..errors import (
 )
 from ..virt.conn import libvirt_error_type, translate, xmls_of_listed
 from ..virt.lookup import _absent, lookup, parsable_xml, resolved  # noqa: F401  (tds' callers)
+from . import journal
 
 if TYPE_CHECKING:  # rendering, planning and XML reading (lxml) are imported only by the
     # functions that use them: `list` starts reading domains before lxml is loaded
@@ -364,6 +365,7 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
         uri = conn.getURI()  # to ask again if the connection is lost mid-define
     except libvirt_error_type() as error:
         raise translate(error, f"cannot define {spec.name!r}") from None
+    finished = [] if facts.remote else recover_interrupted(conn)
     with locks.held([locks.name_key(facts.lock_host, spec.name),
                      *locks.gpu_keys(facts.lock_host, spec.gpus)]):
         if _exists(conn, spec.name):
@@ -408,7 +410,7 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
                 _undefine_quietly(defined)
                 _remove(created)
                 raise
-    return td
+    return _with_warning(td, "; ".join(finished)) if finished else td
 
 
 def _defined_after_all(uri: str, uuid: str | None):
@@ -624,6 +626,7 @@ def undefine(conn, name, remove_storage: bool = False, config=None, dry_run: boo
     files). The paths are checked before libvirt's undefine: on a refusal nothing is
     deleted and the domain stays defined, so the user can fix it and run it again.
     """
+    recover_interrupted(conn)
     domain = lookup(conn, name)
     name = domain.name()  # the resolved name, for messages
     if domain.isActive():
@@ -640,12 +643,38 @@ def undefine(conn, name, remove_storage: bool = False, config=None, dry_run: boo
     with _checked_storage(conn, domain, xml, facts, config, remove_storage) as storage:
         if dry_run:  # every check ran; nothing is undefined or deleted
             return [removal.path for removal in storage.removals]
+        intent = _intend_undefine(conn, domain, storage)
         try:
             domain.undefineFlags(UNDEFINE_NVRAM) if has_nvram else domain.undefine()
         except libvirt_error_type() as error:
-            raise translate(error, f"cannot undefine {name!r}") from None
+            answer = translate(error, f"cannot undefine {name!r}")
+            if intent is not None and not isinstance(answer, LibvirtUnavailableError):
+                journal.end(intent)  # refused: nothing happened; lost: the next run asks again
+            raise answer from None
         _forget_record(conn, domain)
-        return storage.remove()
+        removed = storage.remove()
+        if intent is not None:
+            journal.end(intent)
+        return removed
+
+
+def _intend_undefine(conn, domain, storage):
+    """The intent (tdxvirt.lifecycle.journal) of an undefine that deletes files, written
+    before libvirt forgets the domain; None when there is nothing to finish later."""
+    if not storage.removals:
+        return None
+    return journal.begin(journal.Intent("undefine", conn.getURI(), domain.UUIDString().lower(),
+                                        domain.name(), tuple(r.path for r in storage.removals)))
+
+
+def recover_interrupted(conn) -> list[str]:
+    """Finish (or drop) what an interrupted tdxvirt left on this machine, before a
+    command that could trip over it; nothing for a remote URI."""
+    from ..virt.conn import is_remote
+
+    if is_remote(conn.getURI()) or not journal.pending():
+        return []
+    return journal.recover()
 
 
 def _forget_record(conn, domain) -> None:
