@@ -294,3 +294,26 @@ def test_remote_uri_deletes_nothing_here(ssh_uri, conn, td, td_name):  # noqa: F
     finally:
         remote.close()
     assert "remote host" in message and "removed on that host" in message
+
+
+def test_a_full_record_directory_leaves_no_half_written_record(tmp_path, monkeypatch):
+    """ENOSPC while recording a created file: one line, and no empty temporary record
+    left in root's records (a full created/ left one before)."""
+    from tdxvirt.domain import storage_paths
+    from tdxvirt.errors import TdxvirtError
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(state))
+    (state / "created").mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0700", "tmpfs", str(state / "created")],
+                   check=True)
+    try:
+        (state / "created" / "filler").write_bytes(b"\0" * 4096)  # the file system is now full
+        made = tmp_path / "overlay.qcow2"
+        made.write_bytes(b"x")
+        with pytest.raises(TdxvirtError, match="No space left on device"):
+            storage_paths.record_created(str(made))
+        assert sorted(os.listdir(state / "created")) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(state / "created")], check=True)

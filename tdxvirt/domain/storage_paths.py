@@ -70,13 +70,17 @@ def record_created(path: str) -> None:
     """Remember that tdxvirt created ``path`` (called right after it did): its device
     and inode, in a root-only record no domain edit can reach (rule 5)."""
     record = _record_of(path)
+    temporary = record.with_name(f".{record.name}.{os.getpid()}")
     try:
         status = os.stat(path, follow_symlinks=False)
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = record.with_name(f".{record.name}.{os.getpid()}")
         temporary.write_text(json.dumps({"path": path, "dev": status.st_dev, "ino": status.st_ino}))
         os.replace(temporary, record)
     except OSError as error:
+        try:
+            os.unlink(temporary)  # this run's own half-written record (a full disk): no litter
+        except OSError:
+            pass
         raise TdxvirtError(f"cannot record {path} as tdxvirt's in {record.parent} "
                            f"({error.strerror}); nothing was defined") from None
 
