@@ -167,19 +167,37 @@ def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0) ->
     if os.geteuid() != 0:
         raise SimulatorError("starting the simulated host's libvirt daemon needs root")
     mount(root)
-    for stale in (root / "run" / "libvirt").glob("*-sock"):  # left by a killed daemon
-        stale.unlink()
     from . import tdxhost
 
     tdxhost.install(root)
-    tdxhost.build_devices(devices, root)
-    run(tdxhost.unshare_argv(root, devices), f"starting the emulated TDX host in {root}")
+    survivor = alive_pid(root / "run" / "virtlogd.pid")
+    if survivor is not None:
+        # libvirtd died and virtlogd did not: the emulated host's namespaces live on in
+        # it, and its socket is live, not stale. libvirtd starts again in there.
+        for stale in (root / "run" / "libvirt").glob("libvirt*-sock*"):
+            stale.unlink()
+        run(tdxhost.rejoin_argv(survivor, root), f"starting libvirtd again in {root}")
+    else:
+        for stale in (root / "run" / "libvirt").glob("*-sock"):  # left by killed daemons
+            stale.unlink()
+        tdxhost.build_devices(devices, root)
+        run(tdxhost.unshare_argv(root, devices), f"starting the emulated TDX host in {root}")
     deadline = time.monotonic() + wait
     while not socket_answers(sock):
         if time.monotonic() > deadline:
             raise SimulatorError(f"libvirtd in {root} did not open {sock} within {wait:.0f} s")
         time.sleep(0.1)
     return True
+
+
+def alive_pid(pidfile: Path) -> int | None:
+    """The pid a daemon wrote, when that process still runs."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def stop_daemons(root: Path, wait: float = 10.0) -> list[str]:

@@ -77,9 +77,37 @@ def down(sim: SimLayout | None = None) -> list[str]:
     deleted without reaching through a bind mount."""
     sim = sim or layout()
     stopped = ["test-driver keeper"] if keeper.stop(sim.keeper_pidfile) else []
-    for root in (sim.chroot, sim.legacy_chroot):
+    for root, sock, uri in ((sim.chroot, sim.socket, sim.qemu_uri),
+                            (sim.legacy_chroot, sim.legacy_socket, sim.legacy_qemu_uri)):
+        # a daemon that stops leaves its QEMUs running, and a later `sim up` would start
+        # a second QEMU for the same TD: the guests go first
+        stopped += [f"domain {name}" for name in stop_guests(uri, sock)]
         stopped += chroot.stop_daemons(root)
         chroot.unmount(root)
+    return stopped
+
+
+def stop_guests(uri: str, sock: Path) -> list[str]:
+    """Power off every running domain of a simulated daemon that answers; their names."""
+    if not chroot.socket_answers(sock):
+        return []
+    from ..errors import TdxvirtError
+    from ..virt.conn import libvirt_error_type, open_connection
+
+    try:
+        conn = open_connection(uri)
+    except TdxvirtError:
+        return []
+    stopped = []
+    try:
+        for domain in conn.listAllDomains(1):  # VIR_CONNECT_LIST_DOMAINS_ACTIVE
+            try:
+                domain.destroy()
+                stopped.append(domain.name())
+            except libvirt_error_type():
+                pass  # it stopped by itself meanwhile
+    finally:
+        conn.close()
     return stopped
 
 

@@ -176,6 +176,13 @@ def enter(root: Path, devices: Path) -> None:
         run(["chroot", str(root), *env, daemon, "-d"], f"starting {daemon}")
 
 
+def rejoin_argv(pid: int, root: Path) -> list[str]:
+    """libvirtd started again in the namespaces of the emulated host's surviving process
+    (its virtlogd): the same /dev, device tree and network as before."""
+    return ["nsenter", f"--target={pid}", "--mount", "--net", "--", "chroot", str(root), "env",
+            f"LD_PRELOAD=/{SHIM}", "libvirtd", "-d"]
+
+
 def unshare_argv(root: Path, devices: Path) -> list[str]:
     return ["unshare", "--mount", "--net", "--propagation", "private", "--",
             sys.executable, "-m", "tdxvirt.sim.tdxhost", str(root), str(devices)]
