@@ -103,7 +103,8 @@ def scenarios() -> list[Scenario]:
             devices=(FakePciDevice("0000:38:00.0", overrides={"numa_node": "0"}),
                      FakePciDevice("0000:b8:00.0", iommu_group=43, overrides={"numa_node": "1"}))),
         Scenario("ppcie-8gpu-4nvswitch", {
-            "name": "hgx", "ppcie": True, "managed": False, "vcpus": 64, "memory": "1T"},
+            "name": "hgx", "ppcie": True, "managed": False, "vcpus": 64, "memory": "1T",
+            "qemu_arg": ["-msg", "timestamp=on"]},  # the user's own, recorded with the TD
             devices=eight + switches, libvirt_version=11_006_000),
         Scenario("canonical-vsock-qgs", {
             "name": "canon", "gpus": ["38:00.0"], "dialect": "canonical", "qgs": "vsock:2:4050",

@@ -435,3 +435,26 @@ def test_a_td_whose_gpu_is_not_in_cc_mode_is_refused_whoever_starts_it(td, sim, 
     assert "would not start safely: GPU 0000:38:00.0 has CC mode off" in refused.stderr
     assert "`tdxvirt gpu cc-mode 0000:38:00.0 --set on`" in refused.stderr
     assert not qemu_conn.lookupByName(td).isActive()
+
+
+def test_the_users_own_qemu_arguments_are_recorded_and_accepted_others_refused(sim, qemu_conn, cc_on):
+    """`define --qemu-arg` records the user's own arguments: show, start and the hook
+    accept exactly those; one added later with virt-xml is refused; one that would
+    change the TD is refused at define."""
+    name = f"qa-{uuid.uuid4().hex[:6]}"
+    refused = run("define", name, "--gpu", "38:00.0", "--allow-shared", "--qemu-arg", "-readconfig",
+                  "--qemu-arg", "/tmp/x.cfg")
+    assert refused.returncode == 2 and "--qemu-arg '-readconfig' would change" in refused.stderr
+    defined = run("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "512M", "--vcpus",
+                  "1", "--qemu-arg", "-msg", "--qemu-arg", "timestamp=on")
+    assert defined.returncode == 0, defined.stderr
+    try:
+        assert run("show", name, "--json").stdout.count('"problems": []') == 1
+        started = virsh(sim, "start", name)
+        assert started.returncode == 0, started.stderr
+        virsh(sim, "destroy", name)
+        virt_xml(sim, name, "--edit", "--qemu-commandline", "-msg guest-name=on")
+        _refused(virsh(sim, "start", name), "did not write (-msg guest-name=on", "tdxvirt repair")
+    finally:
+        virsh(sim, "destroy", name)
+        run("undefine", name)

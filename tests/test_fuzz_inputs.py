@@ -48,7 +48,8 @@ def _assert_clean(result, allowed=(0, 1, 2)):
 
 OPTIONS = ["--gpu", "--vcpus", "--memory", "--image", "--disk", "--kernel", "--ovmf", "--qemu",
            "--dialect", "--policy", "--mr-config-id", "--mr-owner", "--qgs", "--network",
-           "--ssh-port", "--hugepages", "--numa", "--virt-type", "--ssh-key", "--user-data"]
+           "--ssh-port", "--hugepages", "--numa", "--virt-type", "--ssh-key", "--user-data",
+           "--qemu-arg"]
 
 
 @pytest.fixture(scope="module")

@@ -303,6 +303,11 @@ def main(ctx, uri, sim, host_root, fleet, host_timeout):
               help="Public key for the guest user (implies --cloud-init); repeatable.")
 @click.option("--user-data", metavar="FILE",
               help="Your own cloud-init user-data, replacing tdxvirt's (implies --cloud-init).")
+@click.option("--qemu-arg", multiple=True, metavar="ARG",
+              help="Your own QEMU argument for <qemu:commandline> (repeat per word, e.g. "
+                   "--qemu-arg -msg --qemu-arg timestamp=on); recorded with the TD, so "
+                   "`show`, `start` and libvirt's hook accept exactly these. Arguments that "
+                   "change the machine, objects, CPU or firmware are refused.")
 @click.option("--print-xml", is_flag=True, help="Print the domain XML; define nothing.")
 @click.option("--dry-run", is_flag=True,
               help="Run every check, print the XML and the files define would create; change nothing.")

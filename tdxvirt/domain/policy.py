@@ -375,6 +375,7 @@ def plan_domain(
         vsock=spec.vsock,
         hugepage_kib=HUGEPAGES[spec.hugepages] if spec.hugepages else None,
         numa_nodeset=nodeset,
-        qemu_args=(qemu_tdx_args(spec) if dialect == "qemu-args" else ()) + mmio_args(mmio_mb),
+        qemu_args=(qemu_tdx_args(spec) if dialect == "qemu-args" else ()) + mmio_args(mmio_mb)
+        + spec.qemu_args,
         warnings=tuple(w for w in warnings if w),
     )

@@ -131,6 +131,7 @@ class TDSpec:
     ssh_keys: tuple[str, ...] = ()
     user_data: str | None = None  # the user's own user-data, replacing tdxvirt's
     mmio_window: int | None = None  # bytes; None: sized from the devices' BARs
+    qemu_args: tuple[str, ...] = ()  # the user's own QEMU arguments, recorded with the TD
 
     @classmethod
     def from_user(cls, *, name: str | None, gpus=(), vcpus: int = DEFAULT_VCPUS,
@@ -149,7 +150,7 @@ class TDSpec:
                   hugepages: str | None = None, numa: str | None = None,
                   virt_type: str = "kvm", cloud_init: bool = False, ssh_key=(),
                   user_data: str | None = None, mmio_window: str | None = None,
-                  remote: bool = False) -> "TDSpec":
+                  qemu_arg=(), remote: bool = False) -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field.
 
         ``remote``: the TD runs on another host (tdxvirt.virt.conn.is_remote), where the
@@ -218,7 +219,27 @@ class TDSpec:
             ssh_keys=keys,
             user_data=own_user_data,
             mmio_window=None if mmio_window is None else parse_size(mmio_window, "--mmio-window"),
+            qemu_args=_qemu_args(qemu_arg, tdx),
         )
+
+
+# Options that would change what makes the domain a TD (QEMU applies <qemu:commandline>
+# after libvirt's own arguments): never accepted as the user's own, recorded or not.
+_TD_OVERRIDES = ("-machine", "-M", "-object", "-readconfig", "-set", "-global", "-accel",
+                 "-cpu", "-bios", "-pflash", "-drive", "-incoming", "-loadvm")
+
+
+def _qemu_args(args, tdx: bool) -> tuple[str, ...]:
+    """--qemu-arg values: the user's own QEMU arguments, in order, recorded with the TD
+    (integrity accepts exactly these); none that could change its protection."""
+    args = tuple(args or ())
+    for arg in args:
+        _one_line(arg, "--qemu-arg")
+        if tdx and arg.split("=", 1)[0] in _TD_OVERRIDES:
+            raise InputError(f"--qemu-arg {arg!r} would change what QEMU makes of the TD (its machine, "
+                             "objects, CPU, firmware or memory) behind libvirt's TDX launch security; "
+                             "give that through tdxvirt's own options, or define with --no-tdx")
+    return args
 
 
 def _disk_format(disk, image, disk_format, image_format, allow_backing_file) -> str:
