@@ -125,6 +125,22 @@ def cc_on(sim):
     state.write_text(before)
 
 
+@pytest.fixture
+def cc_off(sim):
+    """The simulated H100 in CC mode off, as the real one reported, whatever an earlier
+    run left; restored afterwards."""
+    import json
+    from pathlib import Path
+
+    state = Path(sim.gpu_tool_env["STANDIN_STATE"])
+    before = state.read_text()
+    modes = json.loads(before)
+    modes.setdefault("0000:38:00.0", {"ppcie": "off"})["cc"] = "off"
+    state.write_text(json.dumps(modes) + "\n")
+    yield
+    state.write_text(before)
+
+
 @pytest.fixture(autouse=True)
 def _environment_restored():
     """`--sim` run in-process (CliRunner) exports the simulated GPU tool's variables;

@@ -424,13 +424,9 @@ def test_a_recorded_td_stays_listed_and_shown_without_its_marks(td, sim, qemu_co
     assert f"{td} [TDX]" in virsh(sim, "list", "--all", "--title").stdout
 
 
-def test_a_td_whose_gpu_is_not_in_cc_mode_is_refused_whoever_starts_it(td, sim, qemu_conn):
-    """The simulated H100 is in CC mode off (as the real one reported): the hook reads
-    it through the stand-in for NVIDIA's tool, as on a host with the real tool."""
-    import json
-
-    state = json.loads((sim.base / "gpu-modes.json").read_text())
-    assert state["0000:38:00.0"]["cc"] == "off"
+def test_a_td_whose_gpu_is_not_in_cc_mode_is_refused_whoever_starts_it(td, sim, qemu_conn, cc_off):
+    """The simulated H100 in CC mode off (as the real one reported): the hook reads it
+    through the stand-in for NVIDIA's tool, as on a host with the real tool."""
     refused = virsh(sim, "start", td)
     assert "would not start safely: GPU 0000:38:00.0 has CC mode off" in refused.stderr
     assert "`tdxvirt gpu cc-mode 0000:38:00.0 --set on`" in refused.stderr
