@@ -110,35 +110,32 @@ def legacy_qemu_conn(sim):
     connection.close()
 
 
-@pytest.fixture
-def cc_on(sim):
-    """The simulated H100 in CC mode (start's preflight wants it), restored afterwards."""
+def _cc_mode(sim, mode: str):
+    """The simulated H100's CC mode set to ``mode`` in the stand-in's state (written in
+    place: the emulated host's hook reads the same file), restored afterwards."""
     import json
     from pathlib import Path
 
     state = Path(sim.gpu_tool_env["STANDIN_STATE"])
     before = state.read_text()
     modes = json.loads(before)
-    modes.setdefault("0000:38:00.0", {"ppcie": "off"})["cc"] = "on"
+    modes.setdefault("0000:38:00.0", {"ppcie": "off"})["cc"] = mode
     state.write_text(json.dumps(modes) + "\n")
     yield
     state.write_text(before)
+
+
+@pytest.fixture
+def cc_on(sim):
+    """The simulated H100 in CC mode (start's preflight wants it), restored afterwards."""
+    yield from _cc_mode(sim, "on")
 
 
 @pytest.fixture
 def cc_off(sim):
     """The simulated H100 in CC mode off, as the real one reported, whatever an earlier
     run left; restored afterwards."""
-    import json
-    from pathlib import Path
-
-    state = Path(sim.gpu_tool_env["STANDIN_STATE"])
-    before = state.read_text()
-    modes = json.loads(before)
-    modes.setdefault("0000:38:00.0", {"ppcie": "off"})["cc"] = "off"
-    state.write_text(json.dumps(modes) + "\n")
-    yield
-    state.write_text(before)
+    yield from _cc_mode(sim, "off")
 
 
 @pytest.fixture(autouse=True)
