@@ -26,7 +26,6 @@ COMMANDLINE = f"{{{QEMU_NS}}}commandline"
 _ARG = f"{{{QEMU_NS}}}arg"
 _TD = f"{{{NAMESPACE}}}td"
 _DIALECT = f"{{{NAMESPACE}}}dialect"
-_PROTECTED = f"{{{NAMESPACE}}}protected"
 
 
 def bdf_of(address) -> str:
@@ -150,12 +149,6 @@ class DomainXML:
     def mark_text(self, tag: str) -> str | None:
         """The text of tdxvirt's <tdxvirt:TAG> (e.g. mrtd), or None."""
         return None if self.mark is None else self.mark.findtext(f"{{{NAMESPACE}}}{tag}")
-
-    @property
-    def protected(self):
-        """<tdxvirt:protected>: the loader, launch security and QEMU arguments as define
-        wrote them (tdxvirt.lifecycle.repair puts them back), or None."""
-        return None if self.mark is None else self.mark.find(_PROTECTED)
 
     # --- what makes it a TD -----------------------------------------------------------
     def has_tdx_object(self) -> bool:

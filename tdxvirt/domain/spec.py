@@ -235,6 +235,8 @@ def _qemu_args(args, tdx: bool) -> tuple[str, ...]:
     args = tuple(args or ())
     for arg in args:
         _one_line(arg, "--qemu-arg")
+        if not arg.strip():
+            raise InputError("--qemu-arg '' is empty; give one word of a QEMU argument each time")
         if tdx and arg.split("=", 1)[0] in _TD_OVERRIDES:
             raise InputError(f"--qemu-arg {arg!r} would change what QEMU makes of the TD (its machine, "
                              "objects, CPU, firmware or memory) behind libvirt's TDX launch security; "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import stat
 from pathlib import Path
 
 from ..domain.record import RecordError, RecordStore
@@ -134,14 +133,11 @@ def memory_snapshots(directory: Path) -> tuple[tuple[str, ...], str | None]:
 
 
 def _bounded(path: str) -> bytes | None:
+    """A regular file of at most _SNAPSHOT_LIMIT bytes (tdxvirt.userfile), else None."""
+    from ..errors import TdxvirtError
+    from ..userfile import read_user_file
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        return read_user_file(path, "snapshot metadata", limit=_SNAPSHOT_LIMIT)
+    except TdxvirtError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, _SNAPSHOT_LIMIT + 1)
-        return None if len(data) > _SNAPSHOT_LIMIT else data
-    finally:
-        os.close(fd)

@@ -17,7 +17,6 @@ from ..errors import HostNotReadyError, InputError
 
 # What adopting accepts as it is: the very things adopt exists for.
 _ACCEPTED = {"clone", "gpu-removed", "record"}
-_XML_INACTIVE = 2
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def adopt_td(conn, name, *, dry_run: bool = False) -> Adoption:
     if is_remote(conn.getURI()):
         raise InputError(f"{name!r} runs on another host, whose libvirt hook reads only that host's "
                          f"records; run `tdxvirt adopt {name}` on that host")
-    xml = tds.parsable_xml(domain.XMLDesc(_XML_INACTIVE))
+    xml = tds.parsable_xml(domain.XMLDesc(tds.XML_INACTIVE))
     parsed = DomainXML.of(xml)
     if not intended_tdx(parsed.root):
         raise InputError(f"{name!r} is not a TD (no TDX launch security or tdx-guest object): "

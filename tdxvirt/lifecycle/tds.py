@@ -44,7 +44,7 @@ STATE_NAMES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutt
 SHUTOFF, SHUTOFF_SAVED = 5, 5  # VIR_DOMAIN_SHUTOFF, reason VIR_DOMAIN_SHUTOFF_SAVED
 STATS_STATE = 1  # VIR_DOMAIN_STATS_STATE
 UNDEFINE_NVRAM = 4  # VIR_DOMAIN_UNDEFINE_NVRAM
-_XML_INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE
+XML_INACTIVE = 2  # VIR_DOMAIN_XML_INACTIVE
 METADATA_ELEMENT, AFFECT_LIVE = 2, 1  # VIR_DOMAIN_METADATA_ELEMENT, VIR_DOMAIN_AFFECT_LIVE
 
 
@@ -452,7 +452,7 @@ def _record(domain, td: AssembledTD, remote: bool) -> None:
     loader = None
     if not td.plan.loader:
         try:
-            loader = DomainXML.of(parsable_xml(domain.XMLDesc(_XML_INACTIVE))).loader_path() or None
+            loader = DomainXML.of(parsable_xml(domain.XMLDesc(XML_INACTIVE))).loader_path() or None
         except libvirt_error_type():
             loader = None
     record = record_from(td.xml, td.plan.uuid, loader=loader)
@@ -521,7 +521,7 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
     if domain.isActive():
         return False
     # the persistent definition: what a start runs, and unchanged by another tool's start
-    xml = parsable_xml(domain.XMLDesc(_XML_INACTIVE))
+    xml = parsable_xml(domain.XMLDesc(XML_INACTIVE))
     with locks.held(locks.gpu_keys(facts.lock_host, read_facts(xml).gpus)):
         # Not a preflight to skip: a TD never boots unprotected or broken by an edit.
         weakened = integrity_problems(conn, domain, xml, facts)
@@ -539,7 +539,7 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
                 raise HostNotReadyError(f"{domain.name()!r} would not start safely: "
                                         f"{problems[0]}{more}; --skip-preflight overrides")
         # What was checked is what starts: another tool may have redefined it meanwhile.
-        if parsable_xml(domain.XMLDesc(_XML_INACTIVE)) != xml:
+        if parsable_xml(domain.XMLDesc(XML_INACTIVE)) != xml:
             raise HostNotReadyError(f"{name!r} was redefined while tdxvirt checked it; "
                                     f"run `tdxvirt start {name}` again to check the new definition")
         try:
@@ -726,19 +726,21 @@ def set_autostart(conn, name, enabled: bool) -> None:
 
 
 def domain_xml(conn, name, inactive: bool = False) -> str:
-    return lookup(conn, name).XMLDesc(2 if inactive else 0)  # VIR_DOMAIN_XML_INACTIVE
+    return lookup(conn, name).XMLDesc(XML_INACTIVE if inactive else 0)
 
 
 def _row(domain, state_code: int, xml: str, now: float, libvirt_version: int | None = None,
          reason: int | None = None, commandline_kept: bool = True, found=None,
-         store=None) -> TDRow:
-    """``found``: the integrity problems when the caller already has them; ``store``:
-    the records to judge by (None: a remote host's, unknown here)."""
+         store=None, record=None) -> TDRow:
+    """``found``: the integrity problems when the caller already has them, with the
+    ``record`` they were judged by; else ``store``: the records to judge by (None: a
+    remote host's, unknown here)."""
     from ..domain.integrity import problems
 
     root, facts = _parse(xml, domain.name())
     started = facts.started if state_code == 1 else None
-    record = None if store is None else _stored(store, domain.UUIDString())
+    if found is None and store is not None:
+        record = _stored(store, domain.UUIDString())
     if found is None:
         found = problems(root, libvirt_version=libvirt_version, commandline_kept=commandline_kept,
                          record=record) \
@@ -775,8 +777,7 @@ def show(conn, name) -> TDInfo:
 
     found = [str(p) for p in integrity_check(xml, **inputs)]
     record = inputs["record"]
-    row = _row(domain, state, xml, time.time(), reason=reason, found=found,
-               store=record_store(conn))
+    row = _row(domain, state, xml, time.time(), reason=reason, found=found, record=record)
     from .assemble import all_gpu_holders
 
     running = all_gpu_holders(conn, running_only=True) if row.facts.gpus else {}
