@@ -27,6 +27,7 @@ NO_DRY_RUN = {
     "reboot": "one libvirt state change", "autostart": "one libvirt flag",
     "sim up": "the simulated host's own daemons, below the state directory",
     "sim down": "the simulated host's own daemons, below the state directory",
+    "sim restart": "the simulated host's libvirt daemon, below the state directory",
 }
 READS = {"list", "show", "measure", "gpu list", "host check", "build plan", "build status",
          "guest check-config", "guest verify", "guest attest", "sim status"}

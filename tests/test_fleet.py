@@ -73,8 +73,10 @@ def fleet(tmp_path_factory, sim):
                     [("td-a", ["b8:00.0"], {})])
     b = remote_host(work / "b", sim.chroot, sim.socket, f"tdxvirt-fleet-b-{tag}", devices_b(),
                     [("td-b", ["1a:00.0"], {"mmio_window": "256G"})])
+    # TDX unknown and no GPU (the emulated host "tdx" has its H100 as a node device)
+    bare = remote_host(work / "bare", sim.chroot, sim.socket, f"tdxvirt-fleet-bare-{tag}", ())
     qemu_sshd = Sshd(work)
-    uris = {"gpu-a": a.uri, "gpu-b": b.uri,
+    uris = {"gpu-a": a.uri, "gpu-b": b.uri, "nogpu": bare.uri,
             "tdx": qemu_sshd.uri("qemu", "/system", sim.socket),
             "notdx": qemu_sshd.uri("qemu", "/system", sim.legacy_socket),
             "dead": qemu_sshd.uri("test", "/nonexistent/node.xml", work / "no-daemon.sock")}
@@ -82,8 +84,8 @@ def fleet(tmp_path_factory, sim):
     config.write_text("[hosts]\n" + "".join(f'{name} = "{uri}"\n' for name, uri in uris.items()))
     yield {"a": a, "b": b, "uris": uris, "config": str(config), "work": work, "sim": sim}
     qemu_sshd.stop()
-    a.stop()
-    b.stop()
+    for host in (a, b, bare):
+        host.stop()
 
 
 @pytest.fixture
@@ -265,14 +267,14 @@ def test_host_check_checks_each_hosts_own_gpus(cli, fleet):
 def test_define_gpu_any_picks_the_first_host_with_a_free_gpu(cli, fleet):
     """gpu-a's 0000:b8:00.0 is held by td-a: its 0000:17:00.0 is picked; the TD is
     defined there (libvirt on that host validated it) with that host's facts."""
-    result = cli("-c", "notdx", "-c", "tdx", "-c", "gpu-a", "-c", "gpu-b", "define", "picked",
+    result = cli("-c", "notdx", "-c", "nogpu", "-c", "gpu-a", "-c", "gpu-b", "define", "picked",
                  "--gpu", "any")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Picked GPU 0000:17:00.0 on gpu-a: TDX support unknown")
     assert "not held by any domain there" in lines[0] and "CC mode unknown from here" in lines[0]
     assert lines[1].startswith("  passed over notdx: libvirt at ") and "no TDX support" in lines[1]
-    assert lines[2].startswith("  passed over tdx: no NVIDIA GPU on host 127.0.0.1")
+    assert lines[2].startswith("  passed over nogpu: no NVIDIA GPU on host 127.0.0.1")
     assert lines[3].startswith("  passed over gpu-b: ")
     assert lines[4] == f"Defined TD 'picked' at {fleet['uris']['gpu-a']} (native dialect)"
     assert "GPU 0000:17:00.0: managed hostdev" in result.stdout
@@ -519,7 +521,7 @@ def test_host_check_counts_the_failed_checks_of_each_host(cli, fleet):
 
 
 def test_no_host_qualifies_names_the_remedy_of_each_reason(cli):
-    line = one_line_error(cli("-c", "notdx", "-c", "tdx", "-c", "gpu-a", "-c", "gpu-b",
+    line = one_line_error(cli("-c", "notdx", "-c", "nogpu", "-c", "gpu-a", "-c", "gpu-b",
                               "-c", "dead", "define", "many", "--gpus", "2"), 1)
     remedies = line.split("); to fix: ", 1)[1]
     assert remedies.split("; or ") == [

@@ -209,10 +209,9 @@ def test_unknown_group_falls_back_to_root_with_one_note(sim_uri, gpu_host, tmp_p
 
 def test_the_simulated_hosts_qemu_group_is_found(sim):
     """The forky root's real qemu.conf names no group; its commented default does."""
-    from tdxvirt.host import HostRoot
     from tdxvirt.lifecycle.assemble import storage_owner
 
-    owner = storage_owner(HostRoot(sim.host_root))
+    owner = storage_owner(sim.host())
     assert owner.group == "libvirt-qemu" and owner.gid > 0 and owner.note is None
 
 

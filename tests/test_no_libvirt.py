@@ -24,10 +24,10 @@ def test_libvirt_commands_say_which_package_to_install():
 
 
 def test_gpu_list_and_host_check_work_without_libvirt(sim):
-    listed = tdxvirt_without_libvirt("--host-root", str(sim.host_root), "gpu", "list")
+    listed = tdxvirt_without_libvirt("--sim", "gpu", "list")
     assert listed.returncode == 0 and "0000:38:00.0" in listed.stdout
     assert "python3-libvirt" in listed.stderr and "Traceback" not in listed.stderr
-    checked = tdxvirt_without_libvirt("--host-root", str(sim.host_root), "host", "check")
+    checked = tdxvirt_without_libvirt("--sim", "host", "check")
     assert "Traceback" not in checked.stderr
     assert "libvirt: connection" in checked.stdout and "python3-libvirt" in checked.stdout
     assert "cpu: kvm_intel tdx" in checked.stdout  # host facts are still checked

@@ -224,7 +224,7 @@ def acpi_guest(sim):
     kernel, initrd = build_acpi_guest(state_dir() / "fixtures" / "acpi-guest")
     paths = {}
     for source in (kernel, initrd, sim.chroot / "usr/share/ovmf/OVMF.fd"):
-        for base in (Path("/"), sim.host_root, sim.chroot):
+        for base in (Path("/"), sim.chroot):  # the emulated host is one root (sim.host())
             target = base / GUEST_DIR.relative_to("/") / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)

@@ -169,7 +169,7 @@ class Session:
         if self._host_root is None and self.sim:
             from ..sim import layout
 
-            return HostRoot(layout().host_root)
+            return layout().host()
         return HostRoot(self._host_root or "/")
 
     def facts(self, conn=None):
@@ -831,6 +831,15 @@ def sim_down():
     click.echo(f"Stopped: {', '.join(stopped)}" if stopped else "Nothing was running")
 
 
+@sim.command(name="restart")
+def sim_restart():
+    """Restart the emulated TDX host's libvirtd (it rereads qemu.conf; TDs keep running)."""
+    from ..sim import control
+
+    control.restart()
+    click.echo("Restarted the emulated TDX host's libvirtd")
+
+
 @sim.command(name="status")
 def sim_status():
     """Show whether the simulated host is installed and running."""
@@ -840,7 +849,7 @@ def sim_status():
     click.echo(f"installed:  {'yes' if status.installed else 'no (run scripts/setup)'}")
     click.echo(f"daemon:     {'running' if status.daemon else 'stopped'}")
     click.echo(f"keeper:     {status.keeper_pid or 'stopped'}")
-    click.echo(f"host root:  {layout().host_root}")
+    click.echo(f"host root:  {layout().chroot} with {layout().devices}'s /sys, /dev, /proc")
     click.echo(f"qemu driver: {status.uri}")
     click.echo(f"test driver: {status.test_uri}")
     click.echo(f"daemon root: {layout().chroot}")

@@ -24,7 +24,7 @@ def checks(ctx: Context) -> list[Check]:
     if data is None:
         return [Check(NAME, FAIL, f"{HOOK} is not installed: virsh, virt-manager and autostart "
                       "start TDs without tdxvirt's checks", SETUP)]
-    if data != hook_script():
+    if data != hook_script(ctx.root.hook_install):
         return [Check(NAME, WARN, f"{HOOK} is not the one this tdxvirt installs (another "
                       "version, Python or state directory)", SETUP)]
     if not os.access(path, os.X_OK):

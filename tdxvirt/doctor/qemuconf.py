@@ -7,6 +7,7 @@ VFIO and iommufd nodes) stands in for security_driver = "none".
 
 from __future__ import annotations
 
+import shlex
 import time
 
 from ..hostcfg import daemon, udev
@@ -35,8 +36,15 @@ def _restart(ctx: Context) -> Check:
         return Check(name, OK, f"{running.name} started {_when(started)}, after qemu.conf "
                      f"changed ({_when(changed)})")
     return Check(name, FAIL, f"qemu.conf changed {_when(changed)}, after {running.name} "
-                 f"started ({_when(started)})", daemon.restart_advice(running)
-                 if not running.systemd else f"`systemctl restart {running.name}`")
+                 f"started ({_when(started)})", _restart_remedy(running))
+
+
+def _restart_remedy(running: daemon.DaemonInUse) -> str:
+    if running.systemd:
+        return f"`systemctl restart {running.name}`"
+    if running.restart:  # the host root's own way (the simulated host's `tdxvirt sim restart`)
+        return f"`{shlex.join(running.restart)}`"
+    return daemon.restart_advice(running)
 
 
 def checks(ctx: Context) -> list[Check]:

@@ -66,8 +66,9 @@ class LocalFacts(HostFacts):
         return self.host.exists(path)
 
     def disk_exists(self, path: str) -> bool | None:
-        # Disk images are the user's files, which libvirt opens by their real path.
-        return os.path.exists(path)
+        # Disk images are the user's files, which libvirt opens by their real path: on
+        # this machine, or inside a whole host's root (the simulated host's daemon).
+        return self.host.exists(path) if self.host.files_in_root else os.path.exists(path)
 
     def check_disk(self, spec) -> list[str]:
         """The user's --disk / --image read as the declared format (never guessed), and

@@ -159,7 +159,10 @@ class RefusingRunner:
 
 def host_runner(root: HostRoot) -> CommandRunner:
     """What may run for a host root by default: this machine's programs for ``/``,
-    nothing below any other root."""
+    nothing below any other root, unless that root is a whole host saying how its
+    programs run (HostRoot.runner: the simulated host)."""
+    if (own := root.runner()) is not None:
+        return own
     if trust.is_real_root(root.base):
         return SubprocessRunner()
     return RefusingRunner(root)

@@ -38,19 +38,32 @@ def _start_ticks(stat: str) -> int | None:
         return None
 
 
+def _belongs(root: HostRoot, pid: str) -> bool:
+    """A whole host in a root of this machine (HostRoot.process_root) runs the
+    processes whose root directory is that root; every process of a plain tree does."""
+    if root.process_root is None:
+        return True
+    try:
+        return os.readlink(f"/proc/{pid}/root") == root.process_root
+    except OSError:
+        return False  # gone, or not ours to look at
+
+
 def find_processes(root: HostRoot, names: tuple[str, ...]) -> list[Process]:
-    boot = _boot_time(root)
+    # a host living in a root of this machine: its processes are in this machine's /proc
+    procs = HostRoot("/") if root.process_root is not None else root
+    boot = _boot_time(procs)
     ticks_per_second = os.sysconf("SC_CLK_TCK")
     found = []
-    for entry in root.listdir("/proc"):
+    for entry in procs.listdir("/proc"):
         if not entry.isdigit():
             continue
-        name = root.read_value(f"/proc/{entry}/comm")
-        if name not in names:
+        name = procs.read_value(f"/proc/{entry}/comm")
+        if name not in names or not _belongs(root, entry):
             continue
         started = None
         try:
-            ticks = _start_ticks(root.read_text(f"/proc/{entry}/stat"))
+            ticks = _start_ticks(procs.read_text(f"/proc/{entry}/stat"))
         except OSError:
             ticks = None
         if boot is not None and ticks is not None:

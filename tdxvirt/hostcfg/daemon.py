@@ -2,8 +2,9 @@
 
 A running ``virtqemud`` (modular daemons) or ``libvirtd`` (monolithic) is the one in
 use; when neither runs, the enabled systemd units say which would start. Restarting
-goes through systemd when systemd runs the host; otherwise tdxvirt says what to
-restart rather than killing daemons it did not start.
+goes through systemd when systemd runs the host (or the way a host root names, as the
+simulated host does: ``tdxvirt sim restart``); otherwise tdxvirt says what to restart
+rather than killing daemons it did not start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class DaemonInUse:
     name: str | None  # virtqemud, libvirtd, or None (no libvirt daemon installed)
     processes: tuple[Process, ...]
     systemd: bool
+    restart: tuple[str, ...] | None = None  # the host's own restart (HostRoot.daemon_restart)
 
     @property
     def running(self) -> bool:
@@ -48,7 +50,7 @@ def detect(root: HostRoot) -> DaemonInUse:
     for name in DAEMONS:
         running = tuple(p for p in processes if p.name == name)
         if running:
-            return DaemonInUse(name, running, systemd)
+            return DaemonInUse(name, running, systemd, root.daemon_restart)
     for name in DAEMONS:
         if _enabled(root, name):
             return DaemonInUse(name, (), systemd)
@@ -62,6 +64,8 @@ def restart_argv(daemon: DaemonInUse) -> tuple[str, ...] | None:
     """systemctl's restart of the daemon in use, None when it cannot be done that way."""
     if daemon.name and daemon.running and daemon.systemd:
         return ("systemctl", "restart", f"{daemon.name}.service")
+    if daemon.running and daemon.restart:
+        return daemon.restart
     return None
 
 

@@ -71,6 +71,7 @@ class HostFacts:
     users: frozenset[str] | None  # None: /etc/passwd not readable
     groups: frozenset[str] | None
     grubby_skipped: bool = False  # grubby not run: below a host root other than /
+    hook_install: dict | None = None  # HostRoot.hook_install
 
 
 def _tool(root: HostRoot, name: str) -> bool:
@@ -127,6 +128,7 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
         users=_names(root, "/etc/passwd"),
         groups=_names(root, "/etc/group"),
         grubby_skipped=skipped,
+        hook_install=root.hook_install,
     )
 
 
@@ -145,6 +147,8 @@ def runner_for(root: HostRoot, dry_run: bool, run_below_root: bool) -> CommandRu
     (``--run-below-root``) and only a tree that root alone can change."""
     if trust.is_real_root(root.base):
         return SubprocessRunner()
+    if (own := root.runner()) is not None:  # a whole host that says how its programs run
+        return RefusingRunner(root) if dry_run else own
     if dry_run:
         return RefusingRunner(root)
     if not run_below_root:
@@ -200,10 +204,20 @@ def _int(text: str) -> int:
         return 0
 
 
+def _grub_has(text: bytes, wanted) -> bool:
+    try:
+        decoded = text.decode("utf-8", "surrogateescape")
+        return kernelargs.edit_grub_defaults(decoded, wanted) == decoded
+    except kernelargs.GrubDefaultsError:
+        return False
+
+
 def _plan_kernel_args(facts: HostFacts, out: list[Step], later: list[Step]) -> bool:
     """Returns whether the next boot's command line changes."""
     wanted = kernelargs.TDX_HOST_ARGS
     text = facts.files[GRUB]
+    if text is not None and not facts.grubby and _grub_has(text, wanted):
+        return False  # nothing to write, so nothing to regenerate either
     use_grub_file = text is not None and facts.grub_regen is not None and (
         not facts.grubby or facts.grub_regen == ("update-grub",))
     if use_grub_file:
@@ -328,7 +342,7 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
                                                if k not in ("user", "group"))))
             restart_for.append("reread qemu.conf")
 
-    wanted_hook = hook_script()
+    wanted_hook = hook_script(facts.hook_install)
     # no /etc/libvirt: libvirt is not installed, which the qemu.conf step already says
     if "/etc/libvirt" in facts.dirs and facts.files[hook.HOOK] != wanted_hook:
         steps.append(WriteFile(hook.HOOK, facts.files[hook.HOOK], wanted_hook,
@@ -404,11 +418,12 @@ def plan_revert(manifest: dict, current: dict[str, bytes | None],
     return HostPlan(tuple(steps + commands + notices))
 
 
-def hook_script() -> bytes:
-    """The hook setup installs: tdxvirt's current Python and this machine's records."""
+def hook_script(install: dict | None = None) -> bytes:
+    """The hook setup installs: tdxvirt's current Python and this machine's records, or
+    as a whole host root says tdxvirt is installed there (HostRoot.hook_install)."""
     from ..domain.record import records_dir
 
-    return hook.script(str(records_dir()))
+    return hook.script(**install) if install else hook.script(str(records_dir()))
 
 
 # --- running ----------------------------------------------------------------------

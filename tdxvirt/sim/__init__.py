@@ -7,10 +7,10 @@ Layout under ``<state dir>/sim``:
   qemu driver (``qemu_uri``, what ``--sim`` targets) and the TDX-aware test driver
   (``test_uri``: fast fixtures, 1,000-TD benchmarks)
 - ``forky-devices/``, ``trixie-devices/``: each daemon's device tree (sysfs of the
-  simulated H100, ``kvm_intel`` ``tdx=Y``), bound into its namespace only
+  simulated H100, ``kvm_intel`` ``tdx=Y``), bound into its namespace only; with the
+  forky root, the host tdxvirt reads for ``--sim`` (``host()``, onehost.py)
 - ``trixie/``: a Debian trixie root with libvirt 11.x (no TDX XML) and QEMU, run the
   same way (its libvirt believes in KVM; its QEMU 10.0 has no ``tdx-guest``)
-- ``hostroot/``: the fake sysfs / procfs / firmware tree (an H100 at 0000:38:00.0)
 - ``keeper.pid``: the process holding a connection open, because the test driver
   forgets every domain once no connection to it is left
 """
@@ -56,9 +56,12 @@ class SimLayout:
     def legacy_devices(self) -> Path:
         return self.base / "trixie-devices"
 
-    @property
-    def host_root(self) -> Path:
-        return self.base / "hostroot"
+    def host(self):
+        """The simulated host as tdxvirt reads it: the forky root with the device tree's
+        /sys, /dev and /proc files over it, as its daemon sees them (onehost.py)."""
+        from .onehost import SimHostRoot
+
+        return SimHostRoot(self)
 
     @property
     def keeper_pidfile(self) -> Path:
@@ -77,7 +80,7 @@ class SimLayout:
 
         return {
             "TDXVIRT_GPU_TOOLS": str(_Path(__file__).with_name("standin_gpu_tools.py")),
-            "STANDIN_SYSFS": str(self.host_root),
+            "STANDIN_SYSFS": str(self.devices),
             "STANDIN_STATE": str(self.base / "gpu-modes.json"),
             "STANDIN_RECORD": str(self.base / "gpu-tool-runs.jsonl"),
         }

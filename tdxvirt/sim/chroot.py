@@ -32,12 +32,14 @@ class Distribution:
 
 
 # python3-minimal: the emulated TDX host's QEMU wrapper (tdxhost.py) runs under it;
-# python3-lxml: tdxvirt's libvirt hook (tdxvirt.enforce) runs under the root's Python.
+# python3-lxml: tdxvirt's libvirt hook (tdxvirt.enforce) runs under the root's Python;
+# qemu-utils: qemu-img, which libvirt's storage driver runs to create a volume (as
+# virt-manager's Add Disk asks it to).
 # The storage and node-device drivers: what a real host's libvirt has, and what
 # virt-xml/virt-install need to add a disk by path on a connection they call remote.
 FORKY = Distribution("forky", ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
                                "libvirt-daemon-driver-storage", "libvirt-daemon-driver-nodedev",
-                               "qemu-system-x86", "ovmf-generic", "ovmf-inteltdx",
+                               "qemu-system-x86", "qemu-utils", "ovmf-generic", "ovmf-inteltdx",
                                "python3-minimal", "python3-lxml"),
                      "libvirt 12.x, QEMU and OVMF")
 TRIXIE = Distribution("trixie", ("libvirt-daemon", "libvirt-daemon-driver-qemu",
@@ -200,11 +202,12 @@ def alive_pid(pidfile: Path) -> int | None:
     return pid
 
 
-def stop_daemons(root: Path, wait: float = 10.0) -> list[str]:
-    """Stop the daemons started in this root, by the pid files they wrote, and wait for
-    them to go (a start right after must not find a dying daemon's socket)."""
+def stop_daemons(root: Path, wait: float = 10.0, names: tuple[str, ...] = DAEMONS) -> list[str]:
+    """Stop the daemons started in this root (``names`` of them), by the pid files they
+    wrote, and wait for them to go (a start right after must not find a dying daemon's
+    socket)."""
     stopped, pids = [], []
-    for daemon in reversed(DAEMONS):
+    for daemon in reversed(names):
         pidfile = root / "run" / f"{daemon}.pid"
         try:
             pid = int(pidfile.read_text().strip())

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from ..paths import state_dir
 from . import SimLayout, chroot, keeper, layout
-from .hostroot import SIM_HOST_VERSION, build_sim_host
 
 SCHEMAS = "usr/share/libvirt/schemas"
 
@@ -36,15 +35,6 @@ def install_schemas(sim: SimLayout) -> None:
     staging.rename(target)
 
 
-def ensure_host_root(sim: SimLayout) -> None:
-    """Build the simulated host's root unless this tdxvirt's version of it is there."""
-    marker = sim.host_root / ".tdxvirt-sim-version"
-    current = marker.read_text().strip() if marker.is_file() else None
-    if current != SIM_HOST_VERSION:
-        build_sim_host(sim.host_root, sim.chroot)
-    ensure_gpu_modes(sim)
-
-
 def ensure_gpu_modes(sim: SimLayout) -> None:
     """The simulated GPU's modes, kept by the stand-in for NVIDIA's tool (and read by
     the emulated host's libvirt hook, so they exist before its daemon starts)."""
@@ -65,10 +55,23 @@ def up(sim: SimLayout | None = None) -> list[str]:
             sim.legacy_chroot, sim.legacy_socket, sim.legacy_devices):
         started.append("libvirt 11.x host")
     install_schemas(sim)
-    ensure_host_root(sim)
+    shutil.rmtree(sim.base / "hostroot", ignore_errors=True)  # before one host: a copy
     if keeper.start(sim.test_uri, sim.keeper_pidfile, sim.keeper_log):
         started.append("test-driver keeper")
     return started
+
+
+def restart(sim: SimLayout | None = None) -> None:
+    """Restart the emulated TDX host's libvirtd, as `systemctl restart libvirtd` does on
+    a real host: it rereads qemu.conf and finds its hooks again; running domains keep
+    running (the new daemon reconnects to them), virtlogd and the namespaces stay. The
+    test driver lives in the same daemon: its domains are forgotten, as by `sim down`,
+    and its keeper starts again on the new daemon."""
+    sim = sim or layout()
+    keeper.stop(sim.keeper_pidfile)
+    chroot.stop_daemons(sim.chroot, names=("libvirtd",))
+    chroot.start_daemons(sim.chroot, sim.socket, sim.devices)
+    keeper.start(sim.test_uri, sim.keeper_pidfile, sim.keeper_log)
 
 
 def down(sim: SimLayout | None = None) -> list[str]:
@@ -117,7 +120,7 @@ def status(sim: SimLayout | None = None) -> SimStatus:
         installed=chroot.is_provisioned(sim.chroot),
         daemon=chroot.socket_answers(sim.socket),
         keeper_pid=keeper.running_pid(sim.keeper_pidfile),
-        host_root=(sim.host_root / "sys").is_dir(),
+        host_root=(sim.devices / "sys").is_dir(),
         uri=sim.uri,
         test_uri=sim.test_uri,
     )

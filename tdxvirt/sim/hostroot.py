@@ -104,17 +104,61 @@ def build_host_root(
     return HostRoot(root)
 
 
-# The simulated host is a host that is ready to run TDs: beyond build_host_root's
-# TDX-on CPU and H100, it has vfio and iommufd loaded with the GPU's cdev, and its
-# /etc files are the real ones of the forky root that runs its libvirt.
-SIM_HOST_VERSION = "4"
-_FROM_DAEMON_ROOT = ("etc/os-release", "etc/passwd", "etc/group", "etc/libvirt/qemu.conf")
+# The simulated host's device tree: a host that is ready to run TDs, beyond
+# build_host_root's TDX-on CPU and H100 with vfio and iommufd loaded and the GPU's
+# cdev. Its /etc, /usr and /var are those of the forky root that runs its libvirt
+# (tdxvirt.sim.onehost puts the two together, as the daemon's namespace does).
+SIM_HOST_VERSION = "5"
+
+
+# Where the kernel puts a PCI device and where /sys/bus/pci/devices links to it. The
+# simulated host's GPUs sit there, as on a real host, so libvirt's node-device driver
+# (libudev) finds them: it takes devices below /sys/devices only, each with a uevent.
+PCI_ROOT_BUS = "sys/devices/pci0000:00"
+
+
+def _uevent(sysfs: Path, driver: str | None) -> str:
+    """The kernel's uevent variables of a PCI device (drivers/pci/pci-driver.c)."""
+    def value(name: str) -> int:
+        return int((sysfs / name).read_text().strip(), 16)
+
+    lines = [f"DRIVER={driver}"] if driver else []
+    lines += [f"PCI_CLASS={value('class'):04X}",
+              f"PCI_ID={value('vendor'):04X}:{value('device'):04X}",
+              f"PCI_SUBSYS_ID={value('subsystem_vendor'):04X}:{value('subsystem_device'):04X}",
+              f"PCI_SLOT_NAME={sysfs.name}",
+              f"MODALIAS={(sysfs / 'modalias').read_text().strip()}"]
+    return "\n".join(lines) + "\n"
+
+
+def _as_in_the_kernel(root: Path, dev: FakePciDevice) -> None:
+    """Move a device built by _add_pci_device below the PCI root bus, as the kernel lays
+    it out: /sys/bus/pci/devices/ADDR a link to it, its links relative to there, and
+    its uevent and subsystem."""
+    listed = root / "sys/bus/pci/devices" / dev.address
+    sysfs = root / PCI_ROOT_BUS / dev.address
+    sysfs.parent.mkdir(parents=True, exist_ok=True)
+    listed.rename(sysfs)
+    _symlink(f"../../../devices/pci0000:00/{dev.address}", listed)
+    _symlink("../../../bus/pci", sysfs / "subsystem")
+    if dev.driver:
+        _symlink(f"../../../bus/pci/drivers/{dev.driver}", sysfs / "driver")
+    if dev.iommu_group is not None:
+        _symlink(f"../../../kernel/iommu_groups/{dev.iommu_group}", sysfs / "iommu_group")
+        _symlink(f"../../../../devices/pci0000:00/{dev.address}",
+                 root / "sys/kernel/iommu_groups" / str(dev.iommu_group) / "devices" / dev.address)
+    (sysfs / "uevent").write_text(_uevent(sysfs, dev.driver))
+
+
+SIM_DEVICES = (FakePciDevice("0000:38:00.0"),)
 
 
 def build_sim_host(dest: str | os.PathLike, daemon_root: str | os.PathLike) -> HostRoot:
     daemon = Path(daemon_root)
-    host = build_host_root(dest, ovmf_file=daemon / TDX_OVMF.lstrip("/"))
+    host = build_host_root(dest, devices=SIM_DEVICES, ovmf_file=daemon / TDX_OVMF.lstrip("/"))
     root = host.base
+    for dev in SIM_DEVICES:
+        _as_in_the_kernel(root, dev)
     for module in ("vfio", "vfio_pci", "vfio_pci_core", "iommufd", "kvm", "kvm_intel"):
         (root / "sys/module" / module).mkdir(parents=True, exist_ok=True)
     (root / "dev/vfio/devices").mkdir(parents=True)
@@ -123,10 +167,5 @@ def build_sim_host(dest: str | os.PathLike, daemon_root: str | os.PathLike) -> H
     (root / "sys/bus/pci/devices/0000:38:00.0/vfio-dev/vfio0").mkdir(parents=True)
     for directory in ("etc/modprobe.d", "etc/udev/rules.d"):
         (root / directory).mkdir(parents=True, exist_ok=True)
-    for name in _FROM_DAEMON_ROOT:
-        source = daemon / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.resolve(), root / name)
     (root / ".tdxvirt-sim-version").write_text(SIM_HOST_VERSION + "\n")
     return host

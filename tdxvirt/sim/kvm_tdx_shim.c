@@ -13,6 +13,11 @@
  * the sandbox here withholds that capability even from root. Such a raise that the
  * kernel refuses with EPERM is reported as done: the QEMU that runs here has no VFIO
  * device and pins no memory. Every other limit change goes to the C library.
+ * And one thing a file tree cannot be: sysfs. libvirt's node devices come from libudev,
+ * which accepts a device directory only on a file system of type sysfs (fstatfs), and
+ * the simulated GPU's directory (bound over /sys/devices/pci0000:00 in the namespace)
+ * is an ordinary directory; below /sys, fstatfs reports sysfs's type, so libvirt lists
+ * the simulated GPU as a node device (virt-xml and virt-manager add it by address).
  *
  * In the emulated host's mount namespace /dev/kvm and /dev/iommu are inert nodes
  * (the numbers of /dev/null, never the real devices), so these ioctls would fail with
@@ -33,6 +38,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #define KVM_CHECK_EXTENSION 0xAE03UL
@@ -42,6 +48,7 @@
 #define VM_TYPES_DEFAULT_AND_TDX ((1 << 0) | (1 << 5))
 #define IOMMU_OPTION 0x3B87UL
 #define RLIMIT_MEMLOCK_RESOURCE 8 /* include/uapi/asm-generic/resource.h */
+#define SYSFS_MAGIC 0x62656572 /* include/uapi/linux/magic.h */
 
 static int fd_is(int fd, const char *path)
 {
@@ -119,3 +126,33 @@ WRAP_PRLIMIT(prlimit)
 WRAP_PRLIMIT(prlimit64)
 WRAP_SETRLIMIT(setrlimit)
 WRAP_SETRLIMIT(setrlimit64)
+
+/* Below /sys in the namespace everything is sysfs or stands in for it (see top). */
+static int below_sys(int fd)
+{
+    char link[64], target[4096];
+    ssize_t n;
+
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    n = readlink(link, target, sizeof(target) - 1);
+    if (n < 0)
+        return 0;
+    target[n] = '\0';
+    return strncmp(target, "/sys/", 5) == 0;
+}
+
+#define WRAP_FSTATFS(name, type)                                                      \
+    int name(int fd, struct type *buf)                                                \
+    {                                                                                 \
+        static int (*real)(int, struct type *);                                       \
+        int result;                                                                   \
+        if (!real)                                                                    \
+            real = (int (*)(int, struct type *)) dlsym(RTLD_NEXT, #name);             \
+        result = real(fd, buf);                                                       \
+        if (result == 0 && below_sys(fd))                                             \
+            buf->f_type = SYSFS_MAGIC;                                                \
+        return result;                                                                \
+    }
+
+WRAP_FSTATFS(fstatfs, statfs)
+WRAP_FSTATFS(fstatfs64, statfs64)

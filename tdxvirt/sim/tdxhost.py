@@ -46,7 +46,15 @@ RECORD_DIR = "var/log/tdxvirt-sim"  # qemu_wrapper.RECORD_DIR, written as QEMU's
 # shim answers the two ioctls it makes; QEMU under TCG never uses them.
 NULL_DEVICE = os.makedev(1, 3)
 KVM_NODES = ("kvm", "iommu", "vfio/vfio", "vfio/devices/vfio0")
-SYSFS_FROM_DEVICES = ("sys/bus/pci", "sys/kernel/iommu_groups", "sys/module")
+# The tun driver's node: a NIC's tap is made in the namespace's own network, never
+# this machine's (its number is the kernel's, include/linux/miscdevice.h TUN_MINOR).
+TUN_DEVICE = ("net/tun", os.makedev(10, 200))
+SYSFS_FROM_DEVICES = ("sys/bus/pci", "sys/kernel/iommu_groups", "sys/module",
+                      # over this machine's own PCI devices: the daemon sees the simulated GPU
+                      # where the kernel puts it (hostroot.PCI_ROOT_BUS), and none of ours
+                      "sys/devices/pci0000:00")
+# The boot settings of the simulated host (hostroot.CMDLINE is what it booted with).
+GRUB_DEFAULTS = "etc/default/grub"
 
 
 def _source(name: str) -> bytes:
@@ -59,6 +67,7 @@ def install(root: Path) -> None:
     lib = root / SIM_LIB
     lib.mkdir(parents=True, exist_ok=True)
     _install_hook(root)
+    _install_boot_settings(root)
     wrapper = root / WRAPPER
     source = _source("qemu_wrapper.py")
     if not wrapper.exists() or wrapper.read_bytes() != source:
@@ -97,6 +106,13 @@ HOOK_GPU_ENV = {"TDXVIRT_GPU_TOOLS": f"/{HOOK_CODE}/tdxvirt/sim/standin_gpu_tool
                 "STANDIN_RECORD": f"/{RECORD_DIR}/gpu-tool-runs.jsonl"}
 
 
+def hook_install() -> dict:
+    """tdxvirt's hook as the simulated host has it installed (enforce.script.script's
+    arguments): what `host setup` writes and `host check` expects there."""
+    return {"records": f"/{HOOK_RECORDS}", "interpreter": "/usr/bin/python3",
+            "code": f"/{HOOK_CODE}", "environment": HOOK_GPU_ENV}
+
+
 def _install_hook(root: Path) -> None:
     from ..domain.record import records_dir
     from ..enforce.script import HOOK, HOOK_MODE, script
@@ -107,11 +123,26 @@ def _install_hook(root: Path) -> None:
     (root / HOOK_GPU_MODES).touch()
     hook = root / HOOK.lstrip("/")
     hook.parent.mkdir(parents=True, exist_ok=True)
-    content = script(f"/{HOOK_RECORDS}", interpreter="/usr/bin/python3", code=f"/{HOOK_CODE}",
-                     environment=HOOK_GPU_ENV)
+    content = script(**hook_install())
     if not hook.exists() or hook.read_bytes() != content:
         hook.write_bytes(content)
     hook.chmod(HOOK_MODE)
+
+
+def _install_boot_settings(root: Path) -> None:
+    """What a TDX host installed with Debian has: GRUB's defaults naming the command
+    line it booted with (hostroot.CMDLINE) and kmod's /etc/modprobe.d. Written once:
+    afterwards they are the simulated host's own files, which `host setup` edits."""
+    from .hostroot import CMDLINE
+
+    (root / "etc/modprobe.d").mkdir(parents=True, exist_ok=True)
+    grub = root / GRUB_DEFAULTS
+    if not grub.exists():
+        booted = " ".join(a for a in CMDLINE.split()
+                          if a != "ro" and not a.startswith(("BOOT_IMAGE=", "root=")))
+        grub.parent.mkdir(parents=True, exist_ok=True)
+        grub.write_text(f'GRUB_DEFAULT=0\nGRUB_TIMEOUT=5\nGRUB_CMDLINE_LINUX_DEFAULT=""\n'
+                        f'GRUB_CMDLINE_LINUX="{booted}"\n')
 
 
 def _bind_hook_sources(root: Path) -> None:
@@ -156,6 +187,10 @@ def _populate_dev(root: Path, devices: Path) -> None:
         os.mknod(node, 0o660 | stat.S_IFCHR, NULL_DEVICE)
         os.chown(node, 0, gid)
         os.chmod(node, 0o660)
+    name, number = TUN_DEVICE
+    (dev / name).parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(dev / name, 0o666 | stat.S_IFCHR, number)
+    os.chmod(dev / name, 0o666)
 
 
 def enter(root: Path, devices: Path) -> None:
@@ -167,7 +202,8 @@ def enter(root: Path, devices: Path) -> None:
     (root / "run/lock").mkdir(mode=0o1777, exist_ok=True)
     _populate_dev(root, devices)
     for relative in SYSFS_FROM_DEVICES:
-        _mount("--bind", str(devices / relative), str(root / relative))
+        if (root / relative).is_dir():  # a machine without a PCI bus 0 keeps its own
+            _mount("--bind", str(devices / relative), str(root / relative))
     _bind_hook_sources(root)
     _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
     _mount("--bind", str(root / WRAPPER), str(root / QEMU))

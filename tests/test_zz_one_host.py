@@ -1,0 +1,64 @@
+"""`host check` passes on the simulated host once `host setup` has run (run last:
+setup restarts the emulated TDX host's libvirtd, as it restarts a real host's).
+
+The simulated host is one host (tdxvirt.sim.onehost): `host setup` edits the qemu.conf
+its daemon reads, restarts that daemon (`tdxvirt sim restart`), and `host check` then
+finds nothing to fix; a TD with the simulated GPU starts under the new settings (QEMU
+as libvirt-qemu, dynamic_ownership = 0, sVirt off), and `--revert` puts the daemon's
+own file back byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from conftest import run_sim
+
+from tdxvirt.sim import chroot
+
+WHAT_SETUP_FIXES = {"qemu.conf: dynamic_ownership", "qemu.conf: security_driver"}
+
+
+def _check(*extra) -> dict:
+    done = run_sim("host", "check", "--json", *extra)
+    return json.loads(done.stdout)
+
+
+def _failing(report: dict) -> set[str]:
+    return {c["name"] for c in report["checks"] if c["status"] == "fail"}
+
+
+def test_host_check_passes_after_host_setup_and_revert_restores_the_daemons_file(sim, cc_on):
+    conf = sim.chroot / "etc/libvirt/qemu.conf"
+    original = conf.read_bytes()
+    assert _failing(_check()) <= WHAT_SETUP_FIXES  # TDX-ready but for qemu.conf
+    dry = run_sim("host", "setup", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "edit /etc/libvirt/qemu.conf" in dry.stdout
+    assert "run `tdxvirt sim restart`: make libvirt reread qemu.conf" in dry.stdout
+    assert conf.read_bytes() == original
+    daemon = chroot.alive_pid(sim.chroot / "run/libvirtd.pid")
+    name = f"td-{uuid.uuid4().hex[:8]}"
+    try:
+        done = run_sim("host", "setup")
+        assert done.returncode == 0, done.stderr
+        assert b"dynamic_ownership = 0" in conf.read_bytes()
+        assert chroot.alive_pid(sim.chroot / "run/libvirtd.pid") not in (None, daemon)
+        report = _check()
+        assert not report["failed"], _failing(report)
+        statuses = {c["name"]: c["status"] for c in report["checks"]}
+        assert statuses["qemu: tdx-guest"] == statuses["libvirt hook"] == "ok"
+        assert statuses["qemu.conf: read by libvirt"] == "ok"
+        defined = run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                          "--vcpus", "1")
+        assert defined.returncode == 0, defined.stderr
+        started = run_sim("start", name)
+        assert started.returncode == 0, started.stderr
+    finally:
+        run_sim("destroy", name)
+        run_sim("undefine", name)
+        reverted = run_sim("host", "setup", "--revert")
+    assert reverted.returncode == 0, reverted.stderr
+    assert conf.read_bytes() == original
+    assert _failing(_check()) <= WHAT_SETUP_FIXES
