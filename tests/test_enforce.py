@@ -210,9 +210,10 @@ def test_the_hook_decides_each_operation(tmp_path):
     assert "does not migrate" in decide("one", "migrate", "begin", xml, store)
     RECORDED_WEAKENINGS["-readconfig"](root)
     refused = decide("one", "prepare", "begin", etree.tostring(root), store)
-    assert refused.startswith("tdxvirt: 'one' is no longer the TD it was defined as: <qemu:commandline> "
-                              "passes QEMU arguments tdxvirt did not write (-readconfig")
-    assert "`tdxvirt repair one`" in refused and "\n" not in refused
+    assert refused.startswith("tdxvirt: 'one' is no longer the TD it was defined as; "
+                              "`tdxvirt repair one` puts it back")
+    assert "what changed: <qemu:commandline> passes QEMU arguments tdxvirt did not write " \
+           "(-readconfig" in refused and "\n" not in refused
     plain = b"<domain type='kvm'><name>vm</name><uuid>%s</uuid></domain>" % str(uuid.uuid4()).encode()
     assert decide("vm", "prepare", "begin", plain, store) is None
     assert decide("vm", "restore", "begin", plain, store) is None

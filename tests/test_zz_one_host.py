@@ -62,3 +62,50 @@ def test_host_check_passes_after_host_setup_and_revert_restores_the_daemons_file
     assert reverted.returncode == 0, reverted.stderr
     assert conf.read_bytes() == original
     assert _failing(_check()) <= WHAT_SETUP_FIXES
+
+
+def test_autostart_of_a_weakened_td_is_refused_when_libvirt_starts(sim, cc_on):
+    """libvirt autostarts domains when its daemon starts: the hook refuses a TD whose
+    CPU page was edited (virt-xml --cpu host-model) while an ordinary VM beside it
+    autostarts, proving autostart ran."""
+    import libvirt
+    from test_enforce import virsh
+    from test_integrity import virt_xml
+
+    td, vm = f"td-{uuid.uuid4().hex[:8]}", f"vm-{uuid.uuid4().hex[:8]}"
+    plain = (f"<domain type='qemu'><name>{vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+             "<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>"
+             "<controller type='usb' model='none'/><memballoon model='none'/></devices></domain>")
+    xml_file = sim.chroot / "tmp" / f"{vm}.xml"
+    xml_file.write_text(plain)
+    try:
+        assert run_sim("define", td, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                       "--vcpus", "1").returncode == 0
+        virt_xml(sim, td, "--edit", "--cpu", "host-model")
+        assert virsh(sim, "define", str(xml_file)).returncode == 0
+        for name in (td, vm):
+            assert virsh(sim, "autostart", name).returncode == 0
+        restarted = run_sim("sim", "restart", "--boot")
+        assert restarted.returncode == 0, restarted.stderr
+        conn = libvirt.open(sim.qemu_uri)
+        try:
+            assert conn.lookupByName(vm).isActive()  # autostart ran
+            assert not conn.lookupByName(td).isActive()  # and the hook refused the TD
+        finally:
+            conn.close()
+        assert "CPU mode is host-model" in run_sim("show", td).stdout
+        # repaired, the same autostart starts it: the edit was the reason
+        assert run_sim("repair", td).returncode == 0
+        assert run_sim("sim", "restart", "--boot").returncode == 0
+        conn = libvirt.open(sim.qemu_uri)
+        try:
+            assert conn.lookupByName(td).isActive()
+        finally:
+            conn.close()
+    finally:
+        for name in (td, vm):
+            virsh(sim, "autostart", name, "--disable")
+            virsh(sim, "destroy", name)
+        run_sim("undefine", td)
+        virsh(sim, "undefine", vm)
+        xml_file.unlink(missing_ok=True)

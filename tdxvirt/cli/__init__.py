@@ -832,12 +832,14 @@ def sim_down():
 
 
 @sim.command(name="restart")
-def sim_restart():
+@click.option("--boot", is_flag=True,
+              help="Start it as after a host boot: libvirt autostarts the domains marked for it.")
+def sim_restart(boot):
     """Restart the emulated TDX host's libvirtd (it rereads qemu.conf; TDs keep running)."""
     from ..sim import control
 
-    control.restart()
-    click.echo("Restarted the emulated TDX host's libvirtd")
+    control.restart(boot=boot)
+    click.echo("Restarted the emulated TDX host's libvirtd" + (" as after a boot" if boot else ""))
 
 
 @sim.command(name="status")

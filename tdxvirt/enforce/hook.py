@@ -66,8 +66,10 @@ def decide(name: str, operation: str, suboperation: str, xml: bytes, store: Reco
     if found:
         first, more = found[0], len(found) - 1
         extra = f" (and {more} more: `tdxvirt show {quoted}`)" if more else ""
-        return (f"tdxvirt: {name!r} is no longer the TD it was defined as: {first.what}; "
-                f"{first.fix}{extra}")
+        # The way back before the detail: virt-manager's error dialog cuts libvirt's
+        # message (its own prefix included) at 512 characters.
+        return (f"tdxvirt: {name!r} is no longer the TD it was defined as; {first.fix}{extra}; "
+                f"what changed: {first.what}")
     modes = gpu_mode_problems([bdf for bdf, _ in domain.pci_hostdevs()])
     if modes:
         more = f" (and {len(modes) - 1} more)" if len(modes) > 1 else ""

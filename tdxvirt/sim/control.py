@@ -61,15 +61,23 @@ def up(sim: SimLayout | None = None) -> list[str]:
     return started
 
 
-def restart(sim: SimLayout | None = None) -> None:
+# libvirt autostarts domains once per host boot, marking it here (in /run, which a boot
+# empties); removing the mark makes the next daemon start behave as the first after a boot.
+AUTOSTARTED = "run/libvirt/qemu/autostarted"
+
+
+def restart(sim: SimLayout | None = None, boot: bool = False) -> None:
     """Restart the emulated TDX host's libvirtd, as `systemctl restart libvirtd` does on
     a real host: it rereads qemu.conf and finds its hooks again; running domains keep
     running (the new daemon reconnects to them), virtlogd and the namespaces stay. The
     test driver lives in the same daemon: its domains are forgotten, as by `sim down`,
-    and its keeper starts again on the new daemon."""
+    and its keeper starts again on the new daemon. ``boot``: as the first start after a
+    host boot, when libvirt autostarts the domains marked for it."""
     sim = sim or layout()
     keeper.stop(sim.keeper_pidfile)
     chroot.stop_daemons(sim.chroot, names=("libvirtd",))
+    if boot:
+        (sim.chroot / AUTOSTARTED).unlink(missing_ok=True)
     chroot.start_daemons(sim.chroot, sim.socket, sim.devices)
     keeper.start(sim.test_uri, sim.keeper_pidfile, sim.keeper_log)
 

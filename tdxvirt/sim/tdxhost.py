@@ -193,6 +193,12 @@ def _populate_dev(root: Path, devices: Path) -> None:
     os.chmod(dev / name, 0o666)
 
 
+# The environment systemd gives libvirt's units on a real host, not the caller's: libvirt
+# passes it to hooks and prints it in their errors (virt-manager cuts those at 512 chars).
+DAEMON_ENV = ("env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+              "LANG=C.UTF-8")
+
+
 def enter(root: Path, devices: Path) -> None:
     """Inside the new namespaces: lay out /dev, /sys and the emulator, start the daemons."""
     from .chroot import DAEMONS, run
@@ -208,15 +214,15 @@ def enter(root: Path, devices: Path) -> None:
     _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
     _mount("--bind", str(root / WRAPPER), str(root / QEMU))
     for daemon in DAEMONS:
-        env = ["env", f"LD_PRELOAD=/{SHIM}"] if daemon == "libvirtd" else []
-        run(["chroot", str(root), *env, daemon, "-d"], f"starting {daemon}")
+        preload = [f"LD_PRELOAD=/{SHIM}"] if daemon == "libvirtd" else []
+        run(["chroot", str(root), *DAEMON_ENV, *preload, daemon, "-d"], f"starting {daemon}")
 
 
 def rejoin_argv(pid: int, root: Path) -> list[str]:
     """libvirtd started again in the namespaces of the emulated host's surviving process
     (its virtlogd): the same /dev, device tree and network as before."""
-    return ["nsenter", f"--target={pid}", "--mount", "--net", "--", "chroot", str(root), "env",
-            f"LD_PRELOAD=/{SHIM}", "libvirtd", "-d"]
+    return ["nsenter", f"--target={pid}", "--mount", "--net", "--", "chroot", str(root),
+            *DAEMON_ENV, f"LD_PRELOAD=/{SHIM}", "libvirtd", "-d"]
 
 
 def unshare_argv(root: Path, devices: Path) -> list[str]:
