@@ -14,7 +14,7 @@ import pytest
 
 from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import TdxvirtError
-from tdxvirt.lifecycle import tds
+from tdxvirt.lifecycle import journal, tds
 
 RELAY = Path(__file__).parent / "standins/socket_relay.py"
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
@@ -190,16 +190,20 @@ def test_a_storage_directory_that_cannot_take_a_file_is_one_line(sim, conn, gpu_
         subprocess.run(["umount", str(images)], check=True)
 
 
-def _deletions(directory: Path):
-    """A generator of the names deleted in ``directory``, from the kernel's inotify (the
-    moment a file goes, not a timed guess), and the watch's file descriptor to close."""
+IN_CREATE, IN_DELETE = 0x100, 0x200
+
+
+def _deletions(directory: Path, mask: int = IN_DELETE):
+    """A generator of the names deleted (or with IN_CREATE created) in ``directory``, from
+    the kernel's inotify (the moment a file goes, not a timed guess), and the watch's
+    file descriptor to close."""
     import ctypes
     import select
     import struct as binary
 
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.inotify_init1(0)
-    assert fd >= 0 and libc.inotify_add_watch(fd, str(directory).encode(), 0x200) >= 0  # IN_DELETE
+    assert fd >= 0 and libc.inotify_add_watch(fd, str(directory).encode(), mask) >= 0
 
     def names(timeout: float = 60.0):
         while select.select([fd], [], [], timeout)[0]:
@@ -251,3 +255,93 @@ def test_an_undefine_killed_after_libvirt_forgot_the_td_is_finished_by_the_next_
     done = subprocess.run([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0 and not overlay.exists(), done.stderr
+
+
+# The moments a define --image is killed at: as its private directory appears (qemu-img
+# about to write), as the overlay is linked into place (no domain yet).
+KILLED_DEFINE_MOMENTS = {
+    "private directory made": lambda name, created: created.startswith(".tdxvirt-"),
+    "overlay linked into place": lambda name, created: created == f"{name}.qcow2",
+}
+
+
+@pytest.mark.parametrize("moment", sorted(KILLED_DEFINE_MOMENTS))
+def test_a_define_killed_midway_leaves_nothing_the_rerun_trips_over(moment, sim, qemu_conn, tmp_path):
+    """tdxvirt SIGKILLed at a file-system event of its define: before, its private
+    directory or an overlay with no domain stayed, and the re-run said "already exists".
+    The intent written first lets the re-run undo it (libvirt, asked by the UUID, has no
+    such domain): the overlay and the private directory go, and the define succeeds."""
+    from conftest import TDXVIRT
+
+    name = f"halfway-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M"], check=True)
+    images = tmp_path / "img"
+    images.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[defaults]\noverlay_dir = "{images}"\n')
+    env = {**os.environ, "TDXVIRT_CONFIG": str(config)}
+    define = [TDXVIRT, "--sim", "define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "512M",
+              "--vcpus", "1", "--image", str(base), "--image-format", "qcow2"]
+    created, fd = _deletions(images, IN_CREATE)
+    try:
+        killed = subprocess.Popen(define, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for entry in created:
+            if KILLED_DEFINE_MOMENTS[moment](name, entry):
+                killed.send_signal(signal.SIGKILL)
+                break
+        killed.wait(timeout=60)
+    finally:
+        os.close(fd)
+    assert killed.returncode == -signal.SIGKILL
+    assert name not in [d.name() for d in qemu_conn.listAllDomains(0)]
+    assert os.listdir(images), "the kill came too late to test anything"
+    again = subprocess.run(define, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"undid the interrupted define of '{name}'" in again.stdout + again.stderr
+    assert os.listdir(images) == [f"{name}.qcow2"]  # the new TD's own overlay, no litter
+    done = subprocess.run([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and os.listdir(images) == [], done.stderr
+
+
+def test_a_define_killed_after_libvirt_saved_it_is_kept(sim, qemu_conn, tmp_path):
+    """Killed as libvirt writes the domain's config: the domain is there, so the next
+    run keeps it and its overlay (never deleting a defined domain's disk)."""
+    from conftest import TDXVIRT
+
+    name = f"saved-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "32M"], check=True)
+    images = tmp_path / "img"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[defaults]\noverlay_dir = "{images}"\n')
+    env = {**os.environ, "TDXVIRT_CONFIG": str(config)}
+    created, fd = _deletions(sim.chroot / "etc/libvirt/qemu", IN_CREATE)
+    try:
+        killed = subprocess.Popen([TDXVIRT, "--sim", "define", name, "--gpu", "38:00.0", "--allow-shared",
+                                   "--memory", "512M", "--vcpus", "1", "--image", str(base),
+                                   "--image-format", "qcow2"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for entry in created:
+            if entry.startswith(name):
+                killed.send_signal(signal.SIGKILL)
+                break
+        killed.wait(timeout=60)
+    finally:
+        os.close(fd)
+    try:
+        domain = qemu_conn.lookupByName(name)
+        pending = [i for _, i in journal.pending() if i.uuid == domain.UUIDString().lower()]
+        recovered = subprocess.run([TDXVIRT, "recover"], env=env, capture_output=True, text=True)
+        assert recovered.returncode == 0, recovered.stderr
+        if pending:  # killed before define ended its intent (nearly always: libvirt answers later)
+            assert f"'{name}' was defined before its define was interrupted: kept" in recovered.stdout
+        assert not [i for _, i in journal.pending() if i.name == name]
+        assert qemu_conn.lookupByName(name) and (images / f"{name}.qcow2").is_file()
+        removed = subprocess.run([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env=env,
+                                 capture_output=True, text=True)
+        assert removed.returncode == 0, removed.stderr
+        assert not (images / f"{name}.qcow2").exists()  # deleted by the undefine, as tdxvirt's
+    finally:
+        subprocess.run([TDXVIRT, "--sim", "undefine", name], env=env, capture_output=True)

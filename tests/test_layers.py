@@ -10,7 +10,7 @@ The layers, lowest first (docs/architecture.md):
    measurements, which of its files tdxvirt may delete
 3. host facts: local or through libvirt, one interface (tdxvirt.facts)
 4. features: host changes and checks, the guest, builds, attestation, the simulated
-   host
+   host, the journal of interrupted changes (host check reports it)
 5. operations on TDs (tdxvirt.lifecycle), and `gpu list`
 6. the command line (tdxvirt.cli)
 
@@ -34,7 +34,8 @@ LAYERS = {
     4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "build.actions", "build.distro",
         "build.edk2", "build.gitops", "build.kconfig", "build.manifest", "build.progress",
         "build.runner", "build.stamps", "build.steps", "attest.quote", "attest.checks",
-        "attest.dcap", "attest.evidence", "attest.report", "sim", "enforce"],
+        "attest.dcap", "attest.evidence", "attest.report", "sim", "enforce",
+        "lifecycle.journal"],  # intents: host check reports them
     5: ["lifecycle", "gpu.discovery"],
     6: ["cli"],
 }

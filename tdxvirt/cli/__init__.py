@@ -565,6 +565,8 @@ def undefine(session, name, remove_storage, dry_run):
     from ..lifecycle import tds
     from ..textsafe import safe
 
+    if not dry_run:  # an interrupted define or undefine first: it may be this very name's
+        _warn(tds.recover_interrupted(session.conn()))
     domain = tds.lookup(session.conn(), name)
     identity = tds.resolved(domain)  # read before: an undefined domain has no name to ask
     removed = tds.undefine(session.conn(), domain, remove_storage=remove_storage, dry_run=dry_run)
@@ -573,6 +575,35 @@ def undefine(session, name, remove_storage, dry_run):
         click.echo(f"  {'would remove' if dry_run else 'removed'} {safe(path)}")
     if dry_run:
         click.echo("(dry run: nothing was changed)")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="List the interrupted changes; change nothing.")
+def recover(dry_run):
+    """Finish or undo defines and undefines that were killed midway (on this machine).
+
+    Each was written down before its first step; libvirt, asked by the domain's UUID,
+    says whether it happened: an undefine that happened gets its files deleted, a define
+    that did not gets its files removed, anything libvirt holds is kept. The next define
+    or undefine does the same by itself."""
+    from ..lifecycle import journal
+    from ..textsafe import safe
+
+    waiting = journal.pending()
+    if dry_run:
+        for _, intent in waiting:
+            click.echo(f"would ask {safe(intent.uri)} about the interrupted {intent.op} of "
+                       f"{safe(repr(intent.name))} ({intent.uuid}): "
+                       + safe(", ".join(intent.files) or "no files"))
+        click.echo("Nothing was interrupted" if not waiting else "(dry run: nothing was changed)")
+        return
+    done = journal.recover()
+    for line in done:
+        click.echo(safe(line))
+    if not done:
+        click.echo("Nothing was interrupted" if not journal.pending() else
+                   "Interrupted changes remain: libvirt could not be asked, or a tdxvirt is still "
+                   "running them; run `tdxvirt recover` again later")
 
 
 @main.command()

@@ -66,13 +66,15 @@ def _record_of(path: str) -> Path:
     return state_dir() / "created" / hashlib.sha256(path.encode()).hexdigest()
 
 
-def record_created(path: str) -> None:
-    """Remember that tdxvirt created ``path`` (called right after it did): its device
-    and inode, in a root-only record no domain edit can reach (rule 5)."""
+def record_created(path: str, inode_of: str | None = None) -> None:
+    """Remember that tdxvirt created ``path``: its device and inode, in a root-only
+    record no domain edit can reach (rule 5). ``inode_of``: the private file about to be
+    linked to ``path`` (recorded first, so a run killed between the two leaves a file
+    the next run can prove is tdxvirt's and remove)."""
     record = _record_of(path)
     temporary = record.with_name(f".{record.name}.{os.getpid()}")
     try:
-        status = os.stat(path, follow_symlinks=False)
+        status = os.stat(inode_of or path, follow_symlinks=False)
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temporary.write_text(json.dumps({"path": path, "dev": status.st_dev, "ino": status.st_ino}))
         os.replace(temporary, record)

@@ -260,6 +260,17 @@ def _place(temporary: str, final: str) -> None:
     _rename_noreplace(temporary, final)
 
 
+def _place_recorded(temporary: str, final: str) -> None:
+    """Record ``final`` as tdxvirt's (by the inode it is about to get), then place it:
+    the only proof undefine --remove-storage and an interrupted define's undo accept."""
+    record_created(final, inode_of=temporary)
+    try:
+        _place(temporary, final)
+    except BaseException:
+        forget_created(final)
+        raise
+
+
 def _rename_noreplace(source: str, target: str) -> None:
     import ctypes
     import errno
@@ -278,14 +289,16 @@ def _rename_noreplace(source: str, target: str) -> None:
         raise TdxvirtError(f"cannot create {target}: {os.strerror(code)}")
 
 
-def _private_file(directory: str, name: str):
+def _private_file(directory: str, name: str, uuid: str):
     """A path in a new private (0700) directory inside ``directory`` (same file system,
-    so the result can be linked into place), and a cleanup for that directory."""
+    so the result can be linked into place), and a cleanup for that directory. Named
+    after the TD's UUID: a killed define's directory is found by the next run
+    (tdxvirt.lifecycle.journal)."""
     import shutil
     import tempfile
 
     try:
-        private = tempfile.mkdtemp(prefix=".tdxvirt-", dir=directory)
+        private = tempfile.mkdtemp(prefix=journal.private_prefix(uuid), dir=directory)
     except OSError as error:  # no space or inodes, read-only, no permission: one line
         raise TdxvirtError(f"cannot create a private directory in {directory} ({error.strerror}); "
                            "free space there or set defaults.overlay_dir; nothing was defined") from None
@@ -308,7 +321,7 @@ def _storage_owner(host: HostRoot):
     return storage_owner(host)
 
 
-def _create_overlay(disk: Disk, owner=None) -> None:
+def _create_overlay(disk: Disk, uuid: str, owner=None) -> None:
     """A qcow2 overlay on the base image; the base is only ever read.
 
     qemu-img writes it in a private directory, then it is linked into place without
@@ -318,7 +331,7 @@ def _create_overlay(disk: Disk, owner=None) -> None:
     final = os.path.join(directory, os.path.basename(disk.path))
     if os.path.lexists(final):
         raise InputError(f"{disk.path} already exists; remove it or choose another TD name")
-    temporary, cleanup = _private_file(directory, os.path.basename(disk.path))
+    temporary, cleanup = _private_file(directory, os.path.basename(disk.path), uuid)
     try:
         try:
             result = subprocess.run(
@@ -333,7 +346,7 @@ def _create_overlay(disk: Disk, owner=None) -> None:
                 f"qemu-img could not create the overlay {disk.path}: "
                 f"{' '.join(result.stderr.split()) or 'exit ' + str(result.returncode)}")
         _own(temporary, owner, OVERLAY_MODE)
-        _place(temporary, final)
+        _place_recorded(temporary, final)
     finally:
         cleanup()
 
@@ -380,37 +393,51 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
             else None
         if owner is not None and owner.note:
             td = _with_warning(td, owner.note)
+        # Files first, then libvirt's define, then root's record: an intent names them
+        # for the next run should this one be killed in between (tdxvirt.lifecycle.journal).
+        files = [path for path in (overlay.path if overlay else None, td.plan.seed) if path]
+        intent = journal.begin(journal.Intent("define", uri, td.plan.uuid, spec.name,
+                                              tuple(files), journal.this_process())) \
+            if files and td.plan.uuid else None
         created = []
         try:
             if overlay:
-                _create_overlay(overlay, owner)
+                _create_overlay(overlay, td.plan.uuid, owner)
                 created.append(overlay.path)
-                record_created(overlay.path)  # the only proof undefine --remove-storage accepts
             if td.plan.seed:
-                _create_seed(spec, td.plan.seed, owner)
+                _create_seed(spec, td.plan.seed, td.plan.uuid, owner)
                 created.append(td.plan.seed)
-                record_created(td.plan.seed)
             defined = conn.defineXMLFlags(td.xml, DEFINE_VALIDATE)
         except libvirt_error_type() as error:
             answer = translate(error, f"libvirt refused to define {spec.name!r}")
             # A lost connection is no refusal: libvirt may have saved the domain before its
-            # answer was lost. Asked again (the UUID is tdxvirt's own), it says which.
+            # answer was lost. Asked again (the UUID is tdxvirt's own), it says which; when
+            # it cannot be asked, the intent stays for the next run to ask.
             defined = _defined_after_all(uri, td.plan.uuid) \
                 if isinstance(answer, LibvirtUnavailableError) else None
             if defined is None:
-                _remove(created)
+                _undo(created, intent)
                 raise answer from None
         except BaseException:
-            _remove(created)
+            _undo(created, intent)
             raise
         if td.plan.tdx:
             try:
                 _record(defined, td, facts.remote)
             except BaseException:
                 _undefine_quietly(defined)
-                _remove(created)
+                _undo(created, intent)
                 raise
+        if intent is not None:
+            journal.end(intent)
     return _with_warning(td, "; ".join(finished)) if finished else td
+
+
+def _undo(created: list[str], intent) -> None:
+    """A define that did not happen: its files go, then its intent."""
+    _remove(created)
+    if intent is not None:
+        journal.end(intent)
 
 
 def _defined_after_all(uri: str, uuid: str | None):
@@ -476,7 +503,7 @@ def _with_warning(td: AssembledTD, warning: str) -> AssembledTD:
     return replace(td, plan=replace(td.plan, warnings=(*td.plan.warnings, warning)))
 
 
-def _create_seed(spec: TDSpec, path: str, owner=None) -> None:
+def _create_seed(spec: TDSpec, path: str, uuid: str, owner=None) -> None:
     """The cloud-init seed, written privately and linked into place like the overlay,
     mode 0640 root:<QEMU's group> (user-data may hold secrets)."""
     from ..guest.seed import build_seed_iso
@@ -486,12 +513,12 @@ def _create_seed(spec: TDSpec, path: str, owner=None) -> None:
     final = os.path.join(directory, os.path.basename(path))
     if os.path.lexists(final):
         raise InputError(f"{path} already exists; remove it or choose another TD name")
-    temporary, cleanup = _private_file(directory, os.path.basename(path))
+    temporary, cleanup = _private_file(directory, os.path.basename(path), uuid)
     try:
         build_seed_iso(temporary, hostname=hostname_for(spec.name), ssh_keys=spec.ssh_keys,
                        user_data=spec.user_data)
         _own(temporary, owner, SEED_MODE)
-        _place(temporary, final)
+        _place_recorded(temporary, final)
     finally:
         cleanup()
 
@@ -664,7 +691,8 @@ def _intend_undefine(conn, domain, storage):
     if not storage.removals:
         return None
     return journal.begin(journal.Intent("undefine", conn.getURI(), domain.UUIDString().lower(),
-                                        domain.name(), tuple(r.path for r in storage.removals)))
+                                        domain.name(), tuple(r.path for r in storage.removals),
+                                        journal.this_process()))
 
 
 def recover_interrupted(conn) -> list[str]:
