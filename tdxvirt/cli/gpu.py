@@ -205,6 +205,40 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                        f"{sum(a.error is None for a in answers)} host(s) that answered")
         _fleet_failed(answers)
 
+    def _refuse_under_running_domains(session, targets, what: str, groups: bool) -> None:
+        """A reset, reattach or mode switch of a GPU libvirt runs a domain with pulls it
+        from under that TD: refused from libvirt's answer (a QEMU holding its vfio files
+        is refused too, further down). ``groups``: the IOMMU groups' endpoints move too."""
+        from ..errors import DeviceBusyError, TdxvirtError
+        from ..gpu.groups import read_group
+        from ..lifecycle.assemble import all_gpu_holders
+        from ..textsafe import safe
+
+        try:
+            conn = hooks.libvirt_conn(session) if hooks.libvirt_conn else session.conn()
+            held = all_gpu_holders(conn, running_only=True)
+        except TdxvirtError as error:  # no libvirt here: no domain of its runs either
+            click.echo(f"tdxvirt: note: libvirt could not say which domains run "
+                       f"({safe(str(error))}); only processes holding the GPUs' files are "
+                       "checked", err=True)
+            return
+        addresses = []
+        for device in targets:
+            addresses.append(str(device.address))
+            if groups and device.iommu_group is not None:
+                try:
+                    addresses += [str(m.address) for m in read_group(session.host, device).endpoints]
+                except TdxvirtError:
+                    pass  # read again, and refused with its reason, by the move itself
+        for address in dict.fromkeys(addresses):
+            if address in held:
+                names = held[address]
+                raise DeviceBusyError(
+                    f"{address} is passed through to running domain {safe(repr(names[0]))}"
+                    + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+                    + f"; {what} would pull it from under that TD: stop it first "
+                    f"(`tdxvirt stop {safe(shlex.quote(names[0]))}`)")
+
     def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
         from ..gpu import devices, privilege, vfio
 
@@ -213,6 +247,9 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             privilege.require_root(f"tdxvirt gpu {action}", privilege.CHANGES_DRIVERS, hooks.euid)
         host = session.host
         targets = devices.read_targets(host, bdfs)
+        if reset or action == vfio.REATTACH:
+            _refuse_under_running_domains(session, targets, "a reset" if reset else "a reattach",
+                                          groups=True)
         binder = _binder(session, method, hooks)
         if dry_run:
             if reset:
@@ -305,6 +342,9 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             targets = board
         elif cc:
             ccmode.cc_targets(targets)
+        if setting:  # the switch resets the GPU
+            _refuse_under_running_domains(session, targets, "a mode switch (with its reset)",
+                                          groups=False)
         tool_cmd = admin_tool.locate(tool, host)
         if not setting:
             results = ccmode.query(tool_cmd, targets, ccmode.has_nvswitches(host))
