@@ -192,6 +192,74 @@ def bench_define_and_list(results, repeat, uri, count_define, count_list):
                     pass
 
 
+def bench_commands(results, repeat, uri):
+    """define and undefine as the whole processes a user or a script runs, against
+    virsh's processes doing the same to the same daemon, alternately (issue 25 targets:
+    define <= 100 ms, undefine <= 60 ms). A host root with GPUs on vfio-pci stands for
+    the host; the TDs are the test driver's."""
+    import libvirt
+
+    conn = libvirt.open(uri)
+    tag = uuid.uuid4().hex[:6]
+    pairs: dict[str, list[tuple[float, float]]] = {"define": [], "undefine": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root, addresses = _fake_host(max(repeat, 5), Path(tmp) / "root")
+        ours = [TDXVIRT, "-c", uri, "--host-root", str(root.base)]
+        for i in range(max(repeat, 5)):
+            name, theirs = f"cmd-{tag}-{i}", f"cmd-{tag}-{i}v"
+            ours_define = _clock([*ours, "define", name, "--gpu", addresses[i], "--memory", "1G"])
+            xml = conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            path = Path(tmp) / f"{theirs}.xml"
+            path.write_text(xml.replace(f"<name>{name}</name>", f"<name>{theirs}</name>")
+                            .split("<uuid>")[0] + xml.split("</uuid>", 1)[1])
+            pairs["define"].append((ours_define, _clock(["virsh", "-q", "-c", uri, "define",
+                                                          "--validate", str(path)])))
+            pairs["undefine"].append((_clock([*ours, "undefine", name]),
+                                      _clock(["virsh", "-q", "-c", uri, "undefine", theirs])))
+    conn.close()
+    _medians(results, pairs)
+
+
+def bench_start(results, repeat):
+    """start of one TD on the emulated TDX host's qemu driver (a real QEMU under TCG,
+    libvirt's hook included), by tdxvirt and by virsh alternately (target <= 1.5x):
+    tdxvirt's preflight, integrity check and CC-mode read are its extra."""
+    from tdxvirt.sim import layout
+
+    uri, name = layout().qemu_uri, f"bench-start-{uuid.uuid4().hex[:6]}"
+    sim = [TDXVIRT, "--sim"]
+    subprocess.run([*sim, "gpu", "cc-mode", "0000:38:00.0", "--set", "on"], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run([*sim, "define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                    "--vcpus", "1"], check=True, stdout=subprocess.DEVNULL)
+    pairs: dict[str, list[tuple[float, float]]] = {"start": []}
+    try:
+        for _ in range(max(repeat, 5)):
+            ours = _clock([*sim, "start", name])
+            subprocess.run(["virsh", "-q", "-c", uri, "destroy", name], check=True,
+                           stdout=subprocess.DEVNULL)
+            theirs = _clock(["virsh", "-q", "-c", uri, "start", name])
+            subprocess.run(["virsh", "-q", "-c", uri, "destroy", name], check=True,
+                           stdout=subprocess.DEVNULL)
+            pairs["start"].append((ours, theirs))
+    finally:
+        subprocess.run([*sim, "undefine", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _medians(results, pairs)
+
+
+def _clock(argv) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def _medians(results, pairs) -> None:
+    for command, samples in pairs.items():
+        results[f"{command}_process_s"] = statistics.median(a for a, _ in samples)
+        results[f"virsh_{command}_process_s"] = statistics.median(b for _, b in samples)
+        results[f"{command}_process_ratio"] = statistics.median(a / b for a, b in samples)
+
+
 def bench_hook(results, repeat):
     """libvirt's qemu hook as `host setup` installs it (the Python tdxvirt runs under),
     called as libvirt calls it at a start: for an ordinary VM (let through before
@@ -264,6 +332,12 @@ TARGETS = [  # (label, value key, baseline key (or "ratio": value is one) or Non
     ("list --json, 1,000 TDs vs virsh list --all", "list_json_ratio", "ratio", 1.5, "x"),
     ("render + validate one TD (after the first)", "render_validate_s", None, 0.005, "s"),
     ("define one TD vs virsh define --validate", "define_per_td_s", "virsh_define_per_td_s", 1.2, "x"),
+    ("define, whole process", "define_process_s", None, 0.100, "s"),
+    ("define, whole process vs virsh define --validate", "define_process_ratio", "ratio", None, "x"),
+    ("undefine, whole process", "undefine_process_s", None, 0.060, "s"),
+    ("undefine, whole process vs virsh undefine", "undefine_process_ratio", "ratio", None, "x"),
+    ("start on the emulated TDX host, whole process vs virsh start", "start_process_ratio", "ratio",
+     1.5, "x"),
     ("build run, nothing to do", "build_noop_s", None, 1.0, "s"),
     ("libvirt hook, ordinary VM start", "hook_vm_s", None, 0.100, "s"),
     ("libvirt hook, TD start (checked)", "hook_td_s", None, 0.100, "s"),
@@ -326,6 +400,8 @@ def main() -> int:
     bench_cli_start(figures, args.repeat)
     bench_render(figures, args.repeat)
     bench_define_and_list(figures, args.repeat, uri, args.define, args.tds)
+    bench_commands(figures, args.repeat, uri)
+    bench_start(figures, args.repeat)
     bench_build_noop(figures, args.repeat)
     bench_hook(figures, args.repeat)
     bench_sim_up(figures, args.repeat)  # last: taking the host down forgets the test driver's TDs

@@ -25,7 +25,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "tdxvirt"
 
 LAYERS = {
-    0: ["errors", "units", "pci", "paths", "textsafe", "userfile", "kconfig", "host.trust",
+    0: ["errors", "units", "pci", "paths", "textsafe", "userfile", "kconfig", "host.trust", "cache",
         "locks", "config", "build.artifacts", "guest.userdata", "guest.seed",
         "guest", "build", "attest"],  # the last three: the packages' own error classes
     1: ["host", "virt", "gpu"],

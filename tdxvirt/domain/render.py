@@ -15,6 +15,30 @@ def _load(name: str) -> str:
     return resources.files("tdxvirt.domains").joinpath(name).read_text()
 
 
+class _StateDirBytecodeCache(jinja2.BytecodeCache):
+    """The templates' compiled code kept in tdxvirt's cache (tdxvirt.cache: root's own
+    state directory for root), keyed by Jinja from the template's name and source, so
+    an edited template is compiled afresh; a define no longer compiles them each run."""
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        from .. import cache
+
+        data = cache.read("jinja", bucket.key)
+        if data is not None:
+            import io
+
+            bucket.load_bytecode(io.BytesIO(data))
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        import io
+
+        from .. import cache
+
+        out = io.BytesIO()
+        bucket.write_bytecode(out)
+        cache.write("jinja", bucket.key, out.getvalue())
+
+
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
@@ -22,6 +46,7 @@ def _environment() -> jinja2.Environment:
         autoescape=True,  # the templates are the only place XML text is written
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
+        bytecode_cache=_StateDirBytecodeCache(),
     )
 
 

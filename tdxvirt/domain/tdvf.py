@@ -161,10 +161,16 @@ def mrtd(image: bytes, sections: list[Section], order: str = SINGLE_PASS) -> byt
 _PREDICTED: dict[tuple, str | None] = {}
 
 
+_CACHE_KIND = "mrtd-v1"  # a change to how MRTD is computed needs a new kind
+
+
 def predicted_mrtd(path: str | Path) -> str | None:
     """The single-pass MRTD of a firmware file, or None when it is not TDX firmware or
     cannot be read (define records what it can; `measure` says why). Remembered per
-    file, size and modification time within a process."""
+    file, size and modification time within a process, and across runs by the file's
+    SHA-256 (tdxvirt.cache): the bytes are read every time, only the hashing is saved."""
+    from .. import cache
+
     try:
         status = Path(path).stat()
     except OSError:
@@ -172,22 +178,42 @@ def predicted_mrtd(path: str | Path) -> str | None:
     key = (str(path), status.st_size, status.st_mtime_ns)
     if key not in _PREDICTED:
         try:
-            _PREDICTED[key] = firmware_mrtd(path)[0]
+            image = _read_firmware(path)
         except InputError:
             _PREDICTED[key] = None
+            return None
+        digest = hashlib.sha256(image).hexdigest()
+        stored = cache.read(_CACHE_KIND, digest)
+        if stored is not None and _is_mrtd_hex(stored):
+            _PREDICTED[key] = stored.decode()
+        else:
+            try:
+                _PREDICTED[key] = mrtd(image, parse(image, str(path)), SINGLE_PASS).hex()
+            except InputError:
+                _PREDICTED[key] = None
+                return None
+            cache.write(_CACHE_KIND, digest, _PREDICTED[key].encode())
     return _PREDICTED[key]
+
+
+def _is_mrtd_hex(value: bytes) -> bool:
+    return len(value) == 96 and all(c in b"0123456789abcdef" for c in value)
 
 
 def firmware_mrtd(path: str | Path, order: str = SINGLE_PASS) -> tuple[str, list[Section]]:
     """(MRTD as hex, sections) of a firmware file: a regular file (a FIFO or /dev/zero is
     refused before a byte is read), at most FIRMWARE_LIMIT bytes."""
+    image = _read_firmware(path)
+    sections = parse(image, str(path))
+    return mrtd(image, sections, order).hex(), sections
+
+
+def _read_firmware(path: str | Path) -> bytes:
     from ..errors import NotFoundError
     from ..userfile import read_user_file
 
     hint = "give the path of the TD's firmware image (its <os><loader>, or a copy of it)"
     try:
-        image = read_user_file(path, "firmware", hint, limit=FIRMWARE_LIMIT)
+        return read_user_file(path, "firmware", hint, limit=FIRMWARE_LIMIT)
     except NotFoundError:
         raise InputError(f"cannot read firmware {path}: it does not exist; {hint}") from None
-    sections = parse(image, str(path))
-    return mrtd(image, sections, order).hex(), sections
