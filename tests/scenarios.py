@@ -126,7 +126,7 @@ def scenarios() -> list[Scenario]:
             overlay_dir="/var/lib/libvirt/images"),
         Scenario("image-overlay-cloud-init", {
             "name": "ovl", "gpus": ["38:00.0"], "image": f["base.qcow2"], "image_format": "qcow2",
-            "allow_backing_file": True, "ovmf": f["OVMF.inteltdx.fd"],
+            "os_variant": "ubuntu22.04", "allow_backing_file": True, "ovmf": f["OVMF.inteltdx.fd"],
             "network": "default", "ssh_key": [f["id_ed25519.pub"]]},
             overlay_dir="/var/lib/libvirt/images"),
         Scenario("remote-mmio-window", {

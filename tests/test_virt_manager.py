@@ -102,3 +102,16 @@ def test_a_clone_made_in_virt_manager_is_refused(td, sim, display, qemu_conn, cc
         assert not qemu_conn.lookupByName(clone).isActive()
     finally:
         virsh(sim, "undefine", clone)
+
+
+def test_virt_managers_library_reads_the_guest_os(td, sim):
+    """virtinst (virt-manager's library) finds the OS define declared: libosinfo's generic
+    recent Linux, so Add Hardware offers virtio, not SATA and e1000e."""
+    code = ("import sys, libvirt; sys.path.insert(0, '/usr/share/virt-manager'); "
+            "from virtinst import Guest; "
+            "conn = libvirt.open(sys.argv[1]); "
+            "guest = Guest(conn, parsexml=conn.lookupByName(sys.argv[2]).XMLDesc(0)); "
+            "print(guest.osinfo.name, guest.osinfo.is_generic(), guest.osinfo.supports_virtiodisk())")
+    done = subprocess.run([SYSTEM_PYTHON, "-c", code, sim.qemu_uri, td], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == ["linux2022", "False", "True"], done.stderr

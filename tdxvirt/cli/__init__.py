@@ -308,6 +308,10 @@ def main(ctx, uri, sim, host_root, fleet, host_timeout):
                    "--qemu-arg -msg --qemu-arg timestamp=on); recorded with the TD, so "
                    "`show`, `start` and libvirt's hook accept exactly these. Arguments that "
                    "change the machine, objects, CPU or firmware are refused.")
+@click.option("--os-variant", metavar="ID",
+              help="The guest OS as libosinfo names it (virt-install's --os-variant, e.g. "
+                   "ubuntu22.04; `osinfo-query os` lists them): virt-manager shows it and "
+                   "picks device defaults by it. Default: linux2022, a generic recent Linux.")
 @click.option("--print-xml", is_flag=True, help="Print the domain XML; define nothing.")
 @click.option("--dry-run", is_flag=True,
               help="Run every check, print the XML and the files define would create; change nothing.")

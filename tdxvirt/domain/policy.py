@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..errors import HostNotReadyError, InputError
+from ..guest.osinfo import DEFAULT_OS
 from ..host.pci import PciDevice
 from ..pci import PciAddress
 from ..units import MIB, human
@@ -82,6 +83,7 @@ class DomainPlan:
     tdxvirt_version: str = __version__
     warnings: tuple[str, ...] = field(default=())
     uuid: str | None = None  # chosen at define, so the root-owned record can be keyed by it
+    os_id: str = DEFAULT_OS  # libosinfo's id of the guest OS (virt-manager's OS and defaults)
 
     @property
     def title(self) -> str:
@@ -378,4 +380,5 @@ def plan_domain(
         qemu_args=(qemu_tdx_args(spec) if dialect == "qemu-args" else ()) + mmio_args(mmio_mb)
         + spec.qemu_args,
         warnings=tuple(w for w in warnings if w),
+        os_id=spec.os_id or DEFAULT_OS,
     )

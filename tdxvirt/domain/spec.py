@@ -132,6 +132,7 @@ class TDSpec:
     user_data: str | None = None  # the user's own user-data, replacing tdxvirt's
     mmio_window: int | None = None  # bytes; None: sized from the devices' BARs
     qemu_args: tuple[str, ...] = ()  # the user's own QEMU arguments, recorded with the TD
+    os_id: str | None = None  # libosinfo's id of the guest OS (--os-variant); None: generic Linux
 
     @classmethod
     def from_user(cls, *, name: str | None, gpus=(), vcpus: int = DEFAULT_VCPUS,
@@ -150,7 +151,8 @@ class TDSpec:
                   hugepages: str | None = None, numa: str | None = None,
                   virt_type: str = "kvm", cloud_init: bool = False, ssh_key=(),
                   user_data: str | None = None, mmio_window: str | None = None,
-                  qemu_arg=(), remote: bool = False) -> "TDSpec":
+                  qemu_arg=(), os_variant: str | None = None,
+                  remote: bool = False) -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field.
 
         ``remote``: the TD runs on another host (tdxvirt.virt.conn.is_remote), where the
@@ -220,7 +222,14 @@ class TDSpec:
             user_data=own_user_data,
             mmio_window=None if mmio_window is None else parse_size(mmio_window, "--mmio-window"),
             qemu_args=_qemu_args(qemu_arg, tdx),
+            os_id=None if os_variant is None else _os_id(os_variant),
         )
+
+
+def _os_id(short_id: str) -> str:
+    from ..guest.osinfo import os_id
+
+    return os_id(short_id)
 
 
 # Options that would change what makes the domain a TD (QEMU applies <qemu:commandline>
