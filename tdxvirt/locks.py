@@ -53,7 +53,11 @@ def held(keys, timeout: float = 30.0, poll: float = 0.05):
     try:
         for key in sorted(set(keys)):
             path = _lock_path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as error:  # a full or read-only state directory: one line
+                raise TdxvirtError(f"cannot create the lock directory {path.parent} "
+                                   f"({error.strerror}); nothing was changed") from None
             handle = _open_lock(path)
             handles.append(handle)
             deadline = time.monotonic() + timeout

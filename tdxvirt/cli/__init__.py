@@ -21,6 +21,23 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+_OS_ERROR_REMEDIES = {
+    "ENOSPC": "free space there", "EDQUOT": "free space there or raise the quota",
+    "EROFS": "that file system is mounted read-only", "EMFILE": "raise the open-file limit "
+    "(ulimit -n)", "ENFILE": "the system is out of open files; try again later",
+    "EACCES": "run as root, or give that path's owner access", "EPERM": "run as root",
+}
+
+
+def _os_error_line(error: OSError) -> str:
+    import errno
+
+    name = errno.errorcode.get(error.errno or 0, "")
+    where = f" ({error.filename})" if error.filename else ""
+    remedy = _OS_ERROR_REMEDIES.get(name, "fix that and run it again")
+    return f"{error.strerror or error}{where}; {remedy}"
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"tdxvirt: error: {one_line(message)}", err=True)
     sys.exit(code)
@@ -62,6 +79,10 @@ class TdxvirtGroup(click.Group):
             _fail(error.format_message(), error.exit_code)
         except (click.Abort, KeyboardInterrupt):
             _fail("interrupted", 130)
+        except OSError as error:
+            # Where tdxvirt writes it says so in its own words; any other OS error (a full
+            # or read-only disk, a quota, no file descriptors left) is one line too.
+            _fail(_os_error_line(error), 1)
         except Exception as error:
             # Any libvirt call the library did not wrap (the daemon vanished between two
             # calls, say) still ends as one line, never a traceback.

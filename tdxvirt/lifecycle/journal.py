@@ -77,10 +77,10 @@ def directory() -> Path:
 def begin(intent: Intent) -> Path:
     """Write the intent (atomically, fsynced) before the first step."""
     folder = directory()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{intent.op}-{intent.uuid}.json"
     temporary = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump({**asdict(intent), "files": list(intent.files),
