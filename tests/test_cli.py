@@ -27,7 +27,7 @@ def test_define_start_list_stop_undefine(run, gpu_host, td_name, conn):
     assert "already running" in run("start", td_name).stdout
     records = {r["name"]: r for r in json.loads(run("list", "--json").stdout)}
     uptime = records[td_name].pop("uptime_s")
-    assert records[td_name] == {"name": td_name, "state": "running", "tdx": True,
+    assert records[td_name] == {"name": td_name, "state": "running", "type": "TDX", "tdx": True,
                                 "dialect": "native", "managed_by_tdxvirt": True, "vcpus": 2,
                                 "memory_mib": 8192, "gpus": [gpu], "problems": []}
     assert 0 <= uptime < 60  # tdxvirt recorded the start in live metadata

@@ -125,3 +125,15 @@ def test_completion_drops_names_that_would_forge_candidates_and_quotes_globs(sim
     finally:
         for domain in domains:
             domain.undefine()
+
+
+def test_a_command_group_alone_prints_its_help():
+    """`tdxvirt`, `tdxvirt gpu` ...: the help on stdout and exit 0 (it was one error line
+    holding the whole help with literal \\n)."""
+    groups = [""] + sorted({" ".join(path[1:]) for path, command, _ in commands()
+                            if isinstance(command, click.Group) and len(path) > 1})
+    for group in groups:
+        done = subprocess.run([TDXVIRT, *group.split()], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stderr == "", (group, done.stderr)
+        assert done.stdout.startswith(f"Usage: tdxvirt {group}".rstrip() + " [OPTIONS] COMMAND"), group
+        assert "\\n" not in done.stdout and "Commands:" in done.stdout

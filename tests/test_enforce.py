@@ -455,3 +455,15 @@ def test_the_users_own_qemu_arguments_are_recorded_and_accepted_others_refused(s
     finally:
         virsh(sim, "destroy", name)
         run("undefine", name)
+
+
+def test_list_and_its_json_tell_one_truth_of_a_stripped_td(td, sim):
+    """The table's `TDX !` is JSON's type TDX with problems; JSON's tdx says the XML
+    lacks TDX now (it said only that, and looked like another answer)."""
+    import json
+
+    virt_xml(sim, td, "--edit", "--xml", "xpath.delete=./launchSecurity")
+    row = next(line.split() for line in run("list").stdout.splitlines() if line.startswith(td))
+    assert row[3:5] == ["TDX", "!"]  # NAME, "shut off", TYPE
+    record = next(r for r in json.loads(run("list", "--json").stdout) if r["name"] == td)
+    assert (record["type"], record["tdx"], bool(record["problems"])) == ("TDX", False, True)

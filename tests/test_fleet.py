@@ -149,7 +149,7 @@ def test_one_host_keeps_todays_output(cli, fleet):
         assert result.stdout.splitlines()[0].split()[:2] == ["NAME", "STATE"]
         records = json.loads(cli("-c", connect, "list", "--json").stdout)
         assert [sorted(r) for r in records] == [sorted(
-            ["name", "state", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib",
+            ["name", "state", "type", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib",
              "gpus", "uptime_s", "problems"])]
 
 

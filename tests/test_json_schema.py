@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from tdxvirt.cli import main
 
-LIST = {"name", "state", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
+LIST = {"name", "state", "type", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
         "uptime_s", "problems"}
 SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd", "rtmr1",
                 "rtmr2", "title", "record"}

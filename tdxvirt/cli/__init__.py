@@ -73,6 +73,10 @@ class TdxvirtGroup(click.Group):
         except TdxvirtError as error:
             _fail(str(error), error.exit_code)
         except click.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:
+                # `tdxvirt` or `tdxvirt gpu` alone: the help, as git and virsh print it
+                click.echo(error.ctx.get_help())
+                sys.exit(0)
             where = error.ctx.command_path if error.ctx else "tdxvirt"
             _fail(f"{error.format_message()} (see `{where} --help`)", error.exit_code)
         except click.ClickException as error:
@@ -691,11 +695,18 @@ def _console(uri: str, uuid: str) -> None:
     os.execv(virsh, [virsh, "-c", uri, "console", uuid])
 
 
+def _defined_as(tdx_now: bool, dialect: str | None) -> str:
+    """"TDX" or "plain": what the domain was defined as (tdxvirt's metadata), else what
+    its XML is; the table's TYPE and JSON's "type" (JSON's "tdx": what the XML is now)."""
+    return "TDX" if tdx_now or (dialect or "plain") != "plain" else "plain"
+
+
 def _records(rows):
     return [
         {
             "name": row.facts.name,
             "state": row.state,
+            "type": _defined_as(row.facts.tdx, row.facts.dialect),
             "tdx": row.facts.tdx,
             "dialect": row.facts.dialect,
             "managed_by_tdxvirt": row.facts.managed_by_tdxvirt,
@@ -757,8 +768,7 @@ def _print_tds(records: list[dict], include_foreign: bool, hosts: list[str] | No
     # TYPE is what the TD was defined as (tdxvirt's metadata), marked '!' when its XML
     # no longer is that: `show` names what changed.
     table = [[r["name"], r["state"],
-              ("TDX" if r["tdx"] or (r["dialect"] or "plain") != "plain" else "plain")
-              + (" !" if r["problems"] else ""), r["dialect"] or "-",
+              r["type"] + (" !" if r["problems"] else ""), r["dialect"] or "-",
               r["vcpus"], f"{r['memory_mib']} MiB", " ".join(r["gpus"]) or "-",
               _duration(r["uptime_s"])] for r in records]
     if include_foreign:
