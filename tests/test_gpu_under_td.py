@@ -32,7 +32,7 @@ def test_every_gpu_change_under_a_running_td_is_one_line_naming_it(running_td):
         assert len(lines) == 1 and "Traceback" not in done.stderr, (what, done.stderr)
         assert lines[0] == (f"tdxvirt: error: {GPU} is passed through to running domain "
                             f"'{running_td}'; {action} would pull it from under that TD: stop it "
-                            f"first (`tdxvirt stop {running_td}`)"), what
+                            f"first (`tdxvirt --sim stop {running_td}`)"), what
         assert "dry run" not in done.stdout
 
 

@@ -39,7 +39,9 @@ def _os_error_line(error: OSError) -> str:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"tdxvirt: error: {one_line(message)}", err=True)
+    from .remedies import targeted
+
+    click.echo(f"tdxvirt: error: {one_line(targeted(message))}", err=True)
     sys.exit(code)
 
 
@@ -67,6 +69,9 @@ class TdxvirtGroup(click.Group):
         return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, **extra):
+        from .remedies import remember
+
+        remember(False, (), None, False)  # this invocation's options, once parsed (main below)
         extra.pop("standalone_mode", None)
         try:
             result = super().main(args, prog_name or "tdxvirt", standalone_mode=False, **extra)
@@ -269,6 +274,13 @@ def _gpu_addresses(ctx, param, incomplete):
 @click.pass_context
 def main(ctx, uri, sim, host_root, fleet, host_timeout):
     """Intel TDX trust domains with NVIDIA GPUs, through libvirt."""
+    from ..virt.conn import is_remote
+    from . import remedies
+
+    connects = (uri,) if isinstance(uri, str) else tuple(uri or ())
+    # a [hosts] name may name another host: its host-level remedies are left alone
+    remote = any("://" not in c or is_remote(c) for c in connects)
+    remedies.remember(sim, connects, host_root, remote, fleet)
     ctx.obj = Session(uri, sim, host_root, fleet, host_timeout)
 
 
@@ -493,9 +505,10 @@ def _describe(td, uri: str) -> None:
 
 def _warn(warnings) -> None:
     from ..textsafe import safe
+    from .remedies import targeted
 
     for warning in warnings:
-        click.echo(f"tdxvirt: warning: {safe(warning)}", err=True)
+        click.echo(f"tdxvirt: warning: {safe(targeted(warning))}", err=True)
 
 
 @main.command()
