@@ -215,6 +215,22 @@ def _deletions(directory: Path, mask: int = IN_DELETE):
     return names(), fd
 
 
+def _killed_at(argv, env, directory: Path, mask: int, moment) -> subprocess.Popen:
+    """``argv`` run and SIGKILLed at the first event in ``directory`` (IN_CREATE or
+    IN_DELETE) whose name ``moment`` accepts; the finished process."""
+    names, fd = _deletions(directory, mask)
+    try:
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for entry in names:
+            if moment(entry):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=60)
+    finally:
+        os.close(fd)
+    return process
+
+
 def test_an_undefine_killed_after_libvirt_forgot_the_td_is_finished_by_the_next_define(
         sim, qemu_conn, tmp_path):
     """tdxvirt is SIGKILLed the moment libvirt deletes the domain's config (an inotify
@@ -234,17 +250,8 @@ def test_an_undefine_killed_after_libvirt_forgot_the_td_is_finished_by_the_next_
     assert subprocess.run(define, env=env, capture_output=True, text=True).returncode == 0
     overlay = tmp_path / "img" / f"{name}.qcow2"
     assert overlay.is_file()
-    deleted, fd = _deletions(sim.chroot / "etc/libvirt/qemu")
-    try:
-        undefine = subprocess.Popen([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for gone in deleted:
-            if gone == f"{name}.xml":
-                undefine.send_signal(signal.SIGKILL)
-                break
-        undefine.wait(timeout=60)
-    finally:
-        os.close(fd)
+    undefine = _killed_at([TDXVIRT, "--sim", "undefine", name, "--remove-storage"], env,
+                          sim.chroot / "etc/libvirt/qemu", IN_DELETE, lambda gone: gone == f"{name}.xml")
     assert undefine.returncode == -signal.SIGKILL
     assert name not in [d.name() for d in qemu_conn.listAllDomains(0)]
     assert overlay.is_file(), "the kill came too late to test anything"
@@ -283,16 +290,8 @@ def test_a_define_killed_midway_leaves_nothing_the_rerun_trips_over(moment, sim,
     env = {**os.environ, "TDXVIRT_CONFIG": str(config)}
     define = [TDXVIRT, "--sim", "define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "512M",
               "--vcpus", "1", "--image", str(base), "--image-format", "qcow2"]
-    created, fd = _deletions(images, IN_CREATE)
-    try:
-        killed = subprocess.Popen(define, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for entry in created:
-            if KILLED_DEFINE_MOMENTS[moment](name, entry):
-                killed.send_signal(signal.SIGKILL)
-                break
-        killed.wait(timeout=60)
-    finally:
-        os.close(fd)
+    killed = _killed_at(define, env, images, IN_CREATE,
+                        lambda entry: KILLED_DEFINE_MOMENTS[moment](name, entry))
     assert killed.returncode == -signal.SIGKILL
     assert name not in [d.name() for d in qemu_conn.listAllDomains(0)]
     assert os.listdir(images), "the kill came too late to test anything"
@@ -317,19 +316,9 @@ def test_a_define_killed_after_libvirt_saved_it_is_kept(sim, qemu_conn, tmp_path
     config = tmp_path / "config.toml"
     config.write_text(f'[defaults]\noverlay_dir = "{images}"\n')
     env = {**os.environ, "TDXVIRT_CONFIG": str(config)}
-    created, fd = _deletions(sim.chroot / "etc/libvirt/qemu", IN_CREATE)
-    try:
-        killed = subprocess.Popen([TDXVIRT, "--sim", "define", name, "--gpu", "38:00.0", "--allow-shared",
-                                   "--memory", "512M", "--vcpus", "1", "--image", str(base),
-                                   "--image-format", "qcow2"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for entry in created:
-            if entry.startswith(name):
-                killed.send_signal(signal.SIGKILL)
-                break
-        killed.wait(timeout=60)
-    finally:
-        os.close(fd)
+    _killed_at([TDXVIRT, "--sim", "define", name, "--gpu", "38:00.0", "--allow-shared", "--memory",
+                "512M", "--vcpus", "1", "--image", str(base), "--image-format", "qcow2"], env,
+               sim.chroot / "etc/libvirt/qemu", IN_CREATE, lambda entry: entry.startswith(name))
     try:
         domain = qemu_conn.lookupByName(name)
         pending = [i for _, i in journal.pending() if i.uuid == domain.UUIDString().lower()]

@@ -50,16 +50,22 @@
 #define RLIMIT_MEMLOCK_RESOURCE 8 /* include/uapi/asm-generic/resource.h */
 #define SYSFS_MAGIC 0x62656572 /* include/uapi/linux/magic.h */
 
-static int fd_is(int fd, const char *path)
+/* The path an open file descriptor names (empty when it cannot be read). */
+static void fd_path(int fd, char *target, size_t size)
 {
-    char link[64], target[64];
+    char link[64];
     ssize_t n;
 
     snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-    n = readlink(link, target, sizeof(target) - 1);
-    if (n < 0)
-        return 0;
-    target[n] = '\0';
+    n = readlink(link, target, size - 1);
+    target[n < 0 ? 0 : n] = '\0';
+}
+
+static int fd_is(int fd, const char *path)
+{
+    char target[64];
+
+    fd_path(fd, target, sizeof(target));
     return strcmp(target, path) == 0;
 }
 
@@ -130,14 +136,9 @@ WRAP_SETRLIMIT(setrlimit64)
 /* Below /sys in the namespace everything is sysfs or stands in for it (see top). */
 static int below_sys(int fd)
 {
-    char link[64], target[4096];
-    ssize_t n;
+    char target[4096];
 
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
-    n = readlink(link, target, sizeof(target) - 1);
-    if (n < 0)
-        return 0;
-    target[n] = '\0';
+    fd_path(fd, target, sizeof(target));
     return strncmp(target, "/sys/", 5) == 0;
 }
 
