@@ -12,7 +12,8 @@ from tdxvirt.guest.osinfo import DEFAULT_OS, os_id
 
 def test_known_short_ids_give_libosinfos_ids():
     assert os_id("ubuntu22.04") == "http://ubuntu.com/ubuntu/22.04"
-    assert os_id("debianbullseye") == os_id("debian11") == "http://debian.org/debian/11"
+    assert os_id("debianbullseye") == os_id("debian11")
+    assert os_id("debian11").endswith("/debian/11")
     assert os_id("linux2022") == DEFAULT_OS  # the default is in the database too
 
 
