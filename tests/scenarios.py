@@ -61,10 +61,10 @@ class LibvirtView(HostFacts):
         return None  # <os firmware='efi'>: libvirt picks the intel-tdx firmware there
 
 
-# An H200 (0x2335) of a remote host, as its node device says: tdxvirt's table of known
-# GPUs has no BAR sizes for it, so the MMIO window must be given (--mmio-window).
-REMOTE_H200 = PciDevice(PciAddress.parse("0000:17:00.0"), 0x10DE, 0x2335, 0x030200, 1,
-                        "vfio-pci", "7", None, "GH100 [H200 SXM 141GB]",
+# An H200 NVL (0x233B) of a remote host, as its node device says: tdxvirt's table of
+# known GPUs has no BAR sizes for it, so the MMIO window must be given (--mmio-window).
+REMOTE_H200 = PciDevice(PciAddress.parse("0000:17:00.0"), 0x10DE, 0x233B, 0x030200, 1,
+                        "vfio-pci", "7", None, "GH100 [H200 NVL]",
                         (PciAddress.parse("0000:17:00.0"),))
 
 

@@ -6,7 +6,7 @@ host can go away alone; reached over libvirt's real ssh transport:
 
 - gpu-a: H100 SXM5s (10de:2330, BAR sizes in tdxvirt's table) at 0000:17:00.0 (free,
   IOMMU group 7 with a PCIe port, NUMA node 1) and 0000:b8:00.0 (held by td-a).
-- gpu-b: H200s (10de:2335, BAR sizes unknown to tdxvirt) at 0000:1a:00.0 (held by
+- gpu-b: H200s (10de:233b, BAR sizes unknown to tdxvirt) at 0000:1a:00.0 (held by
   td-b), 0000:4c:00.0 and 0000:cb:00.0 (free).
 - the emulated TDX host's real qemu driver (TDX on, no GPU) and libvirt 11.x's real
   qemu driver (no TDX), both through an sshd too.
@@ -57,8 +57,8 @@ def devices_a():
 
 
 def devices_b():
-    return tuple(pci_device(address, NVIDIA, 0x2335, 0x030200, group, numa=numa,
-                            product_name="GH100 [H200 SXM 141GB]")
+    return tuple(pci_device(address, NVIDIA, 0x233B, 0x030200, group, numa=numa,
+                            product_name="GH100 [H200 NVL]")
                  for address, group, numa in (("0000:1a:00.0", 3, 0), ("0000:4c:00.0", 12, 0),
                                               ("0000:cb:00.0", 31, 1)))
 

@@ -8,7 +8,7 @@ own, served by the simulated host's daemon and reached through a real sshd on
   (NUMA node 1, IOMMU group 7 with a PCIe port) and 0000:b8:00.0 (NUMA node 0, group 9);
   a storage pool with two volumes; and TDs defined there: td-a on 0000:b8:00.0, one
   whose GPU the host lacks, one with storage tdxvirt made.
-- gpuhost-b: H200s (10de:2335, BAR sizes unknown to tdxvirt) at 0000:4c:00.0 and
+- gpuhost-b: H200s (10de:233b, BAR sizes unknown to tdxvirt) at 0000:4c:00.0 and
   0000:cb:00.0 (NUMA nodes 0 and 1, IOMMU groups 12 and 31) and 0000:1a:00.0; TDs
   defined there: td-b on 0000:1a:00.0, one with storage tdxvirt made.
 
@@ -107,12 +107,12 @@ def host_a(daemon_root, name) -> NodeFile:
 
 def host_b(daemon_root, name) -> NodeFile:
     return NodeFile(daemon_root, name, devices=(
-        pci_device("0000:4c:00.0", NVIDIA, 0x2335, 0x030200, 12, numa=0,
-                   product_name="GH100 [H200 SXM 141GB]"),
-        pci_device("0000:cb:00.0", NVIDIA, 0x2335, 0x030200, 31, numa=1,
-                   product_name="GH100 [H200 SXM 141GB]"),
-        pci_device("0000:1a:00.0", NVIDIA, 0x2335, 0x030200, 3, numa=0,
-                   product_name="GH100 [H200 SXM 141GB]"),
+        pci_device("0000:4c:00.0", NVIDIA, 0x233B, 0x030200, 12, numa=0,
+                   product_name="GH100 [H200 NVL]"),
+        pci_device("0000:cb:00.0", NVIDIA, 0x233B, 0x030200, 31, numa=1,
+                   product_name="GH100 [H200 NVL]"),
+        pci_device("0000:1a:00.0", NVIDIA, 0x233B, 0x030200, 3, numa=0,
+                   product_name="GH100 [H200 NVL]"),
     ))
 
 
@@ -437,8 +437,19 @@ def test_nodedev_parsing_gives_the_one_device_record():
     device = parse_nodedev_xml(xml)
     assert device.address == PciAddress.parse("17:00.0") and device.driver == "vfio-pci"
     assert device.bar_sizes == tuple(H100_BARS) and device.mmio_bytes == sum(H100_BARS)
-    h200 = parse_nodedev_xml(pci_device("0000:4c:00.0", NVIDIA, 0x2335, 0x030200, 12))
+    h200 = parse_nodedev_xml(pci_device("0000:4c:00.0", NVIDIA, 0x233B, 0x030200, 12))
     assert h200.bar_sizes is None and h200.mmio_bytes is None and h200.numa_node is None
+
+
+def test_a_remote_h200_sxm_needs_no_mmio_window():
+    """The H200 SXM 141GB's BARs, read from a real one (tdxvirt/sim/data/h200-sxm-141gb):
+    one needs a 512 GiB window, eight 4 TiB; no --mmio-window on a remote H200 host."""
+    from tdxvirt.domain.policy import plan_mmio
+
+    h200 = parse_nodedev_xml(pci_device("0000:4c:00.0", NVIDIA, 0x2335, 0x030200, 12))
+    assert h200.bar_sizes == (16 << 20, 256 << 30, 32 << 20)
+    assert plan_mmio([h200], None)[0] == 512 * 1024
+    assert plan_mmio([h200] * 8, None)[0] == 4 * 1024 * 1024
 
 
 def test_integrity_accepts_libvirts_firmware_pick_only_for_a_td():

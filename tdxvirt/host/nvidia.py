@@ -34,10 +34,13 @@ GPU_MODELS = {
 # Memory BAR sizes of known devices, for hosts whose BARs cannot be read here: libvirt's
 # node devices do not report them (tdxvirt.facts.libvirt). Only sizes read from a real
 # device: 0x2330 from the H100 SXM5 80GB whose sysfs resource file is
-# tdxvirt/sim/data/h100-sxm5-80gb/sysfs/resource (BAR0 16 MiB, BAR2 128 GiB, BAR4 32 MiB).
-# Any other device is unknown: `define --mmio-window` then says how large the window is.
+# tdxvirt/sim/data/h100-sxm5-80gb/sysfs/resource (BAR0 16 MiB, BAR2 128 GiB, BAR4 32 MiB);
+# 0x2335 from the H200 SXM 141GB of tdxvirt/sim/data/h200-sxm-141gb/README.md (BAR0
+# 16 MiB, BAR2 256 GiB, BAR4 32 MiB). Any other device (0x233b, the other H200, too) is
+# unknown: `define --mmio-window` then says how large the window is.
 KNOWN_BAR_SIZES = {
     0x2330: (16 << 20, 128 << 30, 32 << 20),
+    0x2335: (16 << 20, 256 << 30, 32 << 20),
 }
 
 
