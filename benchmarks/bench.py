@@ -369,15 +369,24 @@ def report(results) -> bool:
     return ok
 
 
+BENCHMARKS = ("cli", "render", "define-list", "commands", "start", "build", "hook", "sim-up")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tds", type=int, default=1000, help="TDs defined for the list benchmark")
     parser.add_argument("--define", type=int, default=100, help="TDs defined one by one")
     parser.add_argument("--json", default=str(REPO / "benchmarks/results/latest.json"))
+    parser.add_argument("--only", metavar="NAMES", default="",
+                        help="comma-separated benchmarks to run (default: all): " + ", ".join(BENCHMARKS))
     parser.add_argument("--editable", action="store_true",
                         help="measure the development venv's editable install instead")
     args = parser.parse_args()
+    only = [name for name in args.only.split(",") if name]
+    unknown = [name for name in only if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}; known: {', '.join(BENCHMARKS)}")
 
     global TDXVIRT
     if not args.editable:
@@ -397,14 +406,20 @@ def main() -> int:
         "tdxvirt": TDXVIRT}}
     conn.close()
     figures: dict = {}
-    bench_cli_start(figures, args.repeat)
-    bench_render(figures, args.repeat)
-    bench_define_and_list(figures, args.repeat, uri, args.define, args.tds)
-    bench_commands(figures, args.repeat, uri)
-    bench_start(figures, args.repeat)
-    bench_build_noop(figures, args.repeat)
-    bench_hook(figures, args.repeat)
-    bench_sim_up(figures, args.repeat)  # last: taking the host down forgets the test driver's TDs
+    runs = {
+        "cli": lambda: bench_cli_start(figures, args.repeat),
+        "render": lambda: bench_render(figures, args.repeat),
+        "define-list": lambda: bench_define_and_list(figures, args.repeat, uri, args.define, args.tds),
+        "commands": lambda: bench_commands(figures, args.repeat, uri),
+        "start": lambda: bench_start(figures, args.repeat),
+        "build": lambda: bench_build_noop(figures, args.repeat),
+        "hook": lambda: bench_hook(figures, args.repeat),
+        # last: taking the host down forgets the test driver's TDs
+        "sim-up": lambda: bench_sim_up(figures, args.repeat),
+    }
+    for name in BENCHMARKS:
+        if not only or name in only:
+            runs[name]()
     print("environment:", json.dumps(results["environment"]))
     ok = report(figures)
     results["figures"] = figures

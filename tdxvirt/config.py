@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +55,8 @@ class Config:
 
 
 def _read(path: Path) -> dict:
+    import tomllib  # only when a config file exists: most commands read none
+
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:

@@ -112,10 +112,8 @@ class Session:
 
     def __init__(self, uri: str | tuple[str, ...] | None, sim: bool, host_root: str | None,
                  fleet: bool = False, host_timeout: float | None = None):
-        from ..lifecycle.fleet import DEFAULT_TIMEOUT
-
         self.sim = sim
-        self.host_timeout = host_timeout or DEFAULT_TIMEOUT  # each host's deadline in a fleet
+        self._host_timeout = host_timeout
         connects = (uri,) if isinstance(uri, str) else tuple(uri or ())
         self._connects = connects
         self._fleet = fleet
@@ -135,6 +133,15 @@ class Session:
 
             for key, value in layout().gpu_tool_env.items():
                 os.environ.setdefault(key, value)  # an explicit tool or state wins
+
+    @property
+    def host_timeout(self) -> float:
+        """Each host's deadline in a fleet (the fleet module is imported only by a fleet)."""
+        if self._host_timeout:
+            return self._host_timeout
+        from ..lifecycle.fleet import DEFAULT_TIMEOUT
+
+        return DEFAULT_TIMEOUT
 
     @property
     def hosts(self):
@@ -499,8 +506,6 @@ def _describe(td, uri: str) -> None:
         click.echo(f"  disk {safe(plan.disk.path)}{made}")
     if plan.seed:
         click.echo(f"  cloud-init seed {safe(plan.seed)} (new)")
-    if not td.schema_checked:
-        click.echo("  (no local libvirt schema knows TDX; libvirt validated the XML itself)")
 
 
 def _warn(warnings) -> None:

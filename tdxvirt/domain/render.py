@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 import jinja2
 
@@ -11,8 +11,19 @@ from .domainxml import AGENT_CHANNEL_NAME, NAMESPACE
 from .policy import DomainPlan
 
 
+@lru_cache(maxsize=1)
+def _templates() -> Path:
+    # the tdxvirt.domains package's directory, wherever the install put it (the
+    # editable one maps it to the top-level domains/); importlib.resources would cost
+    # a define ~3 ms of imports for the same path, and tdxvirt never runs from a zip
+    from importlib.util import find_spec
+
+    spec = find_spec("tdxvirt.domains")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _load(name: str) -> str:
-    return resources.files("tdxvirt.domains").joinpath(name).read_text()
+    return (_templates() / name).read_text()
 
 
 class _StateDirBytecodeCache(jinja2.BytecodeCache):

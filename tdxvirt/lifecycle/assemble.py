@@ -23,14 +23,13 @@ from ..host.nvidia import is_nvswitch, require_gpu
 from ..host.pci import PciDevice
 from ..virt import dialect as dialects
 from ..virt.conn import xmls_of_listed
-from ..virt.schema import validate_domain_xml
 
 
 @dataclass(frozen=True)
 class AssembledTD:
     plan: DomainPlan
     xml: str
-    schema_checked: bool
+    schema_checked: bool  # validated here against a local libvirt schema that knows TDX
 
 
 def gpu_holders(conn) -> dict[str, str]:
@@ -126,9 +125,12 @@ def _overlay_dir(spec: TDSpec, config: Config, facts: HostFacts) -> str | None:
 
 
 def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
-                config: Config | None = None) -> AssembledTD:
+                config: Config | None = None, check_schema: bool = True) -> AssembledTD:
     """``host``: this machine's HostRoot (used only when the URI names no host), or the
-    host's facts already chosen (tdxvirt.facts.facts_for)."""
+    host's facts already chosen (tdxvirt.facts.facts_for). ``check_schema=False`` when
+    libvirt is about to validate the XML itself (define's VIR_DOMAIN_DEFINE_VALIDATE,
+    against the schema of the libvirt that will run the TD): loading domain.rng here
+    costs a define ~10 ms for the same answer."""
     config = config or load_config()
     libvirt = dialects.probe(conn, spec.virt_type)
     facts = facts_for(conn, host, libvirt.uri)
@@ -169,6 +171,10 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
     problems = td_problems(xml)
     if problems:  # the template broke TDX's rules: tdxvirt's bug, never the user's
         raise TdxvirtError(f"internal error: generated TD breaks TDX rules: {problems[0]}")
+    if not check_schema:
+        return AssembledTD(plan=plan, xml=xml, schema_checked=False)
+    from ..virt.schema import validate_domain_xml
+
     return AssembledTD(plan=plan, xml=xml, schema_checked=validate_domain_xml(xml))
 
 

@@ -351,10 +351,11 @@ def _create_overlay(disk: Disk, uuid: str, owner=None) -> None:
         cleanup()
 
 
-def assemble_td(conn, host: HostRoot, spec: TDSpec, config=None) -> AssembledTD:
+def assemble_td(conn, host: HostRoot, spec: TDSpec, config=None,
+                check_schema: bool = True) -> AssembledTD:
     from .assemble import assemble_td as assemble
 
-    return assemble(conn, host, spec, config)
+    return assemble(conn, host, spec, config, check_schema)
 
 
 def gpu_holders(conn) -> dict[str, str]:
@@ -386,7 +387,7 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
                 f"a domain named {spec.name!r} already exists at {conn.getURI()}; "
                 "choose another name or `tdxvirt undefine` it first"
             )
-        td = assemble_td(conn, facts, spec, config)
+        td = assemble_td(conn, facts, spec, config, check_schema=False)  # libvirt validates
         overlay = td.plan.disk if td.plan.disk and td.plan.disk.overlay_base else None
         # only a local URI creates files (assemble refuses them for a remote one)
         owner = _storage_owner(facts.host) if (overlay or td.plan.seed) and not facts.remote \
