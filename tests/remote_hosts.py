@@ -108,6 +108,11 @@ def pool(name: str, directory: str, volumes: tuple[str, ...]) -> str:
 """
 
 
+# libvirt's 'default' network, as a Debian host has it (define's NIC goes on it)
+DEFAULT_NETWORK = ("  <network><name>default</name><forward mode='nat'/><bridge name='virbr0'/>"
+                   "<ip address='192.168.122.1' netmask='255.255.255.0'/></network>\n")
+
+
 @dataclass
 class NodeFile:
     """One simulated remote host: a node file inside the daemon's root."""
@@ -123,18 +128,26 @@ class NodeFile:
         """The file's path as the daemon sees it (inside its root)."""
         return f"/tmp/{self.name}/node.xml"
 
+    def _as_the_daemon_sees(self, path: str) -> Path:
+        """Where ``path`` of the daemon's root is on this machine: the emulated TDX host
+        shares /tmp with it (tdxvirt.sim.onehost.shared_dirs), another root does not."""
+        from tdxvirt.sim import layout
+
+        if Path(self.daemon_root).resolve() == layout().chroot.resolve():
+            return layout().host().path(path)
+        return Path(self.daemon_root) / path.lstrip("/")
+
     def write(self) -> None:
-        target = self.daemon_root / self.path.lstrip("/")
+        target = self._as_the_daemon_sees(self.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("<node>\n  <cpu><mhz>2400</mhz><model>x86_64</model><active>8</active>"
                           "<total>8</total><nodes>2</nodes><sockets>2</sockets><cores>4</cores>"
                           "<threads>1</threads></cpu>\n  <memory>67108864</memory>\n"
                           + "".join(self.domains) + "".join(self.devices) + "".join(self.pools)
-                          + "</node>\n")
+                          + DEFAULT_NETWORK + "</node>\n")
 
     def remove(self) -> None:
-        shutil.rmtree(self.daemon_root / self.path.lstrip("/").rsplit("/", 1)[0],
-                      ignore_errors=True)
+        shutil.rmtree(self._as_the_daemon_sees(self.path).parent, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- fleets (tests/test_fleet.py, scripts/bench)

@@ -19,6 +19,7 @@ TDXVIRT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
 # in libvirt the way virsh does (no files, no host configuration), each with why.
 NO_JSON = {
     "console": "interactive: hands the terminal to virsh console",
+    "sim exec": "runs the user's command, whose output is its own",
     "xml": "prints the domain XML itself",
 }
 NO_DRY_RUN = {
@@ -28,6 +29,7 @@ NO_DRY_RUN = {
     "sim up": "the simulated host's own daemons, below the state directory",
     "sim down": "the simulated host's own daemons, below the state directory",
     "sim restart": "the simulated host's libvirt daemon, below the state directory",
+    "sim exec": "runs the user's command in the simulated host's network; changes nothing itself",
 }
 READS = {"list", "show", "measure", "gpu list", "host check", "build plan", "build status",
          "guest check-config", "guest verify", "guest attest", "sim status"}

@@ -229,7 +229,8 @@ def test_cloud_init_seed_is_created_attached_and_removed_with_storage(
     from tdxvirt.guest.seed import read_seed_iso
 
     host, gpu = gpu_host
-    td = tds.define_td(conn, host, spec(td_name, gpu, ssh_key=[f"{ssh_public_key}.pub"]),
+    td = tds.define_td(conn, host, spec(td_name, gpu, ssh_key=[f"{ssh_public_key}.pub"],
+                                        network="default"),
                        Config(overlay_dir=str(tmp_path / "img")))
     seed = tmp_path / "img" / f"{td_name}-seed.iso"
     assert td.plan.seed == str(seed) and seed.exists()

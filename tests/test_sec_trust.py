@@ -248,7 +248,7 @@ def test_schema_dirs_others_can_change_are_refused(tmp_path, monkeypatch):
 # --- another user: nothing changes ---------------------------------------------------------
 
 _AS_NOBODY = """
-import os, sys
+import os, sys, tomllib  # tomllib: config.py imports it only when a file is there
 from tdxvirt.config import load_config
 from tdxvirt.gpu import admin_tool
 from tdxvirt.paths import schema_dirs, state_dir

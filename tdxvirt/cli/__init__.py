@@ -328,8 +328,11 @@ def main(ctx, uri, sim, host_root, fleet, host_timeout):
 @click.option("--allow-shared", is_flag=True, help="Allow a GPU another defined domain uses.")
 @click.option("--ppcie", is_flag=True,
               help="Protected PCIe: all GPUs (or those given) plus the board's NVSwitches.")
-@click.option("--network", type=click.Choice(["none", "default", "user"]), default="none",
-              show_default=True, help="libvirt network 'default', or user-mode with ssh forward.")
+@click.option("--network", default="auto", metavar="NET",
+              help="The TD's NIC, as virt-install spells it: default (libvirt's NAT network "
+                   "'default'), network=NAME, bridge=BR, user (passt, forwarding --ssh-port to "
+                   "the guest's ssh) or none. Without it: 'default' when the host's libvirt "
+                   "has that network, else none (with a warning).")
 @click.option("--ssh-port", type=int, default=10022, show_default=True,
               help="Host port forwarded to the guest's ssh with --network user.")
 @click.option("--vsock", is_flag=True, help="Add a virtio vsock device.")
@@ -924,6 +927,20 @@ def sim_restart(boot):
 
     control.restart(boot=boot)
     click.echo("Restarted the emulated TDX host's libvirtd" + (" as after a boot" if boot else ""))
+
+
+@sim.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def sim_exec(command):
+    """Run COMMAND in the emulated TDX host's network, as after logging in to that host
+    (e.g. `tdxvirt sim exec -- ssh debian@192.168.122.10` reaches a TD on its virbr0).
+    Only the network is the host's: the program, files and keys are this machine's."""
+    import os
+
+    from ..sim import control
+
+    argv = control.exec_argv(list(command))
+    os.execvp(argv[0], argv)  # its exit status is this command's
 
 
 @sim.command(name="status")

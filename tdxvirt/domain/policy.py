@@ -102,6 +102,16 @@ class DomainPlan:
     def gpus(self) -> tuple[Hostdev, ...]:
         return tuple(h for h in self.hostdevs if h.kind == "gpu")
 
+    @property
+    def network_kind(self) -> str:
+        """none, user, network or bridge (spec.parse_network; 'auto' is resolved by then)."""
+        return self.network.partition("=")[0]
+
+    @property
+    def network_source(self) -> str:
+        """The libvirt network's or the bridge's name ('' for none and user)."""
+        return self.network.partition("=")[2]
+
 
 def align_memory(size: int) -> tuple[int, str | None]:
     aligned = -(-size // MEMORY_ALIGN) * MEMORY_ALIGN

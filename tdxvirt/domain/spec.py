@@ -70,7 +70,30 @@ def validate_existing_file(path: str, option: str) -> str:
 
 
 DIALECTS = ("native", "canonical", "qemu-args")
-NETWORKS = ("none", "default", "user")
+# --network as virt-install spells it; stored as "none", "user", "network=NAME",
+# "bridge=BR", or "auto" (the command line's default: libvirt's 'default' network when
+# the host has one, else none; resolved by tdxvirt.virt.networks where libvirt answers).
+NETWORK_WORDS = ("none", "default", "user", "auto")
+# libvirt's network names and Linux's bridge names (IFNAMSIZ 16: 15 characters)
+_NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+:-]{0,63}")
+_BRIDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,14}")
+
+
+def parse_network(value: str) -> str:
+    """--network none | default | user | network=NAME | bridge=BR (virt-install's words)."""
+    text = (value or "").strip()
+    if text in NETWORK_WORDS:
+        return "network=default" if text == "default" else text
+    kind, _, source = text.partition("=")
+    pattern = {"network": _NETWORK_NAME, "bridge": _BRIDGE_NAME}.get(kind)
+    if pattern is None:
+        raise InputError(f"invalid --network {value!r}: give none, default, user, "
+                         "network=NAME (a libvirt network) or bridge=BR (a host bridge)")
+    if not pattern.fullmatch(source):
+        what = "a libvirt network name" if kind == "network" else \
+            "a bridge name of at most 15 letters, digits, '.', '_', ':' or '-'"
+        raise InputError(f"invalid --network {value!r}: {source!r} is not {what}")
+    return f"{kind}={source}"
 HUGEPAGES = {"2M": 2048, "1G": 1048576}
 # Formats of a user-given --disk / --image: declared, never guessed from the content.
 DISK_FORMATS = ("raw", "qcow2")  # KiB, as libvirt's <page size=...> wants
@@ -211,7 +234,7 @@ class TDSpec:
             managed=managed,
             allow_shared=allow_shared,
             ppcie=ppcie,
-            network=_choice(network, NETWORKS, "--network"),
+            network=parse_network(network),
             ssh_port=validate_port(ssh_port),
             vsock=vsock,
             hugepages=_choice(hugepages, tuple(HUGEPAGES), "--hugepages"),

@@ -84,6 +84,16 @@ class HostFacts:
     def disk_exists(self, path: str) -> bool | None:
         raise NotImplementedError
 
+    def program_installed(self, name: str) -> bool | None:
+        """Whether the host has a program libvirt runs for a TD (passt); None: unknown
+        (libvirt does not say, as for a remote host)."""
+        return None
+
+    def bridge_exists(self, name: str) -> bool | None:
+        """Whether the host has this network bridge; None: unknown (a remote host, or a
+        host whose /sys is not its kernel's)."""
+        return None
+
     def check_disk(self, spec: TDSpec) -> list[str]:
         """Check the --disk / --image the spec names; the warnings (InputError: refused)."""
         raise NotImplementedError

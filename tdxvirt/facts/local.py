@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..host import HostRoot, iommu, nvidia
 from ..host.pci import PciDevice, read_device
@@ -70,16 +71,41 @@ class LocalFacts(HostFacts):
         # this machine, or inside a whole host's root (the simulated host's daemon).
         return self.host.exists(path) if self.host.files_in_root else os.path.exists(path)
 
+    def program_installed(self, name: str) -> bool | None:
+        return any(self.host.exists(f"{directory}/{name}")
+                   for directory in ("/usr/bin", "/usr/sbin", "/bin", "/sbin"))
+
+    def bridge_exists(self, name: str) -> bool | None:
+        # only this machine's own /sys tells: the simulated host's bridges live in its
+        # network namespace, a --host-root tree has none
+        if self.host.base != Path("/") or self.host.mounts:
+            return None
+        return os.path.isdir(f"/sys/class/net/{name}/bridge")
+
     def check_disk(self, spec) -> list[str]:
         """The user's --disk / --image read as the declared format (never guessed), and
         refused with a backing file unless --allow-backing-file (policy.inspect_image)."""
         from ..domain.policy import inspect_image
 
+        for option, path in (("--disk", spec.disk), ("--image", spec.image)):
+            if path:
+                self._require_on_host(option, path)
         if spec.disk:
             return inspect_image(spec.disk, spec.disk_format, "--disk", spec.allow_backing_file)
         if spec.image:
             return inspect_image(spec.image, spec.disk_format, "--image", spec.allow_backing_file)
         return []
+
+    def _require_on_host(self, option: str, path: str) -> None:
+        """A whole host in a root of its own (the simulated host) shares only some of this
+        machine's directories: a file elsewhere exists here but not for its libvirt."""
+        if not self.host.files_in_root or self.host.exists(path) or not os.path.exists(path):
+            return
+        from ..errors import InputError
+
+        shared = ", ".join(getattr(self.host, "shared", ())) or "none of its directories"
+        raise InputError(f"{option} {path} is on this machine but not on the simulated host, "
+                         f"which shares {shared} with it; move or copy the file there")
 
     def paths_from_config(self, config) -> tuple[str | None, str | None, list[str]]:
         return config.ovmf, config.qemu, []

@@ -140,6 +140,14 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
         dialect = "plain"
     overlay_dir = _overlay_dir(spec, config, facts)
     gpus, switches, warnings = select_devices(facts, spec)
+    from dataclasses import replace
+
+    from ..virt import networks
+
+    network, network_warnings = networks.resolve(conn, libvirt.uri, facts, spec.network,
+                                                 spec.ssh_keys, spec.vsock)
+    spec = replace(spec, network=network)
+    warnings += network_warnings
     _check_not_shared(conn, spec, [*gpus, *switches])
     warnings += facts.check_disk(spec)
     ovmf, qemu, config_warnings = facts.paths_from_config(config)
@@ -154,7 +162,6 @@ def assemble_td(conn, host: HostRoot | HostFacts, spec: TDSpec,
     )
     if warnings:
         plan = _with_warnings(plan, warnings)
-    from dataclasses import replace
     from uuid import uuid4
 
     # chosen here, not by libvirt, so root's record and tdxvirt's metadata name it

@@ -17,6 +17,7 @@ from ..gpu.ccmode import mode_problems
 from ..host import HostRoot
 from ..pci import PciAddress
 from ..virt.conn import xml_of_listed
+from ..virt.networks import interface_problems
 
 VIR_CONNECT_LIST_DOMAINS_ACTIVE = 1
 
@@ -78,6 +79,7 @@ def start_problems(conn, host: HostRoot | HostFacts, xml: str, read_modes=None) 
     for address, hostdev in parsed.pci_hostdevs():
         problems.extend(_hostdev_problems(host, hostdev, address))
     problems.extend(_file_problems(host, parsed))
+    problems.extend(interface_problems(conn, host, parsed))
     if read_modes is not None:
         problems.extend(mode_problems(host.device, domain.gpus, domain.tdx, read_modes))
     problems.extend(_held_by_running(conn, domain.name, domain.gpus))

@@ -37,8 +37,13 @@ class Distribution:
 # virt-manager's Add Disk asks it to).
 # The storage and node-device drivers: what a real host's libvirt has, and what
 # virt-xml/virt-install need to add a disk by path on a connection they call remote.
+# The network driver with its 'default' network (dnsmasq, nftables) and passt: a TD's
+# NIC as a real host gives it (--network default / user), in the host's own network
+# namespace.
 FORKY = Distribution("forky", ("libvirt-daemon", "libvirt-daemon-driver-qemu", "libvirt-clients",
                                "libvirt-daemon-driver-storage", "libvirt-daemon-driver-nodedev",
+                               "libvirt-daemon-driver-network", "libvirt-daemon-config-network",
+                               "dnsmasq-base", "nftables", "passt", "iproute2",
                                "qemu-system-x86", "qemu-utils", "ovmf-generic", "ovmf-inteltdx",
                                "python3-minimal", "python3-lxml"),
                      "libvirt 12.x, QEMU and OVMF")
@@ -90,7 +95,28 @@ def provision(root: Path, distribution: Distribution = FORKY, log=print) -> None
     if QEMU_CONF_LINE not in qemu_conf.read_text():
         with qemu_conf.open("a") as conf:
             conf.write(QEMU_CONF_LINE)
+    if "libvirt-daemon-config-network" in distribution.packages:
+        _default_network(root)
     (root / ".tdxvirt-provisioned").write_text(_marker(distribution))
+
+
+def _default_network(root: Path) -> None:
+    """libvirt's 'default' network as Debian defines it (virbr0, 192.168.122.0/24 with
+    DHCP), started with the daemon as on a real host, but forwarding in mode 'open':
+    NAT's rules need tc's csum action, which this machine kind's kernel lacks ("Failed
+    to load TC action module"), and the emulated host's network namespace has no
+    uplink to translate to anyway. Written before the daemon first starts, as the
+    package's own postinst writes it."""
+    from importlib import resources
+
+    networks = root / "etc/libvirt/qemu/networks"
+    (networks / "autostart").mkdir(parents=True, exist_ok=True)
+    (networks / "default.xml").write_text(
+        resources.files("tdxvirt.sim").joinpath("default-network.xml").read_text())
+    os.chmod(networks / "default.xml", 0o600)
+    link = networks / "autostart/default.xml"
+    if not link.is_symlink():
+        link.symlink_to("/etc/libvirt/qemu/networks/default.xml")
 
 
 def _mounted(path: Path) -> bool:

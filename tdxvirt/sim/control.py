@@ -66,6 +66,18 @@ def up(sim: SimLayout | None = None) -> list[str]:
 AUTOSTARTED = "run/libvirt/qemu/autostarted"
 
 
+def exec_argv(command: list[str], sim: SimLayout | None = None) -> list[str]:
+    """``command`` run in the emulated TDX host's network namespace (that of its virtlogd,
+    which lives as long as the namespaces do); the mount namespace stays this machine's."""
+    from ..errors import SimulatorError
+
+    sim = sim or layout()
+    pid = chroot.alive_pid(sim.chroot / "run" / "virtlogd.pid")
+    if pid is None:
+        raise SimulatorError("the emulated TDX host is not running; start it with `tdxvirt sim up`")
+    return ["nsenter", f"--target={pid}", "--net", "--", *command]
+
+
 def restart(sim: SimLayout | None = None, boot: bool = False) -> None:
     """Restart the emulated TDX host's libvirtd, as `systemctl restart libvirtd` does on
     a real host: it rereads qemu.conf and finds its hooks again; running domains keep

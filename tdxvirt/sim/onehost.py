@@ -9,6 +9,12 @@ it booted with). So `host check` reads the qemu.conf that daemon reads, runs the
 it runs (chrooted: outside the namespace the emulator is the real binary), finds the
 daemon's processes (this machine's processes whose root is that root), and `host
 setup` edits those files and restarts that daemon (`tdxvirt sim restart`).
+
+The user's files are that host's too: the directories where users keep disk images and
+keys, and where tdxvirt creates overlays and seeds (``shared_dirs``), are this machine's,
+bound at the same paths into the daemon's root. So `define --image /tmp/base.qcow2`
+names one file for the user, tdxvirt and that libvirt, as on one host; a file anywhere
+else is not on the simulated host, and tdxvirt says so.
 """
 
 from __future__ import annotations
@@ -24,6 +30,28 @@ from . import SimLayout, layout
 RESTART = ("tdxvirt", "sim", "restart")
 
 
+# Where users keep disk images and keys (and libvirt's own images directory); with the
+# directory tdxvirt creates overlays and seeds in, see shared_dirs.
+USER_DIRS = ("/tmp", "/root", "/home", "/srv", "/var/lib/libvirt/images")
+
+
+def shared_dirs(create: bool = False) -> tuple[str, ...]:
+    """This machine's directories the simulated host shares, at the same paths: those of
+    USER_DIRS that exist here, and tdxvirt's storage directory (storage_paths.storage_dir:
+    libvirt's images directory when this machine has one, else the state directory's
+    images/, created with ``create`` as define would create it)."""
+    import os
+
+    from ..config import Config
+    from ..domain.storage_paths import storage_dir
+
+    storage = storage_dir(Config())
+    if create:
+        os.makedirs(storage, mode=0o711, exist_ok=True)
+    found = [d for d in USER_DIRS if os.path.isdir(d)]
+    return tuple(found + [storage] if storage not in found and os.path.isdir(storage) else found)
+
+
 class SimHostRoot(HostRoot):
     files_in_root = True
     daemon_restart = RESTART
@@ -33,8 +61,10 @@ class SimHostRoot(HostRoot):
 
         self.sim = sim or layout()
         tree = self.sim.devices
+        self.shared = shared_dirs()
         super().__init__(self.sim.chroot, mounts={"/sys": tree / "sys", "/dev": tree / "dev",
-                                                  "/proc": tree / "proc"})
+                                                  "/proc": tree / "proc",
+                                                  **{d: d for d in self.shared}})
         self.process_root = str(self.sim.chroot)
         self.hook_install = hook_install()
 

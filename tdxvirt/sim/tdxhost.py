@@ -158,6 +158,20 @@ def _bind_hook_sources(root: Path) -> None:
         _mount("--bind", "-o", mode, str(source), str(target))
 
 
+def _bind_shared_dirs(root: Path) -> None:
+    """The emulated TDX host (not the libvirt 11.x one, which stands for another host)
+    sees this machine's image and key directories at their own paths (onehost.shared_dirs)."""
+    from . import layout
+    from .onehost import shared_dirs
+
+    if root.resolve() != layout().chroot.resolve():
+        return
+    for directory in shared_dirs(create=True):
+        target = root / directory.lstrip("/")
+        target.mkdir(parents=True, exist_ok=True)
+        _mount("--bind", directory, str(target))
+
+
 def _mount(*argv: str) -> None:
     result = subprocess.run(["mount", *argv], capture_output=True, text=True)
     if result.returncode != 0:
@@ -211,6 +225,7 @@ def enter(root: Path, devices: Path) -> None:
         if (root / relative).is_dir():  # a machine without a PCI bus 0 keeps its own
             _mount("--bind", str(devices / relative), str(root / relative))
     _bind_hook_sources(root)
+    _bind_shared_dirs(root)
     _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
     _mount("--bind", str(root / WRAPPER), str(root / QEMU))
     for daemon in DAEMONS:
