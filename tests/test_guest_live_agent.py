@@ -28,6 +28,7 @@ from test_guest_config import KERNEL_ROLES, _resolve
 
 from tdxvirt.guest.verify import AGENT_CHANNEL_XML, agent_channel_state, verify_domain
 from tdxvirt.paths import state_dir
+from tdxvirt.sim.guest import newc as _newc  # noqa: F401  (acpi_guest imports it from here)
 
 GUEST_PACKAGES = ("qemu-guest-agent", "busybox-static", "liburing2")
 APPLETS = ("sh", "mount", "mkdir", "cat", "stat", "dmesg", "lsmod", "ls", "sleep", "poweroff")
@@ -54,18 +55,6 @@ poweroff -f
 BOOT_SECONDS = 90  # TCG on two cores; the agent is usually up within 10 s
 # i440fx ('pc'), not q35: with direct kernel boot under TCG, a virtio device behind q35's
 # pcie-root-port stays in D3cold ("device inaccessible") and the agent port never appears.
-
-
-def _newc(entries: list[tuple[str, int, bytes]]) -> bytes:
-    """An uncompressed cpio archive in the kernel's initramfs format (newc)."""
-    out = bytearray()
-    for number, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
-        encoded = name.encode() + b"\0"
-        fields = (number, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
-        out += b"070701" + b"".join(f"{field:08x}".encode() for field in fields) + encoded
-        out += b"\0" * (-len(out) % 4) + data
-        out += b"\0" * (-len(out) % 4)
-    return bytes(out)
 
 
 def _download(packages, directory: Path) -> list[Path]:

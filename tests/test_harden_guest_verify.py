@@ -38,7 +38,7 @@ def cli(monkeypatch):
 
     def run(programs, *extra):
         monkeypatch.setattr("tdxvirt.guest.verify.verify_domain",
-                            lambda conn, name, timeout: _report(programs))
+                            lambda conn, name, timeout, wait=0: _report(programs))
         monkeypatch.setattr("tdxvirt.cli.Session.conn", lambda self: None)
         result = CliRunner().invoke(main, ["-c", "test:///default", "guest", "verify", "td-1", *extra])
         assert "Traceback" not in result.output

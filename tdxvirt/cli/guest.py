@@ -52,9 +52,12 @@ def check_config(config_file, as_json):
 @click.argument("name", shell_complete=_td_names)
 @click.option("--timeout", type=click.FloatRange(min=1), default=30, show_default=True,
               help="Seconds to wait for each command in the guest.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0, metavar="S",
+              help="Seconds to wait for a booting guest's agent to connect (default: none, "
+                   "an agent not connected yet fails at once).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def verify(session, name, timeout, as_json):
+def verify(session, name, timeout, wait, as_json):
     """Check TDX and the GPU inside a running TD (QEMU guest agent).
 
     Runs read-only commands in the guest through its agent. Exit 1 when a check fails.
@@ -62,7 +65,7 @@ def verify(session, name, timeout, as_json):
     from ..guest import GuestNotReadyError
     from ..guest.verify import verify_domain
 
-    report = verify_domain(session.conn(), name, timeout=timeout)
+    report = verify_domain(session.conn(), name, timeout=timeout, wait=wait)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

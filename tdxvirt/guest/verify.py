@@ -61,9 +61,10 @@ def missing_agent_message(name: str) -> str:
 
 def silent_agent_message(name: str) -> str:
     return (
-        f"no QEMU guest agent answers in TD {name!r}; install and start it in the guest "
-        "(`apt install qemu-guest-agent`, `systemctl start qemu-guest-agent`; tdxvirt's "
-        "--cloud-init first boot does both)"
+        f"no QEMU guest agent answers in TD {name!r}; for a guest still booting, `tdxvirt "
+        f"guest verify {name} --wait 120` waits for it; else install and start it in the guest (`apt install "
+        "qemu-guest-agent`, `systemctl start qemu-guest-agent`; tdxvirt's --cloud-init first "
+        "boot does both)"
     )
 
 
@@ -432,16 +433,25 @@ def agent_channel_state(domain_xml: str) -> str | None:
     return None if target is None else target.get("state", "")
 
 
-def verify_domain(conn, name: str, timeout: float = DEFAULT_TIMEOUT) -> VerifyReport:
+def verify_domain(conn, name: str, timeout: float = DEFAULT_TIMEOUT,
+                  wait: float = 0) -> VerifyReport:
+    """``wait``: seconds a booting guest's agent has to connect (libvirt marks the
+    channel connected once qemu-ga opens its port), polled twice a second."""
+    import time
+
     from ..virt.lookup import lookup
 
     domain = lookup(conn, name)
     name = domain.name()  # the resolved name (lookup refuses an ambiguous argument)
-    if not domain.isActive():
-        raise GuestNotReadyError(
-            f"TD {name!r} is not running; start it (`tdxvirt start {name}`), let it boot, then verify again"
-        )
-    state = agent_channel_state(domain.XMLDesc(0))
+    deadline = time.monotonic() + wait
+    while True:
+        if not domain.isActive():
+            raise GuestNotReadyError(f"TD {name!r} is not running; start it (`tdxvirt start "
+                                     f"{name}`), let it boot, then verify again")
+        state = agent_channel_state(domain.XMLDesc(0))
+        if state != "disconnected" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     if state is None:
         raise GuestNotReadyError(missing_agent_message(name))
     if state == "disconnected":

@@ -1,0 +1,93 @@
+"""A TD on the emulated TDX host boots a real guest from a disk, through the chain a
+Debian TD boots through on Debian's TDX firmware (Secure Boot with Microsoft's keys:
+shim, GRUB, kernel, each signed), gets an address from the host's 'default' network,
+is reached through its guest agent, and stops when asked (`tdxvirt sim guest-image`,
+tdxvirt/sim/guest.py). Under TCG, without tdx-guest: the guest is no TD, and says so."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TDXVIRT, run_sim
+
+from tdxvirt.guest.verify import GuestExec, LibvirtAgentChannel
+
+pytestmark = pytest.mark.usefixtures("cc_on")
+BOOT_SECONDS = 240  # TCG on two cores: usually 20-40 s from OVMF to qemu-ga
+
+
+@pytest.fixture(scope="module")
+def guest_image():
+    # below /tmp (the simulated host shares it) in a directory QEMU's user may enter:
+    # pytest's own are root's alone, and QEMU opens the base image as libvirt-qemu
+    directory = Path(tempfile.mkdtemp(prefix="tdxvirt-sim-guest-", dir="/tmp"))
+    directory.chmod(0o755)
+    image = directory / "guest.qcow2"
+    built = subprocess.run([TDXVIRT, "sim", "guest-image", str(image)], capture_output=True,
+                           text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    assert "Wrote" in built.stdout and image.is_file()
+    again = subprocess.run([TDXVIRT, "sim", "guest-image", str(image)], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 2 and "already exists" in again.stderr  # never overwritten
+    image.chmod(0o644)
+    yield image
+    shutil.rmtree(directory)
+
+
+def _addresses(uri: str, name: str, source: str) -> set[str]:
+    listed = subprocess.run(["virsh", "-c", uri, "domifaddr", name, "--source", source],
+                            capture_output=True, text=True, check=True).stdout
+    return {word.split("/")[0] for line in listed.splitlines() for word in line.split()
+            if word.startswith("192.168.")}
+
+
+def test_a_td_boots_the_guest_disk_and_is_reached_then_stops(qemu_conn, guest_image):
+    name = f"guest-{uuid.uuid4().hex[:8]}"
+    base_digest = hashlib.sha256(guest_image.read_bytes()).hexdigest()
+    defined = run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                      "--vcpus", "1", "--image", str(guest_image), "--image-format", "qcow2")
+    assert defined.returncode == 0, defined.stderr
+    overlay = next(line.split()[1] for line in defined.stdout.splitlines()
+                   if line.strip().startswith("disk "))
+    try:
+        assert run_sim("start", name).returncode == 0
+        verified = subprocess.run([TDXVIRT, "--sim", "guest", "verify", name, "--wait",
+                                   str(BOOT_SECONDS), "--json"], capture_output=True, text=True,
+                                  timeout=BOOT_SECONDS + 120)
+        # the guest answers, and says the truth under TCG: no TDX (exit 1), but the
+        # kernel command line GRUB gave it
+        assert verified.returncode == 1, verified.stderr
+        checks = {c["check"]: c["ok"] for c in json.loads(verified.stdout)["checks"]}
+        assert checks["kernel argument clearcpuid=mtrr"] is True
+        assert checks["TDX guest device"] is False
+
+        domain = qemu_conn.lookupByName(name)
+        agent = GuestExec(LibvirtAgentChannel(domain, uri=qemu_conn.getURI()), timeout=30)
+        booted = agent.run(["dmesg"]).stdout
+        assert "Secure boot enabled" in booted  # the firmware enforced it on shim, GRUB, kernel
+        assert "Debian Secure Boot CA" in booted
+
+        uri = qemu_conn.getURI()
+        leased = _addresses(uri, name, "lease")
+        assert leased and leased == _addresses(uri, name, "agent")  # the guest has its lease
+        assert all(ipaddress.ip_address(a) in ipaddress.ip_network("192.168.122.0/24")
+                   for a in leased)
+
+        stopped = run_sim("stop", name, "--timeout", "60")  # the guest obeys the request
+        assert stopped.returncode == 0, stopped.stderr
+        assert not domain.isActive()
+    finally:
+        run_sim("destroy", name)
+        undefined = run_sim("undefine", name, "--remove-storage")
+        assert undefined.returncode == 0, undefined.stderr
+    assert not subprocess.run(["test", "-e", overlay]).returncode == 0  # the overlay went
+    assert hashlib.sha256(guest_image.read_bytes()).hexdigest() == base_digest  # base untouched
