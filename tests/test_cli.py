@@ -29,7 +29,8 @@ def test_define_start_list_stop_undefine(run, gpu_host, td_name, conn):
     uptime = records[td_name].pop("uptime_s")
     assert records[td_name] == {"name": td_name, "state": "running", "type": "TDX", "tdx": True,
                                 "dialect": "native", "managed_by_tdxvirt": True, "vcpus": 2,
-                                "memory_mib": 8192, "gpus": [gpu], "problems": []}
+                                "memory_mib": 8192, "gpus": [gpu], "problems": [],
+                                "weakened": False}
     assert 0 <= uptime < 60  # tdxvirt recorded the start in live metadata
     table = run("list").stdout
     assert table.splitlines()[0].split()[:3] == ["NAME", "STATE", "TYPE"]

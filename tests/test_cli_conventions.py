@@ -67,6 +67,15 @@ def test_version_names_tdxvirt_and_libvirts_library_and_daemon(sim):
     gone = subprocess.run([TDXVIRT, "-c", "qemu+unix:///system?socket=/nonexistent", "--version"],
                           capture_output=True, text=True, timeout=30)
     assert gone.returncode == 0 and "libvirt daemon: not reachable" in gone.stdout
+    # the host the version is asked of is the one any other command would target: -c after
+    # --version, --sim, and TDXVIRT_SIM all count
+    for argv, env in (([TDXVIRT, "--version", "-c", sim.qemu_uri], {}),
+                      ([TDXVIRT, "--version", "--sim"], {}),
+                      ([TDXVIRT, "--version"], {"TDXVIRT_SIM": "1"})):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                              env={**os.environ, **env})
+        assert done.returncode == 0 and "libvirt daemon 12." in done.stdout, (argv, env)
+        assert sim.qemu_uri in done.stdout, (argv, env)
 
 
 def complete(*words: str) -> list[str]:
@@ -139,3 +148,66 @@ def test_a_command_group_alone_prints_its_help():
         assert done.returncode == 0 and done.stderr == "", (group, done.stderr)
         assert done.stdout.startswith(f"Usage: tdxvirt {group}".rstrip() + " [OPTIONS] COMMAND"), group
         assert "\\n" not in done.stdout and "Commands:" in done.stdout
+
+
+def test_list_all_is_virshs_habit_and_foreign_adds_other_tools_tds(sim, qemu_conn):
+    """virsh's --all means "shut-off ones too": tdxvirt lists those anyway, so --all
+    changes nothing; other tools' TDX domains come with --foreign, marked as theirs."""
+    import json
+
+    from conftest import run_sim
+
+    name = f"other-{uuid.uuid4().hex[:8]}"
+    xml = run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                  "--print-xml").stdout
+    # the same TD as another tool would define it: no tdxvirt metadata, no record
+    foreign = qemu_conn.defineXML(xml.split("<metadata>")[0] + xml.split("</metadata>")[1])
+    try:
+        plain = json.loads(run_sim("list", "--json").stdout)
+        assert json.loads(run_sim("list", "--all", "--json").stdout) == plain
+        assert name not in [r["name"] for r in plain]
+        rows = {r["name"]: r for r in json.loads(run_sim("list", "--foreign", "--json").stdout)}
+        assert rows[name]["managed_by_tdxvirt"] is False and rows[name]["tdx"] is True
+        table = run_sim("list", "--foreign").stdout
+        assert "DEFINED BY" in table.splitlines()[0]
+        assert next(line for line in table.splitlines() if line.startswith(name)).endswith("other")
+    finally:
+        foreign.undefine()
+
+
+def test_a_second_boot_disk_is_refused_not_dropped(run, gpu_host, tmp_path):
+    """click keeps the last of a repeated option: a first --disk or --image would vanish
+    without a word. Refused, with where data disks go."""
+    from conftest import one_line_error
+
+    _, gpu = gpu_host
+    first, second = tmp_path / "a.raw", tmp_path / "b.raw"
+    for disk in (first, second):
+        disk.write_bytes(b"\0" * 4096)
+    for option in ("--disk", "--image"):
+        line = one_line_error(run("define", "two-disks", "--gpu", gpu, option, str(first),
+                                  option, str(second)), 2)
+        assert f"'{option}': given 2 times" in line and "virt-xml NAME --add-device --disk" in line
+
+
+def test_show_speaks_virshs_words_with_disks_and_nics(run, gpu_host, tmp_path):
+    """`show` as dominfo + domblklist + domiflist would put it, not Python's repr."""
+    _, gpu = gpu_host
+    image = tmp_path / "base.raw"
+    image.write_bytes(b"\0" * 65536)
+    name = f"shown-{uuid.uuid4().hex[:6]}"
+    assert run("define", name, "--gpu", gpu, "--disk", str(image), "--network",
+               "network=default").exit_code == 0
+    try:
+        shown = run("show", name).stdout
+        assert "True" not in shown and "False" not in shown and "_" not in shown.split(":")[0]
+        lines = shown.splitlines()
+        assert lines[0].split() == ["Name:", name]
+        assert any(line.split()[:2] == ["Persistent:", "yes"] for line in lines)
+        disk = next(line for line in lines if str(image) in line).split()
+        assert disk[:2] == ["vda", "disk"]
+        nic = next(line for line in lines if line.strip().startswith("network")).split()
+        assert nic[:3] == ["network", "default", "virtio"]
+        assert lines[-1].split() == ["Problems:", "none"]
+    finally:
+        run("undefine", name)

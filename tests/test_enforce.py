@@ -467,3 +467,4 @@ def test_list_and_its_json_tell_one_truth_of_a_stripped_td(td, sim):
     assert row[3:5] == ["TDX", "!"]  # NAME, "shut off", TYPE
     record = next(r for r in json.loads(run("list", "--json").stdout) if r["name"] == td)
     assert (record["type"], record["tdx"], bool(record["problems"])) == ("TDX", False, True)
+    assert record["weakened"] is True  # the '!' itself, by name

@@ -150,7 +150,7 @@ def test_one_host_keeps_todays_output(cli, fleet):
         records = json.loads(cli("-c", connect, "list", "--json").stdout)
         assert [sorted(r) for r in records] == [sorted(
             ["name", "state", "type", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib",
-             "gpus", "uptime_s", "problems"])]
+             "gpus", "uptime_s", "problems", "weakened"])]
 
 
 def test_an_unreachable_host_is_one_line_and_the_others_answer(cli):

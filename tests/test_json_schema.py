@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from tdxvirt.cli import main
 
 LIST = {"name", "state", "type", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
-        "uptime_s", "problems"}
+        "uptime_s", "problems", "weakened"}
 SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd", "rtmr1",
-                "rtmr2", "title", "record"}
+                "rtmr2", "title", "record", "disks", "interfaces"}
 MEASURE = {"name", "firmware", "mrtd", "order", "order_note", "sections", "rtmr0", "rtmr1",
            "rtmr2", "unknown", "recorded", "rtmr_events", "rtmr_assumptions", "recorded_rtmr1",
            "recorded_rtmr2", "reference", "reference_differences"}

@@ -245,6 +245,17 @@ def _version(ctx, param, value):
     print_version(ctx, param, value)
 
 
+def _one_disk(param, values: tuple[str, ...]) -> str | None:
+    """--disk / --image name the one disk a TD boots from; given twice, the first would
+    be dropped without a word (click keeps the last), so it is refused instead."""
+    if len(values) > 1:
+        raise click.BadParameter(
+            f"given {len(values)} times; a TD is defined with one boot disk: add data disks "
+            "after define (`virt-xml NAME --add-device --disk PATH`; libvirt's hook accepts them)",
+            param=param)
+    return values[0] if values else None
+
+
 def _td_names(ctx, param, incomplete):
     from .completion import td_names
 
@@ -275,7 +286,9 @@ def _gpu_addresses(ctx, param, incomplete):
               type=click.Path(exists=True, file_okay=False),
               help="Read host facts (sysfs, /proc, firmware) below DIR instead of /; "
                    "programs below DIR are never run, except by `host setup --run-below-root`.")
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+# not eager, and declared last: its callback runs after -c, --sim and --host-root have
+# their values, from the command line in any order or from TDXVIRT_SIM / TDXVIRT_HOST_ROOT
+@click.option("--version", is_flag=True, expose_value=False,
               callback=lambda ctx, param, value: _version(ctx, param, value),
               help="Show tdxvirt's version and libvirt's (library, and the daemon at the URI).")
 @click.pass_context
@@ -301,10 +314,12 @@ def main(ctx, uri, sim, host_root, fleet, host_timeout):
 @click.option("--vcpus", type=int, default=4, show_default=True, help="Number of vCPUs.")
 @click.option("--memory", default="16G", show_default=True,
               help="Memory: number with K, M, G or T (bare number: MiB); 2 MiB aligned.")
-@click.option("--image", metavar="PATH", help="Base image: boot a new qcow2 overlay on it.")
+@click.option("--image", metavar="PATH", multiple=True, callback=lambda c, p, v: _one_disk(p, v),
+              help="Base image: boot a new qcow2 overlay on it.")
 @click.option("--image-format", type=click.Choice(["raw", "qcow2"]),
               help="Format of --image (default raw, as libvirt assumes; never guessed).")
-@click.option("--disk", metavar="PATH", help="Boot disk image, used as is.")
+@click.option("--disk", metavar="PATH", multiple=True, callback=lambda c, p, v: _one_disk(p, v),
+              help="Boot disk image, used as is.")
 @click.option("--disk-format", type=click.Choice(["raw", "qcow2"]),
               help="Format of --disk (default raw, as libvirt assumes; never guessed).")
 @click.option("--allow-backing-file", is_flag=True,
@@ -736,6 +751,8 @@ def _records(rows):
             "gpus": list(row.facts.gpus),
             "uptime_s": None if row.uptime is None else int(row.uptime),
             "problems": list(row.problems),
+            # the table's '!': no longer the TD it was defined as (problems say how)
+            "weakened": bool(row.problems),
         }
         for row in rows
     ]
@@ -759,12 +776,14 @@ def _duration(seconds) -> str:
 
 
 @main.command(name="list")
-@click.option("--all", "include_foreign", is_flag=True,
-              help="Also list TDX domains that tdxvirt did not define.")
+@click.option("--foreign", "include_foreign", is_flag=True,
+              help="Also list TDX domains that other tools defined (a DEFINED BY column).")
+@click.option("--all", "virsh_all", is_flag=True,
+              help="Accepted as virsh spells it: shut-off TDs are always listed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_session
-def list_(session, include_foreign, as_json):
-    """List TDs with their state and GPUs."""
+def list_(session, include_foreign, virsh_all, as_json):
+    """List TDs (running and shut off) with their state and GPUs."""
     from ..lifecycle import tds
 
     if session.several:
@@ -775,7 +794,7 @@ def list_(session, include_foreign, as_json):
         click.echo(_json_lines(records))
         return
     if not records:
-        hint = "" if include_foreign else " (--all also shows TDX domains other tools defined)"
+        hint = "" if include_foreign else " (--foreign also shows TDX domains other tools defined)"
         click.echo(f"No TDs at {session.uri}{hint}")
         return
     _print_tds(records, include_foreign)
@@ -858,7 +877,7 @@ def _list_fleet(session, include_foreign: bool, as_json: bool) -> None:
         _print_tds(records, include_foreign, hosts)
     else:
         answered = sum(a.error is None for a in answers)
-        hint = "" if include_foreign else " (--all also shows TDX domains other tools defined)"
+        hint = "" if include_foreign else " (--foreign also shows TDX domains other tools defined)"
         click.echo(f"No TDs on the {answered} host(s) that answered{hint}")
     _fleet_failed(answers)
 
@@ -876,18 +895,69 @@ def show(session, name, as_json):
               "record": info.record, "autostart": info.autostart,
               "persistent": info.persistent, "overlay": info.row.facts.overlay,
               "seed": info.row.facts.seed, **info.measurements,
-              "builds": list(info.builds), "problems": list(info.problems)}
+              "builds": list(info.builds), "problems": list(info.problems),
+              "weakened": bool(info.problems), "disks": list(info.disks),
+              "interfaces": list(info.interfaces)}
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
-    from ..textsafe import safe
+    _show_text(record)
 
-    for key, value in record.items():
-        if isinstance(value, list):  # each item escaped: a ', ' inside one stays visible
-            value = ", ".join(safe(item) for item in value) or "-"
-        elif value is not None:
-            value = safe(value)
-        click.echo(f"{key + ':':<20}{'-' if value is None else value}")
+
+_RECORD_WORDS = {"recorded": "recorded by root at define", "adopted": "adopted by root"}
+
+
+def _show_text(r: dict) -> None:
+    """`show` as `virsh dominfo`, `domblklist --details` and `domiflist` put it, with what
+    makes it a TD; every value from libvirt is escaped (textsafe)."""
+    from ..textsafe import safe, table
+
+    def line(label: str, value) -> None:
+        click.echo(f"{label + ':':<16}{'-' if value in (None, '') else safe(value)}")
+
+    kind = r["type"] + (f", {r['dialect']} dialect" if r["dialect"] not in (None, "plain") else "")
+    if r["weakened"]:
+        kind += " (no longer the TD it was defined as: see Problems)"
+    line("Name", r["name"])
+    line("UUID", r["uuid"])
+    line("Title", r["title"])
+    up = f", up {_duration(r['uptime_s'])}" if r["uptime_s"] is not None else ""
+    line("State", r["state"] + up)
+    line("Type", kind)
+    line("Defined by", "tdxvirt" if r["managed_by_tdxvirt"] else "another tool")
+    line("Root's record", _RECORD_WORDS.get(r["record"], r["record"]))
+    line("CPU(s)", r["vcpus"])
+    line("Memory", f"{r['memory_mib']} MiB")
+    line("Persistent", "yes" if r["persistent"] else "no")
+    line("Autostart", "enable" if r["autostart"] else "disable")
+    line("GPUs", " ".join(r["gpus"]))
+    for key, label in (("mrtd", "MRTD"), ("rtmr1", "RTMR1"), ("rtmr2", "RTMR2")):
+        if r.get(key) or key == "mrtd":
+            line(label, r.get(key) and f"{r[key]} (predicted at define)")
+    if r["builds"]:
+        line("Built by", ", ".join(r["builds"]))
+    made = {r["overlay"]: "tdxvirt's overlay", r["seed"]: "cloud-init seed"}
+    rows = [[d["target"], d["device"], d["source"] or "-",
+             ", ".join(w for w in (d["format"], "read-only" if d["readonly"] else None,
+                                   made.get(d["source"])) if w) or "-"] for d in r["disks"]]
+    click.echo("Disks:" if rows else "Disks:          none")
+    if rows:
+        click.echo(_indented(table(rows, ["Target", "Device", "Source", "Notes"])))
+    nics = [[n["type"], n["source"] or "-", n["model"] or "-", n["mac"] or "-"]
+            for n in r["interfaces"]]
+    click.echo("NICs:" if nics else "NICs:           none")
+    if nics:
+        click.echo(_indented(table(nics, ["Type", "Source", "Model", "MAC"])))
+    if not r["problems"]:
+        line("Problems", "none")
+    else:
+        click.echo("Problems:")
+        for problem in r["problems"]:
+            click.echo(f"  - {safe(problem)}")
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + row for row in text.splitlines())
 
 
 @main.group()

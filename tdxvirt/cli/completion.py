@@ -19,7 +19,7 @@ def _session(ctx: click.Context):
 
 
 def td_names(ctx: click.Context, _param, incomplete: str):
-    """Names of the domains at the URI the command line names (as `tdxvirt list --all`)."""
+    """Names of the domains at the URI the command line names (as `tdxvirt list --foreign`)."""
     from click.shell_completion import CompletionItem
 
     try:

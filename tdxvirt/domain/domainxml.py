@@ -272,6 +272,35 @@ class DomainXML:
                 found.append((disk.get("device", "disk"), source.get("file")))
         return found
 
+    def disk_table(self) -> list[dict]:
+        """Each disk as `virsh domblklist --details` lists it: target, device, type and
+        source (a file, block device, volume or network name; '' for an empty drive)."""
+        found = []
+        for disk in self.devices("disk"):
+            source, target = disk.find("source"), disk.find("target")
+            where = "" if source is None else (
+                source.get("file") or source.get("dev") or source.get("volume")
+                or source.get("name") or "")
+            driver = disk.find("driver")
+            found.append({"target": "" if target is None else target.get("dev", ""),
+                          "device": disk.get("device", "disk"), "type": disk.get("type", ""),
+                          "source": where,
+                          "format": None if driver is None else driver.get("type"),
+                          "readonly": disk.find("readonly") is not None})
+        return found
+
+    def interface_table(self) -> list[dict]:
+        """Each NIC as `virsh domiflist` lists it: type, source, model, MAC."""
+        found = []
+        for interface in self.devices("interface"):
+            source, model, mac = (interface.find(tag) for tag in ("source", "model", "mac"))
+            where = "" if source is None else (
+                source.get("network") or source.get("bridge") or source.get("dev") or "")
+            found.append({"type": interface.get("type", ""), "source": where,
+                          "model": None if model is None else model.get("type"),
+                          "mac": None if mac is None else mac.get("address")})
+        return found
+
     def emulator(self) -> str:
         devices = self.top.get("devices")
         return "" if devices is None else (devices.findtext("emulator") or "").strip()

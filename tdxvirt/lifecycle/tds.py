@@ -68,6 +68,8 @@ class TDInfo:
     record: str = "none"  # root's record of it: recorded, adopted, none, or why it is not trusted
     title: str | None = None
     measurements: dict | None = None  # MRTD/RTMRs predicted at define: root's record's, else the metadata's
+    disks: tuple[dict, ...] = ()  # as `virsh domblklist --details` (DomainXML.disk_table)
+    interfaces: tuple[dict, ...] = ()  # as `virsh domiflist` (DomainXML.interface_table)
 
 
 def read_facts(xml: str, name: str | None = None) -> DomainFacts:
@@ -809,6 +811,7 @@ def show(conn, name) -> TDInfo:
     row = _row(domain, state, xml, time.time(), reason=reason, found=found, record=record)
     from .assemble import all_gpu_holders
 
+    parsed = DomainXML.of(xml)
     running = all_gpu_holders(conn, running_only=True) if row.facts.gpus else {}
     shared = [f"GPU {gpu} is also passed through by running domain(s) "
               f"{', '.join(repr(n) for n in others)}; only one domain can use it"
@@ -822,8 +825,10 @@ def show(conn, name) -> TDInfo:
         problems=tuple((found or td_problems(xml)) + shared),
         builds=_builds_used(xml, conn.getURI()),
         record=_record_state(record, conn),
-        title=DomainXML.of(xml).title,
+        title=parsed.title,
         measurements=_measurements(record, row.facts),
+        disks=tuple(parsed.disk_table()),
+        interfaces=tuple(parsed.interface_table()),
     )
 
 

@@ -46,7 +46,7 @@ def lookup(conn, name: str):
     if not found:
         raise NotFoundError(
             f"no domain named {name!r} (nor with that ID or UUID) at {conn.getURI()}; "
-            "`tdxvirt list --all` shows the TDs there"
+            "`tdxvirt list --foreign` shows the TDs there"
         )
     distinct: dict[str, tuple[str, object]] = {}
     for key, domain in found:
