@@ -211,3 +211,27 @@ def test_show_speaks_virshs_words_with_disks_and_nics(run, gpu_host, tmp_path):
         assert lines[-1].split() == ["Problems:", "none"]
     finally:
         run("undefine", name)
+
+
+_SIM_AS_NOBODY = """
+import os
+from click.testing import CliRunner
+from tdxvirt.cli import main
+import tdxvirt.cli.remedies, tdxvirt.gpu.privilege, tdxvirt.textsafe, tdxvirt.virt.conn
+# Python lives under /root here, which an ordinary user cannot read: import first.
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+result = CliRunner().invoke(main, ["--sim", "list"])
+print(result.exit_code)
+print(result.stderr.strip())
+"""
+
+
+def test_sim_as_another_user_says_it_needs_root():
+    """Not "not installed" (another user's state directory has no simulated host): the
+    simulated host is root's, and one line says so."""
+    done = subprocess.run([sys.executable, "-c", _SIM_AS_NOBODY], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    code, line = done.stdout.splitlines()
+    assert code == "1" and line.startswith("tdxvirt: error: --sim needs root"), line
+    assert "run it with sudo" in line

@@ -36,3 +36,38 @@ def test_readme_is_the_users_page_and_links_resolve():
     assert len(readme.encode()) < 10_000
     for target in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (REPO / target).exists(), target
+
+
+def test_man_pages_have_the_sections_users_look_for():
+    """NAME whole (not cut at 70 characters), EXIT STATUS, ENVIRONMENT, FILES, and a
+    SEE ALSO that leads from a group to each of its commands' pages."""
+    pages = {p.name: p.read_text() for p in (REPO / "docs/man").glob("*.1")}
+    for name, text in pages.items():
+        for section in ("NAME", "DESCRIPTION", "EXIT STATUS", "ENVIRONMENT", "FILES", "SEE ALSO"):
+            assert f".SH {section}\n" in text, (name, section)
+        title = text.split(".SH NAME\n", 1)[1].split("\n", 1)[0]
+        assert "..." not in title and not title.endswith("\\-"), (name, title)
+    see_also = pages["tdxvirt.1"].split(".SH SEE ALSO\n", 1)[1]
+    direct = {n[:-2] for n in pages if n.count("-") == 1}
+    assert all(f"{page}(1)" in see_also for page in direct), direct
+    assert "tdxvirt-gpu-detach(1)" in pages["tdxvirt-gpu.1"].split(".SH SEE ALSO\n", 1)[1]
+
+
+def test_man_page_examples_use_only_options_their_command_has():
+    import shlex
+
+    from tdxvirt.cli.manpage_sections import EXAMPLES
+    from tdxvirt.cli.reference import commands
+
+    found = {" ".join(path): command for path, command, _ in commands()}
+    everywhere = {o for p in found["tdxvirt"].params for o in p.opts}
+    for key, examples in EXAMPLES.items():
+        command = found[key]
+        known = everywhere | {o for p in command.params for o in getattr(p, "opts", [])}
+        for _, example in examples:
+            for line in example.split("&&"):
+                words = shlex.split(line)
+                assert " ".join(w for w in words if not w.startswith("-"))\
+                    .startswith(key.split()[0]), example
+                options = {w.split("=")[0] for w in words if w.startswith("--") and w != "--"}
+                assert options <= known | {"--help"}, (key, options - known)

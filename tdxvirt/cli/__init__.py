@@ -297,6 +297,16 @@ def main(ctx, uri, sim, host_root, fleet, host_timeout):
     from ..virt.conn import is_remote
     from . import remedies
 
+    if sim:
+        import os
+
+        from ..gpu.privilege import require_root
+
+        # the simulated host is root's: its daemon's read-write socket, its namespaces and
+        # its files live under root's state directory, which another user's tdxvirt
+        # would not even look in (it has a state directory of its own)
+        require_root("--sim", "the simulated TDX host, its libvirt daemon and its files "
+                     "are root's", euid=os.geteuid, dry_run_hint=False)
     connects = (uri,) if isinstance(uri, str) else tuple(uri or ())
     # a [hosts] name may name another host: its host-level remedies are left alone
     remote = any("://" not in c or is_remote(c) for c in connects)

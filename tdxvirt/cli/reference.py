@@ -48,16 +48,44 @@ def _roff(text: str) -> str:
     return "\n".join(lines)
 
 
+def _summary(command: click.Command) -> str:
+    """The first sentence of the help, whole (man's NAME line is never cut)."""
+    text = (command.help or command.short_help or "").strip().split("\n\n")[0]
+    first = " ".join(text.split()).split(". ")[0].rstrip(".")
+    return first.replace("\\", "\\e")
+
+
+def _items(pairs) -> list[str]:
+    lines = []
+    for term, meaning in pairs:
+        lines += [".TP", f"\\fB{_roff(term)}\\fR", _roff(meaning)]
+    return lines
+
+
 def man_pages(version: str) -> dict[str, str]:
+    from .manpage_sections import ENVIRONMENT, EXAMPLES, EXIT_STATUS, FILES
+
+    listed = list(commands())
     pages = {}
-    for path, command, text in commands():
+    for path, command, text in listed:
         name = "-".join(path)
-        summary = (command.get_short_help_str(limit=70) or "").replace("\\", "\\e")
+        key = " ".join(path)
+        examples = []
+        for what, example in EXAMPLES.get(key, ()):
+            examples += [".PP", _roff(what) + ":", ".RS", ".nf", _roff(example), ".fi", ".RE"]
+        below = [f"{'-'.join(p)}(1)" for p, _, _ in listed
+                 if len(p) == len(path) + 1 and p[:len(path)] == path]
+        above = [f"{'-'.join(path[:i])}(1)" for i in range(1, len(path))]
+        see_also = ", ".join([*below, *above, "virsh(1)", "virt-install(1)", "virt-xml(1)"])
         pages[f"{name}.1"] = "\n".join([
             f'.TH "{name.upper()}" 1 "" "tdxvirt {version}" "tdxvirt manual"',
-            ".SH NAME", f"{name} \\- {summary}",
+            ".SH NAME", f"{name} \\- {_summary(command)}",
             ".SH DESCRIPTION", ".nf", _roff(text.rstrip()), ".fi",
-            ".SH SEE ALSO", "tdxvirt(1), virsh(1)", ""])
+            *([".SH EXAMPLES", *examples] if examples else []),
+            ".SH EXIT STATUS", *_items(EXIT_STATUS),
+            ".SH ENVIRONMENT", *_items(ENVIRONMENT),
+            ".SH FILES", *_items(FILES),
+            ".SH SEE ALSO", see_also, ""])
     return pages
 
 
