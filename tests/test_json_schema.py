@@ -44,3 +44,16 @@ def test_documented_keys_are_printed(sim, qemu_conn):
         assert set(checked) == HOST and set(checked["checks"][0]) == CHECK
     finally:
         runner.invoke(main, ["--sim", "undefine", name])
+
+
+def test_sim_status_json_keys(sim):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([str(Path(sys.executable).parent / "tdxvirt"), "sim", "status", "--json"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    status = json.loads(done.stdout)
+    assert set(status) == {"installed", "daemon", "keeper_pid", "host_root", "devices",
+                           "qemu_uri", "test_uri", "daemon_root"}
+    assert status["qemu_uri"] == sim.qemu_uri and status["daemon"] is True

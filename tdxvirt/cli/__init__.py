@@ -1054,11 +1054,19 @@ def sim_guest_image(path, dry_run):
 
 
 @sim.command(name="status")
-def sim_status():
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def sim_status(as_json):
     """Show whether the simulated host is installed and running."""
     from ..sim import control, layout
 
     status = control.status()
+    if as_json:
+        click.echo(json.dumps({
+            "installed": status.installed, "daemon": status.daemon,
+            "keeper_pid": status.keeper_pid or None, "host_root": str(layout().chroot),
+            "devices": str(layout().devices), "qemu_uri": status.uri,
+            "test_uri": status.test_uri, "daemon_root": str(layout().chroot)}, indent=2))
+        return
     click.echo(f"installed:  {'yes' if status.installed else 'no (run scripts/setup)'}")
     click.echo(f"daemon:     {'running' if status.daemon else 'stopped'}")
     click.echo(f"keeper:     {status.keeper_pid or 'stopped'}")
