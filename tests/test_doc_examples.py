@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def _doc_commands():
                  for line in block.replace("\\\n", " ").splitlines()]
         lines += re.findall(r"`(tdxvirt [^`]+)`", text)
         for line in lines:
-            line = line.split(" #")[0]
+            line = line.split(" #")[0].split(" -- ")[0]  # after --: another program's words
             # a shell pipe or list ends a command; a '|' between options in [...] does not
             for part in re.split(r"&&|\|\||;|\$\(| \| (?=[a-z])", line):
                 if part.strip().startswith("tdxvirt "):
@@ -79,24 +80,35 @@ def test_the_readme_quick_start_runs_as_written_on_the_simulated_host(sim, qemu_
     here (host check before host setup, guest verify under TCG). cc_on: the GPU's CC
     mode the quick start sets is put back as it was afterwards."""
     name, directory = f"qs-{uuid.uuid4().hex[:6]}", f"/tmp/tdxvirt-qs-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    home = Path(tempfile.mkdtemp(prefix="tdxvirt-qs-home-"))  # the user's ~/.ssh, fresh
+    (home / ".ssh").mkdir(mode=0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                    str(home / ".ssh/id_ed25519")], check=True)
+    env = {**os.environ, "HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     commands_run = _quick_start()
     assert any("sim guest-image" in c for c in commands_run) and any(" start td1" in c for c in commands_run)
     allowed = {"host check": {0, 1}, "guest verify": {1}}
+    assignments = []  # `uri=$(...)`: a later line uses what an earlier one set
     try:
         for command in commands_run:
             command = re.sub(r"\btd1\b", name, command).replace("/tmp/td", directory)
-            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env,
-                                  timeout=600)
+            # ssh finds ~/.ssh through the password database, not $HOME: the test's key
+            # is named (the user's own ~/.ssh is never touched)
+            command = command.replace(" ssh ", f" ssh -i {home}/.ssh/id_ed25519 ")
+            done = subprocess.run(["bash", "-c", "\n".join([*assignments, command])],
+                                  capture_output=True, text=True, env=env, timeout=600)
             expected = next((codes for words, codes in allowed.items() if words in command), {0})
             assert done.returncode in expected, (command, done.returncode, done.stdout[-800:],
                                                  done.stderr[-800:])
-            if "domifaddr" in command:
-                assert "192.168.122." in done.stdout  # the guest took its address
+            if re.match(r"[a-z]+=", command):
+                assignments.append(command)
+            if " ssh " in command:  # logged in over the simulated host's network, with the key
+                assert done.stdout.startswith("Linux ") and "6." in done.stdout, done.stdout
     finally:
         tdxvirt = str(Path(sys.executable).parent / "tdxvirt")
         subprocess.run([tdxvirt, "--sim", "destroy", name], capture_output=True, env=env)
         subprocess.run([tdxvirt, "--sim", "undefine", name, "--remove-storage"],
                        capture_output=True, env=env)
-        subprocess.run(["rm", "-rf", directory])
+        subprocess.run(["rm", "-rf", directory, str(home)])
     assert name not in qemu_conn.listDefinedDomains()

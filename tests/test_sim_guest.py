@@ -31,15 +31,17 @@ def guest_image():
     directory = Path(tempfile.mkdtemp(prefix="tdxvirt-sim-guest-", dir="/tmp"))
     directory.chmod(0o755)
     image = directory / "guest.qcow2"
-    built = subprocess.run([TDXVIRT, "sim", "guest-image", str(image)], capture_output=True,
-                           text=True, timeout=600)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(directory / "key")],
+                   check=True)
+    built = subprocess.run([TDXVIRT, "sim", "guest-image", str(image), "--ssh-key",
+                            str(directory / "key.pub")], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr
     assert "Wrote" in built.stdout and image.is_file()
     again = subprocess.run([TDXVIRT, "sim", "guest-image", str(image)], capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 2 and "already exists" in again.stderr  # never overwritten
     image.chmod(0o644)
-    yield image
+    yield image, directory / "key"
     shutil.rmtree(directory)
 
 
@@ -50,7 +52,41 @@ def _addresses(uri: str, name: str, source: str) -> set[str]:
             if word.startswith("192.168.")}
 
 
+def _console(conn, name: str, typed: bytes, seconds: float = 5) -> str:
+    """What the serial console shows after ``typed`` (libvirt's console stream, as
+    `virsh console` and `tdxvirt console` use it)."""
+    import threading
+    import time
+
+    import libvirt
+
+    stream = conn.newStream(0)
+    conn.lookupByName(name).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+    seen = bytearray()
+
+    def read():
+        while True:
+            try:
+                data = stream.recv(4096)
+            except libvirt.libvirtError:  # aborted below, once enough was seen
+                return
+            if not isinstance(data, bytes) or not data:
+                return
+            seen.extend(data)
+
+    threading.Thread(target=read, daemon=True).start()
+    time.sleep(0.5)
+    stream.send(typed)
+    time.sleep(seconds)
+    try:
+        stream.abort()
+    except libvirt.libvirtError:
+        pass
+    return seen.decode(errors="replace")
+
+
 def test_a_td_boots_the_guest_disk_and_is_reached_then_stops(qemu_conn, guest_image):
+    guest_image, key = guest_image
     name = f"guest-{uuid.uuid4().hex[:8]}"
     base_digest = hashlib.sha256(guest_image.read_bytes()).hexdigest()
     defined = run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
@@ -81,6 +117,17 @@ def test_a_td_boots_the_guest_disk_and_is_reached_then_stops(qemu_conn, guest_im
         assert leased and leased == _addresses(uri, name, "agent")  # the guest has its lease
         assert all(ipaddress.ip_address(a) in ipaddress.ip_network("192.168.122.0/24")
                    for a in leased)
+
+        # root logs in: over ssh with the key the image was built with, from the
+        # simulated host's network (sim exec), and on the serial console
+        [address] = leased
+        login = subprocess.run(
+            [TDXVIRT, "sim", "exec", "--", "ssh", "-i", str(key), "-o", "BatchMode=yes",
+             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+             f"root@{address}", "cat", "/proc/cmdline"], capture_output=True, text=True, timeout=60)
+        assert login.returncode == 0 and "clearcpuid=mtrr" in login.stdout, login.stderr
+        # the shell evaluates what is typed: only it can print 42
+        assert "CONSOLE-42" in _console(qemu_conn, name, b"\necho CONSOLE-$((6*7))\n")
 
         stopped = run_sim("stop", name, "--timeout", "60")  # the guest obeys the request
         assert stopped.returncode == 0, stopped.stderr

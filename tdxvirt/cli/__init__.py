@@ -1025,15 +1025,21 @@ def sim_exec(command):
 
 @sim.command(name="guest-image")
 @click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--ssh-key", "ssh_keys", multiple=True, metavar="FILE",
+              help="Public key root logs in with over ssh (dropbear); repeatable.")
 @click.option("--dry-run", is_flag=True, help="Say what would be downloaded and written.")
-def sim_guest_image(path, dry_run):
+def sim_guest_image(path, ssh_keys, dry_run):
     """Build a small guest disk (qcow2) for TDs on the simulated host: Debian's signed shim,
-    GRUB and kernel, busybox, qemu-ga and DHCP, from Debian packages. Use it with
-    `define --image PATH --image-format qcow2`; `guest verify --wait` reaches it."""
+    GRUB and kernel, busybox, qemu-ga, DHCP and ssh, from Debian packages. Use it with
+    `define --image PATH --image-format qcow2`; `guest verify --wait` reaches it, root
+    logs in on its console (`tdxvirt console`) and with --ssh-key's key over ssh."""
     import os
 
     from ..errors import InputError
+    from ..guest.userdata import read_ssh_key_file
     from ..sim import guest
+
+    keys = tuple(key for file in ssh_keys for key in read_ssh_key_file(file))  # checked, bounded
 
     target = os.path.abspath(path)
     if os.path.lexists(target):
@@ -1048,7 +1054,7 @@ def sim_guest_image(path, dry_run):
         return
     from pathlib import Path
 
-    guest.build_guest_disk(Path(target))
+    guest.build_guest_disk(Path(target), keys)
     click.echo(f"Wrote {target}: Debian's shim, GRUB and kernel ({packages.rsplit(', ', 1)[1]}) "
                "with busybox, qemu-ga and DHCP")
 

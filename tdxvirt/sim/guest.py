@@ -12,8 +12,9 @@ button) powers it off.
 Everything comes out of Debian packages, downloaded with this machine's apt and unpacked
 with `dpkg-deb -x` (nothing is installed); the disk is a GPT image with one EFI system
 partition, written with sfdisk, mkfs.vfat and mtools (no loop device, no mount), then
-converted to qcow2. No ssh: busybox has no server, and the initramfs reads no
-cloud-init seed.
+converted to qcow2. Logging in: a root shell on the serial console (no password: a
+throwaway guest for the simulated host), and Debian's dropbear for ssh with the public
+keys the image is built with (the initramfs reads no cloud-init seed).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from ..errors import SimulatorError
 # A kernel with virtio's PCI transport and console built in (the agent's port is there
 # before any module loads): Debian 12's 6.12 LTS image, else the distribution's default.
 KERNELS = ("linux-image-6.12-amd64", "linux-image-amd64")
-PACKAGES = ("shim-signed", "grub-efi-amd64-signed", "busybox-static", "qemu-guest-agent")
+PACKAGES = ("shim-signed", "grub-efi-amd64-signed", "busybox-static", "qemu-guest-agent",
+            "dropbear-bin", "libtomcrypt1", "libtommath1")
 SHIM = "usr/lib/shim/shimx64.efi.signed"
 GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 APPLETS = ("sh", "mount", "mkdir", "cat", "ls", "sleep", "insmod", "ip", "udhcpc", "poweroff",
-           "acpid", "echo", "dmesg", "lsmod", "stat")
+           "acpid", "echo", "dmesg", "lsmod", "stat", "setsid", "cttyhack", "ps", "uname")
 # virtio-net and what it needs, in load order, and ACPI's power button (for acpid): the
 # kernel package's own signed modules
 MODULES = ("kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
@@ -48,7 +50,8 @@ export PATH=/bin:/sbin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mkdir -p /run /tmp /var/run
+mkdir -p /run /tmp /var/run /dev/pts
+mount -t devpts devpts /dev/pts
 echo "{BANNER}: booted $(cat /proc/version)" > /dev/console
 for module in /lib/modules/*.ko; do insmod "$module"; done
 acpid -c /etc/acpi
@@ -59,6 +62,10 @@ for nic in /sys/class/net/*; do
   ip link set "$name" up
   udhcpc -i "$name" -s /bin/dhcp-event -b -q > /dev/console 2>&1
 done
+# logging in: a root shell on the serial console (`tdxvirt console`), and ssh with the
+# key the image was built with (no passwords: a throwaway guest)
+(while true; do setsid cttyhack sh -l; done) &
+[ -s /root/.ssh/authorized_keys ] && dropbear -R -s -p 22
 tries=0
 while [ $tries -lt 600 ]; do
   for port in /sys/class/virtio-ports/*; do
@@ -162,12 +169,18 @@ def _libraries(binary: Path, extra: Path) -> list[Path]:
     return [Path(p) for p in re.findall(r"(?:=>\s*)?(/\S+)\s+\(0x", output)]
 
 
-def _initramfs(root: Path, scratch: Path) -> bytes:
+def _initramfs(root: Path, scratch: Path, ssh_keys: tuple[str, ...] = ()) -> bytes:
     [tree] = (root / "lib/modules").iterdir()
     entries = [(d, stat.S_IFDIR | 0o755, b"") for d in (
         "bin", "sbin", "dev", "proc", "sys", "run", "tmp", "var", "etc", "etc/acpi",
-        "etc/acpi/PWRF", "usr", "usr/sbin", "lib", "lib64", "lib/modules",
+        "etc/acpi/PWRF", "etc/dropbear", "usr", "usr/sbin", "lib", "lib64", "lib/modules",
         "lib/x86_64-linux-gnu", "usr/lib", "usr/lib/x86_64-linux-gnu")]
+    entries += [("root", stat.S_IFDIR | 0o700, b""), ("root/.ssh", stat.S_IFDIR | 0o700, b"")]
+    entries.append(("etc/passwd", stat.S_IFREG | 0o644, b"root:x:0:0:root:/root:/bin/sh\n"))
+    entries.append(("etc/group", stat.S_IFREG | 0o644, b"root:x:0:\n"))
+    if ssh_keys:
+        entries.append(("root/.ssh/authorized_keys", stat.S_IFREG | 0o600,
+                        "".join(key.strip() + "\n" for key in ssh_keys).encode()))
     entries.append(("init", stat.S_IFREG | 0o755, INIT.encode()))
     entries.append(("bin/dhcp-event", stat.S_IFREG | 0o755, DHCP_EVENT.encode()))
     entries.append(("sbin/shutdown", stat.S_IFREG | 0o755, POWER_OFF.encode()))
@@ -177,13 +190,16 @@ def _initramfs(root: Path, scratch: Path) -> bytes:
     # numbered so the shell's glob loads them in dependency order
     entries += [(f"lib/modules/{i}-{Path(m).name}", stat.S_IFREG | 0o644, _module(tree, m))
                 for i, m in enumerate(MODULES)]
-    agent = root / "usr/sbin/qemu-ga"
-    entries.append(("usr/sbin/qemu-ga", stat.S_IFREG | 0o755, agent.read_bytes()))
-    for library in _libraries(agent, root / "usr/lib/x86_64-linux-gnu"):
-        # a library unpacked here is named by its scratch path: put it where the loader looks
-        target = f"lib/x86_64-linux-gnu/{library.name}" if str(library).startswith(str(scratch)) \
-            else str(library).lstrip("/")
-        entries.append((target, stat.S_IFREG | 0o755, library.read_bytes()))
+    libraries: dict[str, Path] = {}
+    for program in ("usr/sbin/qemu-ga", "usr/sbin/dropbear"):
+        entries.append((program, stat.S_IFREG | 0o755, (root / program).read_bytes()))
+        for library in _libraries(root / program, root / "usr/lib/x86_64-linux-gnu"):
+            # a library unpacked here is named by its scratch path: put it where the loader looks
+            target = f"lib/x86_64-linux-gnu/{library.name}" if str(library).startswith(str(scratch)) \
+                else str(library).lstrip("/")
+            libraries[target] = library
+    entries += [(target, stat.S_IFREG | 0o755, library.read_bytes())
+                for target, library in sorted(libraries.items())]
     return newc(entries)
 
 
@@ -204,8 +220,9 @@ def _esp(root: Path, vmlinuz: Path, initrd: Path, path: Path) -> None:
         _run(["mcopy", *image, str(source), target], f"copying {target[3:]}", env=MTOOLS_ENV)
 
 
-def build_guest_disk(target: Path) -> Path:
-    """The guest's disk as a qcow2 image at ``target`` (replaced when it exists)."""
+def build_guest_disk(target: Path, ssh_keys: tuple[str, ...] = ()) -> Path:
+    """The guest's disk as a qcow2 image at ``target`` (replaced when it exists); root
+    logs in with ``ssh_keys`` (public keys' text) over ssh, and on the serial console."""
     for tool in TOOLS:
         if shutil.which(tool) is None:
             raise SimulatorError(f"{tool} is not installed (Debian: {TOOLS[tool]}); scripts/setup "
@@ -215,7 +232,7 @@ def build_guest_disk(target: Path) -> Path:
         root = _unpack((*PACKAGES, kernel_package()), scratch)
         [vmlinuz] = (root / "boot").glob("vmlinuz-*")
         initrd = scratch / "initrd.img"
-        initrd.write_bytes(_initramfs(root, scratch))
+        initrd.write_bytes(_initramfs(root, scratch, ssh_keys))
         esp = scratch / "esp.img"
         _esp(root, vmlinuz, initrd, esp)
         raw = scratch / "disk.raw"
