@@ -71,3 +71,15 @@ def test_man_page_examples_use_only_options_their_command_has():
                     .startswith(key.split()[0]), example
                 options = {w.split("=")[0] for w in words if w.startswith("--") and w != "--"}
                 assert options <= known | {"--help"}, (key, options - known)
+
+
+def test_in_page_links_of_the_docs_lead_to_a_heading():
+    """An index by task is only useful while its anchors exist (GitHub's heading slugs)."""
+    def slug(heading: str) -> str:
+        return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+    for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        text = page.read_text()
+        anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+        for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+            assert anchor in anchors, (page.name, anchor)

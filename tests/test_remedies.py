@@ -54,3 +54,19 @@ def test_a_fleet_and_builds_get_nothing_added():
     remedies.remember(True, (), None, False)
     assert remedies.targeted("another `tdxvirt build run` is using it") == \
         "another `tdxvirt build run` is using it"
+
+
+def test_a_virsh_remedy_asks_the_libvirt_the_command_asked(sim):
+    """virsh alone asks qemu:///system; a pasted `virsh ...` remedy must ask the host the
+    failing command asked (found with a TD's managed-save refusal on the simulated host)."""
+    import shlex
+
+    message = "remove it first (`virsh managedsave-remove td1`): a TD boots afresh"
+    remedies.remember(True, (), None, False)
+    assert f"`virsh -c {shlex.quote(sim.qemu_uri)} managedsave-remove td1`" in remedies.targeted(message)
+    remedies.remember(False, ("qemu+ssh://h/system",), None, True)
+    assert "`virsh -c qemu+ssh://h/system managedsave-remove td1`" in remedies.targeted(message)
+    done = remedies.targeted("`virsh -c qemu:///x start a`")
+    assert done == "`virsh -c qemu:///x start a`"  # a URI already there is left alone
+    remedies.remember(False, (), None, False)
+    assert remedies.targeted(message) == message  # the default host: virsh's own default
