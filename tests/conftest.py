@@ -211,4 +211,10 @@ def td(sim, qemu_conn):
     assert defined.returncode == 0, defined.stderr
     yield name
     run_sim("destroy", name)
+    try:  # a test that saved it (virt-manager's Save) leaves an image libvirt will not undefine
+        domain = qemu_conn.lookupByName(name)
+        if domain.hasManagedSaveImage(0):
+            domain.managedSaveRemove(0)
+    except libvirt.libvirtError:
+        pass
     assert run_sim("undefine", name).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -224,7 +225,9 @@ def test_a_managed_save_is_shown_refused_at_start_and_named_at_undefine(td, sim,
     assert saved.returncode == 0, saved.stderr
     assert " saved " in next(line for line in run("list").stdout.splitlines() if line.startswith(td))
     started = run("start", td)
-    assert started.returncode != 0 and f"`virsh managedsave-remove {td}`" in started.stderr
+    # pasteable: virsh asks the simulated host, as the failing start did (remedies.py)
+    assert started.returncode != 0 and f"`virsh -c {shlex.quote(sim.qemu_uri)} managedsave-remove {td}`" \
+        in started.stderr
     assert not qemu_conn.lookupByName(td).isActive()
     undefined = run("undefine", td)
     assert undefined.returncode != 0 and "managedsave-remove" in undefined.stderr
