@@ -196,3 +196,26 @@ def reference_check(basis) -> Check:
                      + "; ".join(basis.differences) + " (predictions are the record's)")
     return Check("references", PASS, "predicted from root's record of this TD; its live "
                  "definition names the same firmware, kernel, initrd and command line")
+
+
+def predictor(conn, facts, page_order: str = "single-pass", firmware: str | None = None):
+    """What `guest attest` predicts a TD's measurements from: root's record's definition
+    (``basis``), with files read on this host only when the URI is local and the record
+    names them (never a path a libvirt user pointed elsewhere)."""
+    from ..domain.measure import predict as measure
+    from ..errors import InputError
+    from ..virt.conn import qemu_version
+    from .checks import no_predictions, predictions_from
+
+    def predict(basis):
+        def local_file(path: str):
+            return None if facts.remote or not basis.trusted else str(facts.host.path(path))
+
+        try:
+            return predictions_from(measure(basis.xml, local_file, page_order, firmware_override=firmware,
+                                            unread_why=None if facts.remote or basis.trusted
+                                            else basis.source, qemu_version=qemu_version(conn)))
+        except InputError as error:
+            return no_predictions(str(error))
+
+    return predict

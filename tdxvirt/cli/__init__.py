@@ -55,7 +55,7 @@ class TdxvirtGroup(click.Group):
     LAZY = {"host": "tdxvirt.cli.host:host", "gpu": "tdxvirt.cli.gpu:gpu",
             "guest": "tdxvirt.cli.guest:guest", "build": "tdxvirt.cli.build:build",
             "measure": "tdxvirt.cli.measure:measure", "repair": "tdxvirt.cli.repair:repair",
-            "adopt": "tdxvirt.cli.repair:adopt"}
+            "adopt": "tdxvirt.cli.repair:adopt", "selftest": "tdxvirt.cli.selftest:selftest"}
 
     def list_commands(self, ctx):
         return sorted({*super().list_commands(ctx), *self.LAZY})

@@ -141,10 +141,8 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
     quote's signature verified; else 1.
     """
     from ..attest import AttestationFailedError
-    from ..attest.checks import no_predictions, predictions_from
     from ..attest.dcap import load_collateral
-    from ..attest.report import CollateralSource, attest_domain
-    from ..errors import InputError
+    from ..attest.report import CollateralSource, attest_domain, predictor
 
     # Inputs are read before the guest is asked anything: a bad file changes nothing.
     source = CollateralSource(collateral=load_collateral(collateral) if collateral else None,
@@ -155,24 +153,8 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
         source = CollateralSource(pccs_url=load_config().pccs_url)
     conn = session.conn()
     facts = session.facts(conn)
-
-    def predict(basis):
-        from ..domain.measure import predict as measure
-        from ..virt.conn import qemu_version
-
-        def local_file(path: str):
-            # A host fact: below the host root, never read for a remote URI, and only
-            # when root's record names it (never a path a libvirt user pointed elsewhere)
-            return None if facts.remote or not basis.trusted else str(facts.host.path(path))
-
-        try:
-            return predictions_from(measure(basis.xml, local_file, page_order, firmware_override=firmware,
-                                            unread_why=None if facts.remote or basis.trusted
-                                            else basis.source, qemu_version=qemu_version(conn)))
-        except InputError as error:
-            return no_predictions(str(error))
-
-    report = attest_domain(conn, name, nonce, predict, source, timeout)
+    report = attest_domain(conn, name, nonce, predictor(conn, facts, page_order, firmware), source,
+                           timeout)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -66,6 +66,11 @@ EXAMPLES = {
                               "tdxvirt guest attest td1 --collateral collateral.json")],
     "tdxvirt sim guest-image": [("A guest disk to boot on the simulated host",
                                  "tdxvirt sim guest-image /tmp/td/base.qcow2")],
+    "tdxvirt selftest": [("Prove this host end to end and keep a report for a bug",
+                          "tdxvirt selftest --gpu 38:00.0 --image /var/lib/libvirt/images/guest.qcow2 "
+                          "--report selftest.md"),
+                         ("The same on the simulated host (its own guest is built for the run)",
+                          "tdxvirt --sim selftest")],
     "tdxvirt sim exec": [("ssh to a TD on the simulated host's network",
                           "tdxvirt sim exec -- ssh debian@192.168.122.10")],
 }

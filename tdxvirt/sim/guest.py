@@ -38,7 +38,7 @@ PACKAGES = ("shim-signed", "grub-efi-amd64-signed", "busybox-static", "qemu-gues
 SHIM = "usr/lib/shim/shimx64.efi.signed"
 GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 APPLETS = ("sh", "mount", "mkdir", "cat", "ls", "sleep", "insmod", "ip", "udhcpc", "poweroff",
-           "acpid", "echo", "dmesg", "lsmod", "stat", "setsid", "cttyhack", "ps", "uname")
+           "acpid", "echo", "dmesg", "lsmod", "stat", "setsid", "cttyhack", "ps", "uname", "reboot")
 # virtio-net and what it needs, in load order, and ACPI's power button (for acpid): the
 # kernel package's own signed modules
 MODULES = ("kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
@@ -54,7 +54,7 @@ mkdir -p /run /tmp /var/run /dev/pts
 mount -t devpts devpts /dev/pts
 echo "{BANNER}: booted $(cat /proc/version)" > /dev/console
 for module in /lib/modules/*.ko; do insmod "$module"; done
-acpid -c /etc/acpi
+acpid -d -c /etc/acpi > /dev/console 2>&1 &  # in the foreground: the daemon mode wants a log directory
 ip link set lo up
 for nic in /sys/class/net/*; do
   name=${{nic##*/}}
@@ -89,8 +89,15 @@ case "$1" in
     echo "{BANNER}: $interface has $ip" > /dev/console ;;
 esac
 """
-# qemu-ga's guest-shutdown runs /sbin/shutdown; ACPI's power button runs acpid's script
+# ACPI's power button runs acpid's script; qemu-ga's guest-shutdown runs /sbin/shutdown,
+# with -r to reboot (libvirt restarts a TD's QEMU either way: a TD cannot reset)
 POWER_OFF = "#!/bin/sh\necho 'tdxvirt-sim-guest: powering off' > /dev/console\npoweroff -f\n"
+SHUTDOWN = """#!/bin/sh
+case " $* " in
+  *" -r "*) echo 'tdxvirt-sim-guest: rebooting' > /dev/console; reboot -f ;;
+  *) echo 'tdxvirt-sim-guest: powering off' > /dev/console; poweroff -f ;;
+esac
+"""
 GRUB_CFG = """set timeout=0
 linux /vmlinuz console=ttyS0 rdinit=/init panic=-1 clearcpuid=mtrr
 initrd /initrd.img
@@ -183,7 +190,7 @@ def _initramfs(root: Path, scratch: Path, ssh_keys: tuple[str, ...] = ()) -> byt
                         "".join(key.strip() + "\n" for key in ssh_keys).encode()))
     entries.append(("init", stat.S_IFREG | 0o755, INIT.encode()))
     entries.append(("bin/dhcp-event", stat.S_IFREG | 0o755, DHCP_EVENT.encode()))
-    entries.append(("sbin/shutdown", stat.S_IFREG | 0o755, POWER_OFF.encode()))
+    entries.append(("sbin/shutdown", stat.S_IFREG | 0o755, SHUTDOWN.encode()))
     entries.append(("etc/acpi/PWRF/00000080", stat.S_IFREG | 0o755, POWER_OFF.encode()))
     entries.append(("bin/busybox", stat.S_IFREG | 0o755, (root / "bin/busybox").read_bytes()))
     entries += [(f"bin/{applet}", stat.S_IFLNK | 0o777, b"busybox") for applet in APPLETS]

@@ -1,0 +1,435 @@
+"""`tdxvirt selftest`: one command that proves a host end to end, and a report to share.
+
+Every step from "the host is configured" to "a GPU TD attested" runs on the host the URI
+names, each ending as a named pass / fail / skip with the reason, in the order a person
+would debug them; a step whose precondition failed is skipped naming that step. A
+throw-away TD (``selftest-<hex>``) is defined, started, reached through its guest agent,
+verified, attested, rebooted, stopped and undefined with the storage it created, and
+removed whatever happens (unless ``keep``).
+
+On the emulated TDX host (the simulated host) the same code runs: QEMU runs without
+``tdx-guest`` and without the GPU there, so the steps that need real TDX or the GPU in
+the guest are skipped by name, and the rest really runs, with the simulated host's own
+guest disk (tdxvirt.sim.guest) when no image is given.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from ..errors import TdxvirtError
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+EMULATED = "the emulated host runs QEMU without tdx-guest"
+NO_GPU_IN_GUEST = "the emulated host runs QEMU without the GPU (no VFIO under emulation)"
+# what verify reports, by the step that owns it
+TDX_CHECKS = ("TDX guest device", "TDX memory encryption")
+GPU_CHECKS = ("SPDM crypto", "NVIDIA driver loaded", "GPU CC mode", "GPU CC ready state")
+LOG_LINES = 20  # of QEMU's log, in the report of a failed step
+VIR_DOMAIN_REBOOT_ACPI_POWER_BTN = 1
+LOG_LIMIT = 256 * 1024  # bytes of QEMU's log read at most (it is the host's file, but bounded)
+
+
+@dataclass
+class Step:
+    name: str
+    status: str
+    detail: str
+    seconds: float = 0.0
+    remedy: str = ""
+
+
+@dataclass
+class Options:
+    gpu: str | None = None  # a BDF; None: the first free GPU
+    no_gpu: bool = False
+    image: str | None = None
+    image_format: str = "qcow2"
+    boot_timeout: float = 300.0
+    keep: bool = False
+    collateral: str | None = None
+    pccs_url: str | None = None
+    emulated: bool = False
+
+
+@dataclass
+class Report:
+    uri: str
+    name: str
+    host: dict = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    domain_xml: str | None = None
+    qemu_log: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(step.status == FAIL for step in self.steps)
+
+    @property
+    def first_failure(self) -> Step | None:
+        return next((step for step in self.steps if step.status == FAIL), None)
+
+    def as_dict(self) -> dict:
+        return {"uri": self.uri, "td": self.name, "ok": self.ok, "host": self.host,
+                "steps": [asdict(step) for step in self.steps], "domain_xml": self.domain_xml,
+                "qemu_log": self.qemu_log}
+
+
+class SelfTest:
+    """The steps, run in order by ``run``; ``progress`` is told each finished step."""
+
+    def __init__(self, conn, facts, options: Options, progress: Callable[[Step], None] = lambda s: None):
+        self.conn = conn
+        self.facts = facts
+        self.options = options
+        self.progress = progress
+        self.name = f"selftest-{uuid.uuid4().hex[:8]}"
+        self.report = Report(uri=conn.getURI(), name=self.name)
+        self.defined = False
+        self.gpu: str | None = None
+        self._answered = False  # the guest agent answered once
+
+    # --- bookkeeping --------------------------------------------------------------
+    def _step(self, name: str, action: Callable[[], tuple[str, str] | tuple[str, str, str]]) -> Step:
+        started = time.monotonic()
+        try:
+            status, detail, *remedy = action()
+        except TdxvirtError as error:
+            status, detail, remedy = FAIL, str(error), []
+        step = Step(name, status, detail, round(time.monotonic() - started, 2),
+                    remedy[0] if remedy else "")
+        self.report.steps.append(step)
+        self.progress(step)
+        return step
+
+    def _skip(self, name: str, why: str) -> Step:
+        return self._step(name, lambda: (SKIP, why))
+
+    # --- the run ------------------------------------------------------------------
+    def run(self) -> Report:
+        self.report.host = self._host_facts()
+        self._step("host check", self._host_check)
+        gpu = self._step("GPU", self._pick_gpu)
+        if gpu.status == FAIL:
+            return self._finish(after="GPU")
+        image = self._image()
+        try:
+            if self._step("define", lambda: self._define(image)).status == FAIL:
+                return self._finish(after="define")
+            self._step("root's record", self._record)
+            if self._step("start", self._start).status == FAIL:
+                return self._finish(after="start")
+            self.report.domain_xml = self.conn.lookupByName(self.name).XMLDesc(0)
+            if image is None:
+                for name in ("guest agent", "TDX inside the guest", "GPU in the guest",
+                             "attestation", "MMIO window", "reboot"):
+                    self._skip(name, "no --image: the TD boots no guest to reach (give a guest "
+                                     "image with qemu-guest-agent)")
+            else:
+                self._guest_steps()
+            if image is not None and self._answered:
+                self._step("stop", self._stop)
+            else:  # a firmware with no OS, or a guest that never answered, ignores ACPI
+                self._skip("stop", "no guest answered to be asked; the TD is destroyed at undefine")
+        finally:
+            self._cleanup(image)
+        return self._finish()
+
+    def _finish(self, after: str | None = None) -> Report:
+        if after is not None:
+            self._cleanup(None)
+        if not self.report.ok:
+            self.report.qemu_log = self._qemu_log()
+        return self.report
+
+    def _guest_steps(self) -> None:
+        agent = self._step("guest agent", self._wait_for_agent)
+        self._answered = agent.status == PASS
+        if agent.status != PASS:
+            for name in ("TDX inside the guest", "GPU in the guest", "attestation", "MMIO window",
+                         "reboot"):
+                self._skip(name, "the guest agent did not answer")
+            return
+        report = self._verify()
+        self._step("TDX inside the guest", lambda: self._checks(report, TDX_CHECKS, EMULATED))
+        if self.options.no_gpu or self.gpu is None:
+            self._skip("GPU in the guest", "--no-gpu")
+        else:
+            self._step("GPU in the guest", lambda: self._checks(report, GPU_CHECKS, NO_GPU_IN_GUEST))
+        self._step("attestation", self._attest)
+        self._step("MMIO window", self._mmio_window)
+        self._step("reboot", self._reboot)
+
+    # --- steps ----------------------------------------------------------------------
+    def _host_facts(self) -> dict:
+        facts = {"uri": self.report.uri, "emulated": self.options.emulated}
+        try:
+            facts["libvirt"] = _dotted(self.conn.getLibVersion())
+            version = self.conn.getVersion()
+            facts["qemu"] = _dotted(version) if version else None
+            facts["hostname"] = self.conn.getHostname()
+        except Exception:  # noqa: BLE001  (a fact the report does without)
+            pass
+        if not self.facts.remote:
+            try:
+                facts["kernel"] = self.facts.host.read_text("/proc/version").strip()[:300]
+            except OSError:
+                facts["kernel"] = None
+        return facts
+
+    def _host_check(self):
+        from ..doctor import Context, run_checks
+        from ..doctor.check import FAIL as CHECK_FAIL
+        from ..host.commands import host_runner
+
+        root = self.facts.host if not self.facts.remote else None
+        from ..host import HostRoot
+
+        root = root or HostRoot("/")
+        checks = run_checks(Context(root, uri=self.report.uri, connect=lambda: self.conn,
+                                    runner=host_runner(root)))
+        failed = [c for c in checks if c.status == CHECK_FAIL]
+        counts = ", ".join(f"{sum(c.status == s for c in checks)} {s}" for s in ("ok", "warn", "skip"))
+        if failed:
+            first = failed[0]
+            return (FAIL, f"{len(failed)} failed: " + "; ".join(f"{c.name}: {c.found}" for c in failed),
+                    first.remedy or "`tdxvirt host check` names each remedy")
+        return PASS, f"nothing fails ({counts})"
+
+    def _pick_gpu(self):
+        if self.options.no_gpu:
+            return SKIP, "--no-gpu: the TD gets no GPU"
+        from ..host.nvidia import is_nvswitch
+        from ..pci import PciAddress
+        from .assemble import all_gpu_holders
+
+        if self.options.gpu:
+            device = self.facts.device(PciAddress.parse(self.options.gpu))
+            self.gpu = str(device.address)
+            return PASS, f"{self.gpu} (given)"
+        running = all_gpu_holders(self.conn, running_only=True)
+        for device in self.facts.nvidia_devices():
+            address = str(device.address)
+            if not is_nvswitch(device) and address not in running:
+                self.gpu = address
+                return PASS, f"{address}: the first NVIDIA GPU no running domain holds"
+        return (FAIL, f"no NVIDIA GPU on {self.facts.where} is free (none, or each held by a "
+                      "running domain)", "`tdxvirt gpu list` shows them; or --no-gpu")
+
+    def _image(self) -> str | None:
+        """--image, else on the emulated host the simulated host's guest disk, built here."""
+        if self.options.image or not self.options.emulated:
+            return self.options.image
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from ..sim.guest import build_guest_disk
+
+        directory = tempfile.mkdtemp(prefix="tdxvirt-selftest-", dir="/tmp")  # shared with it
+        os.chmod(directory, 0o755)  # QEMU's user opens the base image
+        self._built = Path(directory)
+        image = build_guest_disk(self._built / "guest.qcow2")
+        os.chmod(image, 0o644)
+        return str(image)
+
+    def _define(self, image):
+        from ..domain.spec import TDSpec
+        from . import tds
+
+        spec = TDSpec.from_user(name=self.name, gpus=[self.gpu] if self.gpu else [],
+                                memory="2G", vcpus=2, allow_shared=True, network="auto",
+                                image=image, image_format=self.options.image_format if image else None,
+                                remote=self.facts.remote)
+        td = tds.define_td(self.conn, self.facts, spec)
+        self.defined = True
+        plan = td.plan
+        return PASS, (f"{plan.name}: {plan.dialect} dialect, {plan.vcpus} vCPUs, "
+                      f"{plan.memory_kib // 1024} MiB, firmware {plan.loader or 'chosen by libvirt'}, "
+                      f"MMIO window {plan.mmio_mb} MiB")
+
+    def _record(self):
+        if self.facts.remote:
+            return SKIP, "a remote host's TDs are recorded by a tdxvirt running there (`tdxvirt adopt`)"
+        from . import tds
+
+        info = tds.show(self.conn, self.name)
+        if info.record in ("recorded", "adopted"):
+            return PASS, f"root's record of {self.name} is there; libvirt's hook checks every start against it"
+        return FAIL, f"no trusted record: {info.record}", "`tdxvirt host check` (state directory, hook)"
+
+    def _start(self):
+        from . import tds
+
+        tds.start(self.conn, self.facts, self.name, read_modes=self.facts.mode_reader())
+        return PASS, "preflight, integrity check and libvirt's hook passed; QEMU runs"
+
+    def _wait_for_agent(self):
+        from ..guest.verify import agent_channel_state
+
+        deadline = time.monotonic() + self.options.boot_timeout
+        domain = self.conn.lookupByName(self.name)
+        while time.monotonic() < deadline:
+            if not domain.isActive():
+                return FAIL, "the TD stopped while booting", "`tdxvirt console` shows why (or QEMU's log)"
+            if agent_channel_state(domain.XMLDesc(0)) == "connected":
+                return PASS, "qemu-ga connected"
+            time.sleep(0.5)
+        return (FAIL, f"no guest agent within {self.options.boot_timeout:.0f} s",
+                "the guest needs qemu-guest-agent running; `tdxvirt console` shows how far it booted")
+
+    def _verify(self):
+        from ..guest.verify import verify_domain
+
+        try:
+            return verify_domain(self.conn, self.name, timeout=30)
+        except TdxvirtError as error:
+            return error
+
+    def _checks(self, report, names: tuple[str, ...], emulated_why: str):
+        if self.options.emulated:
+            return SKIP, f"skipped: {emulated_why}"
+        if isinstance(report, TdxvirtError):
+            return FAIL, str(report)
+        checks = [c for c in report.checks if c.name in names]
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            return FAIL, "; ".join(f"{c.name}: {c.detail}" for c in failed), failed[0].fix or ""
+        return PASS, "; ".join(f"{c.name}: {c.detail}" for c in checks)
+
+    def _attest(self):
+        if self.options.emulated:
+            return SKIP, f"skipped: {EMULATED} (no TD quote)"
+        if not (self.options.collateral or self.options.pccs_url):
+            return SKIP, "no collateral: give --collateral FILE or --pccs-url URL"
+        import os
+
+        from ..attest.dcap import load_collateral
+        from ..attest.report import CollateralSource, attest_domain, predictor
+
+        source = CollateralSource(
+            collateral=load_collateral(self.options.collateral) if self.options.collateral else None,
+            pccs_url=self.options.pccs_url)
+        report = attest_domain(self.conn, self.name, os.urandom(32), predictor(self.conn, self.facts),
+                               source, 60)
+        if report.ok:
+            return PASS, "the TD quote verifies and binds the recorded measurements"
+        first = report.failed[0] if report.failed else None
+        why = f"{first.name}: {first.detail}" if first else "the quote's signature or firmware was not checked"
+        return FAIL, why, "`tdxvirt guest attest` shows every check"
+
+    def _mmio_window(self):
+        if self.options.emulated:
+            return SKIP, f"skipped: {NO_GPU_IN_GUEST}"
+        if self.gpu is None:
+            return SKIP, "--no-gpu"
+        from ..guest.verify import GuestExec, LibvirtAgentChannel
+
+        guest = GuestExec(LibvirtAgentChannel(self.conn.lookupByName(self.name), uri=self.report.uri),
+                          timeout=30, name=f"TD {self.name!r}")
+        listed = guest.run(["sh", "-c", "grep -l 0x10de /sys/bus/pci/devices/*/vendor"])
+        devices = [line.rsplit("/", 1)[0] for line in listed.stdout.split() if line.endswith("/vendor")]
+        if not devices:
+            return FAIL, "the guest sees no NVIDIA device", "check the hostdev and the guest kernel"
+        unassigned = []
+        for device in devices:
+            resources = guest.run(["cat", f"{device}/resource"]).stdout.splitlines()
+            for bar, line in enumerate(resources[:6]):
+                start, end, _ = (int(v, 16) for v in line.split()[:3])
+                if end > start and start == 0:
+                    unassigned.append(f"{device.rsplit('/', 1)[1]} BAR{bar}")
+        if unassigned:
+            return (FAIL, f"the firmware placed no address for {', '.join(unassigned)}",
+                    "the 64-bit MMIO window is too small: redefine with a larger --mmio-window")
+        return PASS, f"every BAR of {len(devices)} NVIDIA device(s) has an address in the guest"
+
+    def _reboot(self):
+        from ..virt.conn import libvirt_error_type, translate
+
+        domain = self.conn.lookupByName(self.name)
+        before = domain.ID()
+        try:
+            # ACPI's button, not the agent: libvirt then restarts the QEMU of a TD (which
+            # cannot reset) as `tdxvirt reboot` and virsh's default do for a guest
+            # without an agent; the agent's reboot would leave the emulated host's QEMU
+            # (no tdx-guest) resetting in place, unlike a real TD's
+            domain.reboot(VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+        except libvirt_error_type() as error:
+            raise translate(error, f"cannot reboot {self.name!r}") from None
+        deadline = time.monotonic() + self.options.boot_timeout
+        while time.monotonic() < deadline:  # a TD cannot reset: libvirt starts a new QEMU
+            domain = self.conn.lookupByName(self.name)
+            if domain.isActive() and domain.ID() != before:
+                step = self._wait_for_agent()
+                if step[0] == PASS:
+                    return PASS, "a new QEMU started and the guest agent answered again"
+                return step
+            time.sleep(0.5)
+        return FAIL, f"no new QEMU within {self.options.boot_timeout:.0f} s of the reboot"
+
+    def _stop(self):
+        from . import tds
+
+        if tds.stop(self.conn, self.name, timeout=60):
+            return PASS, "the guest powered off when asked"
+        tds.destroy(self.conn, self.name)
+        return FAIL, "the guest did not power off within 60 s (destroyed)", \
+            "ACPI or the guest agent's shutdown must reach the guest"
+
+    def _cleanup(self, image) -> None:
+        if self.defined and not self.options.keep:
+            from . import tds
+
+            def undefine():
+                try:
+                    tds.destroy(self.conn, self.name)
+                except TdxvirtError:
+                    pass
+                removed = tds.undefine(self.conn, self.name, remove_storage=True)
+                return PASS, f"undefined{', removed ' + ', '.join(removed) if removed else ''}"
+
+            self._step("undefine", undefine)
+            self.defined = False
+        built = getattr(self, "_built", None)
+        if built is not None:
+            import shutil
+
+            shutil.rmtree(built, ignore_errors=True)
+            self._built = None
+
+    def _qemu_log(self) -> list[str]:
+        """The last lines of QEMU's log on this host (libvirt writes it there)."""
+        if self.facts.remote:
+            return []
+        from ..userfile import read_user_file
+
+        try:
+            data = read_user_file(self.facts.host.path(f"/var/log/libvirt/qemu/{self.name}.log"),
+                                  "QEMU's log", limit=LOG_LIMIT)
+        except TdxvirtError:  # absent, or larger than the bound: the report does without
+            return []
+        return data.decode(errors="replace").splitlines()[-LOG_LINES:]
+
+
+def _dotted(number: int) -> str:
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def markdown(report: Report) -> str:
+    """The report a user attaches to a bug: facts, every step, the XML and QEMU's log."""
+    lines = [f"# tdxvirt selftest of {report.uri}", "",
+             f"Result: {'this host runs GPU TDs' if report.ok else 'FAILED at ' + report.first_failure.name}",
+             "", "## Host", ""]
+    lines += [f"- {key}: {value}" for key, value in report.host.items()]
+    lines += ["", "## Steps", "", "| step | result | seconds | detail | remedy |", "| --- | --- | --- | --- | --- |"]
+    for step in report.steps:
+        cells = [step.name, step.status, f"{step.seconds:.1f}", step.detail, step.remedy]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if report.domain_xml:
+        lines += ["", "## Domain XML (live)", "", "```xml", report.domain_xml.rstrip(), "```"]
+    if report.qemu_log:
+        lines += ["", "## QEMU's log (last lines)", "", "```text", *report.qemu_log, "```"]
+    return "\n".join(lines) + "\n"

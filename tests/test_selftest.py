@@ -1,0 +1,72 @@
+"""`tdxvirt selftest` where a step fails (issue 29): the failed step names the cause, the
+steps that needed it are skipped naming it, and the throw-away TD and its files are gone
+afterwards. (The passing run, after `host setup`, is in tests/test_zz_one_host.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+from conftest import TDXVIRT
+
+
+def _selftest(*args, timeout=600) -> tuple[int, dict]:
+    done = subprocess.run([TDXVIRT, "--sim", "selftest", "--json", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    return done.returncode, json.loads(done.stdout)
+
+
+def _steps(report: dict) -> dict[str, dict]:
+    return {step["name"]: step for step in report["steps"]}
+
+
+def _nothing_left(qemu_conn, report: dict) -> None:
+    assert report["td"] not in qemu_conn.listDefinedDomains()
+    assert not list(Path("/var/lib/tdxvirt/images").glob(f"{report['td']}*"))
+    assert not list(Path("/tmp").glob("tdxvirt-selftest-*"))  # the guest disk built for the run
+
+
+def test_a_guest_that_never_answers_fails_at_the_agent_and_leaves_nothing(qemu_conn, cc_on):
+    directory = Path(tempfile.mkdtemp(prefix="tdxvirt-noboot-", dir="/tmp"))
+    directory.chmod(0o755)
+    blank = directory / "blank.qcow2"  # boots nothing: the firmware finds no OS
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
+    blank.chmod(0o644)
+    try:
+        code, report = _selftest("--image", str(blank), "--boot-timeout", "15")
+    finally:
+        subprocess.run(["rm", "-rf", str(directory)])
+    steps = _steps(report)
+    assert code == 1 and report["ok"] is False
+    assert steps["start"]["status"] == "pass"
+    assert steps["guest agent"]["status"] == "fail"
+    assert "no guest agent within 15 s" in steps["guest agent"]["detail"]
+    assert "qemu-guest-agent" in steps["guest agent"]["remedy"]
+    for name in ("TDX inside the guest", "attestation", "MMIO window", "reboot"):
+        assert steps[name]["status"] == "skip" and "did not answer" in steps[name]["detail"]
+    assert steps["undefine"]["status"] == "pass"
+    _nothing_left(qemu_conn, report)
+
+
+def test_cc_mode_off_fails_the_start_naming_the_mode_and_leaves_nothing(qemu_conn, cc_off):
+    code, report = _selftest("--boot-timeout", "30")
+    steps = _steps(report)
+    assert code == 1
+    assert steps["define"]["status"] == "pass" and steps["root's record"]["status"] == "pass"
+    assert steps["start"]["status"] == "fail" and "CC mode off" in steps["start"]["detail"]
+    assert "guest agent" not in steps  # nothing after a failed start but the clean-up
+    assert steps["undefine"]["status"] == "pass"
+    _nothing_left(qemu_conn, report)
+
+
+def test_bad_options_are_one_line_and_define_nothing(qemu_conn):
+    before = set(qemu_conn.listDefinedDomains())
+    for args, says in ((["--gpu", "38:00.0", "--no-gpu"], "give one of them"),
+                       (["--image", "/nonexistent.qcow2"], "no such file"),
+                       (["--gpu", "zz:00.0"], "zz:00.0")):
+        done = subprocess.run([TDXVIRT, "--sim", "selftest", *args], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+    assert set(qemu_conn.listDefinedDomains()) == before
