@@ -42,7 +42,8 @@ def _selftest_passes(sim, tmp_path) -> None:
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr)
     report = json.loads(done.stdout)
-    assert set(report) == {"uri", "td", "ok", "host", "steps", "domain_xml", "qemu_log"}
+    assert set(report) == {"uri", "td", "ok", "host", "steps", "domain_xml", "qemu_command", "qemu_log"}
+    assert "tdx-guest" in report["qemu_command"] and "vfio-pci" in report["qemu_command"]
     statuses = {s["name"]: s["status"] for s in report["steps"]}
     skipped = {"TDX inside the guest", "GPU in the guest", "attestation", "MMIO window"}
     assert statuses == {**{n: "pass" for n in ("host check", "GPU", "define", "root's record",

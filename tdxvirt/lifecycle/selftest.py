@@ -62,6 +62,7 @@ class Report:
     host: dict = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     domain_xml: str | None = None
+    qemu_command: str | None = None  # as libvirt logged it on the host (local hosts)
     qemu_log: list[str] = field(default_factory=list)
 
     @property
@@ -75,7 +76,7 @@ class Report:
     def as_dict(self) -> dict:
         return {"uri": self.uri, "td": self.name, "ok": self.ok, "host": self.host,
                 "steps": [asdict(step) for step in self.steps], "domain_xml": self.domain_xml,
-                "qemu_log": self.qemu_log}
+                "qemu_command": self.qemu_command, "qemu_log": self.qemu_log}
 
 
 class SelfTest:
@@ -141,8 +142,10 @@ class SelfTest:
     def _finish(self, after: str | None = None) -> Report:
         if after is not None:
             self._cleanup(None)
+        log = self._qemu_log()
+        self.report.qemu_command = last_command_line(log)
         if not self.report.ok:
-            self.report.qemu_log = self._qemu_log()
+            self.report.qemu_log = log[-LOG_LINES:]
         return self.report
 
     def _guest_steps(self) -> None:
@@ -411,7 +414,22 @@ class SelfTest:
                                   "QEMU's log", limit=LOG_LIMIT)
         except TdxvirtError:  # absent, or larger than the bound: the report does without
             return []
-        return data.decode(errors="replace").splitlines()[-LOG_LINES:]
+        return data.decode(errors="replace").splitlines()
+
+
+def last_command_line(log: list[str]) -> str | None:
+    """The last QEMU command line libvirt logged: it writes one as it starts each QEMU,
+    its environment first (``LC_ALL=C \\``), one word group per line ending in `` \\``."""
+    found = None
+    for index, line in enumerate(log):
+        if line.startswith("LC_ALL="):
+            words = []
+            for part in log[index:]:
+                words.append(part.removesuffix(" \\"))
+                if not part.endswith(" \\"):
+                    break
+            found = " ".join(words)
+    return found
 
 
 def _dotted(number: int) -> str:
@@ -430,6 +448,9 @@ def markdown(report: Report) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     if report.domain_xml:
         lines += ["", "## Domain XML (live)", "", "```xml", report.domain_xml.rstrip(), "```"]
+    if report.qemu_command:
+        lines += ["", "## QEMU's command line (as libvirt logged it)", "", "```text",
+                  report.qemu_command, "```"]
     if report.qemu_log:
         lines += ["", "## QEMU's log (last lines)", "", "```text", *report.qemu_log, "```"]
     return "\n".join(lines) + "\n"
