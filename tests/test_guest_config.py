@@ -26,6 +26,7 @@ from tdxvirt.errors import InputError, NotFoundError
 from tdxvirt.guest.checks import REQUIREMENTS, check_config
 from tdxvirt.kconfig import load_kernel_config, parse_kernel_config
 from tdxvirt.paths import state_dir
+from tdxvirt.sim.guest import resolve_kernel
 
 # role -> metapackages to try, first known wins. "cloud": the kernel Debian's cloud
 # images boot (6.1 on Debian 12: no TDX guest driver yet). "newest": the newest generic
@@ -40,15 +41,7 @@ def kernel_config_dir() -> Path:
     return state_dir() / "fixtures" / "kernel-configs"
 
 
-def _resolve(metapackage: str) -> str | None:
-    """The real kernel package a metapackage depends on, per this machine's apt lists."""
-    result = subprocess.run(["apt-cache", "depends", "--important", metapackage],
-                            capture_output=True, text=True, check=False)
-    for line in result.stdout.splitlines():
-        match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
-        if match:
-            return match.group(1)
-    return None
+_resolve = resolve_kernel  # the real kernel package behind a metapackage (tdxvirt.sim.guest)
 
 
 def _extract_config(deb: Path, target_dir: Path) -> Path:

@@ -28,6 +28,7 @@ from test_guest_config import KERNEL_ROLES, _resolve
 
 from tdxvirt.guest.verify import AGENT_CHANNEL_XML, agent_channel_state, verify_domain
 from tdxvirt.paths import state_dir
+from tdxvirt.sim.guest import AGENT_LOOP
 from tdxvirt.sim.guest import newc as _newc  # noqa: F401  (acpi_guest imports it from here)
 
 GUEST_PACKAGES = ("qemu-guest-agent", "busybox-static", "liburing2")
@@ -38,20 +39,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /run /tmp /var/run
-# virtio-serial ports appear once QEMU has announced them: wait for the agent's.
-tries=0
-while [ $tries -lt 600 ]; do
-  for port in /sys/class/virtio-ports/*; do
-    if [ -e "$port/name" ] && [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
-      exec qemu-ga -m virtio-serial -p "/dev/${port##*/}"
-    fi
-  done
-  sleep 0.1
-  tries=$((tries + 1))
-done
-echo "tdxvirt test guest: no guest agent port" > /dev/console
-poweroff -f
-"""
+""" + AGENT_LOOP.replace("GUEST", "tdxvirt test guest")  # the simulated host's guest's own loop
 BOOT_SECONDS = 90  # TCG on two cores; the agent is usually up within 10 s
 # i440fx ('pc'), not q35: with direct kernel boot under TCG, a virtio device behind q35's
 # pcie-root-port stays in D3cold ("device inaccessible") and the agent port never appears.

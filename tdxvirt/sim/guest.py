@@ -45,6 +45,22 @@ MODULES = ("kernel/net/core/failover.ko", "kernel/drivers/net/net_failover.ko",
            "kernel/drivers/net/virtio_net.ko", "kernel/drivers/acpi/button.ko",
            "kernel/drivers/input/evdev.ko")
 BANNER = "tdxvirt-sim-guest"
+# The end of an init: virtio-serial ports appear once QEMU has announced them, so wait
+# for the agent's, then become qemu-ga (GUEST: the guest's name in console lines).
+AGENT_LOOP = """tries=0
+while [ $tries -lt 600 ]; do
+  for port in /sys/class/virtio-ports/*; do
+    if [ -e "$port/name" ] && [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+      echo "GUEST: guest agent on /dev/${port##*/}" > /dev/console
+      exec qemu-ga -m virtio-serial -p "/dev/${port##*/}"
+    fi
+  done
+  sleep 0.1
+  tries=$((tries + 1))
+done
+echo "GUEST: no guest agent port" > /dev/console
+poweroff -f
+"""
 INIT = f"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/sbin
 mount -t proc proc /proc
@@ -66,20 +82,7 @@ done
 # key the image was built with (no passwords: a throwaway guest)
 (while true; do setsid cttyhack sh -l; done) &
 [ -s /root/.ssh/authorized_keys ] && dropbear -R -s -p 22
-tries=0
-while [ $tries -lt 600 ]; do
-  for port in /sys/class/virtio-ports/*; do
-    if [ -e "$port/name" ] && [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
-      echo "{BANNER}: guest agent on /dev/${{port##*/}}" > /dev/console
-      exec qemu-ga -m virtio-serial -p "/dev/${{port##*/}}"
-    fi
-  done
-  sleep 0.1
-  tries=$((tries + 1))
-done
-echo "{BANNER}: no guest agent port" > /dev/console
-poweroff -f
-"""
+""" + AGENT_LOOP.replace("GUEST", BANNER)
 DHCP_EVENT = f"""#!/bin/sh
 case "$1" in
   bound|renew)
@@ -136,16 +139,23 @@ def _run(argv: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def resolve_kernel(metapackage: str) -> str | None:
+    """The real kernel package a metapackage depends on, per this machine's apt lists."""
+    result = subprocess.run(["apt-cache", "depends", "--important", metapackage],
+                            capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
+        if match:
+            return match.group(1)
+    return None
+
+
 def kernel_package() -> str:
     """The real kernel package behind the first of KERNELS this machine's apt knows."""
-    for metapackage in KERNELS:
-        result = subprocess.run(["apt-cache", "depends", "--important", metapackage],
-                                capture_output=True, text=True, check=False)
-        for line in result.stdout.splitlines():
-            match = re.match(r"\s*Depends:\s*(linux-image-\S+)", line)
-            if match:
-                return match.group(1)
-    raise SimulatorError(f"apt knows none of {', '.join(KERNELS)}; run `apt-get update`")
+    found = next(filter(None, map(resolve_kernel, KERNELS)), None)
+    if found is None:
+        raise SimulatorError(f"apt knows none of {', '.join(KERNELS)}; run `apt-get update`")
+    return found
 
 
 def _unpack(packages: tuple[str, ...], scratch: Path) -> Path:
