@@ -341,7 +341,10 @@ class SelfTest:
         for device in devices:
             resources = guest.run(["cat", f"{device}/resource"]).stdout.splitlines()
             for bar, line in enumerate(resources[:6]):
-                start, end, _ = (int(v, 16) for v in line.split()[:3])
+                try:  # the guest's answer (capped by GuestExec): a hostile one is a failure
+                    start, end, _ = (int(v, 16) for v in line.split()[:3])
+                except ValueError:
+                    return FAIL, f"the guest's {device}/resource is not sysfs's resource table"
                 if end > start and start == 0:
                     unassigned.append(f"{device.rsplit('/', 1)[1]} BAR{bar}")
         if unassigned:
