@@ -138,3 +138,25 @@ def test_a_td_boots_the_guest_disk_and_is_reached_then_stops(qemu_conn, guest_im
         assert undefined.returncode == 0, undefined.stderr
     assert not subprocess.run(["test", "-e", overlay]).returncode == 0  # the overlay went
     assert hashlib.sha256(guest_image.read_bytes()).hexdigest() == base_digest  # base untouched
+
+
+def test_a_base_image_qemu_cannot_reach_is_said_at_define(qemu_conn):
+    """libvirt gives QEMU the image files it opens, not the directories above them: a base
+    image in a directory only root may enter fails at start with libvirt's 'Permission
+    denied'; define says so first, with the fix (found with pytest's own 0700 dirs)."""
+    directory = Path(tempfile.mkdtemp(prefix="tdxvirt-closed-", dir="/tmp"))  # 0700
+    image = directory / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    name = f"closed-{uuid.uuid4().hex[:8]}"
+    try:
+        for mode, warned in ((0o700, True), (0o755, False)):
+            directory.chmod(mode)
+            defined = run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                              "--image", str(image), "--image-format", "qcow2")
+            assert defined.returncode == 0, defined.stderr
+            assert (f"cannot enter {directory}" in defined.stderr) is warned, defined.stderr
+            assert f"`chmod o+x {directory}`" in defined.stderr or not warned
+            assert run_sim("undefine", name, "--remove-storage").returncode == 0
+    finally:
+        run_sim("undefine", name, "--remove-storage")
+        shutil.rmtree(directory)

@@ -323,6 +323,28 @@ def _storage_owner(host: HostRoot):
     return storage_owner(host)
 
 
+def _closed_to_qemu(host: HostRoot, path: str, gid: int) -> str | None:
+    """The first directory above ``path`` that QEMU (running in group ``gid``, not root)
+    cannot search, as its mode says (ACLs aside); None when each one lets it through.
+    libvirt gives QEMU the image files it opens, never the directories above them."""
+    import stat
+
+    directory = os.path.dirname(path)
+    parents = []
+    while directory not in ("/", ""):
+        parents.append(directory)
+        directory = os.path.dirname(directory)
+    for directory in reversed(parents):
+        try:
+            status = os.stat(host.path(directory))
+        except OSError:
+            return None  # missing or unreadable here: the start says what it finds
+        mode = stat.S_IMODE(status.st_mode)
+        if not mode & stat.S_IXOTH and not (status.st_gid == gid and mode & stat.S_IXGRP):
+            return directory
+    return None
+
+
 def _create_overlay(disk: Disk, uuid: str, owner=None) -> None:
     """A qcow2 overlay on the base image; the base is only ever read.
 
@@ -396,6 +418,13 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
             else None
         if owner is not None and owner.note:
             td = _with_warning(td, owner.note)
+        if overlay and owner is not None and owner.group is not None and owner.gid != 0:
+            closed = _closed_to_qemu(facts.host, overlay.overlay_base, owner.gid)
+            if closed:
+                td = _with_warning(td, f"QEMU (group {owner.group}) cannot enter {closed}, above the "
+                                       f"base image {overlay.overlay_base}: the start will fail with "
+                                       f"'Permission denied'; `chmod o+x {closed}`, or keep the image "
+                                       "in a directory QEMU may enter")
         # Files first, then libvirt's define, then root's record: an intent names them
         # for the next run should this one be killed in between (tdxvirt.lifecycle.journal).
         files = [path for path in (overlay.path if overlay else None, td.plan.seed) if path]
