@@ -113,40 +113,36 @@ class SelfTest:
     def run(self) -> Report:
         self.report.host = self._host_facts()
         self._step("host check", self._host_check)
-        gpu = self._step("GPU", self._pick_gpu)
-        if gpu.status == FAIL:
-            return self._finish(after="GPU")
-        image = self._image()
-        try:
-            if self._step("define", lambda: self._define(image)).status == FAIL:
-                return self._finish(after="define")
-            self._step("root's record", self._record)
-            if self._step("start", self._start).status == FAIL:
-                return self._finish(after="start")
-            self.report.domain_xml = self.conn.lookupByName(self.name).XMLDesc(0)
-            if image is None:
-                for name in ("guest agent", "TDX inside the guest", "GPU in the guest",
-                             "attestation", "MMIO window", "reboot"):
-                    self._skip(name, "no --image: the TD boots no guest to reach (give a guest "
-                                     "image with qemu-guest-agent)")
-            else:
-                self._guest_steps()
-            if image is not None and self._answered:
-                self._step("stop", self._stop)
-            else:  # a firmware with no OS, or a guest that never answered, ignores ACPI
-                self._skip("stop", "no guest answered to be asked; the TD is destroyed at undefine")
-        finally:
-            self._cleanup(image)
-        return self._finish()
-
-    def _finish(self, after: str | None = None) -> Report:
-        if after is not None:
-            self._cleanup(None)
+        if self._step("GPU", self._pick_gpu).status != FAIL:
+            try:  # whatever ends the run, the throw-away TD and the disk built for it go
+                self._td_steps(self._image())
+            finally:
+                self._cleanup()
         log = self._qemu_log()
         self.report.qemu_command = last_command_line(log)
         if not self.report.ok:
             self.report.qemu_log = log[-LOG_LINES:]
         return self.report
+
+    def _td_steps(self, image: str | None) -> None:
+        """define to stop; a failed define or start ends them (the clean-up follows)."""
+        if self._step("define", lambda: self._define(image)).status == FAIL:
+            return
+        self._step("root's record", self._record)
+        if self._step("start", self._start).status == FAIL:
+            return
+        self.report.domain_xml = self.conn.lookupByName(self.name).XMLDesc(0)
+        if image is None:
+            for name in ("guest agent", "TDX inside the guest", "GPU in the guest",
+                         "attestation", "MMIO window", "reboot"):
+                self._skip(name, "no --image: the TD boots no guest to reach (give a guest "
+                                 "image with qemu-guest-agent)")
+        else:
+            self._guest_steps()
+        if image is not None and self._answered:
+            self._step("stop", self._stop)
+        else:  # a firmware with no OS, or a guest that never answered, ignores ACPI
+            self._skip("stop", "no guest answered to be asked; the TD is destroyed at undefine")
 
     def _guest_steps(self) -> None:
         agent = self._step("guest agent", self._wait_for_agent)
@@ -186,12 +182,11 @@ class SelfTest:
     def _host_check(self):
         from ..doctor import Context, run_checks
         from ..doctor.check import FAIL as CHECK_FAIL
+        from ..host import HostRoot
         from ..host.commands import host_runner
 
-        root = self.facts.host if not self.facts.remote else None
-        from ..host import HostRoot
-
-        root = root or HostRoot("/")
+        # a remote host's checks ask its libvirt; Context reads no file of this machine then
+        root = HostRoot("/") if self.facts.remote else self.facts.host
         checks = run_checks(Context(root, uri=self.report.uri, connect=lambda: self.conn,
                                     runner=host_runner(root)))
         failed = [c for c in checks if c.status == CHECK_FAIL]
@@ -385,7 +380,7 @@ class SelfTest:
         return FAIL, "the guest did not power off within 60 s (destroyed)", \
             "ACPI or the guest agent's shutdown must reach the guest"
 
-    def _cleanup(self, image) -> None:
+    def _cleanup(self) -> None:
         if self.defined and not self.options.keep:
             from . import tds
 
