@@ -162,3 +162,29 @@ def test_sim_exec_runs_a_command_in_the_simulated_hosts_network():
     assert "192.168.122.1/24" not in outside.stdout
     status = subprocess.run([TDXVIRT, "sim", "exec", "--", "sh", "-c", "exit 3"], timeout=30)
     assert status.returncode == 3
+
+
+def test_sim_up_brings_back_a_default_network_a_daemon_did_not_autostart(sim, qemu_conn):
+    """New namespaces with /run kept (the daemons killed, not `sim down`) left libvirt's
+    once-per-boot mark, so the network driver skipped the autostart and every TD with a
+    NIC failed to start: `sim up` starts networks marked to autostart, as a boot does."""
+    from tdxvirt.sim import control
+
+    qemu_conn.networkLookupByName("default").destroy()
+    try:
+        assert control.up(sim) == []  # nothing else was down
+        assert qemu_conn.networkLookupByName("default").isActive()
+    finally:
+        default = qemu_conn.networkLookupByName("default")
+        if not default.isActive():
+            default.create()
+    inside = subprocess.run(["nsenter", "--target", str(_virtlogd(sim)), "--net", "--",
+                             "ip", "-br", "addr", "show", "virbr0"],
+                            capture_output=True, text=True, timeout=30)
+    assert "192.168.122.1/24" in inside.stdout
+
+
+def _virtlogd(sim):
+    from tdxvirt.sim import chroot
+
+    return chroot.alive_pid(sim.chroot / "run/virtlogd.pid")

@@ -55,3 +55,28 @@ def test_a_killed_libvirtd_starts_again_in_its_namespaces_and_sim_down_stops_gue
             domain.destroy()
         domain.undefine()
         conn.close()
+
+
+def test_both_daemons_gone_make_new_namespaces_where_libvirt_autostarts_the_network(sim):
+    """libvirtd and virtlogd both gone but /run kept (not `sim down`): new namespaces, a
+    boot of the emulated host's network. libvirt's network driver must autostart
+    'default' by itself there (tdxvirt's own fallback in `sim up` is bypassed: the
+    daemons are started directly), or its once-per-boot mark from the old namespaces
+    leaves every TD with a NIC unable to start. The TDX host's daemons this time: their
+    network is the one TDs use; the keeper of the test driver is started again."""
+    from tdxvirt.sim import keeper
+
+    old_virtlogd = chroot.alive_pid(sim.chroot / "run/virtlogd.pid")
+    keeper.stop(sim.keeper_pidfile)
+    assert set(chroot.stop_daemons(sim.chroot)) == {"libvirtd", "virtlogd"}
+    assert (sim.chroot / chroot.NETWORK_AUTOSTARTED).exists()  # the old boot's mark
+    try:
+        assert chroot.start_daemons(sim.chroot, sim.socket, sim.devices)
+        assert chroot.alive_pid(sim.chroot / "run/virtlogd.pid") != old_virtlogd
+        conn = open_connection(sim.qemu_uri)
+        try:
+            assert conn.networkLookupByName("default").isActive()
+        finally:
+            conn.close()
+    finally:
+        control.up(sim)  # the keeper too

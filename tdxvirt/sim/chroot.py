@@ -54,6 +54,8 @@ TRIXIE = Distribution("trixie", ("libvirt-daemon", "libvirt-daemon-driver-qemu",
 # root filesystem: Invalid argument" (no private mount namespace in a chroot here).
 QEMU_CONF_LINE = "namespaces = [ ]\n"
 DAEMONS = ("virtlogd", "libvirtd")
+# libvirt's network driver autostarts networks once per host boot, marking it here.
+NETWORK_AUTOSTARTED = "run/libvirt/network/autostarted"
 
 
 def run(argv: list[str], what: str, **kwargs) -> None:
@@ -208,6 +210,10 @@ def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0) ->
     else:
         for stale in (root / "run" / "libvirt").glob("*-sock"):  # left by killed daemons
             stale.unlink()
+        # New namespaces are a boot of the emulated host's network: its bridge is gone,
+        # so libvirt must autostart the 'default' network again, which it does only
+        # without the once-per-boot mark a boot's empty /run would not have.
+        (root / NETWORK_AUTOSTARTED).unlink(missing_ok=True)
         tdxhost.build_devices(devices, root)
         run(tdxhost.unshare_argv(root, devices), f"starting the emulated TDX host in {root}")
     deadline = time.monotonic() + wait

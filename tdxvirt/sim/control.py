@@ -51,6 +51,7 @@ def up(sim: SimLayout | None = None) -> list[str]:
     started = []
     if chroot.start_daemons(sim.chroot, sim.socket, sim.devices):
         started.append("emulated TDX host (libvirt 12.x)")
+    start_autostart_networks(sim)
     if chroot.is_provisioned(sim.legacy_chroot) and chroot.start_daemons(
             sim.legacy_chroot, sim.legacy_socket, sim.legacy_devices):
         started.append("libvirt 11.x host")
@@ -108,6 +109,30 @@ def down(sim: SimLayout | None = None) -> list[str]:
         stopped += chroot.stop_daemons(root)
         chroot.unmount(root)
     return stopped
+
+
+def start_autostart_networks(sim: SimLayout) -> None:
+    """Every network marked to autostart is active once the emulated host is up, as after
+    a real host's boot: its TDs' NICs depend on it, and a daemon that skipped the
+    autostart (its once-per-boot mark outlived the bridge) would otherwise fail every
+    start with "network 'default' is not active". One that cannot start stops `sim up`
+    with libvirt's reason, rather than thirty TDs failing later."""
+    from ..errors import SimulatorError
+    from ..virt.conn import libvirt_error_type, open_connection
+
+    conn = open_connection(sim.qemu_uri)
+    try:
+        for network in conn.listAllNetworks():
+            if network.autostart() and not network.isActive():
+                try:
+                    network.create()
+                except libvirt_error_type() as error:
+                    raise SimulatorError(
+                        f"the emulated TDX host's network {network.name()!r} does not start: "
+                        f"{error.get_error_message()} (its daemon's log: "
+                        f"{sim.chroot / 'var/log/libvirt/libvirtd.log'})") from None
+    finally:
+        conn.close()
 
 
 def stop_guests(uri: str, sock: Path) -> list[str]:
