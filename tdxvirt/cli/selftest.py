@@ -19,6 +19,9 @@ from . import pass_session
 @click.option("--image-format", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
 @click.option("--boot-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               metavar="S", help="Seconds the guest has to boot and answer through its agent.")
+@click.option("--reconnect-timeout", type=click.FloatRange(min=0), default=60, show_default=True,
+              metavar="S", help="Seconds the clean-up waits for a libvirtd that stopped answering "
+                                "mid-run (crashed, restarted) before it gives up, naming the TD left.")
 @click.option("--collateral", metavar="FILE", type=click.Path(dir_okay=False),
               help="Quote verification collateral for the attestation step.")
 @click.option("--pccs-url", metavar="URL", help="A PCCS for the attestation step's collateral.")
@@ -28,8 +31,8 @@ from . import pass_session
                    "the domain XML, QEMU's last log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @pass_session
-def selftest(session, gpu, no_gpu, image, image_format, boot_timeout, collateral, pccs_url, keep,
-             report_file, as_json):
+def selftest(session, gpu, no_gpu, image, image_format, boot_timeout, reconnect_timeout, collateral,
+             pccs_url, keep, report_file, as_json):
     """Prove this host runs GPU TDs: host check, then a throw-away TD defined, started,
     reached through its guest agent, verified, attested, rebooted, stopped, undefined.
 
@@ -37,7 +40,7 @@ def selftest(session, gpu, no_gpu, image, image_format, boot_timeout, collateral
     host, what needs real TDX or the GPU in the guest). Exit 0 when no step failed.
     """
     from ..errors import InputError
-    from ..lifecycle.selftest import PASS, SKIP, Options, SelfTest, markdown
+    from ..lifecycle.selftest import PASS, SKIP, Options, SelfTest, leftover_remedy, markdown
     from ..sim.onehost import SimHostRoot
 
     if gpu and no_gpu:
@@ -54,8 +57,8 @@ def selftest(session, gpu, no_gpu, image, image_format, boot_timeout, collateral
     facts = session.facts(conn)
     emulated = not facts.remote and isinstance(facts.host, SimHostRoot)
     options = Options(gpu=gpu, no_gpu=no_gpu, image=image, image_format=image_format,
-                      boot_timeout=boot_timeout, keep=keep, collateral=collateral,
-                      pccs_url=pccs_url, emulated=emulated)
+                      boot_timeout=boot_timeout, reconnect_timeout=reconnect_timeout, keep=keep,
+                      collateral=collateral, pccs_url=pccs_url, emulated=emulated)
     marks = {PASS: "pass", SKIP: "skip"}
     show = sys.stderr.isatty() if as_json else True
 
@@ -79,5 +82,6 @@ def selftest(session, gpu, no_gpu, image, image_format, boot_timeout, collateral
         click.echo("This host runs GPU TDs" + (" (emulated: TDX-only steps skipped)" if emulated else ""))
     if not report.ok:
         first = report.first_failure
+        left = f"; {leftover_remedy(report.left_behind)}" if report.left_behind else ""
         raise click.ClickException(f"selftest failed at {first.name}: {first.detail}"
-                                   + (f"; {first.remedy}" if first.remedy else ""))
+                                   + (f"; {first.remedy}" if first.remedy else "") + left)

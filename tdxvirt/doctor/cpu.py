@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..host.kmsg import KernelLogUnreadable, read_kernel_log
+from ..host.kmsg import KernelLogUnreadable, read_kernel_log, tdx_module_version
 from ..virt.dialect import KVM_INTEL_TDX as KVM_TDX
 from .check import FAIL, OK, SKIP, Check
 from .context import Context
@@ -41,9 +41,9 @@ def _module(ctx: Context) -> Check:
         log = None
     lines = [m for m in (log or []) if m.startswith("virt/tdx:") or "TDX module" in m]
     failed = [m for m in lines if "fail" in m.lower() or "error" in m.lower()]
-    version = next((m for m in lines if "version" in m.lower()), None)
+    version = tdx_module_version(lines)
     if any("module initialized" in m for m in lines):
-        return Check(name, OK, "initialized (kernel log)" + (f"; {version}" if version else ""))
+        return Check(name, OK, "initialized (kernel log)" + (f"; version {version}" if version else ""))
     if failed:
         return Check(name, FAIL, failed[-1], "update the BIOS and the TDX module (Intel's "
                      "releases / your vendor's firmware); the kernel log has details")

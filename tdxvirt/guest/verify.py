@@ -384,6 +384,33 @@ def _nvidia_smi(guest: GuestExec, flag: str, pattern: str) -> tuple[str | None, 
     return None, f"nvidia-smi conf-compute {flag}: {result.first_line()}"
 
 
+# A driver version ("580.95.05") or a VBIOS version ("96.00.99.00.01"): anything else a
+# guest answers is not taken as one (guests are hostile; the report shows only these).
+_VERSION_WORD = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,39}$")
+
+
+def nvidia_versions(guest: GuestExec) -> dict[str, str]:
+    """The NVIDIA driver and each GPU's VBIOS version, as the guest's nvidia-smi reports
+    them (the host's NVIDIA tool has no VBIOS query; with the GPU passed through, the
+    guest's driver is the one that runs it). Keys: driver, vbios (one per GPU, comma
+    separated); a value the guest could not give says why."""
+    result = _run(guest, ["nvidia-smi", "--query-gpu=driver_version,vbios_version",
+                          "--format=csv,noheader"])
+    if isinstance(result, str) or not result.ok:
+        why = result if isinstance(result, str) else result.first_line()
+        return {"driver": f"unknown: nvidia-smi: {guest_text(why)}", "vbios": "unknown"}
+    drivers, vbioses = [], []
+    for line in result.stdout.splitlines()[:16]:
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) != 2 or not all(_VERSION_WORD.match(cell) for cell in cells):
+            return {"driver": "unknown: nvidia-smi's answer is not a version list", "vbios": "unknown"}
+        drivers.append(cells[0])
+        vbioses.append(cells[1])
+    if not drivers:
+        return {"driver": "unknown: nvidia-smi listed no GPU", "vbios": "unknown"}
+    return {"driver": ", ".join(dict.fromkeys(drivers)), "vbios": ", ".join(vbioses)}
+
+
 CC_OFF_FIX = ("turn CC mode on for the GPU on the host with the GPU bound to vfio-pci "
               "(nvidia_gpu_tools --gpu-bdf BDF --set-cc-mode on --reset-after-cc-mode-switch), "
               "then restart the TD")

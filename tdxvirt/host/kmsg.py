@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 from .root import HostRoot
 
@@ -62,3 +63,27 @@ def _read_device(fd: int, messages: list[str]) -> list[str]:
             break
         messages.append(_message(record.decode("utf-8", "replace")))
     return messages
+
+
+# How kernels name the TDX module's version as they initialise it: Linux 6.8-6.15
+# ("TDX module: attributes 0x0, vendor_id 0x8086, major_version 1, minor_version 5,
+# build_date 20240129, build_num 698") and later ones ("... version 1.5.06 ...").
+_TDX_FIELDS = re.compile(r"major_version (?P<major>\d+), minor_version (?P<minor>\d+)"
+                         r"(?:, build_date (?P<date>\d+))?(?:, build_num (?P<build>\d+))?")
+_TDX_DOTTED = re.compile(r"\bversion:? (?P<dotted>\d+\.\d+(?:\.\d+)*)")
+
+
+def tdx_module_version(messages: list[str]) -> str | None:
+    """The TDX module's version as the kernel logged it ("1.5 build 698 (20240129)"),
+    None when no message names it. Only lines of the kernel's TDX code are read."""
+    for message in reversed(messages):
+        if not (message.startswith("virt/tdx:") or "TDX module" in message):
+            continue
+        if fields := _TDX_FIELDS.search(message):
+            version = f"{fields['major']}.{fields['minor']}"
+            if fields["build"]:
+                version += f" build {fields['build']}"
+            return version + (f" ({fields['date']})" if fields["date"] else "")
+        if dotted := _TDX_DOTTED.search(message):
+            return dotted["dotted"]
+    return None

