@@ -43,6 +43,9 @@ def test_a_guest_that_never_answers_fails_at_the_agent_and_leaves_nothing(qemu_c
     assert steps["start"]["status"] == "pass"
     assert steps["guest agent"]["status"] == "fail"
     assert "no guest agent within 15 s" in steps["guest agent"]["detail"]
+    # how far it booted, from its console through libvirt: OVMF found nothing to boot
+    assert any("No bootable option or device was found" in line for line in report["console_log"])
+    assert not any("\x1b" in line for line in report["console_log"])  # screen codes dropped
     assert "qemu-guest-agent" in steps["guest agent"]["remedy"]
     for name in ("TDX inside the guest", "attestation", "MMIO window", "reboot"):
         assert steps[name]["status"] == "skip" and "did not answer" in steps[name]["detail"]
@@ -117,3 +120,26 @@ def test_a_td_stripped_between_define_and_start_fails_the_start_naming_the_edit(
     assert steps["undefine"]["status"] == "pass"
     assert err.count("\n") == 1 and "selftest failed at " in err
     _nothing_left(qemu_conn, report)
+
+
+def test_the_console_tail_keeps_the_last_lines_of_a_hostile_guest_safe():
+    """Guests are hostile: the kept bytes are bounded, escape sequences dropped, other
+    controls shown escaped, long lines cut; a report's code block cannot be closed."""
+    from tdxvirt.guest.console_tail import ConsoleTail
+    from tdxvirt.lifecycle.selftest import _fenced
+
+    class GuestStream:  # what libvirt's console stream hands over, in recv's chunks
+        def __init__(self, data: bytes):
+            self.chunks = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+
+        def recv(self, size):
+            return self.chunks.pop(0) if self.chunks else b""
+
+    tail = ConsoleTail(limit=4096)
+    tail._read(GuestStream(b"\x1b[2J\x1b[1;1Hfirmware\r\n" + b"x" * 10_000
+                           + b"\r\nlast \x07bell\x1b]0;title\x07\n"))
+    assert len(tail._buffer) == 4096
+    lines = tail.lines(5)
+    assert lines[-1] == "last \\x07bell"
+    assert lines[0].startswith("xxx") and lines[0].endswith("more characters cut)")
+    assert _fenced("text", ["```", "a ````` b"]) == ["``````text", "```", "a ````` b", "``````"]

@@ -43,8 +43,8 @@ def _selftest_passes(sim, tmp_path) -> None:
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr)
     report = json.loads(done.stdout)
     assert set(report) == {"uri", "td", "ok", "host", "steps", "domain_xml", "qemu_command", "qemu_log",
-                           "left_behind"}
-    assert report["left_behind"] is None
+                           "console_log", "left_behind"}
+    assert report["left_behind"] is None and report["console_log"] == []  # kept for failures
     host = report["host"]
     assert host["tdx_module"] == "none: the emulated host runs no TDX module"
     assert host["firmware"] == "/usr/share/ovmf/OVMF.inteltdx.ms.fd"

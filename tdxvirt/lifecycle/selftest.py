@@ -15,6 +15,7 @@ guest disk (tdxvirt.sim.guest) when no image is given.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,7 @@ class Report:
     domain_xml: str | None = None
     qemu_command: str | None = None  # as libvirt logged it on the host (local hosts)
     qemu_log: list[str] = field(default_factory=list)
+    console_log: list[str] = field(default_factory=list)  # the TD's serial console, read through libvirt
     left_behind: str | None = None  # the throw-away TD, when the clean-up could not remove it
 
     @property
@@ -83,6 +85,7 @@ class Report:
         return {"uri": self.uri, "td": self.name, "ok": self.ok, "host": self.host,
                 "steps": [asdict(step) for step in self.steps], "domain_xml": self.domain_xml,
                 "qemu_command": self.qemu_command, "qemu_log": self.qemu_log,
+                "console_log": self.console_log,
                 "left_behind": self.left_behind}
 
 
@@ -100,6 +103,9 @@ class SelfTest:
         self.gpu: str | None = None
         self._answered = False  # the guest agent answered once
         self.lost_at: str | None = None  # the step during which the libvirt connection was lost
+        from ..guest.console_tail import ConsoleTail
+
+        self.console = ConsoleTail()  # the TD's console since it started, for a failed step
 
     # --- bookkeeping --------------------------------------------------------------
     def _step(self, name: str, action: Callable[[], tuple[str, str] | tuple[str, str, str]]) -> Step:
@@ -152,6 +158,7 @@ class SelfTest:
         self.report.qemu_command = last_command_line(log)
         if not self.report.ok:
             self.report.qemu_log = log[-LOG_LINES:]
+            self.report.console_log = self.console.lines(LOG_LINES)
         return self.report
 
     def _td_steps(self, image: str | None) -> None:
@@ -337,6 +344,7 @@ class SelfTest:
         from . import tds
 
         tds.start(self.conn, self.facts, self.name, read_modes=self.facts.mode_reader())
+        self.console.open(self.conn, self.conn.lookupByName(self.name))
         return PASS, "preflight, integrity check and libvirt's hook passed; QEMU runs"
 
     def _wait_for_agent(self):
@@ -455,6 +463,7 @@ class SelfTest:
         while time.monotonic() < deadline:  # a TD cannot reset: libvirt starts a new QEMU
             domain = self.conn.lookupByName(self.name)
             if domain.isActive() and domain.ID() != before:
+                self.console.open(self.conn, domain)  # the new QEMU's console
                 step = self._wait_for_agent()
                 if step[0] == PASS:
                     return PASS, "a new QEMU started and the guest agent answered again"
@@ -472,6 +481,7 @@ class SelfTest:
             "ACPI or the guest agent's shutdown must reach the guest"
 
     def _cleanup(self) -> None:
+        self.console.close()
         if self.defined and not self.options.keep:
             from . import tds
 
@@ -567,6 +577,14 @@ def _dotted(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
 
 
+def _fenced(language: str, body: list[str]) -> list[str]:
+    """A code block no line of ``body`` can close (a guest's console may print fences):
+    its fence is longer than the longest run of backticks in it."""
+    longest = max((len(run) for line in body for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{language}", *body, fence]
+
+
 def markdown(report: Report) -> str:
     """The report a user attaches to a bug: facts, every step, the XML and QEMU's log."""
     lines = [f"# tdxvirt selftest of {report.uri}", "",
@@ -579,11 +597,12 @@ def markdown(report: Report) -> str:
     for step in report.steps:
         cells = [step.name, step.status, f"{step.seconds:.1f}", step.detail, step.remedy]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    if report.domain_xml:
-        lines += ["", "## Domain XML (live)", "", "```xml", report.domain_xml.rstrip(), "```"]
-    if report.qemu_command:
-        lines += ["", "## QEMU's command line (as libvirt logged it)", "", "```text",
-                  report.qemu_command, "```"]
-    if report.qemu_log:
-        lines += ["", "## QEMU's log (last lines)", "", "```text", *report.qemu_log, "```"]
+    sections = (("Domain XML (live)", "xml", [report.domain_xml.rstrip()] if report.domain_xml else []),
+                ("QEMU's command line (as libvirt logged it)", "text",
+                 [report.qemu_command] if report.qemu_command else []),
+                ("QEMU's log (last lines)", "text", report.qemu_log),
+                ("The TD's console (last lines)", "text", report.console_log))
+    for title, language, body in sections:
+        if body:
+            lines += ["", f"## {title}", "", *_fenced(language, body)]
     return "\n".join(lines) + "\n"
