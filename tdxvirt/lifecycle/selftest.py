@@ -251,8 +251,12 @@ class SelfTest:
         if loader and not self.facts.remote:
             import hashlib
 
+            from ..build.artifacts import build_of
             from ..userfile import read_user_file
 
+            build = build_of(loader)
+            self.report.host["firmware_build"] = (build.describe() if build is not None else
+                                                  "not a `tdxvirt build` result (a distribution's?)")
             try:
                 data = read_user_file(self.facts.host.path(loader), "the firmware", limit=FIRMWARE_LIMIT)
                 self.report.host["firmware_sha256"] = hashlib.sha256(data).hexdigest()
