@@ -32,20 +32,31 @@ class ConsoleTail:
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._stream = None
+        self._conn = None
         self._thread: threading.Thread | None = None
 
-    def open(self, conn, domain) -> bool:
-        """Start reading ``domain``'s console (after closing any earlier one: a TD's
-        reboot is a new QEMU, with a new console). False when libvirt refuses it."""
-        from ..virt.conn import libvirt_error_type
+    def open(self, uri: str, uuid: str) -> bool:
+        """Start reading the console of the domain ``uuid`` at ``uri`` (after closing any
+        earlier one: a TD's reboot is a new QEMU, with a new console). False when
+        libvirt refuses it. The stream has a connection of its own: a blocked recv on
+        the caller's connection stalled that connection's other calls (seen with the
+        remote driver while the guest's console was quiet)."""
+        from ..errors import TdxvirtError
+        from ..virt.conn import libvirt_error_type, open_connection
 
         self.close()
         try:
-            stream = conn.newStream(0)
-            domain.openConsole(None, stream, 0)  # not forced: a user's session is left alone
-        except libvirt_error_type():
+            conn = open_connection(uri)
+        except TdxvirtError:
             return False
-        self._stream = stream
+        try:
+            stream = conn.newStream(0)
+            # not forced: a user's console session is left alone
+            conn.lookupByUUIDString(uuid).openConsole(None, stream, 0)
+        except libvirt_error_type():
+            conn.close()
+            return False
+        self._conn, self._stream = conn, stream
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True,
                                         name="console-tail")
         self._thread.start()
@@ -76,6 +87,12 @@ class ConsoleTail:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001  (a connection whose daemon went away)
+                pass
 
     def lines(self, count: int) -> list[str]:
         """The last ``count`` non-empty lines, made safe to print and to store."""

@@ -348,7 +348,7 @@ class SelfTest:
         from . import tds
 
         tds.start(self.conn, self.facts, self.name, read_modes=self.facts.mode_reader())
-        self.console.open(self.conn, self.conn.lookupByName(self.name))
+        self.console.open(self.report.uri, self.conn.lookupByName(self.name).UUIDString())
         return PASS, "preflight, integrity check and libvirt's hook passed; QEMU runs"
 
     def _wait_for_agent(self):
@@ -467,7 +467,7 @@ class SelfTest:
         while time.monotonic() < deadline:  # a TD cannot reset: libvirt starts a new QEMU
             domain = self.conn.lookupByName(self.name)
             if domain.isActive() and domain.ID() != before:
-                self.console.open(self.conn, domain)  # the new QEMU's console
+                self.console.open(self.report.uri, domain.UUIDString())  # the new QEMU's console
                 step = self._wait_for_agent()
                 if step[0] == PASS:
                     return PASS, "a new QEMU started and the guest agent answered again"
