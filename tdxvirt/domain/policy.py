@@ -25,6 +25,9 @@ LIBVIRT_HOSTDEV_IOMMUFD = 12_001_000
 MEMORY_ALIGN = 2 * MIB
 # OVMF's own default 64-bit MMIO window; never ask for less.
 MIN_MMIO_MB = 32 * 1024
+# A window this large was reported to break the iommufd bind of Blackwell GPUs (2 TiB
+# worked for 4 B200s in the same report); said, not refused: the BARs need what they need.
+LARGE_MMIO_MB = 8 * 1024 * 1024
 # The only fw_cfg name OVMF reads for the window (X-PciMmio64 is silently ignored).
 # libvirt's qemu driver refuses opt/ovmf/ names in <sysinfo type='fwcfg'> ("That
 # firmware name is reserved"; its test driver accepts them), so the entry goes to
@@ -351,6 +354,10 @@ def plan_domain(
     devices = [*gpus, *switches]
     mmio_mb, mmio_warning = plan_mmio(devices, spec.mmio_window)
     warnings.append(mmio_warning)
+    if mmio_mb >= LARGE_MMIO_MB:
+        warnings.append(f"the 64-bit MMIO window is {human(mmio_mb * MIB)}: a window of 8 TiB or "
+                        "more was reported to break the iommufd bind of Blackwell GPUs; if the "
+                        "start fails there, fewer GPUs per TD keep the window at 4 TiB or less")
     hostdevs = tuple(
         # Root port index i (1-based; 0 is pcie-root) carries device i.
         Hostdev(d.address, index, "nvswitch" if d in switches else "gpu")

@@ -30,6 +30,20 @@ GPU_MODELS = {
     0x233D: "H100",
     0x2342: "GH200",  # NVIDIA's gpu-admin-tools table; a Hopper (H100-class) GPU
 }
+HOPPER = frozenset(GPU_MODELS)
+# Blackwell, as NVIDIA's gpu-admin-tools 2025.11.21 names them (gpu/devid_names.py).
+BLACKWELL_MODELS = {
+    0x2901: "B200",
+    0x2941: "GB200",
+    0x3182: "B300",
+    0x31A1: "GB300",
+    0x31C2: "GB300",
+    0x2BB1: "RTX PRO 6000",
+    0x2BB4: "RTX PRO 6000",
+    0x2BB5: "RTX PRO 6000 Server Edition",
+}
+GPU_MODELS.update(BLACKWELL_MODELS)
+HOPPER_GEN, BLACKWELL_GEN = "Hopper", "Blackwell"
 
 # Memory BAR sizes of known devices, for hosts whose BARs cannot be read here: libvirt's
 # node devices do not report them (tdxvirt.facts.libvirt). Only sizes read from a real
@@ -44,9 +58,36 @@ KNOWN_BAR_SIZES = {
 }
 
 
+# Blackwell's large BAR is resizable, so no constant is right for every host: a local
+# device's sizes are always read from its sysfs resource file. For a remote host (libvirt
+# reports no BARs) these are the sizes users measured and published, each with its
+# source; the small BARs beside it are bounded by SMALL_BARS, which only matters where
+# it tips the power-of-two window (it does not: 256 GiB + 1 GiB and 256 GiB + 96 MiB
+# both need 512 GiB).
+MEASURED_LARGE_BAR = {
+    0x2901: (256 << 30, "B200: 256 GiB, measured on 8xB200 HGX TDX hosts (issue 28's sources)"),
+    0x3182: (512 << 30, "B300: 512 GiB, measured on 8xB300 HGX hosts (issue 28's sources)"),
+    0x2BB5: (128 << 30, "RTX PRO 6000 Server Edition: 128 GiB (issue 28's sources)"),
+}
+SMALL_BARS = 1 << 30  # BAR0 (registers) and the remaining BARs of one GPU, an upper bound
+
+
 def known_bar_sizes(vendor: int, device: int) -> tuple[int, ...] | None:
     """The memory BAR sizes tdxvirt knows for this device id, or None."""
-    return KNOWN_BAR_SIZES.get(device) if vendor == NVIDIA_VENDOR else None
+    if vendor != NVIDIA_VENDOR:
+        return None
+    if device in MEASURED_LARGE_BAR:
+        return (MEASURED_LARGE_BAR[device][0], SMALL_BARS)
+    return KNOWN_BAR_SIZES.get(device)
+
+
+def generation(device: PciDevice) -> str | None:
+    """Hopper, Blackwell, or None (an NVSwitch, an id tdxvirt does not know)."""
+    if kind_of(device) != GPU:
+        return None
+    if device.device in BLACKWELL_MODELS:
+        return BLACKWELL_GEN
+    return HOPPER_GEN if device.device in HOPPER else None
 
 
 # 0x0300 VGA and 0x0302 3D controller; the H100 SXM5 reports 0x0302.

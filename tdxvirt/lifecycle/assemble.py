@@ -60,6 +60,7 @@ def select_devices(facts: HostFacts | HostRoot, spec: TDSpec) -> tuple[list[PciD
     gpus = [facts.device(address) for address in spec.gpus]
     for gpu in gpus:
         require_gpu(gpu)
+    check_gpu_mode(gpus, spec.ppcie)
     if not spec.ppcie:
         return gpus, [], warnings
     board = facts.nvidia_devices()
@@ -74,6 +75,44 @@ def select_devices(facts: HostFacts | HostRoot, spec: TDSpec) -> tuple[list[PciD
         warnings.append(f"--ppcie with {len(gpus)} of the board's {len(board_gpus)} GPUs: "
                         "NVIDIA's protected PCIe mode expects all of them in one TD")
     return gpus, [s for s in switches if s.address not in spec.gpus], warnings
+
+
+# NVIDIA's multi-GPU passthrough (MPT, driver R590+): a Blackwell TD takes 1, 2, 4 or 8
+# GPUs, each in CC mode, and no NVSwitch (on HGX B200/B300 the switches are managed on
+# the host, through ConnectX functions, by Fabric Manager and the NVLink subnet manager).
+MPT_GPU_COUNTS = (1, 2, 4, 8)
+
+
+def check_gpu_mode(devices: list[PciDevice], ppcie: bool) -> None:
+    """One confidential-computing mode per TD: Hopper's CC (one GPU) or protected PCIe
+    (--ppcie: the board's GPUs and NVSwitches), or Blackwell's CC / multi-GPU passthrough.
+    Mixing generations fails attestation; each refusal says why."""
+    from ..host.nvidia import BLACKWELL_GEN, generation, model_name
+
+    by_generation: dict[str, list[PciDevice]] = {}
+    for device in devices:
+        if (found := generation(device)) is not None:
+            by_generation.setdefault(found, []).append(device)
+    if len(by_generation) > 1:
+        named = "; ".join(f"{gen}: " + ", ".join(f"{d.address} ({model_name(d)})" for d in members)
+                          for gen, members in sorted(by_generation.items()))
+        raise InputError(f"GPUs of two generations in one TD ({named}): NVIDIA's confidential "
+                         "computing attests one mode per TD; define one TD per generation")
+    blackwell = by_generation.get(BLACKWELL_GEN, [])
+    if not blackwell:
+        return
+    if ppcie:
+        raise InputError("--ppcie is Hopper's protected PCIe mode; Blackwell GPUs go into one TD "
+                         "by multi-GPU passthrough, each in CC mode and without NVSwitches: drop "
+                         "--ppcie and set CC on every GPU (`tdxvirt gpu cc-mode BDF... --set on`)")
+    if switches := [d for d in devices if is_nvswitch(d)]:
+        raise InputError(f"{', '.join(str(d.address) for d in switches)}: no NVSwitch goes into a "
+                         "Blackwell TD (multi-GPU passthrough); Fabric Manager manages the "
+                         "switches on the host: pass only the GPUs")
+    if len(blackwell) not in MPT_GPU_COUNTS:
+        raise InputError(f"{len(blackwell)} Blackwell GPUs: NVIDIA's multi-GPU passthrough takes "
+                         f"{', '.join(map(str, MPT_GPU_COUNTS[:-1]))} or {MPT_GPU_COUNTS[-1]} GPUs "
+                         "per TD; give that many --gpu")
 
 
 def _check_not_shared(conn, spec: TDSpec, devices: list[PciDevice]) -> None:
