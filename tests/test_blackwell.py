@@ -130,3 +130,73 @@ def test_gpu_cc_mode_ppcie_on_a_blackwell_gpu_is_refused_before_the_tool_runs(tm
         ccmode.set_ppcie(root, admin_tool.locate(str(STANDIN)),
                          [read_device(root, PciAddress.parse(HGX_GPUS[0]))], "on")
     assert tool.runs() == []
+
+
+# --- host check: drivers, the NVLink fabric, the address width -----------------------
+
+def _host_rows(root) -> dict:
+    from tdxvirt.doctor import gpuhost
+    from tdxvirt.doctor.context import Context
+    from tdxvirt.host.commands import RecordingRunner
+
+    return {c.name: c for c in gpuhost.checks(Context(root, runner=RecordingRunner()))}
+
+
+def _fabric_ready(root, policy: str | None = "symmetric") -> None:
+    from gpu_fakes import add_process
+
+    add_process(root, 4101, "nv-fabricmanage", [])  # /proc's comm: 15 characters of the name
+    add_process(root, 4102, "nvlsm", [])
+    config = root.path("/usr/share/nvidia/nvswitch/fabricmanager.cfg")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# Fabric Manager", "FABRIC_MODE=0"]
+    if policy is not None:
+        lines += ["#PARTITION_RAIL_POLICY=greedy", f"PARTITION_RAIL_POLICY={policy}"]
+    config.write_text("\n".join(lines) + "\n")
+
+
+def test_host_check_names_a_missing_fabric_manager_and_subnet_manager(hgx_b200):
+    rows = _host_rows(hgx_b200)
+    for name, says in (("fabric manager", "install and start nvidia-fabricmanager"),
+                       ("nvlink subnet manager", "nvlsm")):
+        assert rows[name].status == "fail" and "2 ConnectX switch-management" in rows[name].found
+        assert says in rows[name].remedy
+    assert rows["fabric manager: rail policy"].status == "fail"
+
+
+@pytest.mark.parametrize("policy, status", [("symmetric", "ok"), ("1", "fail"), (None, "fail")])
+def test_the_rail_policy_must_be_the_word_symmetric(hgx_b200, policy, status):
+    _fabric_ready(hgx_b200, policy)
+    rows = _host_rows(hgx_b200)
+    assert rows["fabric manager"].status == "ok" and rows["nvlink subnet manager"].status == "ok"
+    assert rows["fabric manager: rail policy"].status == status
+    if status == "fail":
+        assert "PARTITION_RAIL_POLICY=symmetric (the word)" in rows["fabric manager: rail policy"].remedy
+
+
+def test_a_hopper_host_has_no_fabric_rows(tmp_path):
+    from gpu_fakes import hgx_devices
+
+    rows = _host_rows(build(tmp_path / "h", hgx_devices()))
+    assert "fabric manager" not in rows
+
+
+@pytest.mark.parametrize("modules, status, says", [
+    ("kvm_intel 1 0 - Live 0x0\nvfio_pci 1 0 - Live 0x0\n", "ok", "none of nouveau, nova_core, nvidia"),
+    ("nova_core 40960 0 - Live 0x0\n", "warn", "after the reset that applies its CC mode"),
+    ("nouveau 2000000 0 - Live 0x0\nnvidia 1 0 - Live 0x0\n", "warn", "nouveau binds any NVIDIA GPU"),
+])
+def test_host_drivers_that_would_take_the_gpus_are_named(hgx_b200, modules, status, says):
+    hgx_b200.path("/proc/modules").write_text(modules)
+    row = _host_rows(hgx_b200)["gpu host drivers"]
+    assert row.status == status and says in row.found
+    if "nouveau" in modules or "nova_core" in modules:
+        assert "`tdxvirt host setup` blacklists" in row.remedy
+
+
+@pytest.mark.parametrize("bits, status", [(46, "ok"), (42, "fail")])
+def test_the_address_width_must_hold_the_window_of_all_the_boards_gpus(hgx_b200, bits, status):
+    cpuinfo = hgx_b200.path("/proc/cpuinfo")
+    cpuinfo.write_text(cpuinfo.read_text() + f"address sizes\t: {bits} bits physical, 57 bits virtual\n")
+    row = _host_rows(hgx_b200)["gpu: address width"]
+    assert row.status == status and "4096 GiB window 8 GPU(s) need" in row.found

@@ -367,7 +367,15 @@ def test_modprobe_file_only_when_needed_and_legacy_vfio_option(debian):
     root, base = debian
     (base / "etc/modprobe.d/tdx.conf").write_text("options kvm_intel tdx=on\n")  # the source doc's
     _setup(root)
-    assert not (base / MODPROBE).exists()  # another file already does it
+    # another file already loads kvm_intel with TDX: tdxvirt's only keeps the drivers that
+    # would take the host's H100 off it
+    assert (base / MODPROBE).read_text().splitlines()[1:] == [
+        "# Host drivers that would take the TDs' NVIDIA GPUs (nova_core: after the",
+        "# reset that applies a GPU's CC mode).", "blacklist nouveau", "blacklist nova_core"]
+    (base / MODPROBE).unlink()
+    (base / "etc/modprobe.d/local-blacklist.conf").write_text("blacklist nouveau\nblacklist nova-core\n")
+    _setup(root)
+    assert not (base / MODPROBE).exists()  # other files already do it all
     (base / "etc/modprobe.d/zz-local.conf").write_text("options kvm_intel tdx=0\n")
     plan, _, _ = _setup(root, legacy_vfio=True)
     assert (base / MODPROBE).read_text().splitlines()[2:] == [
@@ -387,3 +395,19 @@ def test_module_reload_is_a_reboot_when_kvm_has_tdx_off(debian):
     plan, _, _ = _setup(root)
     assert [(n.kind, n.text) for n in plan.notices if n.kind == "reboot"] == [
         ("reboot", "kvm_intel reads tdx=on only when it loads")]
+
+
+def test_a_loaded_gpu_grabbing_driver_is_blacklisted_and_the_reboot_said(debian):
+    """nova_core (Ubuntu 25.10/26.04 kernels) takes a Blackwell GPU back after its CC
+    reset: blacklisted in tdxvirt's file when the host has NVIDIA GPUs, and since it is
+    loaded now, the blacklist counts from the next boot, which setup says."""
+    root, base = debian
+    _setup(root)
+    (base / "proc/modules").write_text("nova_core 40960 0 - Live 0x0\nkvm_intel 1 0 - Live 0x0\n")
+    (base / MODPROBE).unlink()
+    plan = setup(root, RecordingRunner(), SetupOptions(), lambda step: None, dry_run=True)
+    assert not (base / MODPROBE).exists()  # --dry-run writes nothing
+    [write] = [s for s in plan.steps if getattr(s, "path", None) == "/" + MODPROBE]
+    assert b"blacklist nova_core\n" in write.new and "keep nouveau and nova_core off the GPUs" in write.why
+    assert ("warning", "nova_core is loaded now: the blacklist counts from the next boot (or "
+            "`modprobe -r` once no GPU uses it)") in [(n.kind, n.text) for n in plan.notices]

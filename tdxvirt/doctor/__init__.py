@@ -6,12 +6,12 @@ person fixes them: CPU and firmware, kernel, VFIO, QEMU, libvirt, OVMF, qemu.con
 
 from __future__ import annotations
 
-from . import cmdline, connection, cpu, gpus, hook, interrupted, kconfig, network, ovmf, qemu, qemuconf, vfio
+from . import cmdline, connection, cpu, gpuhost, gpus, hook, interrupted, kconfig, network, ovmf, qemu, qemuconf, vfio
 from .check import Check, failed
 from .context import Context
 
 AREAS = (cpu, kconfig, cmdline, vfio, qemu, connection, ovmf, qemuconf, hook, network, interrupted,
-         gpus)
+         gpus, gpuhost)
 
 
 def run_checks(ctx: Context) -> list[Check]:

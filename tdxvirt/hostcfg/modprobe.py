@@ -69,12 +69,37 @@ def configured_options(root: HostRoot, module: str, name: str) -> list[ModuleOpt
     return found
 
 
-def render(legacy_vfio: bool) -> str:
-    lines = [
-        "# Written by `tdxvirt host setup`; `tdxvirt host setup --revert` removes it.",
-        "# KVM runs TDX trust domains only with this option (read when kvm_intel loads).",
-        "options {} {}={}".format(*TDX_OPTION),
-    ]
+# Host drivers that would take a TD's NVIDIA GPU: nouveau any GPU not on vfio-pci,
+# nova_core (Ubuntu 25.10/26.04 kernels) a Blackwell GPU again after the reset that
+# applies its CC mode. `nvidia` is not blacklisted: a host may use it for other GPUs.
+GPU_BLACKLIST = ("nouveau", "nova_core")
+
+
+def blacklisted(root: HostRoot) -> set[str]:
+    """Modules a ``blacklist MODULE`` line of any modprobe.d file names."""
+    found = set()
+    for path in config_files(root):
+        try:
+            text = root.read_text(path)
+        except OSError:
+            continue
+        for raw in text.splitlines():
+            words = raw.split("#", 1)[0].split()
+            if len(words) == 2 and words[0] == "blacklist":
+                found.add(_norm(words[1]))
+    return found
+
+
+def render(legacy_vfio: bool, blacklist: tuple[str, ...] = (), tdx: bool = True) -> str:
+    """tdxvirt's file; ``tdx``: False when another file already loads kvm_intel with TDX."""
+    lines = ["# Written by `tdxvirt host setup`; `tdxvirt host setup --revert` removes it."]
+    if tdx:
+        lines += ["# KVM runs TDX trust domains only with this option (read when kvm_intel loads).",
+                  "options {} {}={}".format(*TDX_OPTION)]
+    if blacklist:
+        lines += ["# Host drivers that would take the TDs' NVIDIA GPUs (nova_core: after the",
+                  "# reset that applies a GPU's CC mode)."]
+        lines += [f"blacklist {module}" for module in blacklist]
     if legacy_vfio:
         lines += [
             "# Legacy VFIO: enough DMA mappings for large TDs with GPUs (Canonical's value).",

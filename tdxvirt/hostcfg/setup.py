@@ -71,6 +71,8 @@ class HostFacts:
     users: frozenset[str] | None  # None: /etc/passwd not readable
     groups: frozenset[str] | None
     grubby_skipped: bool = False  # grubby not run: below a host root other than /
+    gpu_blacklist: tuple[str, ...] = ()  # GPU-grabbing drivers to blacklist (NVIDIA GPUs here)
+    loaded_modules: frozenset[str] = frozenset()
     hook_install: dict | None = None  # HostRoot.hook_install
 
 
@@ -84,6 +86,21 @@ def _names(root: HostRoot, path: str) -> frozenset[str] | None:
     except OSError:
         return None
     return frozenset(line.split(":", 1)[0] for line in text.splitlines() if ":" in line)
+
+
+def _gpu_blacklist(root: HostRoot) -> tuple[str, ...]:
+    """The GPU-grabbing drivers no modprobe.d file blacklists yet, on a host with NVIDIA GPUs."""
+    from ..host.nvidia import nvidia_devices
+
+    if not nvidia_devices(root):
+        return ()
+    done = modprobe.blacklisted(root)
+    return tuple(m for m in modprobe.GPU_BLACKLIST if m not in done)
+
+
+def _loaded_modules(root: HostRoot) -> frozenset[str]:
+    text = root.read_value("/proc/modules") or ""
+    return frozenset(line.split()[0] for line in text.splitlines() if line.strip())
 
 
 def _grub_regen(root: HostRoot) -> tuple[str, ...] | None:
@@ -128,6 +145,8 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
         users=_names(root, "/etc/passwd"),
         groups=_names(root, "/etc/group"),
         grubby_skipped=skipped,
+        gpu_blacklist=_gpu_blacklist(root),
+        loaded_modules=_loaded_modules(root),
         hook_install=root.hook_install,
     )
 
@@ -180,13 +199,20 @@ def _plan_modprobe(facts: HostFacts, options: SetupOptions, out: list[Step]) -> 
     dma_others = _others(facts.dma_options)
     dma_elsewhere = bool(dma_others) and _int(dma_others[-1].value) >= modprobe.DMA_ENTRY_LIMIT
     need_dma = options.legacy_vfio and not dma_elsewhere
+    # blacklisted by tdxvirt's own file already: still wanted there (the file is rewritten whole)
+    ours_blacklist = tuple(m for m in modprobe.GPU_BLACKLIST
+                           if m in facts.gpu_blacklist or _blacklists(facts.files[modprobe.FILE], m))
     current = facts.files[modprobe.FILE]
     # Another file already does it: tdxvirt's file is not needed (left as it is).
-    wanted = current if tdx_elsewhere and not need_dma else modprobe.render(need_dma).encode()
+    if tdx_elsewhere and not need_dma and not ours_blacklist:
+        wanted = current
+    else:
+        wanted = modprobe.render(need_dma, ours_blacklist, tdx=not tdx_elsewhere).encode()
     if wanted != current:
-        out.append(WriteFile(modprobe.FILE, current, wanted,
-                             "load kvm_intel with tdx=on"
-                             + (" and raise VFIO's DMA entry limit" if need_dma else "")))
+        purposes = ([] if tdx_elsewhere else ["load kvm_intel with tdx=on"]) \
+            + (["raise VFIO's DMA entry limit"] if need_dma else []) \
+            + ([f"keep {' and '.join(ours_blacklist)} off the GPUs"] if ours_blacklist else [])
+        out.append(WriteFile(modprobe.FILE, current, wanted, "; ".join(purposes)))
     ours = modprobe.FILE.rsplit("/", 1)[1]
     for option in others:
         if option.file.rsplit("/", 1)[1] > ours and option.value not in modprobe.TRUE_VALUES:
@@ -194,7 +220,16 @@ def _plan_modprobe(facts: HostFacts, options: SetupOptions, out: list[Step]) -> 
                               f"after {modprobe.FILE}, so it wins: remove that option",
                               "warning"))
     changed = any(isinstance(s, WriteFile) and s.path == modprobe.FILE for s in out)
-    return changed and facts.kvm_intel_tdx != "Y"
+    loaded = [m for m in ours_blacklist if m in facts.loaded_modules]
+    if changed and loaded:
+        out.append(Notice(f"{' and '.join(loaded)} {'is' if len(loaded) == 1 else 'are'} loaded now: "
+                          "the blacklist counts from the next boot (or `modprobe -r` once no GPU "
+                          "uses it)", "warning"))
+    return changed and (facts.kvm_intel_tdx != "Y" or bool(loaded))
+
+
+def _blacklists(text: bytes | None, module: str) -> bool:
+    return text is not None and f"\nblacklist {module}\n" in "\n" + text.decode(errors="replace")
 
 
 def _int(text: str) -> int:
