@@ -13,6 +13,7 @@ from tdxvirt.domain.policy import DomainPlan, plan_domain
 from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import NotFoundError
 from tdxvirt.facts import HostFacts
+from tdxvirt.host.nvidia import known_bar_sizes
 from tdxvirt.host.pci import PciDevice
 from tdxvirt.lifecycle.assemble import resolve_loader, select_devices
 from tdxvirt.pci import PciAddress
@@ -66,6 +67,24 @@ class LibvirtView(HostFacts):
 REMOTE_H200 = PciDevice(PciAddress.parse("0000:17:00.0"), 0x10DE, 0x233B, 0x030200, 1,
                         "vfio-pci", "7", None, "GH100 [H200 NVL]",
                         (PciAddress.parse("0000:17:00.0"),))
+
+
+# A B200 (0x2901, NVIDIA's tool's id): the 256 GiB large BAR users measured; BAR0 64 MiB
+# and BAR4 32 MiB assumed (no Blackwell sysfs dump is public; only their being small counts).
+def b200(bus: int, group: int) -> FakePciDevice:
+    base = 0x4000_0000_0000 + bus * 0x100_0000_0000
+    bars = ((base, 64 << 20), (base + (1 << 39), 256 << 30), (base + (1 << 40), 32 << 20))
+    resource = "".join(f"{s:#018x} {s + n - 1:#018x} 0x000000000014220c\n" for s, n in bars)
+    return FakePciDevice(f"0000:{bus:02x}:00.0", iommu_group=group, overrides={
+        "device": "0x2901", "numa_node": str(group // 4), "resource": resource + (
+            "0x0000000000000000 0x0000000000000000 0x0000000000000000\n" * 4)})
+
+
+# Two B200s of a remote host, as node devices give them: no BARs (tdxvirt's measured sizes).
+REMOTE_B200S = tuple(PciDevice(PciAddress.parse(f"0000:{bus:02x}:00.0"), 0x10DE, 0x2901, 0x030200, 0,
+                               "vfio-pci", str(group), known_bar_sizes(0x10DE, 0x2901), "GB100 [B200]",
+                               (PciAddress.parse(f"0000:{bus:02x}:00.0"),))
+                     for group, bus in ((1, 0x18), (2, 0x2A)))
 
 
 def files() -> dict[str, str]:
@@ -134,6 +153,14 @@ def scenarios() -> list[Scenario]:
             libvirt_devices=(REMOTE_H200,),
             notes="a remote host's GPU: NUMA from its node device, window given, firmware "
                   "libvirt's pick"),
+        Scenario("mpt-8-b200", {
+            "name": "mpt", "gpus": [f"{bus:02x}:00.0" for bus in H100_BUSES], "vcpus": 64,
+            "memory": "1T"},
+            devices=tuple(b200(bus, i) for i, bus in enumerate(H100_BUSES)),
+            notes="Blackwell multi-GPU passthrough: 8 GPUs, no NVSwitch, a 4 TiB window"),
+        Scenario("remote-mpt-2-b200", {"name": "rmpt", "gpus": ["18:00.0", "2a:00.0"]},
+                 libvirt_devices=REMOTE_B200S,
+                 notes="a remote host's B200s: the window from the measured BAR sizes"),
         Scenario("plain", {
             "name": "plain", "gpus": ["38:00.0"], "tdx": False, "virt_type": "qemu",
             "disk": f["disk.raw"], "memory": "4G", "vcpus": 2, "hugepages": "2M"},
