@@ -155,8 +155,9 @@ def scenarios() -> list[Scenario]:
                   "libvirt's pick"),
         Scenario("mpt-8-b200", {
             "name": "mpt", "gpus": [f"{bus:02x}:00.0" for bus in H100_BUSES], "vcpus": 64,
-            "memory": "1T"},
+            "memory": "1T", "imex_channel": True},
             devices=tuple(b200(bus, i) for i, bus in enumerate(H100_BUSES)),
+            overlay_dir="/var/lib/libvirt/images",
             notes="Blackwell multi-GPU passthrough: 8 GPUs, no NVSwitch, a 4 TiB window"),
         Scenario("remote-mpt-2-b200", {"name": "rmpt", "gpus": ["18:00.0", "2a:00.0"]},
                  libvirt_devices=REMOTE_B200S,

@@ -87,9 +87,16 @@ def test_grub_drop_in_appends_clearcpuid_when_sourced(tmp_path):
     assert result.stdout == "quiet splash clearcpuid=mtrr"
 
 
-def test_no_keys_renders_an_empty_key_list():
-    document = yaml.safe_load(render_user_data(hostname="td", user="tdx", ssh_keys=()))
-    assert document["users"][0]["ssh_authorized_keys"] == []
+def test_no_keys_renders_no_key_list_which_cloud_init_accepts(tmp_path):
+    """An empty ssh_authorized_keys list is one cloud-init's schema refuses ("not valid
+    under any of the given schemas"): without keys the entry is left out."""
+    text = render_user_data(hostname="td", user="tdx", ssh_keys=())
+    assert "ssh_authorized_keys" not in yaml.safe_load(text)["users"][0]
+    rendered = tmp_path / "user-data"
+    rendered.write_text(text)
+    result = subprocess.run(["cloud-init", "schema", "--config-file", str(rendered)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_cloud_init_accepts_the_rendered_user_data(ssh_keys, tmp_path):
@@ -278,3 +285,30 @@ def test_not_an_iso_is_refused(tmp_path):
     junk.write_bytes(b"\0" * 4096)
     with pytest.raises(InputError, match="not a readable ISO"):
         read_seed_iso(junk)
+
+
+def test_imex_channel_is_asked_for_in_the_drivers_own_option_and_cloud_init_accepts_it(tmp_path):
+    """--imex-channel (issue 28): NVIDIA's driver creates IMEX channel 0 when it loads with
+    NVreg_CreateImexChannel0=1; without the flag the file is not written."""
+    wanted = {"path": "/etc/modprobe.d/tdxvirt-nvidia-imex.conf", "permissions": "0644"}
+    with_channel = yaml.safe_load(render_user_data(hostname="td", imex_channel=True))
+    [written] = [f for f in with_channel["write_files"] if f["path"] == wanted["path"]]
+    assert written["permissions"] == wanted["permissions"]
+    assert "options nvidia NVreg_CreateImexChannel0=1\n" in written["content"]
+    without = yaml.safe_load(render_user_data(hostname="td"))
+    assert wanted["path"] not in [f["path"] for f in without["write_files"]]
+    rendered = tmp_path / "user-data"
+    rendered.write_text(render_user_data(hostname="td", imex_channel=True))
+    result = subprocess.run(["cloud-init", "schema", "--config-file", str(rendered)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "Valid cloud-config" in result.stdout, result.stdout + result.stderr
+
+
+def test_imex_channel_with_own_user_data_is_refused_naming_the_option(tmp_path):
+    from tdxvirt.domain.spec import TDSpec
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("#cloud-config\npackages: [htop]\n")
+    with pytest.raises(InputError, match="--imex-channel goes into tdxvirt's user-data"):
+        TDSpec.from_user(name="td", user_data=str(own), imex_channel=True)
+    assert TDSpec.from_user(name="td", imex_channel=True).cloud_init  # it implies the seed

@@ -375,6 +375,9 @@ def main(ctx, uri, sim, host_root, fleet, host_timeout):
               help="Public key for the guest user (implies --cloud-init); repeatable.")
 @click.option("--user-data", metavar="FILE",
               help="Your own cloud-init user-data, replacing tdxvirt's (implies --cloud-init).")
+@click.option("--imex-channel", is_flag=True,
+              help="The first boot makes NVIDIA's driver create IMEX channel 0 (multi-GPU "
+                   "jobs over NVLink; implies --cloud-init).")
 @click.option("--qemu-arg", multiple=True, metavar="ARG",
               help="Your own QEMU argument for <qemu:commandline> (repeat per word, e.g. "
                    "--qemu-arg -msg --qemu-arg timestamp=on); recorded with the TD, so "

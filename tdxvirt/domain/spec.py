@@ -152,6 +152,7 @@ class TDSpec:
     virt_type: str = "kvm"
     cloud_init: bool = False  # attach a NoCloud seed prepared for an H100 in CC mode
     ssh_keys: tuple[str, ...] = ()
+    imex_channel: bool = False  # the first boot creates NVIDIA's IMEX channel 0
     user_data: str | None = None  # the user's own user-data, replacing tdxvirt's
     mmio_window: int | None = None  # bytes; None: sized from the devices' BARs
     qemu_args: tuple[str, ...] = ()  # the user's own QEMU arguments, recorded with the TD
@@ -173,7 +174,8 @@ class TDSpec:
                   ssh_port: int = DEFAULT_SSH_PORT, vsock: bool = False,
                   hugepages: str | None = None, numa: str | None = None,
                   virt_type: str = "kvm", cloud_init: bool = False, ssh_key=(),
-                  user_data: str | None = None, mmio_window: str | None = None,
+                  user_data: str | None = None, imex_channel: bool = False,
+                  mmio_window: str | None = None,
                   qemu_arg=(), os_variant: str | None = None,
                   remote: bool = False) -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field.
@@ -209,6 +211,10 @@ class TDSpec:
             raise InputError(f"invalid --numa {numa!r}: the only placement is 'auto'")
         name = validate_name(name if name is not None else default_name(addresses))
         keys, own_user_data = _first_boot(name, ssh_key, user_data)
+        if imex_channel and own_user_data is not None:
+            raise InputError("--imex-channel goes into tdxvirt's user-data, which --user-data "
+                             "replaces: put `options nvidia NVreg_CreateImexChannel0=1` in a "
+                             "modprobe.d file of your own user-data, or leave out --user-data")
         return cls(
             name=name,
             gpus=addresses,
@@ -240,8 +246,9 @@ class TDSpec:
             hugepages=_choice(hugepages, tuple(HUGEPAGES), "--hugepages"),
             numa_auto=numa == "auto",
             virt_type=_choice(virt_type, ("kvm", "qemu"), "--virt-type"),
-            cloud_init=bool(cloud_init or ssh_key or user_data),
+            cloud_init=bool(cloud_init or ssh_key or user_data or imex_channel),
             ssh_keys=keys,
+            imex_channel=bool(imex_channel),
             user_data=own_user_data,
             mmio_window=None if mmio_window is None else parse_size(mmio_window, "--mmio-window"),
             qemu_args=_qemu_args(qemu_arg, tdx),

@@ -62,6 +62,8 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     _req(_SPDM, "CRYPTO_ECDH", "ECDH key exchange of the GPU's SPDM session (source document)"),
     _req(_SPDM, "CRYPTO_ECDSA", "ECDSA P-384: verifies the GPU's signatures (source document)"),
     _req(_SPDM, "CRYPTO_ECRDSA", "listed by the source document for the SPDM session"),
+    _req(_SPDM, "CRYPTO_KPP", "key-agreement API ECDH registers under; the Blackwell driver's "
+                              "SPDM asks for it (issue 28's sources)"),
     # Without these NVIDIA's build stubs out its kernel-crypto SPDM code (internal_crypt_lib.h).
     _req(_SPDM, "CRYPTO_AEAD", "NVIDIA's driver builds SPDM on kernel crypto only with it"),
     _req(_SPDM, "CRYPTO_AKCIPHER", "NVIDIA's driver builds SPDM on kernel crypto only with it"),

@@ -57,7 +57,7 @@ def render_meta_data(*, instance_id: str, hostname: str) -> str:
 
 
 def plan_seed(*, hostname: str, user: str = DEFAULT_USER, ssh_keys=(), user_data: str | None = None,
-              instance_id: str | None = None) -> Seed:
+              instance_id: str | None = None, imex_channel: bool = False) -> Seed:
     """The seed's contents: tdxvirt's user-data template, or ``user_data`` (replacing it).
 
     ``instance_id`` defaults to a fresh id, so a redefined TD runs its first boot again;
@@ -68,7 +68,8 @@ def plan_seed(*, hostname: str, user: str = DEFAULT_USER, ssh_keys=(), user_data
     if not instance_id.strip() or any(ch in instance_id for ch in "\r\n"):
         raise InputError(f"instance id {instance_id!r} must be one non-empty line")
     if user_data is None:
-        text, default = render_user_data(hostname=hostname, user=user, ssh_keys=ssh_keys), True
+        text, default = render_user_data(hostname=hostname, user=user, ssh_keys=ssh_keys,
+                                         imex_channel=imex_channel), True
     elif list(ssh_keys):
         # The user's own user-data replaces tdxvirt's, which is where keys would go.
         raise InputError("ssh keys cannot be added to your own user-data; put them in it "
@@ -117,10 +118,11 @@ def write_seed_iso(seed: Seed, path: str | Path, mode: int = SEED_MODE) -> Path:
 
 
 def build_seed_iso(path: str | Path, *, hostname: str, user: str = DEFAULT_USER, ssh_keys=(),
-                   user_data: str | None = None, instance_id: str | None = None) -> Seed:
+                   user_data: str | None = None, instance_id: str | None = None,
+                   imex_channel: bool = False) -> Seed:
     """Plan and write a seed ISO at ``path`` in one step; returns what was written."""
     seed = plan_seed(hostname=hostname, user=user, ssh_keys=ssh_keys, user_data=user_data,
-                     instance_id=instance_id)
+                     instance_id=instance_id, imex_channel=imex_channel)
     write_seed_iso(seed, path)
     return seed
 

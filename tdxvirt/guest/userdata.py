@@ -182,7 +182,7 @@ def _environment():
 
 
 def render_user_data(*, hostname: str, user: str = DEFAULT_USER, ssh_keys=(),
-                     template: str = TEMPLATE) -> str:
+                     template: str = TEMPLATE, imex_channel: bool = False) -> str:
     """tdxvirt's default user-data (domains/user-data.j2) for this guest."""
     keys = list(ssh_keys)
     for number, key in enumerate(keys, start=1):  # one valid key per entry, whatever the caller passed
@@ -190,5 +190,5 @@ def render_user_data(*, hostname: str, user: str = DEFAULT_USER, ssh_keys=(),
             raise InputError(f"ssh key {number} must be one public key on one line")
     return _environment().get_template(template).render(
         hostname=check_hostname(hostname), user=check_user(user),
-        ssh_keys=[key.strip() for key in keys]
+        ssh_keys=[key.strip() for key in keys], imex_channel=bool(imex_channel)
     )

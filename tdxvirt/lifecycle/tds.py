@@ -548,7 +548,7 @@ def _create_seed(spec: TDSpec, path: str, uuid: str, owner=None) -> None:
     temporary, cleanup = _private_file(directory, os.path.basename(path), uuid)
     try:
         build_seed_iso(temporary, hostname=hostname_for(spec.name), ssh_keys=spec.ssh_keys,
-                       user_data=spec.user_data)
+                       user_data=spec.user_data, imex_channel=spec.imex_channel)
         _own(temporary, owner, SEED_MODE)
         _place_recorded(temporary, final)
     finally:
