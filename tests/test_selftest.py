@@ -143,3 +143,27 @@ def test_the_console_tail_keeps_the_last_lines_of_a_hostile_guest_safe():
     assert lines[-1] == "last \\x07bell"
     assert lines[0].startswith("xxx") and lines[0].endswith("more characters cut)")
     assert _fenced("text", ["```", "a ````` b"]) == ["``````text", "```", "a ````` b", "``````"]
+
+
+H100_RESOURCE = Path(__file__).resolve().parents[1] / "tdxvirt/sim/data/h100-sxm5-80gb/sysfs/resource"
+
+
+def test_the_mmio_step_reads_the_guests_bars_against_the_hosts_gpu():
+    """The real H100's resource table as its guest saw it: every BAR placed, the 128 GiB
+    BAR as on the host. A BAR the firmware could not place, a guest kernel that shrank the
+    large BAR (reported for a B200 under a 6.8 kernel), and a hostile answer each fail."""
+    from tdxvirt.lifecycle.selftest import guest_bar_problems
+
+    real = H100_RESOURCE.read_text()
+    assert guest_bar_problems({"0000:01:00.0": real}, 128 << 30) == (
+        "pass", "every BAR of 1 NVIDIA device(s) has an address in the guest, the largest "
+                "128G as on the host")
+    unplaced = real.replace("0x0000100000000000 0x0000101fffffffff",
+                            "0x0000000000000000 0x0000001fffffffff")
+    status, detail, remedy = guest_bar_problems({"0000:01:00.0": unplaced}, 128 << 30)
+    assert status == "fail" and "no address for 0000:01:00.0 BAR2" in detail and "--mmio-window" in remedy
+    shrunk = real.replace("0x0000101fffffffff", "0x00001001ffffffff")  # 8 GiB
+    status, detail, remedy = guest_bar_problems({"0000:01:00.0": shrunk}, 256 << 30)
+    assert status == "fail" and "largest BAR of 8G where the host's GPU has 256G" in detail
+    assert "newer guest kernel" in remedy
+    assert guest_bar_problems({"0000:01:00.0": "\x1b[2J not a table\n"}, None)[0] == "fail"

@@ -428,6 +428,7 @@ class SelfTest:
         if self.gpu is None:
             return SKIP, "--no-gpu"
         from ..guest.verify import GuestExec, LibvirtAgentChannel
+        from ..pci import PciAddress
 
         guest = GuestExec(LibvirtAgentChannel(self.conn.lookupByName(self.name), uri=self.report.uri),
                           timeout=30, name=f"TD {self.name!r}")
@@ -435,20 +436,10 @@ class SelfTest:
         devices = [line.rsplit("/", 1)[0] for line in listed.stdout.split() if line.endswith("/vendor")]
         if not devices:
             return FAIL, "the guest sees no NVIDIA device", "check the hostdev and the guest kernel"
-        unassigned = []
-        for device in devices:
-            resources = guest.run(["cat", f"{device}/resource"]).stdout.splitlines()
-            for bar, line in enumerate(resources[:6]):
-                try:  # the guest's answer (capped by GuestExec): a hostile one is a failure
-                    start, end, _ = (int(v, 16) for v in line.split()[:3])
-                except ValueError:
-                    return FAIL, f"the guest's {device}/resource is not sysfs's resource table"
-                if end > start and start == 0:
-                    unassigned.append(f"{device.rsplit('/', 1)[1]} BAR{bar}")
-        if unassigned:
-            return (FAIL, f"the firmware placed no address for {', '.join(unassigned)}",
-                    "the 64-bit MMIO window is too small: redefine with a larger --mmio-window")
-        return PASS, f"every BAR of {len(devices)} NVIDIA device(s) has an address in the guest"
+        tables = {device.rsplit("/", 1)[1]: guest.run(["cat", f"{device}/resource"]).stdout
+                  for device in devices}
+        host_bars = self.facts.device(PciAddress.parse(self.gpu)).bar_sizes
+        return guest_bar_problems(tables, max(host_bars) if host_bars else None)
 
     def _reboot(self):
         from ..virt.conn import libvirt_error_type, translate
@@ -546,6 +537,39 @@ class SelfTest:
         except TdxvirtError:  # absent, or larger than the bound: the report does without
             return []
         return data.decode(errors="replace").splitlines()
+
+
+def guest_bar_problems(tables: dict[str, str], host_largest: int | None) -> tuple[str, ...]:
+    """The MMIO step's result from the guest's sysfs resource tables of its NVIDIA
+    devices (name -> text, the guest's answer: hostile text is a failure, never a
+    traceback): every BAR has an address (the firmware's window fit them), and the
+    largest BAR is as large as the host's GPU's (a guest kernel may resize it: a 6.8
+    kernel shrank a B200's 256 GiB BAR to 8 GiB)."""
+    from ..units import human
+
+    unassigned, largest = [], {}
+    for name, text in tables.items():
+        for bar, line in enumerate(text.splitlines()[:6]):
+            try:
+                start, end, _ = (int(v, 16) for v in line.split()[:3])
+            except ValueError:
+                return FAIL, f"the guest's {name}/resource is not sysfs's resource table"
+            if end > start and start == 0:
+                unassigned.append(f"{name} BAR{bar}")
+            if end > start:
+                largest[name] = max(largest.get(name, 0), end - start + 1)
+    if unassigned:
+        return (FAIL, f"the firmware placed no address for {', '.join(unassigned)}",
+                "the 64-bit MMIO window is too small: redefine with a larger --mmio-window")
+    smaller = {name: size for name, size in largest.items()
+               if host_largest is not None and size < host_largest}
+    if smaller and len(smaller) == len(largest):  # the GPU, whichever guest device it is
+        name, size = next(iter(smaller.items()))
+        return (FAIL, f"the guest's {name} has a largest BAR of {human(size)} where the host's GPU "
+                      f"has {human(host_largest)}: the guest kernel resized it",
+                "boot a newer guest kernel (6.16 kept a B200's BAR; 6.8 shrank it to 8 GiB)")
+    return PASS, f"every BAR of {len(tables)} NVIDIA device(s) has an address in the guest" + (
+        f", the largest {human(max(largest.values()))} as on the host" if largest and host_largest else "")
 
 
 def last_command_line(log: list[str]) -> str | None:
