@@ -31,7 +31,7 @@ LAYERS = {
     1: ["host", "virt", "gpu"],
     2: ["domain"],
     3: ["facts"],
-    4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "build.actions", "build.distro",
+    4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "guest.console_tail", "build.actions", "build.distro",
         "build.edk2", "build.gitops", "build.kconfig", "build.manifest", "build.progress",
         "build.runner", "build.stamps", "build.steps", "attest.quote", "attest.checks",
         "attest.dcap", "attest.evidence", "attest.report", "sim", "enforce",
