@@ -62,8 +62,10 @@ EXAMPLES = r"""
 
 - name: Every check passed
   ansible.builtin.assert:
-    that: ansible_facts.tdxvirt_host.failed == 0
-    fail_msg: "{{ ansible_facts.tdxvirt_host.checks | selectattr('status', 'eq', 'fail') | map(attribute='remedy') | list }}"
+    that: not ansible_facts.tdxvirt_host.failed
+    fail_msg: >-
+      {{ ansible_facts.tdxvirt_host.checks | selectattr('status', 'eq', 'fail')
+         | map(attribute='remedy') | list }}
 """
 
 RETURN = r"""
