@@ -272,3 +272,95 @@ def test_host_apply_and_revert_on_a_fake_host_root(tmp_path):
     assert snapshot(base) == original
     remote = result(tmp_path, {"tdxvirt.tdx.tdx_host": {"uri": "qemu+ssh://gpuhost/system"}})
     assert remote["_status"] == "failed" and remote["msg"].startswith("host setup changes the machine")
+
+
+@pytest.fixture
+def board(tmp_path):
+    """A fake HGX board (8 H100s, 4 NVSwitches on vfio-pci) and the stand-in NVIDIA tool."""
+    from gpu_fakes import StandinTool, build, hgx_devices
+
+    root = build(tmp_path / "r", hgx_devices())
+    return root, StandinTool(root, tmp_path)
+
+
+def gpu_task(root, tool, sim_uri, **options) -> dict:
+    from gpu_fakes import STANDIN
+
+    return {"tdxvirt.tdx.tdx_gpu": {"uri": sim_uri, "host_root": str(root.base),
+                                    "tool": str(STANDIN), **options},
+            "environment": tool.env}
+
+
+def test_gpu_cc_and_ppcie_modes_check_mode_first_then_twice(tmp_path, board, sim_uri):
+    from gpu_fakes import HGX_GPUS, HGX_SWITCHES, STANDIN
+
+    root, tool = board
+    predicted = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[0]], cc_mode="on"),
+                       "--check", "--diff")
+    assert predicted["_status"] == "ok" and predicted["changed"], predicted
+    assert tool.state().get(HGX_GPUS[0], {}).get("cc", "off") == "off"  # a query records "off"
+    assert not any("--set-cc-mode" in run for run in map(" ".join, tool.runs()))
+    dry = subprocess.run([sys.executable, "-c", "from tdxvirt.cli import main; main()", "-c", sim_uri,
+                          "--host-root", str(root.base), "gpu", "cc-mode", HGX_GPUS[0], "--set", "on",
+                          "--dry-run", "--tool", str(STANDIN)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, **tool.env},
+                         check=False)
+    assert dry.returncode == 0, dry.stderr
+    assert predicted["diff"]["prepared"] == dry.stdout
+
+    done = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[0]], cc_mode="on"))
+    assert done["_status"] == "ok" and done["changed"]
+    assert tool.state()[HGX_GPUS[0]]["cc"] == "on"
+    assert [d["result"] for d in done["devices"]] == ["set on (was off), device reset"]
+    again = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[0]], cc_mode="on"))
+    assert again["_status"] == "ok" and not again["changed"]
+    assert [(d["address"], d["cc_mode"]) for d in again["devices"]] == [(HGX_GPUS[0], "on")]
+
+    board_wide = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[5]], ppcie="off"))
+    assert board_wide["_status"] == "ok" and not board_wide["changed"], board_wide  # off already
+    ppcie = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[5]], ppcie="on"))
+    assert ppcie["_status"] == "ok" and ppcie["changed"]
+    assert all(tool.state()[a]["ppcie"] == "on" for a in HGX_GPUS + HGX_SWITCHES)
+    assert not result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[5]], ppcie="on"))["changed"]
+
+
+def test_gpu_bad_parameters_fail_in_tdxvirts_one_line(tmp_path, board, sim_uri):
+    from gpu_fakes import HGX_GPUS, HGX_SWITCHES
+
+    root, tool = board
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-c", "from tdxvirt.cli import main; main()", "-c",
+                               sim_uri, "--host-root", str(root.base), "gpu", *args],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **tool.env}, check=False)
+        assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr.strip().removeprefix("tdxvirt: error: ")
+
+    both = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_GPUS[0]], cc_mode="on", ppcie="on"))
+    assert both["_status"] == "failed"
+    assert both["msg"] == cli("cc-mode", HGX_GPUS[0], "--set", "on", "--ppcie", "on")
+    switch = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=[HGX_SWITCHES[0]], cc_mode="on"))
+    assert switch["_status"] == "failed" and "NVSwitch" in switch["msg"]
+    assert switch["msg"] == cli("cc-mode", HGX_SWITCHES[0], "--set", "on", "--dry-run")
+    missing = result(tmp_path, gpu_task(root, tool, sim_uri, gpus=["77:00.0"], driver="vfio"))
+    assert missing["_status"] == "failed" and "\n" not in missing["msg"]
+    assert missing["msg"] == cli("detach", "77:00.0", "--dry-run")
+    remote = result(tmp_path, gpu_task(root, tool, "qemu+ssh://gpuhost/system", cc_mode="on"))
+    assert remote["_status"] == "failed" and "names another host" in remote["msg"]
+    assert not any("--set-" in run for run in map(" ".join, tool.runs()))  # nothing was set
+
+
+def test_gpu_on_the_simulated_host_is_left_as_it_is(tmp_path, sim, cc_on):
+    """The emulated host's H100 is on vfio-pci and (cc_on) in CC mode: asked for both,
+    nothing moves or switches, in check mode or not."""
+    task = {"tdxvirt.tdx.tdx_gpu": {"sim": True, "gpus": ["all"], "driver": "vfio", "cc_mode": "on"}}
+    runs = Path(sim.gpu_tool_env["STANDIN_RECORD"])
+    seen = runs.read_text() if runs.exists() else ""
+    for flags in (("--check", "--diff"), ()):
+        answer = result(tmp_path, task, *flags)
+        assert answer["_status"] == "ok" and not answer["changed"], answer
+        assert [(d["address"], d["cc_mode"]) for d in answer["devices"]] == [("0000:38:00.0", "on")]
+        assert "diff" not in answer
+    now = runs.read_text() if runs.exists() else ""
+    assert "--set-cc-mode" not in now[len(seen):]  # only queries ran
