@@ -364,3 +364,26 @@ def test_gpu_on_the_simulated_host_is_left_as_it_is(tmp_path, sim, cc_on):
         assert "diff" not in answer
     now = runs.read_text() if runs.exists() else ""
     assert "--set-cc-mode" not in now[len(seen):]  # only queries ran
+
+
+def test_attest_fails_the_task_with_tdxvirts_line(tmp_path, qemu_conn, td_name, cc_on):
+    """The emulated host runs QEMU without tdx-guest: no TD there can pass attestation."""
+    def attest(**options):
+        return result(tmp_path, {"tdxvirt.tdx.tdx_attest": {"name": td_name, "sim": True,
+                                                            "timeout": 2, **options}})
+
+    unknown = attest()
+    assert unknown["_status"] == "failed" and not unknown["changed"]
+    assert unknown["msg"] == cli_error("guest", "attest", td_name, "--timeout", "2")
+    assert result(tmp_path, td_task(td_name, "present"))["changed"]
+    stopped = attest()
+    assert stopped["_status"] == "failed" and "is not running" in stopped["msg"]
+    assert stopped["msg"] == cli_error("guest", "attest", td_name, "--timeout", "2")
+    bad_url = attest(pccs_url="pccs.example")
+    assert bad_url["_status"] == "failed" and "http(s)://" in bad_url["msg"]
+
+    assert result(tmp_path, td_task(td_name, "running"))["changed"]
+    running = attest()  # no guest OS, so no agent: the quote cannot even be asked for
+    assert running["_status"] == "failed" and "\n" not in running["msg"], running
+    assert running["msg"] == cli_error("guest", "attest", td_name, "--timeout", "2")
+    assert state_of(qemu_conn, td_name) == "running"  # attesting changed nothing
