@@ -40,7 +40,8 @@ def play(tmp_path: Path, tasks: list[dict], *flags: str) -> list[dict]:
     env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(REPO),
            "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "record_results",
            "TDXVIRT_ANSIBLE_RECORD": str(record), "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
-           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
+           "ANSIBLE_REMOTE_TMP": str(tmp_path / "ansible-remote-tmp"), "ANSIBLE_NOCOLOR": "1",
            "ANSIBLE_LOCALHOST_WARNING": "false", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "false",
            "ANSIBLE_RETRY_FILES_ENABLED": "false", "ANSIBLE_DEPRECATION_WARNINGS": "false",
            "PYTHONWARNINGS": "ignore"}

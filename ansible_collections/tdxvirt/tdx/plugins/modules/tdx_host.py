@@ -13,7 +13,7 @@ module: tdx_host
 short_description: Set a host up for TDs with GPUs (tdxvirt host setup), or revert it
 description:
   - C(state=present) runs tdxvirt's host setup on the managed host through the tdxvirt
-    library (the functions C(tdxvirt host setup) calls): kernel arguments, modprobe.d,
+    library (the functions C(tdxvirt host setup) calls) - kernel arguments, modprobe.d,
     qemu.conf, libvirt's hook, then the commands they need (the boot loader's update,
     libvirtd's restart). C(state=absent) restores what setup changed from its backups
     (C(host setup --revert)).
