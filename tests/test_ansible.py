@@ -388,3 +388,30 @@ def test_attest_fails_the_task_with_tdxvirts_line(tmp_path, qemu_conn, td_name, 
     assert running["_status"] == "failed" and "\n" not in running["msg"], running
     assert running["msg"] == cli_error("guest", "attest", td_name, "--timeout", "2")
     assert state_of(qemu_conn, td_name) == "running"  # attesting changed nothing
+
+
+def test_the_docs_playbook_runs_in_check_mode_on_the_simulated_host(tmp_path, qemu_conn, sim, cc_on):
+    """docs/ansible.md's playbook (the file, verbatim in the page) on the emulated host in
+    check mode: every task passes and predicts, nothing is defined or set up (attestation
+    needs the TD it would define: skipped by its tag)."""
+    book = REPO / "ansible_collections/tdxvirt/tdx/playbooks/gpu_tds.yml"
+    assert f"```yaml\n{book.read_text()}```" in (REPO / "docs/ansible.md").read_text()
+    name = f"ans-{uuid.uuid4().hex[:8]}"
+    conf = (sim.chroot / QEMU_CONF).read_bytes()
+    record = tmp_path / "book.jsonl"
+    tds = [{"name": name, "gpus": ["38:00.0"], "memory": "1G", "vcpus": 1, "allow_shared": True}]
+    env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(REPO),
+           "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACKS), "ANSIBLE_CALLBACKS_ENABLED": "record_results",
+           "TDXVIRT_ANSIBLE_RECORD": str(record), "ANSIBLE_HOME": str(tmp_path / "home"),
+           "ANSIBLE_REMOTE_TMP": str(tmp_path / "remote-tmp"), "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([str(PLAYBOOK), "-i", "localhost,", "-c", "local", "--check", "--diff",
+                           "--skip-tags", "attest", "-e", f"ansible_python_interpreter={sys.executable}",
+                           "-e", json.dumps({"tdx_hosts": "localhost", "tdx_become": False,
+                                             "tdx_sim": True, "tdx_tds": tds}), str(book)],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = {r["task"]: r for r in map(json.loads, record.read_text().splitlines())}
+    assert all(r["status"] in ("ok", "skipped") for r in results.values()), results
+    assert results["The TDs, defined and running"]["result"]["changed"]
+    assert results["Every GPU on vfio-pci, in CC mode"]["status"] == "ok"
+    assert name not in names(qemu_conn) and (sim.chroot / QEMU_CONF).read_bytes() == conf
