@@ -44,6 +44,18 @@ class CollateralSource:
     collateral: dcap_verifier.Collateral | None = None
     pccs_url: str | None = None
 
+    @classmethod
+    def chosen(cls, collateral: str | None, pccs_url: str | None) -> CollateralSource:
+        """The collateral file given (read now, before the guest is asked anything: a bad
+        file changes nothing), else the PCCS given, else the config file's pccs_url."""
+        if collateral:
+            return cls(collateral=dcap_verifier.load_collateral(collateral), pccs_url=pccs_url)
+        if pccs_url:
+            return cls(pccs_url=pccs_url)
+        from ..config import load_config
+
+        return cls(pccs_url=load_config().pccs_url)
+
     def resolve(self, raw_quote: bytes) -> tuple[dcap_verifier.Collateral | None, str]:
         if self.collateral is not None:
             return self.collateral, ""

@@ -38,6 +38,25 @@ def _os_error_line(error: OSError) -> str:
     return f"{error.strerror or error}{where}; {remedy}"
 
 
+def error_line(error: BaseException) -> tuple[str, int] | None:
+    """The message (before remedies are targeted and control characters escaped) and
+    exit code a failure ends with: tdxvirt's own errors; an OS error tdxvirt did not
+    word itself (a full or read-only disk, a quota, no file descriptors left); a libvirt
+    call the library did not wrap (the daemon vanished between two calls, say). None for
+    anything else (a bug: its traceback is shown). The CLI and the Ansible modules
+    (ansible_collections/tdxvirt/tdx) end with these same lines."""
+    if isinstance(error, TdxvirtError):
+        return str(error), error.exit_code
+    if isinstance(error, OSError):
+        return _os_error_line(error), 1
+    if type(error).__module__ == "libvirt":
+        from ..virt.conn import translate
+
+        translated = translate(error, "libvirt")
+        return str(translated), translated.exit_code
+    return None
+
+
 def _fail(message: str, code: int) -> None:
     from .remedies import targeted
 
@@ -76,7 +95,7 @@ class TdxvirtGroup(click.Group):
         try:
             result = super().main(args, prog_name or "tdxvirt", standalone_mode=False, **extra)
         except TdxvirtError as error:
-            _fail(str(error), error.exit_code)
+            _fail(*error_line(error))
         except click.UsageError as error:
             if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:
                 # `tdxvirt` or `tdxvirt gpu` alone: the help, as git and virsh print it
@@ -88,19 +107,11 @@ class TdxvirtGroup(click.Group):
             _fail(error.format_message(), error.exit_code)
         except (click.Abort, KeyboardInterrupt):
             _fail("interrupted", 130)
-        except OSError as error:
-            # Where tdxvirt writes it says so in its own words; any other OS error (a full
-            # or read-only disk, a quota, no file descriptors left) is one line too.
-            _fail(_os_error_line(error), 1)
         except Exception as error:
-            # Any libvirt call the library did not wrap (the daemon vanished between two
-            # calls, say) still ends as one line, never a traceback.
-            if type(error).__module__ != "libvirt":
+            line = error_line(error)
+            if line is None:
                 raise
-            from ..virt.conn import translate
-
-            translated = translate(error, "libvirt")
-            _fail(str(translated), translated.exit_code)
+            _fail(*line)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -416,19 +427,24 @@ def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
         _warn(td.plan.warnings)
         click.echo(td.xml, nl=False)
         if dry_run:
-            from ..textsafe import safe
-
-            plan = td.plan
-            made = [(plan.disk.path, f"qcow2 overlay on {plan.disk.overlay_base}")] \
-                if plan.disk and plan.disk.overlay_base else []
-            made += [(plan.seed, "cloud-init seed ISO")] if plan.seed else []
-            for path, what in made:
-                click.echo(f"would create {safe(path)} ({safe(what)})")
-            click.echo(f"would define {plan.name!r} at {safe(session.uri)} (dry run: nothing was changed)")
+            for line in define_dry_run_lines(td.plan, session.uri):
+                click.echo(line)
         return
     td = tds.define_td(session.conn(), session.facts(), spec)
     _warn(td.plan.warnings)
     _describe(td, session.uri)
+
+
+def define_dry_run_lines(plan, uri: str) -> list[str]:
+    """What `define --dry-run` says after the XML: the files it would create, and where
+    it would define the TD (the Ansible module tdx_td shows the same in its diff)."""
+    from ..textsafe import safe
+
+    made = [(plan.disk.path, f"qcow2 overlay on {plan.disk.overlay_base}")] \
+        if plan.disk and plan.disk.overlay_base else []
+    made += [(plan.seed, "cloud-init seed ISO")] if plan.seed else []
+    return [f"would create {safe(path)} ({safe(what)})" for path, what in made] + \
+        [f"would define {plan.name!r} at {safe(uri)} (dry run: nothing was changed)"]
 
 
 def _gpus_to_pick(gpus: tuple[str, ...], count: int | None, ppcie: bool,
@@ -579,11 +595,10 @@ def start(session, name, skip_preflight, console, gpu_tool):
 @pass_session
 def stop(session, name, timeout, force):
     """Shut a TD down through ACPI and wait for it to power off."""
-    from ..errors import LibvirtOperationError
     from ..lifecycle import tds
 
     domain = tds.lookup(session.conn(), name)
-    label, uuid = _quoted(domain.name()), domain.UUIDString()
+    label = _quoted(domain.name())
     shown = [0]
 
     def progress(elapsed):
@@ -592,15 +607,9 @@ def stop(session, name, timeout, force):
             click.echo(f"tdxvirt: waiting for {label} to power off ({shown[0]}/{timeout:g} s)",
                        err=True)
 
-    if tds.stop(session.conn(), domain, timeout=timeout, progress=progress):
+    if tds.stop_or_destroy(session.conn(), domain, timeout, force, progress) == "stopped":
         click.echo(f"{label} is shut off")
         return
-    if not force:
-        raise LibvirtOperationError(
-            f"{label} did not power off within {timeout:g} s; `tdxvirt stop {uuid} --force` "
-            f"or `tdxvirt destroy {uuid}` powers it off at once"
-        )
-    tds.destroy(session.conn(), domain)
     click.echo(f"{tds.resolved(domain)} did not power off within {timeout:g} s; destroyed it")
 
 

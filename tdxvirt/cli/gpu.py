@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import dataclass
 from typing import Callable
 
@@ -206,38 +205,13 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
         _fleet_failed(answers)
 
     def _refuse_under_running_domains(session, targets, what: str, groups: bool) -> None:
-        """A reset, reattach or mode switch of a GPU libvirt runs a domain with pulls it
-        from under that TD: refused from libvirt's answer (a QEMU holding its vfio files
-        is refused too, further down). ``groups``: the IOMMU groups' endpoints move too."""
-        from ..errors import DeviceBusyError, TdxvirtError
-        from ..gpu.groups import read_group
-        from ..lifecycle.assemble import all_gpu_holders
-        from ..textsafe import safe
+        from ..lifecycle.gpuops import refuse_under_running_domains
 
-        try:
-            conn = hooks.libvirt_conn(session) if hooks.libvirt_conn else session.conn()
-            held = all_gpu_holders(conn, running_only=True)
-        except TdxvirtError as error:  # no libvirt here: no domain of its runs either
-            click.echo(f"tdxvirt: note: libvirt could not say which domains run "
-                       f"({safe(str(error))}); only processes holding the GPUs' files are "
-                       "checked", err=True)
-            return
-        addresses = []
-        for device in targets:
-            addresses.append(str(device.address))
-            if groups and device.iommu_group is not None:
-                try:
-                    addresses += [str(m.address) for m in read_group(session.host, device).endpoints]
-                except TdxvirtError:
-                    pass  # read again, and refused with its reason, by the move itself
-        for address in dict.fromkeys(addresses):
-            if address in held:
-                names = held[address]
-                raise DeviceBusyError(
-                    f"{address} is passed through to running domain {safe(repr(names[0]))}"
-                    + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-                    + f"; {what} would pull it from under that TD: stop it first "
-                    f"(`tdxvirt stop {safe(shlex.quote(names[0]))}`)")
+        note = refuse_under_running_domains(
+            lambda: hooks.libvirt_conn(session) if hooks.libvirt_conn else session.conn(),
+            session.host, targets, what, groups)
+        if note:
+            click.echo(f"tdxvirt: note: {note}", err=True)
 
     def _move(session, bdfs, method, dry_run, action, force=False, reset=False):
         from ..gpu import devices, privilege, vfio
@@ -316,13 +290,11 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
     @click.pass_obj
     def cc_mode(session, bdfs, cc, ppcie, tool, dry_run, as_json):
         """Query (default) or set CC / PPCIe mode with NVIDIA's gpu-admin-tools, by BDF."""
-        from ..errors import InputError
-        from ..gpu import admin_tool, ccmode, devices, privilege
+        from ..gpu import admin_tool, ccmode, privilege
+        from ..lifecycle.gpuops import check_mode_request, mode_dry_run_lines, mode_targets
 
         _this_machine_only(session, "tdxvirt gpu cc-mode")
-        if cc and ppcie:
-            raise InputError("--set (CC mode) and --ppcie are exclusive: PPCIe mode runs "
-                             "with CC off; choose one")
+        check_mode_request(cc, ppcie)
         setting = cc or ppcie
         if setting and not dry_run:
             privilege.require_root("tdxvirt gpu cc-mode --set/--ppcie", privilege.CHANGES_MODE,
@@ -331,17 +303,11 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             privilege.require_root("tdxvirt gpu cc-mode", privilege.READS_REGISTERS,
                                    hooks.euid, dry_run_hint=False)
         host = session.host
-        targets = devices.read_targets(host, bdfs)
-        if ppcie:
-            board = ccmode.ppcie_targets(host, targets)
-            extra = [str(d.address) for d in board if d not in targets]
-            if extra:
-                from ..textsafe import safe
+        targets, extra = mode_targets(host, bdfs, cc, ppcie)
+        if extra:
+            from ..textsafe import safe
 
-                click.echo(f"PPCIe is board-wide: also setting {safe(', '.join(extra))}", err=True)
-            targets = board
-        elif cc:
-            ccmode.cc_targets(targets)
+            click.echo(f"PPCIe is board-wide: also setting {safe(', '.join(extra))}", err=True)
         if setting:  # the switch resets the GPU
             _refuse_under_running_domains(session, targets, "a mode switch (with its reset)",
                                           groups=False)
@@ -355,14 +321,8 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
                                        f"{failed[0].result.removeprefix('FAILED: ')}", results)
             return
         if dry_run:
-            ccmode.require_vfio_first(targets)
-            ccmode.require_idle(host, targets)
-            click.echo("cc-mode (dry run, nothing changed): devices already in that mode are "
-                       "skipped; each run is followed by a query to check the mode")
-            from ..textsafe import safe
-
-            for argv in ccmode.set_commands(tool_cmd, targets, setting, bool(ppcie)):
-                click.echo("  " + safe(shlex.join(argv)))
+            for line in mode_dry_run_lines(host, tool_cmd, targets, setting, bool(ppcie)):
+                click.echo(line)
             return
         try:
             if ppcie:

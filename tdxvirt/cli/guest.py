@@ -141,16 +141,10 @@ def attest(session, name, nonce, collateral, pccs_url, firmware, page_order, tim
     quote's signature verified; else 1.
     """
     from ..attest import AttestationFailedError
-    from ..attest.dcap import load_collateral
     from ..attest.report import CollateralSource, attest_domain, predictor
 
     # Inputs are read before the guest is asked anything: a bad file changes nothing.
-    source = CollateralSource(collateral=load_collateral(collateral) if collateral else None,
-                              pccs_url=pccs_url)
-    if not collateral and not pccs_url:
-        from ..config import load_config
-
-        source = CollateralSource(pccs_url=load_config().pccs_url)
+    source = CollateralSource.chosen(collateral, pccs_url)
     conn = session.conn()
     facts = session.facts(conn)
     report = attest_domain(conn, name, nonce, predictor(conn, facts, page_order, firmware), source,

@@ -128,15 +128,12 @@ def _check_fleet(ctx, session, addresses, as_json) -> None:
 @click.pass_context
 def setup(ctx, dry_run, revert, user, group, security_driver, legacy_vfio, run_below_root):
     """Configure this host for TDs with GPUs (modprobe.d, kernel args, qemu.conf)."""
-    from ..doctor.context import is_remote
     from ..errors import InputError
     from ..hostcfg import setup as host_setup
     from ..hostcfg.plan import render_step
 
     session = ctx.obj
-    if is_remote(session.uri):
-        raise InputError(f"host setup changes the machine it runs on, and {session.uri} names "
-                         "another host; run tdxvirt host setup on that host")
+    host_setup.require_local(session.uri)
     if revert and (user or group or legacy_vfio or security_driver != "none"):
         raise InputError("--revert takes no other setup options (it restores the backups)")
     host_setup.check_privileges(dry_run)

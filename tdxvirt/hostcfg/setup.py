@@ -151,6 +151,16 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
     )
 
 
+def require_local(uri: str) -> None:
+    """Setup changes the machine it runs on: a URI naming another host is refused
+    (`host setup`, the Ansible module tdx_host)."""
+    from ..doctor.context import is_remote
+
+    if is_remote(uri):
+        raise InputError(f"host setup changes the machine it runs on, and {uri} names "
+                         "another host; run tdxvirt host setup on that host")
+
+
 def check_privileges(dry_run: bool, euid: int | None = None) -> None:
     if dry_run:
         return

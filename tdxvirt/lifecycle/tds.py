@@ -651,6 +651,26 @@ def stop(conn, name, timeout: float = 120.0, poll: float = 0.5, progress=None) -
     return True
 
 
+def stop_or_destroy(conn, name, timeout: float = 120.0, force: bool = False,
+                    progress=None) -> str:
+    """``stop``, then with ``force`` ``destroy`` a TD that did not power off within
+    ``timeout`` s: "stopped" (shut off, or already off) or "destroyed"; without
+    ``force`` a TD still running is a LibvirtOperationError naming both ways to power
+    it off (`tdxvirt stop`, the Ansible module tdx_td)."""
+    domain = lookup(conn, name)
+    if stop(conn, domain, timeout=timeout, progress=progress):
+        return "stopped"
+    if not force:
+        from ..textsafe import quoted
+
+        uuid = domain.UUIDString()
+        raise LibvirtOperationError(
+            f"{quoted(domain.name())} did not power off within {timeout:g} s; `tdxvirt stop {uuid} "
+            f"--force` or `tdxvirt destroy {uuid}` powers it off at once")
+    destroy(conn, domain)
+    return "destroyed"
+
+
 def destroy(conn, name) -> bool:
     """Power a TD off at once; False when it was not running."""
     domain = lookup(conn, name)
