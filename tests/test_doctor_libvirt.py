@@ -224,7 +224,7 @@ def test_remote_uri_reads_gpus_from_node_devices_and_skips_sysfs(tmp_path, ready
     # cannot be listed either.
     assert skipped == ["cpu: TDX", "kernel config", "kernel command line", "vfio",
                        "qemu: tdx-guest", "ovmf: TDX firmware", "qemu.conf", "libvirt hook",
-                       "passt (--network user)", "interrupted changes"]
+                       "passt (--network user)", "interrupted changes", "gpu host"]
     gpu = by_name(checks)
     assert gpu["gpu 0000:38:00.0: driver"].status == "skip"  # the test driver drops drivers
     assert gpu["gpu 0000:38:00.0: iommu group"].status == "warn"
