@@ -118,6 +118,7 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
     with _Lock(ctx.workdir):
         previous: dict[str, str] = {}
         redo: set[str] = set()  # components whose remaining steps must all run
+        ran: set[str] = set()  # components with a step that ran (their artifacts are new)
         for number, step in enumerate(steps, 1):
             try:
                 inputs = step.inputs(ctx)
@@ -138,6 +139,7 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
                 results = step.results(ctx)
                 ctx.stamps.record(step.id, key, inputs, results)
                 summary.executed.append(step.id)
+                ran.add(step.component)
                 # a step that ran again with the same inputs and the same outcome (a
                 # refetch finding no new commit, a deleted output rebuilt) leaves the
                 # later steps to their own stamps; anything else redoes them all
@@ -145,7 +147,9 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
                     redo.add(step.component)
             previous[step.component] = key
             if last_of[step.component] == number and step.component in COMPONENTS:
-                if artifacts_record.update(record_file, step.component, artifact_entry(ctx, step.component)):
+                previous_entry = artifacts_record.load(record_file).get(step.component)
+                entry = artifact_entry(ctx, step.component, previous_entry, rebuilt=step.component in ran)
+                if artifacts_record.update(record_file, step.component, entry):
                     summary.recorded.append(step.component)
     reporter.finished(summary)
     return summary

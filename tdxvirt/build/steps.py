@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import COMPONENTS, BuildFailedError, edk2, gitops, kconfig
+from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig
 from .actions import Command, CopyFile, WriteFile
 from .manifest import Manifest, PatchSet, Repo
 from .stamps import StampStore, file_digest
@@ -384,17 +384,42 @@ def artifact_paths(ctx: Context, component: str) -> dict[str, str]:
     return {name: str(path) for name, path in paths.items() if path and os.path.exists(path)}
 
 
-def artifact_entry(ctx: Context, component: str) -> dict:
-    """One component's record: its artifacts and where its sources came from."""
+def artifact_digests(paths: dict[str, str], previous: dict | None, rebuilt: bool) -> dict[str, dict]:
+    """Each artifact file's SHA-256 and size (folders have none).
+
+    When no step of the component ran (``rebuilt`` false), the digests recorded before
+    are kept for unchanged paths: the files were not made again, so a file replaced at
+    such a path since must not become "the build's" by a run that built nothing.
+    """
+    previous = previous if isinstance(previous, dict) else {}
+    old_paths, old_digests = previous.get("artifacts") or {}, previous.get("digests") or {}
+    found = {}
+    for name, path in paths.items():
+        if os.path.isdir(path):
+            continue
+        if not rebuilt and old_paths.get(name) == path and isinstance(old_digests.get(name), dict):
+            found[name] = old_digests[name]
+            continue
+        try:
+            found[name] = digests.digest(path).to_json()
+        except digests.DigestError as error:
+            raise BuildFailedError(f"cannot record the {name} artifact: {error}") from None
+    return found
+
+
+def artifact_entry(ctx: Context, component: str, previous: dict | None = None, rebuilt: bool = True) -> dict:
+    """One component's record: its artifacts, their digests and where its sources came from."""
     stamps = ctx.stamps
     repo = ctx.manifest.component(component).repo
     fetched = stamps.results(f"{component}.fetch").get("revision")
     patched = stamps.results(f"{component}.patch")
+    paths = artifact_paths(ctx, component)
     entry = {
         "url": repo.url, "ref": repo.ref, "revision": fetched,
         "patched_revision": patched.get("revision", fetched),
         "patches": patched.get("patches", []),
-        "artifacts": artifact_paths(ctx, component),
+        "artifacts": paths,
+        "digests": artifact_digests(paths, previous, rebuilt),
         "manifest": ctx.manifest.path, "workdir": str(ctx.workdir),
     }
     if component == "kernel":

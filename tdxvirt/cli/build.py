@@ -220,15 +220,18 @@ def _print_builds(record: dict, components) -> None:
 @build.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json):
-    """Show the recorded artifacts and the sources they were built from."""
-    import os
-
+    """Show the recorded artifacts, their SHA-256, and the sources they were built from;
+    flag an artifact whose file changed or is gone since it was recorded."""
     from ..build import artifacts
 
     file = artifacts.record_file()
     record = artifacts.load(file)
+    checks = artifacts.check_record(record)
     if as_json:
-        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        shown = {component: {**entry, "checks": {name: {"state": c.state, "detail": c.detail}
+                                                 for name, c in checks.get(component, {}).items()}}
+                 if isinstance(entry, dict) else entry for component, entry in record.items()}
+        click.echo(json.dumps(shown, indent=2, sort_keys=True))
         return
     if not record:
         click.echo(f"Nothing built yet ({file} does not exist); `tdxvirt build run` builds")
@@ -243,12 +246,23 @@ def status(as_json):
         if patched and patched != entry.get("revision"):
             revision += f" -> {patched[:12]}"
         paths = entry.get("artifacts", {}) or {"-": ""}
+        recorded = entry.get("digests") or {}
         for name, path in paths.items():
-            missing = "" if not path or os.path.exists(path) else " (missing)"
-            rows.append([component, name, f"{path}{missing}", entry.get("ref", "?"), revision,
+            check = checks.get(component, {}).get(name)
+            note = f" ({check.state})" if check is not None and check.state in ("missing", "changed") else ""
+            digest = recorded.get(name) if isinstance(recorded.get(name), dict) else {}
+            rows.append([component, name, f"{path}{note}", str(digest.get("sha256", "-"))[:16],
+                         digest.get("size", "-"), entry.get("ref", "?"), revision,
                          ", ".join(entry.get("patches", [])) or "-", entry.get("recorded_at", "?")])
-    click.echo(tabulate(rows, headers=["COMPONENT", "ARTIFACT", "PATH", "REF", "REVISION",
+    click.echo(tabulate(rows, headers=["COMPONENT", "ARTIFACT", "PATH", "SHA-256", "SIZE", "REF", "REVISION",
                                        "PATCH SETS", "RECORDED"]))
+    for component, found in sorted(checks.items()):
+        for name, check in found.items():
+            if check.state in ("missing", "changed", "unreadable"):
+                click.echo(f"NOT AS BUILT: {component} {name}: {check.detail}; "
+                           f"`tdxvirt build run {component}` builds and records it again")
+            elif check.state == "unrecorded":
+                click.echo(f"no digest: {component} {name}: {check.detail}")
     used = artifacts.builds(record)
     if used:
         click.echo("define uses: " + "; ".join(
