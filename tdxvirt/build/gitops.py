@@ -9,6 +9,7 @@ mbox, the patch and the files it could not change.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -103,6 +104,35 @@ def revision(tree: Path, ref: str = "HEAD") -> str | None:
                                 capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise BuildFailedError("git is not installed; install it (Debian: git)") from None
+    return result.stdout.strip() or None
+
+
+def local_source(url: str) -> Path | None:
+    """The folder of a repository given as a local path or file:// URL, else None."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url or not url.startswith("/"):
+        return None
+    return Path(url)
+
+
+def source_revision(url: str, ref: str) -> str | None:
+    """The commit ``ref`` names in a local source repository now (None for a remote URL,
+    or when the repository cannot say).
+
+    Reading it costs no network, so a local source (a mirror, build-smoke's tree) is
+    checked on every run: a tag moved or a branch advanced there refetches without
+    ``--update``. ``rev-parse`` resolves a name the way ``git fetch`` does (refs/NAME,
+    refs/tags/NAME, refs/heads/NAME, ...).
+    """
+    folder = local_source(url)
+    if folder is None:
+        return None
+    # safe.directory on the command line only: a mirror owned by another user is read,
+    # the user's git configuration is left alone
+    result = subprocess.run(["git", "-c", f"safe.directory={folder}", "-C", str(folder), "rev-parse",
+                             "--verify", "--quiet", "--end-of-options", ref + "^{commit}"],
+                            capture_output=True, text=True, check=False, env={**os.environ, **GIT_ENV})
     return result.stdout.strip() or None
 
 

@@ -87,8 +87,14 @@ class Fetch(Step):
         return gitops.fetch_commands(self.repo, ctx.tree(self.repo.name))
 
     def inputs(self, ctx):
-        return {"url": self.repo.url, "ref": self.repo.ref, "submodules": self.repo.submodules,
-                "depth": self.repo.depth}
+        inputs = {"url": self.repo.url, "ref": self.repo.ref, "submodules": self.repo.submodules,
+                  "depth": self.repo.depth}
+        # a local source says what its ref is now: a moved tag or branch refetches. A
+        # remote one is asked only with --update (no network on a run with nothing to do)
+        now = gitops.source_revision(self.repo.url, self.repo.ref)
+        if now is not None:
+            inputs["source_revision"] = now
+        return inputs
 
     def outputs(self, ctx):
         return [ctx.tree(self.repo.name) / ".git"]
