@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from click.testing import CliRunner
-from test_build_runner import Sources, library_run
+from test_build_runner import Sources, library_run, provide_qemu_libraries
 
 from tdxvirt.build import artifacts, digests
 from tdxvirt.cli import TdxvirtGroup
@@ -79,6 +79,11 @@ def _error_of(path) -> str:
     with pytest.raises(digests.DigestError) as caught:
         digests.digest(path)
     return str(caught.value)
+
+
+@pytest.fixture(autouse=True)
+def qemu_libraries(tmp_path, monkeypatch):
+    provide_qemu_libraries(tmp_path / "pkgconfig", monkeypatch)
 
 
 @pytest.fixture

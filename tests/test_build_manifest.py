@@ -101,7 +101,7 @@ def test_the_source_documents_plan_matches_its_steps(tmp_path):
     assert "fetch origin edk2-stable202405" in commands["ovmf", "fetch"]
     assert "submodule update --init" in commands["ovmf", "fetch"]
     ovmf = commands["ovmf", "configure"]
-    assert "make -C BaseTools" in ovmf and ". ./edksetup.sh" in ovmf
+    assert "make -j4 -C BaseTools" in ovmf and ". ./edksetup.sh" in ovmf
     assert f"write {w}/src/ovmf/Conf/target.txt:\n" + "".join(
         f"    {line}\n" for line in DOC_TARGET_TXT.splitlines()) in ovmf + "\n"
     assert "defines TOOL_CHAIN_TAG GCC6" in ovmf

@@ -109,6 +109,21 @@ configure = {json.dumps(configure)}
         return path
 
 
+def provide_qemu_libraries(directory: Path, monkeypatch) -> None:
+    """Real pkg-config files for the libraries QEMU's configure step needs (glib, zlib, slirp):
+    the prerequisites check asks pkg-config, as QEMU's meson does, and this machine
+    need not have libglib2.0-dev (or libslirp-dev for --enable-slirp) for the tiny QEMU."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("glib-2.0", "zlib", "slirp"):
+        (directory / f"{name}.pc").write_text(f"Name: {name}\nDescription: for the tests\nVersion: 99\n")
+    monkeypatch.setenv("PKG_CONFIG_PATH", str(directory))
+
+
+@pytest.fixture(autouse=True)
+def qemu_libraries(tmp_path, monkeypatch):
+    provide_qemu_libraries(tmp_path / "pkgconfig", monkeypatch)
+
+
 @pytest.fixture
 def sources(tmp_path) -> Sources:
     return Sources(tmp_path)

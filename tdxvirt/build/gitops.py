@@ -130,9 +130,12 @@ def source_revision(url: str, ref: str) -> str | None:
         return None
     # safe.directory on the command line only: a mirror owned by another user is read,
     # the user's git configuration is left alone
-    result = subprocess.run(["git", "-c", f"safe.directory={folder}", "-C", str(folder), "rev-parse",
-                             "--verify", "--quiet", "--end-of-options", ref + "^{commit}"],
-                            capture_output=True, text=True, check=False, env={**os.environ, **GIT_ENV})
+    try:
+        result = subprocess.run(["git", "-c", f"safe.directory={folder}", "-C", str(folder), "rev-parse",
+                                 "--verify", "--quiet", "--end-of-options", ref + "^{commit}"],
+                                capture_output=True, text=True, check=False, env={**os.environ, **GIT_ENV})
+    except FileNotFoundError:
+        return None  # no git: the prerequisites check names it
     return result.stdout.strip() or None
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, TdxvirtError
-from . import COMPONENTS, BuildFailedError
+from . import COMPONENTS, BuildFailedError, prereqs
 from . import artifacts as artifacts_record
 from .actions import CommandResult
 from .stamps import step_key
@@ -76,6 +76,20 @@ def states(steps: list[Step], ctx: Context, update: bool = False) -> list[StepSt
     return found
 
 
+def todo_steps(steps: list[Step], ctx: Context, update: bool = False) -> list[Step]:
+    """The steps a run would run (all of them when git is not there to tell)."""
+    try:
+        return [state.step for state in states(steps, ctx, update) if not state.done]
+    except BuildFailedError:  # git missing: every step counts, and git is named missing
+        return list(steps)
+
+
+def check_prerequisites(steps: list[Step], ctx: Context, update: bool = False) -> None:
+    """Refuse in one line, before anything runs, when a step's tools are not installed."""
+    flags = ctx.manifest.qemu.configure if ctx.manifest.qemu else ()
+    prereqs.require(todo_steps(steps, ctx, update), ctx.toolbox, flags)
+
+
 def check_root(steps: list[Step], euid: int | None = None) -> None:
     if any(step.needs_root for step in steps):
         require_root(euid)
@@ -111,6 +125,7 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
         euid: int | None = None, update: bool = False) -> RunSummary:
     """Run what is not done; ``update`` fetches again (new commits on a branch ref)."""
     check_root(steps, euid)
+    check_prerequisites(steps, ctx, update)
     summary = RunSummary()
     last_of = {step.component: number for number, step in enumerate(steps, 1)}
     for directory in (ctx.workdir / "src", ctx.logs):

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig
+from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig, prereqs
 from .actions import Command, CopyFile, WriteFile
 from .manifest import Manifest, PatchSet, Repo
 from .stamps import StampStore, file_digest
@@ -33,6 +33,8 @@ class Context:
     jobs: int
     install: bool
     host: object  # tdxvirt.host.HostRoot: where /boot/config-* is read
+    # where the build's programs and headers are (this machine's PATH and /)
+    toolbox: prereqs.Toolbox = field(default_factory=prereqs.Toolbox)
 
     @property
     def stamps(self) -> StampStore:
@@ -305,7 +307,7 @@ class OvmfConfigure(Step):
     def actions(self, ctx):
         tree, ovmf = ctx.tree("ovmf"), ctx.manifest.ovmf
         return [
-            _make(tree, "-C", "BaseTools"),
+            _make(tree, f"-j{ctx.jobs}", "-C", "BaseTools"),
             Command(("bash", "-c", edk2.EDKSETUP_ONLY, "edksetup"), tree),
             WriteFile(tree / "Conf" / "target.txt", edk2.target_txt(ovmf, ctx.jobs)),
             edk2.CheckToolchain(tree, ovmf.toolchain),

@@ -115,10 +115,27 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
     return expected
 
 
+def _missing_prerequisites(ctx, step_states):
+    from ..build import prereqs
+
+    flags = ctx.manifest.qemu.configure if ctx.manifest.qemu else ()
+    return prereqs.missing([s.step for s in step_states if not s.done], ctx.toolbox, flags)
+
+
+def _print_prerequisites(ctx, step_states) -> None:
+    """One line: what the steps to run need and this machine lacks, or that all is there."""
+    missing = _missing_prerequisites(ctx, step_states)
+    if missing.by_component:
+        click.echo(f"Prerequisites: {missing.describe()}")
+    elif any(not s.done for s in step_states):
+        click.echo("Prerequisites: every tool and library the steps to run need is installed")
+
+
 def _print_plan(ctx, step_states, selection, only_todo: bool) -> None:
     _print_distribution(selection)
     if not selection.planned:
         return
+    _print_prerequisites(ctx, step_states)
     components = selection.planned
     click.echo(f"Manifest:       {ctx.manifest.path}")
     click.echo(f"Work directory: {ctx.workdir} (sources in src/, stamps in stamps/, logs in logs/)")
@@ -160,7 +177,14 @@ def _plan_json(ctx, step_states, selection) -> dict:
         "selected": list(selection.selected),
         "planned": list(components),
         "all": selection.build_all,
+        "prerequisites": _prerequisites_json(_missing_prerequisites(ctx, step_states)),
     }
+
+
+def _prerequisites_json(missing) -> dict:
+    return {"missing": {component: [{"name": n.name, "package": n.package} for n in needs]
+                        for component, needs in missing.by_component.items()},
+            "install": missing.install_command() if missing.by_component else None}
 
 
 @click.group(name="build")
