@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import BuildFailedError
 from .actions import Command, Executor
-from .manifest import Repo
+from .manifest import Mirror, Repo
 
 BASE_REF = "refs/tdxvirt/base"
 # git am needs a committer; never touch the user's git configuration for it
@@ -33,9 +33,32 @@ _FILE_PATTERNS = (
 )
 
 
-def fetch_commands(repo: Repo, tree: Path) -> list[Command]:
+def mirror_config(mirrors: tuple[Mirror, ...] = (), local_source: bool = False) -> tuple[str, ...]:
+    """``-c`` options for tdxvirt's own git command lines (never the user's configuration):
+    each mirror as ``url.<mirror>.insteadOf=<prefix>`` (git passes them on to the
+    submodule clones it starts), and ``protocol.file.allow=always`` when anything comes
+    from a local path (git refuses local submodule clones without it since 2.38.1)."""
+    options: list[str] = []
+    for mirror in mirrors:
+        options += ["-c", f"url.{mirror.base}.insteadOf={mirror.prefix}"]
+    if local_source or any(mirror.local for mirror in mirrors):
+        options += ["-c", "protocol.file.allow=always"]
+    return tuple(options)
+
+
+def mirrored_url(url: str, mirrors: tuple[Mirror, ...] = ()) -> str:
+    """Where git fetches ``url`` from with these mirrors (the longest prefix wins, as in git)."""
+    matches = [mirror for mirror in mirrors if url.startswith(mirror.prefix)]
+    if not matches:
+        return url
+    best = max(matches, key=lambda mirror: len(mirror.prefix))
+    return best.base + url[len(best.prefix):]
+
+
+def fetch_commands(repo: Repo, tree: Path, mirrors: tuple[Mirror, ...] = ()) -> list[Command]:
     commands = []
     git = ("git", "-C", str(tree))
+    config = mirror_config(mirrors, local_source(mirrored_url(repo.url, mirrors)) is not None)
     if not (tree / ".git").exists():
         commands += [Command(("git", "init", "--quiet", str(tree)), tree.parent, GIT_ENV),
                      Command(git + ("remote", "add", "origin", repo.url), tree.parent, GIT_ENV)]
@@ -43,8 +66,8 @@ def fetch_commands(repo: Repo, tree: Path) -> list[Command]:
         commands.append(Command(git + ("remote", "set-url", "origin", repo.url), tree.parent, GIT_ENV))
     depth = (f"--depth={repo.depth}",) if repo.depth else ()
     commands += [
-        Command(git + ("fetch", *depth, "origin", repo.ref), tree.parent, GIT_ENV),
-        CheckoutFetched(tree, repo.submodules),
+        Command(git + config + ("fetch", *depth, "origin", repo.ref), tree.parent, GIT_ENV),
+        CheckoutFetched(tree, repo.submodules, config),
     ]
     return commands
 
@@ -58,7 +81,8 @@ class CheckoutFetched:
     """
 
     tree: Path
-    submodules: bool
+    submodules: bool | tuple[str, ...]  # a tuple: only these paths
+    config: tuple[str, ...] = ()  # mirror_config(): the mirrors reach the submodules too
 
     def checkout(self) -> list[Command]:
         git = ("git", "-C", str(self.tree))
@@ -73,7 +97,8 @@ class CheckoutFetched:
         # stopped between the checkout and the submodules
         if not self.submodules:
             return []
-        return [Command(("git", "-C", str(self.tree), "submodule", "update", "--init"),
+        paths = ("--", *self.submodules) if isinstance(self.submodules, tuple) else ()
+        return [Command(("git", "-C", str(self.tree), *self.config, "submodule", "update", "--init", *paths),
                         self.tree.parent, GIT_ENV)]
 
     def show(self) -> list[str]:
@@ -116,7 +141,7 @@ def local_source(url: str) -> Path | None:
     return Path(url)
 
 
-def source_revision(url: str, ref: str) -> str | None:
+def source_revision(url: str, ref: str, mirrors: tuple[Mirror, ...] = ()) -> str | None:
     """The commit ``ref`` names in a local source repository now (None for a remote URL,
     or when the repository cannot say).
 
@@ -125,7 +150,7 @@ def source_revision(url: str, ref: str) -> str | None:
     ``--update``. ``rev-parse`` resolves a name the way ``git fetch`` does (refs/NAME,
     refs/tags/NAME, refs/heads/NAME, ...).
     """
-    folder = local_source(url)
+    folder = local_source(mirrored_url(url, mirrors))  # a remote URL served by a local mirror counts
     if folder is None:
         return None
     # safe.directory on the command line only: a mirror owned by another user is read,

@@ -86,14 +86,15 @@ class Fetch(Step):
         self.component = repo.name
 
     def actions(self, ctx):
-        return gitops.fetch_commands(self.repo, ctx.tree(self.repo.name))
+        return gitops.fetch_commands(self.repo, ctx.tree(self.repo.name), ctx.manifest.mirrors)
 
     def inputs(self, ctx):
-        inputs = {"url": self.repo.url, "ref": self.repo.ref, "submodules": self.repo.submodules,
-                  "depth": self.repo.depth}
+        submodules = self.repo.submodules
+        inputs = {"url": self.repo.url, "ref": self.repo.ref, "depth": self.repo.depth,
+                  "submodules": list(submodules) if isinstance(submodules, tuple) else submodules}
         # a local source says what its ref is now: a moved tag or branch refetches. A
         # remote one is asked only with --update (no network on a run with nothing to do)
-        now = gitops.source_revision(self.repo.url, self.repo.ref)
+        now = gitops.source_revision(self.repo.url, self.repo.ref, ctx.manifest.mirrors)
         if now is not None:
             inputs["source_revision"] = now
         return inputs
@@ -430,6 +431,9 @@ def artifact_entry(ctx: Context, component: str, previous: dict | None = None, r
         "digests": artifact_digests(paths, previous, rebuilt),
         "manifest": ctx.manifest.path, "workdir": str(ctx.workdir),
     }
+    source = gitops.mirrored_url(repo.url, ctx.manifest.mirrors)
+    if source != repo.url:
+        entry["fetched_from"] = source  # the mirror that stood in for the URL
     if component == "kernel":
         entry["release"] = stamps.results("kernel.build").get("release")
     return entry

@@ -28,6 +28,10 @@ def _build_options(command):
                      help="Also install the kernel (modules_install, install) and QEMU; needs root."),
         click.option("--all", "build_all", is_flag=True,
                      help="Plan every component, also those this host's distribution already has."),
+        click.option("--mirror", "mirrors", multiple=True, metavar="PREFIX=MIRROR",
+                     help="Fetch URLs starting with PREFIX from MIRROR instead, submodules too "
+                          "(e.g. https://github.com/=/srv/mirrors/); repeatable, added to the "
+                          "manifest's [mirrors]. Only tdxvirt's git commands get it."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -49,7 +53,7 @@ class _Selection:
             if f.planned and f.component not in manifest.components())
 
 
-def _prepare(session, component, manifest, workdir, jobs, install, build_all):
+def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=()):
     from pathlib import Path
 
     from ..build import distro, steps
@@ -57,7 +61,7 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all):
     from ..host import HostRoot
     from ..paths import state_dir
 
-    loaded = manifests.load(manifest)
+    loaded = manifests.with_mirrors(manifests.load(manifest), tuple(mirrors))
     selected = steps.select(loaded, component)
     host = session.host if session is not None else HostRoot("/")
     selection = _Selection(distro.check(host), loaded, component, selected, build_all)
@@ -196,11 +200,11 @@ def build():
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, build_all, as_json):
+def plan(session, component, manifest, workdir, jobs, install, build_all, mirrors, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
     from ..build.runner import states
 
-    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors)
     step_states = states(steps, ctx)
     if as_json:
         click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
@@ -214,7 +218,7 @@ def plan(session, component, manifest, workdir, jobs, install, build_all, as_jso
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, build_all, update, dry_run):
+def run(session, component, manifest, workdir, jobs, install, build_all, mirrors, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from ..build import artifacts
     from ..build.progress import ConsoleReporter
@@ -223,7 +227,7 @@ def run(session, component, manifest, workdir, jobs, install, build_all, update,
 
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
-    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors)
     if dry_run:
         _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
         return
