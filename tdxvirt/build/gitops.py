@@ -122,14 +122,19 @@ def reset_to_base(tree: Path) -> Command:
                     "--quiet", "--force", "--detach", BASE_REF), tree.parent, GIT_ENV)
 
 
-def revision(tree: Path, ref: str = "HEAD") -> str | None:
-    """The commit ``ref`` names in ``tree`` (None when there is none)."""
+def revision(tree: Path, ref: str = "HEAD", kind: str = "commit") -> str | None:
+    """The commit (or other ``kind``) ``ref`` names in ``tree`` (None when there is none)."""
     try:
-        result = subprocess.run(["git", "-C", str(tree), "rev-parse", "--verify", "--quiet", ref + "^{commit}"],
+        result = subprocess.run(["git", "-C", str(tree), "rev-parse", "--verify", "--quiet", f"{ref}^{{{kind}}}"],
                                 capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise BuildFailedError("git is not installed; install it (Debian: git)") from None
     return result.stdout.strip() or None
+
+
+def revision_tree(tree: Path, ref: str = "HEAD") -> str | None:
+    """The git tree id of ``ref``: a digest of exactly the files it holds."""
+    return revision(tree, ref, kind="tree")
 
 
 def local_source(url: str) -> Path | None:

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig, prereqs
+from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig, prereqs, source
 from .actions import Command, CopyFile, WriteFile
 from .manifest import Manifest, PatchSet, Repo
 from .stamps import StampStore, file_digest
@@ -107,6 +107,38 @@ class Fetch(Step):
 
     def valid(self, ctx, stamp):
         tree = ctx.tree(self.repo.name)
+        return (tree / ".git").exists() and gitops.revision(tree, gitops.BASE_REF) == stamp.results.get("revision")
+
+
+class SourceImport(Step):
+    """The fetch step of a component built from ``--source PATH`` (see ``source``)."""
+
+    name = "fetch"
+
+    def __init__(self, component: str, path: Path):
+        self.component = component
+        self.path = path
+
+    @property
+    def label(self) -> str:
+        return f"{self.component} source"
+
+    def actions(self, ctx):
+        return [source.ImportSource(self.path, ctx.tree(self.component))]
+
+    def inputs(self, ctx):
+        return {"source": source.describe(self.path)}
+
+    def outputs(self, ctx):
+        return [ctx.tree(self.component) / ".git"]
+
+    def results(self, ctx):
+        tree = ctx.tree(self.component)
+        return {"revision": gitops.revision(tree, gitops.BASE_REF),
+                "source": {**source.describe(self.path), "git_tree": gitops.revision_tree(tree)}}
+
+    def valid(self, ctx, stamp):
+        tree = ctx.tree(self.component)
         return (tree / ".git").exists() and gitops.revision(tree, gitops.BASE_REF) == stamp.results.get("revision")
 
 
@@ -355,7 +387,10 @@ def select(manifest: Manifest, which: str) -> tuple[str, ...]:
     return (which,)
 
 
-def plan(manifest: Manifest, components: tuple[str, ...], install: bool) -> list[Step]:
+def plan(manifest: Manifest, components: tuple[str, ...], install: bool,
+         sources: dict[str, Path] | None = None) -> list[Step]:
+    """The steps; a component in ``sources`` is imported from that path, not fetched."""
+    sources = sources or {}
     steps: list[Step] = []
     helpers: list[str] = []
     for name in components:
@@ -365,7 +400,7 @@ def plan(manifest: Manifest, components: tuple[str, ...], install: bool) -> list
     steps += [Fetch(manifest.repos[name]) for name in helpers]
     for name in components:
         component = manifest.component(name)
-        steps.append(Fetch(component.repo))
+        steps.append(SourceImport(name, sources[name]) if name in sources else Fetch(component.repo))
         if component.patches:
             steps.append(Patch(name, component.patches))
         steps += [_CONFIGURE[name](), _BUILD[name]()]
@@ -420,7 +455,8 @@ def artifact_entry(ctx: Context, component: str, previous: dict | None = None, r
     """One component's record: its artifacts, their digests and where its sources came from."""
     stamps = ctx.stamps
     repo = ctx.manifest.component(component).repo
-    fetched = stamps.results(f"{component}.fetch").get("revision")
+    fetch = stamps.results(f"{component}.fetch")
+    fetched = fetch.get("revision")
     patched = stamps.results(f"{component}.patch")
     paths = artifact_paths(ctx, component)
     entry = {
@@ -431,9 +467,11 @@ def artifact_entry(ctx: Context, component: str, previous: dict | None = None, r
         "digests": artifact_digests(paths, previous, rebuilt),
         "manifest": ctx.manifest.path, "workdir": str(ctx.workdir),
     }
-    source = gitops.mirrored_url(repo.url, ctx.manifest.mirrors)
-    if source != repo.url:
-        entry["fetched_from"] = source  # the mirror that stood in for the URL
+    mirrored = gitops.mirrored_url(repo.url, ctx.manifest.mirrors)
+    if isinstance(fetch.get("source"), dict):  # built from --source: what it was, not the manifest's URL
+        entry.update(url=fetch["source"]["path"], ref=f"local {fetch['source']['kind']}", source=fetch["source"])
+    elif mirrored != repo.url:
+        entry["fetched_from"] = mirrored  # the mirror that stood in for the URL
     if component == "kernel":
         entry["release"] = stamps.results("kernel.build").get("release")
     return entry

@@ -28,6 +28,10 @@ def _build_options(command):
                      help="Also install the kernel (modules_install, install) and QEMU; needs root."),
         click.option("--all", "build_all", is_flag=True,
                      help="Plan every component, also those this host's distribution already has."),
+        click.option("--source", "source_path", metavar="DIR|TARBALL",
+                     help="Build the one COMPONENT named from this local source instead of fetching "
+                          "it: a git checkout with its submodules, an unpacked tree, or a release "
+                          "tarball (QEMU's ships its subprojects). It is copied, never written to."),
         click.option("--mirror", "mirrors", multiple=True, metavar="PREFIX=MIRROR",
                      help="Fetch URLs starting with PREFIX from MIRROR instead, submodules too "
                           "(e.g. https://github.com/=/srv/mirrors/); repeatable, added to the "
@@ -53,7 +57,7 @@ class _Selection:
             if f.planned and f.component not in manifest.components())
 
 
-def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=()):
+def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=(), source_path=None):
     from pathlib import Path
 
     from ..build import distro, steps
@@ -62,6 +66,7 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all, mi
     from ..paths import state_dir
 
     loaded = manifests.with_mirrors(manifests.load(manifest), tuple(mirrors))
+    build_all = build_all or source_path is not None  # a source given is built, whatever the host has
     selected = steps.select(loaded, component)
     host = session.host if session is not None else HostRoot("/")
     selection = _Selection(distro.check(host), loaded, component, selected, build_all)
@@ -72,7 +77,23 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all, mi
         install=install,
         host=host,
     )
-    return ctx, steps.plan(loaded, selection.planned, install), selection
+    return ctx, steps.plan(loaded, selection.planned, install, _sources(component, source_path)), selection
+
+
+def _sources(component: str, source_path: str | None) -> dict:
+    """``--source``: the one component it is for, and its path, checked now."""
+    from pathlib import Path
+
+    from ..build import source
+    from ..errors import InputError
+
+    if source_path is None:
+        return {}
+    if component == "all":
+        raise InputError("--source builds one component: name it (`tdxvirt build run ovmf --source DIR`)")
+    path = Path(source_path).resolve()
+    source.kind_of(path)  # refuses what is neither a folder nor a tarball, in one line
+    return {component: path}
 
 
 _STATE_LABELS = {"present": "has it", "missing": "missing", "unknown": "unknown"}
@@ -200,11 +221,12 @@ def build():
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, build_all, mirrors, as_json):
+def plan(session, component, manifest, workdir, jobs, install, build_all, source_path, mirrors, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
     from ..build.runner import states
 
-    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
+                                     source_path)
     step_states = states(steps, ctx)
     if as_json:
         click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
@@ -218,7 +240,7 @@ def plan(session, component, manifest, workdir, jobs, install, build_all, mirror
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, build_all, mirrors, update, dry_run):
+def run(session, component, manifest, workdir, jobs, install, build_all, source_path, mirrors, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from ..build import artifacts
     from ..build.progress import ConsoleReporter
@@ -227,7 +249,8 @@ def run(session, component, manifest, workdir, jobs, install, build_all, mirrors
 
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
-    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
+                                     source_path)
     if dry_run:
         _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
         return
