@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig, prereqs, source
+from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig, prereqs, source, subprojects
 from .actions import Command, CopyFile, WriteFile
 from .manifest import Manifest, PatchSet, Repo
 from .stamps import StampStore, file_digest
@@ -287,13 +287,21 @@ class QemuConfigure(Step):
     component, name = "qemu", "configure"
 
     def actions(self, ctx):
-        return [Command(("./configure", *ctx.manifest.qemu.configure), ctx.tree("qemu"))]
+        tree = ctx.tree("qemu")
+        # meson downloads missing subprojects with git: the mirrors reach it through the
+        # environment of configure only
+        return [subprojects.ClearFailedDownloads(tree),
+                Command(("./configure", *ctx.manifest.qemu.configure), tree,
+                        subprojects.git_config_env(ctx.manifest.mirrors))]
 
     def inputs(self, ctx):
         return {"configure": list(ctx.manifest.qemu.configure)}
 
     def outputs(self, ctx):
         return [ctx.tree("qemu") / "build"]
+
+    def results(self, ctx):
+        return {"subprojects": subprojects.revisions(ctx.tree("qemu"))}
 
 
 class QemuBuild(Step):
@@ -472,6 +480,8 @@ def artifact_entry(ctx: Context, component: str, previous: dict | None = None, r
         entry.update(url=fetch["source"]["path"], ref=f"local {fetch['source']['kind']}", source=fetch["source"])
     elif mirrored != repo.url:
         entry["fetched_from"] = mirrored  # the mirror that stood in for the URL
+    if component == "qemu":
+        entry["subprojects"] = stamps.results("qemu.configure").get("subprojects", {})
     if component == "kernel":
         entry["release"] = stamps.results("kernel.build").get("release")
     return entry
