@@ -132,6 +132,8 @@ def test_a_build_records_digests_and_status_flags_a_replaced_or_missing_file(tmp
     # does not become the build's
     summary, _ = library_run(manifest, workdir, state)
     assert summary.executed == []
+    summary, _ = library_run(manifest, workdir, state, update=True)  # fetches, finds nothing new
+    assert summary.executed == ["tdx-linux.fetch", "qemu.fetch"]
     assert artifacts.load(artifacts.record_file(state))["qemu"]["digests"]["qemu-system-x86_64"]["sha256"] == \
         hashlib.sha256(built).hexdigest()
 

@@ -133,7 +133,9 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
     with _Lock(ctx.workdir):
         previous: dict[str, str] = {}
         redo: set[str] = set()  # components whose remaining steps must all run
-        ran: set[str] = set()  # components with a step that ran (their artifacts are new)
+        # components whose build or install ran: only then are their artifacts new (a
+        # refetch finding nothing new must not record a file replaced meanwhile as built)
+        ran: set[str] = set()
         for number, step in enumerate(steps, 1):
             try:
                 inputs = step.inputs(ctx)
@@ -154,7 +156,8 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
                 results = step.results(ctx)
                 ctx.stamps.record(step.id, key, inputs, results)
                 summary.executed.append(step.id)
-                ran.add(step.component)
+                if step.name in ("build", "install"):
+                    ran.add(step.component)
                 # a step that ran again with the same inputs and the same outcome (a
                 # refetch finding no new commit, a deleted output rebuilt) leaves the
                 # later steps to their own stamps; anything else redoes them all
