@@ -309,8 +309,10 @@ def status(as_json):
                                        "PATCH SETS", "RECORDED"]))
     for component, found in sorted(checks.items()):
         for name, check in found.items():
+            # a file still there keeps its build step done: it must go before a rebuild
+            remedy = "" if check.state == "missing" else "remove it, then "
             if check.state in ("missing", "changed", "unreadable"):
-                click.echo(f"NOT AS BUILT: {component} {name}: {check.detail}; "
+                click.echo(f"NOT AS BUILT: {component} {name}: {check.detail}; {remedy}"
                            f"`tdxvirt build run {component}` builds and records it again")
             elif check.state == "unrecorded":
                 click.echo(f"no digest: {component} {name}: {check.detail}")
