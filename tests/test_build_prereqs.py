@@ -124,3 +124,33 @@ def test_run_and_dry_run_name_the_missing_prerequisites(tmp_path, cli):
     error = result.stderr.strip()
     assert error.splitlines() == [f"tdxvirt: error: {line.removeprefix('Prerequisites: ')}; nothing was run"]
     assert not workdir.exists() and not (tmp_path / "state").exists()
+
+
+def test_a_distribution_config_adds_the_tools_its_options_need(tmp_path):
+    """Debian's config has BTF, in-kernel headers and xz-compressed modules: the kernel
+    build then runs pahole, cpio and xz, which a bare build machine lacks."""
+    release = "6.12.48-amd64"
+    root = tmp_path / "root"
+    (root / "proc/sys/kernel").mkdir(parents=True)
+    (root / "proc/sys/kernel/osrelease").write_text(release + "\n")
+    (root / "boot").mkdir()
+    (root / f"boot/config-{release}").write_text(
+        "CONFIG_DEBUG_INFO_BTF=y\nCONFIG_IKHEADERS=m\nCONFIG_MODULE_COMPRESS_XZ=y\n# CONFIG_MODULE_COMPRESS_ZSTD is not set\n")
+    kernel = tmp_path / "linux"
+    kernel.mkdir()
+    git(kernel, "init", "-q", "-b", "master")
+    commit(kernel, {"Makefile": "all:\n"}, "linux")
+    file = tmp_path / "k.toml"
+    file.write_text(f'[kernel]\nurl = "{kernel}"\nref = "master"\n[kernel.config]\nbase = "current"\n')
+    loaded = manifests.load(file)
+    bare = prereqs.Toolbox(root=tmp_path / "empty", search_path=str(_bin(tmp_path / "none", [])))
+    ctx = steps.Context(loaded, tmp_path / "work", jobs=1, install=False, host=HostRoot(root), toolbox=bare)
+    build_step = next(s for s in steps.plan(loaded, ("kernel",), False) if s.name == "build")
+    needs = [n.name for n in runner.missing_prerequisites([build_step], ctx).by_component["kernel"]]
+    assert needs == ["gcc", "make", "flex", "bison", "bc", "perl", "libelf.h", "openssl/ssl.h", "pahole", "cpio", "xz"]
+    assert runner.missing_prerequisites([build_step], ctx).install_command() == (
+        "apt-get install bc bison cpio dwarves flex gcc libelf-dev libssl-dev make perl xz-utils")
+    # from defconfig (no distribution config) none of the three is needed
+    (root / f"boot/config-{release}").unlink()
+    needs = [n.name for n in runner.missing_prerequisites([build_step], ctx).by_component["kernel"]]
+    assert "pahole" not in needs and "cpio" not in needs and "xz" not in needs

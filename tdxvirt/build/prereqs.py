@@ -45,14 +45,33 @@ _OVMF = _programs("gcc", "g++", "make", "python3", "nasm", "iasl:acpica-tools") 
     Need("uuid/uuid.h", "uuid-dev", "header"),)
 # QEMU configure flags that add a library, and the library
 _QEMU_FLAG_NEEDS = {"--enable-slirp": Need("slirp", "libslirp-dev", "pkg-config")}
+# kernel options of a distribution config (the "current" base) whose build runs one more
+# tool: BTF needs pahole, in-kernel headers cpio, compressed modules xz or zstd
+_KERNEL_OPTION_NEEDS = (("CONFIG_DEBUG_INFO_BTF=y", Need("pahole", "dwarves")),
+                        ("CONFIG_IKHEADERS=", Need("cpio", "cpio")),
+                        ("CONFIG_MODULE_COMPRESS_XZ=y", Need("xz", "xz-utils")),
+                        ("CONFIG_MODULE_COMPRESS_ZSTD=y", Need("zstd", "zstd")))
 
 
-def step_needs(step, qemu_configure: tuple[str, ...] = ()) -> tuple[Need, ...]:
-    """What one step (``steps.Step``) runs that must be on this machine."""
+def kernel_config_needs(config: Path | None) -> tuple[Need, ...]:
+    """The extra tools the kernel's build needs for the options ``config`` sets."""
+    try:
+        lines = set(config.read_text(errors="replace").splitlines()) if config else set()
+    except OSError:
+        return ()
+    return tuple(need for option, need in _KERNEL_OPTION_NEEDS
+                 if any(line.startswith(option) and not line.endswith("=n") for line in lines))
+
+
+def step_needs(step, qemu_configure: tuple[str, ...] = (), kernel_config: Path | None = None) -> tuple[Need, ...]:
+    """What one step (``steps.Step``) runs that must be on this machine; ``kernel_config``
+    is the config the kernel's configure step starts from."""
     if step.name in ("fetch", "patch"):
         return GIT
     if step.component == "kernel":
-        return _KERNEL_CONFIGURE if step.name == "configure" else _KERNEL_BUILD
+        if step.name == "configure":
+            return _KERNEL_CONFIGURE
+        return _KERNEL_BUILD + kernel_config_needs(kernel_config)
     if step.component == "qemu":
         if step.name == "configure":
             return _QEMU_CONFIGURE + tuple(need for flag, need in _QEMU_FLAG_NEEDS.items() if flag in qemu_configure)
@@ -104,12 +123,13 @@ class Missing:
         return f"missing build prerequisites: {parts}; install them (Debian/Ubuntu): {self.install_command()}"
 
 
-def missing(todo_steps, toolbox: Toolbox, qemu_configure: tuple[str, ...] = ()) -> Missing:
+def missing(todo_steps, toolbox: Toolbox, qemu_configure: tuple[str, ...] = (),
+            kernel_config: Path | None = None) -> Missing:
     """What the steps still to run need and this machine lacks, per component."""
     found: dict[str, list[Need]] = {}
     checked: dict[Need, bool] = {}
     for step in todo_steps:
-        for need in step_needs(step, qemu_configure):
+        for need in step_needs(step, qemu_configure, kernel_config):
             if need not in checked:
                 checked[need] = toolbox.has(need)
             if not checked[need] and need not in found.setdefault(step.component, []):
@@ -120,8 +140,3 @@ def missing(todo_steps, toolbox: Toolbox, qemu_configure: tuple[str, ...] = ()) 
 class PrerequisitesMissingError(HostNotReadyError):
     """Tools or libraries a build step needs are not installed (nothing was run)."""
 
-
-def require(todo_steps, toolbox: Toolbox, qemu_configure: tuple[str, ...] = ()) -> None:
-    result = missing(todo_steps, toolbox, qemu_configure)
-    if result.by_component:
-        raise PrerequisitesMissingError(result.describe() + "; nothing was run")

@@ -26,7 +26,7 @@ from . import COMPONENTS, BuildFailedError, prereqs
 from . import artifacts as artifacts_record
 from .actions import CommandResult
 from .stamps import step_key
-from .steps import Context, NotYetKnown, Step, artifact_entry
+from .steps import Context, KernelConfigure, NotYetKnown, Step, artifact_entry
 
 TAIL_LINES = 15
 
@@ -84,10 +84,19 @@ def todo_steps(steps: list[Step], ctx: Context, update: bool = False) -> list[St
         return list(steps)
 
 
+def missing_prerequisites(todo: list[Step], ctx: Context) -> prereqs.Missing:
+    """What ``todo`` needs that this machine lacks (QEMU's flags and the kernel's base
+    config add needs of their own)."""
+    flags = ctx.manifest.qemu.configure if ctx.manifest.qemu else ()
+    base = KernelConfigure().base_file(ctx) if ctx.manifest.kernel else None
+    return prereqs.missing(todo, ctx.toolbox, flags, base)
+
+
 def check_prerequisites(steps: list[Step], ctx: Context, update: bool = False) -> None:
     """Refuse in one line, before anything runs, when a step's tools are not installed."""
-    flags = ctx.manifest.qemu.configure if ctx.manifest.qemu else ()
-    prereqs.require(todo_steps(steps, ctx, update), ctx.toolbox, flags)
+    found = missing_prerequisites(todo_steps(steps, ctx, update), ctx)
+    if found.by_component:
+        raise prereqs.PrerequisitesMissingError(found.describe() + "; nothing was run")
 
 
 def check_root(steps: list[Step], euid: int | None = None) -> None:

@@ -141,10 +141,9 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
 
 
 def _missing_prerequisites(ctx, step_states):
-    from ..build import prereqs
+    from ..build.runner import missing_prerequisites
 
-    flags = ctx.manifest.qemu.configure if ctx.manifest.qemu else ()
-    return prereqs.missing([s.step for s in step_states if not s.done], ctx.toolbox, flags)
+    return missing_prerequisites([s.step for s in step_states if not s.done], ctx)
 
 
 def _print_prerequisites(ctx, step_states) -> None:
