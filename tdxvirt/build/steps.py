@@ -216,6 +216,9 @@ class KernelConfigure(Step):
         tree, config = ctx.tree("kernel"), ctx.manifest.kernel.config
         base = self.base_file(ctx)
         actions: list = [CopyFile(base, tree / ".config") if base else _make(tree, "defconfig")]
+        foreign_keys = kconfig.distribution_key_files(base) if base else []
+        if foreign_keys:  # the distribution's own key files: not in this tree
+            actions.append(Command(tuple(kconfig.clear_strings_argv(".config", foreign_keys)), tree))
         if config.enable or config.module or config.disable:
             argv = kconfig.scripts_config_argv(".config", config.enable, config.module, config.disable)
             actions.append(Command(tuple(argv), tree))
