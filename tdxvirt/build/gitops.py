@@ -3,6 +3,8 @@
 A tree is fetched with ``git fetch origin REF`` and checked out detached, which works
 the same for a branch, a tag or a commit, from a URL or a local path; the fetched
 commit is kept as ``refs/tdxvirt/base`` so patching always starts from it again.
+The manifest's mirrors go on tdxvirt's own git command lines as ``-c
+url.<mirror>.insteadOf=<prefix>`` (submodules included), never into any git config.
 A patch that does not apply is aborted with ``git am --abort`` and reported with the
 mbox, the patch and the files it could not change.
 """
