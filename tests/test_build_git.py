@@ -8,6 +8,7 @@ that does not apply is aborted with `git am --abort` and named with its files.
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,12 @@ def test_update_follows_a_moving_branch(upstream, patches_repo, tmp_path):
     workdir, state = tmp_path / "work", tmp_path / "state"
     run_steps(manifest, workdir, state)
     moved = commit(upstream, {"README": "moved on\n"}, "upstream moved")
+    # a local source is asked where its branch is: no --update needed
+    summary = run_steps(manifest, workdir, state)
+    assert summary.executed == ["kernel.fetch", "kernel.patch"]
     assert run_steps(manifest, workdir, state).executed == []
     summary = run_steps(manifest, workdir, state, update=True)
-    assert summary.executed == ["tdx-linux.fetch", "kernel.fetch", "kernel.patch"]
+    assert summary.executed == ["tdx-linux.fetch", "kernel.fetch"]  # nothing new: the patch is kept
     tree = workdir / "src/kernel"
     assert git(tree, "rev-parse", gitops.BASE_REF) == moved
     assert git(tree, "log", "--format=%s", "-2").splitlines() == ["tdx: add tdx.txt", "upstream moved"]
@@ -211,3 +215,36 @@ def test_parse_am_failure_reads_gits_messages():
     conflict = gitops.parse_am_failure(Path("/x/set.mbox"), lines)
     assert conflict.patch == "0007 KVM: TDX: seven"
     assert conflict.files == ("arch/x86/kvm/vmx/tdx.c", "include/linux/kvm.h")
+
+
+def test_a_moved_tag_in_a_local_source_refetches_without_update(upstream, patches_repo, tmp_path):
+    """build-smoke's case: its source repository is made again and its tag moved."""
+    add_mbox(patches_repo, "tdx_kvm_baseline_0.mbox", make_mbox(upstream, "v1", []))
+    manifest = write_manifest(tmp_path / "m.toml", str(upstream), "v1", str(patches_repo))
+    workdir, state = tmp_path / "work", tmp_path / "state"
+    run_steps(manifest, workdir, state, names=("fetch",))
+    tree = workdir / "src/kernel"
+    # the repository made again from scratch at the same path, the tag on a new commit
+    shutil.rmtree(upstream)
+    upstream.mkdir()
+    git(upstream, "init", "-q", "-b", "master")
+    moved = commit(upstream, {"Makefile": "all:\n\techo new tree\n"}, "the source changed")
+    git(upstream, "tag", "v1")
+    loaded = manifests.load(manifest)
+    ctx = steps.Context(loaded, workdir, 1, False, HostRoot("/"))
+    plan = [s for s in steps.plan(loaded, ("kernel",), False) if s.name == "fetch"]
+    assert [s.done for s in runner.states(plan, ctx)] == [True, False]  # plan sees it too
+    summary = run_steps(manifest, workdir, state, names=("fetch",))
+    assert summary.executed == ["kernel.fetch"]
+    assert git(tree, "rev-parse", "HEAD") == moved
+    assert (tree / "Makefile").read_text() == "all:\n\techo new tree\n"
+    assert run_steps(manifest, workdir, state, names=("fetch",)).executed == []
+
+
+def test_a_source_revision_is_read_only_from_local_sources(upstream):
+    tag = git(upstream, "rev-parse", "v1")
+    assert gitops.source_revision(str(upstream), "v1") == tag
+    assert gitops.source_revision(f"file://{upstream}", "master") == tag
+    assert gitops.source_revision(str(upstream), tag) == tag
+    assert gitops.source_revision(str(upstream), "no-such-ref") is None
+    assert gitops.source_revision("https://example.org/never/asked.git", "v1") is None

@@ -166,3 +166,32 @@ def test_scripts_config_argv_and_reading_a_config():
         kconfig.Mismatch("KVM_INTEL", "y", "m"), kconfig.Mismatch("KVM", "n", "y")]
     assert kconfig.unmet(["KVM && IA32_FEAT_CTL", "!KEXEC_CORE", "X86_64 || ARM64"],
                          {"KVM": "y", "KEXEC_CORE": "y"}) == ["IA32_FEAT_CTL", "!KEXEC_CORE", "X86_64 || ARM64"]
+
+
+def test_a_distribution_configs_own_key_files_are_emptied(kernel_workdir, tmp_path):
+    """Debian's config names debian/certs/debian-uefi-certs.pem, a file of its packaging
+    tree: kept, a kernel.org tree's build stops at the end ("No rule to make target")."""
+    tree = kernel_workdir / "src" / "kernel"
+    base = tmp_path / "config-6.12.48-amd64"
+    base.write_text('CONFIG_KEYS=y\nCONFIG_ASYMMETRIC_KEY_TYPE=y\nCONFIG_ASYMMETRIC_PUBLIC_KEY_SUBTYPE=y\n'
+                    'CONFIG_X509_CERTIFICATE_PARSER=y\nCONFIG_SYSTEM_TRUSTED_KEYRING=y\n'
+                    'CONFIG_SYSTEM_TRUSTED_KEYS="debian/certs/debian-uefi-certs.pem"\n'
+                    'CONFIG_SYSTEM_REVOCATION_LIST=y\n'
+                    'CONFIG_SYSTEM_REVOCATION_KEYS="debian/certs/debian-uefi-revoked.pem"\n'
+                    'CONFIG_MODULE_SIG_KEY="certs/signing_key.pem"\n')
+    assert kconfig.distribution_key_files(base) == ["SYSTEM_TRUSTED_KEYS", "SYSTEM_REVOCATION_KEYS"]
+    file = tmp_path / "manifest.toml"
+    file.write_text(f'[kernel]\nurl = "{tree}"\nref = "v6.12"\n[kernel.config]\nbase = "{base}"\n'
+                    'enable = ["CRYPTO", "KEYS", "ASYMMETRIC_KEY_TYPE", "ASYMMETRIC_PUBLIC_KEY_SUBTYPE", '
+                    '"X509_CERTIFICATE_PARSER", "PKCS7_MESSAGE_PARSER", "SYSTEM_TRUSTED_KEYRING", '
+                    '"SYSTEM_BLACKLIST_KEYRING", "SYSTEM_REVOCATION_LIST"]\n')
+    ctx = steps.Context(manifests.load(file), kernel_workdir, jobs=2, install=False, host=HostRoot("/"))
+    runner.run([steps.KernelConfigure()], ctx, progress.ConsoleReporter(io.StringIO(), live=False),
+               tmp_path / "state" / "artifacts.json")
+    values = kconfig.read_config(tree / ".config")
+    assert values["SYSTEM_TRUSTED_KEYRING"] == "y"  # the symbols are live in this config ...
+    text = (tree / ".config").read_text()  # ... and emptied to the kernel's default
+    assert 'CONFIG_SYSTEM_TRUSTED_KEYS=""\n' in text and 'CONFIG_SYSTEM_REVOCATION_KEYS=""\n' in text
+    assert "debian/" not in text
+    log = (kernel_workdir / "logs/kernel.configure.log").read_text()
+    assert "scripts/config --file .config --set-str SYSTEM_TRUSTED_KEYS '' --set-str SYSTEM_REVOCATION_KEYS ''" in log

@@ -26,7 +26,7 @@ from tdxvirt.cli import main
 from tdxvirt.sim.hostroot import build_host_root
 
 RELEASE = "6.1.0-13-amd64"  # the running kernel of the capture's host root
-NEW_JSON_KEYS = ("distribution", "selected", "planned", "all")
+NEW_JSON_KEYS = ("distribution", "selected", "planned", "all", "prerequisites")
 # every choice the capture covers: component, --install, --json
 KEYS = sorted(f"{c}{i}{j}" for c in ("all", "kernel", "qemu", "ovmf")
               for i in ("", " --install") for j in ("", " --json"))
@@ -80,7 +80,7 @@ def _planned_part(output: str, key: str, base: Path) -> str:
 def test_the_source_documents_plan_is_byte_identical_on_a_host_without_tdx(tmp_path, key):
     root = _root(tmp_path, has_everything=False)
     output = _plan(tmp_path, root, key, [])
-    assert _planned_part(output, key, tmp_path) == CAPTURED_PLANS[key]
+    assert _planned_part(output, key, tmp_path) == _expected(key)
     if not key.endswith("--json"):  # nothing there: every asked-for component is planned
         assert "\nPlanned: " in output and "--all plans every component" in output
 
@@ -89,7 +89,7 @@ def test_the_source_documents_plan_is_byte_identical_on_a_host_without_tdx(tmp_p
 def test_the_source_documents_plan_is_byte_identical_with_all_on_a_host_with_tdx(tmp_path, key):
     root = _root(tmp_path, has_everything=True)
     output = _plan(tmp_path, root, key, ["--all"])
-    assert _planned_part(output, key, tmp_path) == CAPTURED_PLANS[key]
+    assert _planned_part(output, key, tmp_path) == _expected(key)
     without_all = _plan(tmp_path, root, key, [])
     if key.endswith("--json"):
         assert json.loads(without_all)["steps"] == [] and json.loads(without_all)["planned"] == []
@@ -109,3 +109,13 @@ def test_the_capture_covers_every_choice():
 
 # Captured once and never edited: tests/data/legacy-build-plans.json (key -> output).
 CAPTURED_PLANS = json.loads((Path(__file__).parent / "data/legacy-build-plans.json").read_text())
+# What changed on purpose since the capture, applied to it here (the file stays as it was
+# captured): #27 gives BaseTools' make -j like every other make.
+DELIBERATE_CHANGES = (("&& make -C BaseTools", "&& make -j4 -C BaseTools"),)
+
+
+def _expected(key: str) -> str:
+    text = CAPTURED_PLANS[key]
+    for before, after in DELIBERATE_CHANGES:
+        text = text.replace(before, after)
+    return text

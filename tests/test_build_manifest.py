@@ -101,7 +101,7 @@ def test_the_source_documents_plan_matches_its_steps(tmp_path):
     assert "fetch origin edk2-stable202405" in commands["ovmf", "fetch"]
     assert "submodule update --init" in commands["ovmf", "fetch"]
     ovmf = commands["ovmf", "configure"]
-    assert "make -C BaseTools" in ovmf and ". ./edksetup.sh" in ovmf
+    assert "make -j4 -C BaseTools" in ovmf and ". ./edksetup.sh" in ovmf
     assert f"write {w}/src/ovmf/Conf/target.txt:\n" + "".join(
         f"    {line}\n" for line in DOC_TARGET_TXT.splitlines()) in ovmf + "\n"
     assert "defines TOOL_CHAIN_TAG GCC6" in ovmf
@@ -210,11 +210,11 @@ BAD = [
     ("[ovmf]\nurl = 'https://e/e'\nref = 't'\nplatform = 'OvmfPkg/OvmfPkgX64.dsc'\ntarget = 'DEBUG'\n",
      "ovmf.toolchain: missing"),
     ("[ovmf]\nurl = 'https://e/e'\nref = 't'\nsubmodules = 'yes'\nplatform = 'a.dsc'\ntarget = 'DEBUG'\n"
-     "toolchain = 'GCC5'\n", "ovmf.submodules: expected true or false, got a string"),
+     "toolchain = 'GCC5'\n", "ovmf.submodules: expected true, false or a list of submodule paths, got a string"),
     ("repos = 3\n[qemu]\nurl = 'https://e/q'\nref = 'v1'\n", "repos: expected a table of [repos.NAME] tables"),
     ("[repos.kernel]\nurl = 'https://e/t'\nref = 'b'\n[qemu]\nurl = 'https://e/q'\nref = 'v1'\n",
      "repos.kernel: a repository name is"),
-    ("[builds]\n", "builds: unknown field; known: repos, kernel, qemu, ovmf"),
+    ("[builds]\n", "builds: unknown field; known: repos, mirrors, kernel, qemu, ovmf"),
     ("[repos.tdx]\nurl = 'https://e/t'\nref = 'b'\n", "kernel: the manifest builds nothing"),
     ("[qemu\n", "not valid TOML: "),
 ]

@@ -109,6 +109,21 @@ configure = {json.dumps(configure)}
         return path
 
 
+def provide_qemu_libraries(directory: Path, monkeypatch) -> None:
+    """Real pkg-config files for the libraries QEMU's configure step needs (glib, zlib, slirp):
+    the prerequisites check asks pkg-config, as QEMU's meson does, and this machine
+    need not have libglib2.0-dev (or libslirp-dev for --enable-slirp) for the tiny QEMU."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("glib-2.0", "zlib", "slirp"):
+        (directory / f"{name}.pc").write_text(f"Name: {name}\nDescription: for the tests\nVersion: 99\n")
+    monkeypatch.setenv("PKG_CONFIG_PATH", str(directory))
+
+
+@pytest.fixture(autouse=True)
+def qemu_libraries(tmp_path, monkeypatch):
+    provide_qemu_libraries(tmp_path / "pkgconfig", monkeypatch)
+
+
 @pytest.fixture
 def sources(tmp_path) -> Sources:
     return Sources(tmp_path)
@@ -207,14 +222,12 @@ def test_a_changed_input_redoes_its_step_and_every_later_one(sources, tmp_path, 
     assert summary.executed == ["tdx-linux.fetch", "qemu.fetch"]
     assert summary.skipped == ["qemu.patch", "qemu.configure", "qemu.build"]
 
-    # a new patch set on the tdx-linux branch: a plain run keeps what it fetched (the
-    # fetch is keyed on URL and ref), --update picks it up and redoes what follows
+    # a new patch set on the tdx-linux branch: a local source is asked what its ref is
+    # now, so a plain run picks it up and redoes what follows (qemu's own ref is unmoved)
     sources.patch_set("tdx_qemu_baseline_5e6f7a8b.mbox", ["9.0.90-tdx2"])
     summary, _ = library_run(manifest, workdir, state)
-    assert summary.executed == []
-    summary, _ = library_run(manifest, workdir, state, update=True)
-    assert summary.executed == ["tdx-linux.fetch", "qemu.fetch", "qemu.patch", "qemu.configure",
-                                "qemu.build"]
+    assert summary.executed == ["tdx-linux.fetch", "qemu.patch", "qemu.configure", "qemu.build"]
+    assert summary.skipped == ["qemu.fetch"]
     version = subprocess.run([str(workdir / "src/qemu/build/qemu-system-x86_64")],
                              capture_output=True, text=True, check=True).stdout
     assert "9.0.90-tdx2" in version

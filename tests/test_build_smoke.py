@@ -78,6 +78,8 @@ def test_dry_run_prints_the_steps_and_creates_nothing(tmp_path):
     out = result.stdout
     assert f"build-smoke: edk2 tree {tree} -> OvmfPkg/IntelTdx/IntelTdxX64.dsc, DEBUG, X64, tool chain GCC5, -j 3" in out
     assert f'[ovmf] url = "{workdir}/edk2-src", ref = "smoke"' in out
+    # fixed dates: an unchanged tree makes the same commit (kept build), a changed one a new one
+    assert "GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z git -C" in out
     assert (f"$ TDXVIRT_STATE_DIR={workdir}/state tdxvirt build run ovmf --all --manifest "
             f"{workdir}/smoke.toml --workdir {workdir}/build -j 3") in out
     assert "$ tdxvirt --sim define smoke-td --gpu 38:00.0 --allow-shared --ovmf <the built OVMF.fd>" in out

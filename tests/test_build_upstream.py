@@ -52,7 +52,11 @@ def test_the_default_is_the_upstream_manifest():
     assert (qemu.repo.url, qemu.repo.ref) == ("https://gitlab.com/qemu-project/qemu.git", "v10.2.0")
     assert qemu.configure == ("--target-list=x86_64-softmmu", "--enable-kvm")
     assert (ovmf.repo.url, ovmf.repo.ref, ovmf.repo.submodules) == (
-        "https://github.com/tianocore/edk2.git", "edk2-stable202605", True)
+        "https://github.com/tianocore/edk2.git", "edk2-stable202605", (
+            "CryptoPkg/Library/OpensslLib/openssl", "BaseTools/Source/C/BrotliCompress/brotli",
+            "MdeModulePkg/Library/BrotliCustomDecompressLib/brotli", "MdePkg/Library/BaseFdtLib/libfdt",
+            "MdePkg/Library/MipiSysTLib/mipisyst", "CryptoPkg/Library/MbedTlsLib/mbedtls",
+            "SecurityPkg/DeviceSecurity/SpdmLib/libspdm"))
     assert (ovmf.platform, ovmf.target, ovmf.arch, ovmf.toolchain) == (
         "OvmfPkg/IntelTdx/IntelTdxX64.dsc", "RELEASE", "X64", "GCC")
     assert edk2.target_txt(ovmf, 4) == UPSTREAM_TARGET_TXT

@@ -4,8 +4,11 @@
 are not planned unless asked), ``manifest`` reads and validates the manifest (shipped:
 ``upstream``, the default, and ``intel-device-passthrough``), ``steps`` turns it into
 a plan of steps (fetch, patch, configure, build, install), ``stamps`` decides which
-steps are already done, ``runner`` runs the rest with progress and a log per step,
-and ``artifacts`` records what came out so ``define`` can use it.
+steps are already done, ``prereqs`` checks the tools those need, ``runner`` runs the
+rest with progress and a log per step, and ``artifacts`` records what came out (with
+``digests``) so ``define`` can use it. ``gitops`` fetches (through the manifest's
+mirrors), ``source`` imports a local tree instead (``--source``), ``subprojects``
+handles QEMU's meson subprojects offline.
 """
 
 from __future__ import annotations

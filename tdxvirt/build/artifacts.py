@@ -3,7 +3,8 @@
 One JSON file, ``<state dir>/build/artifacts.json`` (the same whatever ``--workdir``
 a build used, so ``define`` finds the latest build without being told), holding per
 component the paths it produced (bzImage, modules dir, qemu-system-x86_64, OVMF.fd)
-and its provenance (URL, ref, fetched and patched revisions, patch sets).
+with each file's SHA-256 and size (``digests``), and its provenance (URL, ref, fetched
+and patched revisions, patch sets). ``check_record()`` compares the files with them.
 
 ``recorded()`` is what ``define`` asks: the QEMU and OVMF to use, when they exist.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..paths import state_dir as default_state_dir
+from . import digests
 
 RECORD_NAME = "artifacts.json"
 # the artifact ``define`` uses for each component, in order of preference
@@ -102,6 +104,18 @@ def builds(record: dict) -> dict[str, RecordedBuild]:
             revision=entry.get("revision"), patched_revision=entry.get("patched_revision"),
             patches=tuple(entry.get("patches", ())), recorded_at=entry.get("recorded_at"),
         )
+    return found
+
+
+def check_record(record: dict) -> dict[str, dict[str, digests.Check]]:
+    """Per component and artifact: does the file still match its recorded digest?"""
+    found: dict[str, dict[str, digests.Check]] = {}
+    for component, entry in record.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("artifacts"), dict):
+            continue
+        recorded_digests = entry.get("digests") if isinstance(entry.get("digests"), dict) else {}
+        found[component] = {name: digests.check(path, recorded_digests.get(name))
+                            for name, path in entry["artifacts"].items() if isinstance(path, str)}
     return found
 
 

@@ -3,12 +3,15 @@
 A tree is fetched with ``git fetch origin REF`` and checked out detached, which works
 the same for a branch, a tag or a commit, from a URL or a local path; the fetched
 commit is kept as ``refs/tdxvirt/base`` so patching always starts from it again.
+The manifest's mirrors go on tdxvirt's own git command lines as ``-c
+url.<mirror>.insteadOf=<prefix>`` (submodules included), never into any git config.
 A patch that does not apply is aborted with ``git am --abort`` and reported with the
 mbox, the patch and the files it could not change.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from . import BuildFailedError
 from .actions import Command, Executor
-from .manifest import Repo
+from .manifest import Mirror, Repo
 
 BASE_REF = "refs/tdxvirt/base"
 # git am needs a committer; never touch the user's git configuration for it
@@ -32,9 +35,32 @@ _FILE_PATTERNS = (
 )
 
 
-def fetch_commands(repo: Repo, tree: Path) -> list[Command]:
+def mirror_config(mirrors: tuple[Mirror, ...] = (), local_source: bool = False) -> tuple[str, ...]:
+    """``-c`` options for tdxvirt's own git command lines (never the user's configuration):
+    each mirror as ``url.<mirror>.insteadOf=<prefix>`` (git passes them on to the
+    submodule clones it starts), and ``protocol.file.allow=always`` when anything comes
+    from a local path (git refuses local submodule clones without it since 2.38.1)."""
+    options: list[str] = []
+    for mirror in mirrors:
+        options += ["-c", f"url.{mirror.base}.insteadOf={mirror.prefix}"]
+    if local_source or any(mirror.local for mirror in mirrors):
+        options += ["-c", "protocol.file.allow=always"]
+    return tuple(options)
+
+
+def mirrored_url(url: str, mirrors: tuple[Mirror, ...] = ()) -> str:
+    """Where git fetches ``url`` from with these mirrors (the longest prefix wins, as in git)."""
+    matches = [mirror for mirror in mirrors if url.startswith(mirror.prefix)]
+    if not matches:
+        return url
+    best = max(matches, key=lambda mirror: len(mirror.prefix))
+    return best.base + url[len(best.prefix):]
+
+
+def fetch_commands(repo: Repo, tree: Path, mirrors: tuple[Mirror, ...] = ()) -> list[Command]:
     commands = []
     git = ("git", "-C", str(tree))
+    config = mirror_config(mirrors, local_source(mirrored_url(repo.url, mirrors)) is not None)
     if not (tree / ".git").exists():
         commands += [Command(("git", "init", "--quiet", str(tree)), tree.parent, GIT_ENV),
                      Command(git + ("remote", "add", "origin", repo.url), tree.parent, GIT_ENV)]
@@ -42,8 +68,8 @@ def fetch_commands(repo: Repo, tree: Path) -> list[Command]:
         commands.append(Command(git + ("remote", "set-url", "origin", repo.url), tree.parent, GIT_ENV))
     depth = (f"--depth={repo.depth}",) if repo.depth else ()
     commands += [
-        Command(git + ("fetch", *depth, "origin", repo.ref), tree.parent, GIT_ENV),
-        CheckoutFetched(tree, repo.submodules),
+        Command(git + config + ("fetch", *depth, "origin", repo.ref), tree.parent, GIT_ENV),
+        CheckoutFetched(tree, repo.submodules, config),
     ]
     return commands
 
@@ -57,7 +83,8 @@ class CheckoutFetched:
     """
 
     tree: Path
-    submodules: bool
+    submodules: bool | tuple[str, ...]  # a tuple: only these paths
+    config: tuple[str, ...] = ()  # mirror_config(): the mirrors reach the submodules too
 
     def checkout(self) -> list[Command]:
         git = ("git", "-C", str(self.tree))
@@ -72,7 +99,8 @@ class CheckoutFetched:
         # stopped between the checkout and the submodules
         if not self.submodules:
             return []
-        return [Command(("git", "-C", str(self.tree), "submodule", "update", "--init"),
+        paths = ("--", *self.submodules) if isinstance(self.submodules, tuple) else ()
+        return [Command(("git", "-C", str(self.tree), *self.config, "submodule", "update", "--init", *paths),
                         self.tree.parent, GIT_ENV)]
 
     def show(self) -> list[str]:
@@ -96,13 +124,50 @@ def reset_to_base(tree: Path) -> Command:
                     "--quiet", "--force", "--detach", BASE_REF), tree.parent, GIT_ENV)
 
 
-def revision(tree: Path, ref: str = "HEAD") -> str | None:
-    """The commit ``ref`` names in ``tree`` (None when there is none)."""
+def revision(tree: Path, ref: str = "HEAD", kind: str = "commit") -> str | None:
+    """The commit (or other ``kind``) ``ref`` names in ``tree`` (None when there is none)."""
     try:
-        result = subprocess.run(["git", "-C", str(tree), "rev-parse", "--verify", "--quiet", ref + "^{commit}"],
+        result = subprocess.run(["git", "-C", str(tree), "rev-parse", "--verify", "--quiet", f"{ref}^{{{kind}}}"],
                                 capture_output=True, text=True, check=False)
     except FileNotFoundError:
         raise BuildFailedError("git is not installed; install it (Debian: git)") from None
+    return result.stdout.strip() or None
+
+
+def revision_tree(tree: Path, ref: str = "HEAD") -> str | None:
+    """The git tree id of ``ref``: a digest of exactly the files it holds."""
+    return revision(tree, ref, kind="tree")
+
+
+def local_source(url: str) -> Path | None:
+    """The folder of a repository given as a local path or file:// URL, else None."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url or not url.startswith("/"):
+        return None
+    return Path(url)
+
+
+def source_revision(url: str, ref: str, mirrors: tuple[Mirror, ...] = ()) -> str | None:
+    """The commit ``ref`` names in a local source repository now (None for a remote URL,
+    or when the repository cannot say).
+
+    Reading it costs no network, so a local source (a mirror, build-smoke's tree) is
+    checked on every run: a tag moved or a branch advanced there refetches without
+    ``--update``. ``rev-parse`` resolves a name the way ``git fetch`` does (refs/NAME,
+    refs/tags/NAME, refs/heads/NAME, ...).
+    """
+    folder = local_source(mirrored_url(url, mirrors))  # a remote URL served by a local mirror counts
+    if folder is None:
+        return None
+    # safe.directory on the command line only: a mirror owned by another user is read,
+    # the user's git configuration is left alone
+    try:
+        result = subprocess.run(["git", "-c", f"safe.directory={folder}", "-C", str(folder), "rev-parse",
+                                 "--verify", "--quiet", "--end-of-options", ref + "^{commit}"],
+                                capture_output=True, text=True, check=False, env={**os.environ, **GIT_ENV})
+    except FileNotFoundError:
+        return None  # no git: the prerequisites check names it
     return result.stdout.strip() or None
 
 

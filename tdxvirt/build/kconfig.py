@@ -29,6 +29,31 @@ def scripts_config_argv(config_file: str, enable=(), module=(), disable=()) -> l
     return argv
 
 
+# Key files a distribution's config names inside its own packaging tree (Debian:
+# "debian/certs/debian-uefi-certs.pem", Ubuntu: "debian/canonical-certs.pem"): not in a
+# kernel.org tree, so the build would stop at its very end with "No rule to make target".
+DISTRIBUTION_KEY_SYMBOLS = ("SYSTEM_TRUSTED_KEYS", "SYSTEM_REVOCATION_KEYS")
+
+
+def distribution_key_files(config_file: str | Path) -> list[str]:
+    """The key symbols of a (distribution) config naming a file in a relative folder
+    other than the kernel's own certs/ (those are emptied: the kernel's defaults)."""
+    values = read_config(config_file)
+    found = []
+    for symbol in DISTRIBUTION_KEY_SYMBOLS:
+        value = values.get(symbol, "").strip('"')
+        if value and not value.startswith("/") and not value.startswith("certs/"):
+            found.append(symbol)
+    return found
+
+
+def clear_strings_argv(config_file: str, symbols) -> list[str]:
+    argv = ["scripts/config", "--file", config_file]
+    for symbol in symbols:
+        argv += ["--set-str", symbol, ""]
+    return argv
+
+
 def read_config(path: str | Path) -> dict[str, str]:
     """Symbol -> value from a .config: 'y', 'm', 'n' (unset) or the literal value."""
     return parse_kernel_config(Path(path).read_text(errors="replace")).values

@@ -42,7 +42,8 @@ class Repo:
     name: str  # also its folder under <workdir>/src
     url: str  # a URL, or an absolute path to a local repository or mirror
     ref: str
-    submodules: bool = False
+    # False, True (every submodule) or the paths of the submodules the build needs
+    submodules: bool | tuple[str, ...] = False
     depth: int | None = None  # a shallow fetch, when set
 
 
@@ -87,12 +88,26 @@ class Ovmf:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """git's ``url.<base>.insteadOf=<prefix>``: a URL starting with ``prefix`` is fetched
+    from ``base`` + the rest (``https://github.com/`` -> ``/srv/mirrors/``)."""
+
+    prefix: str
+    base: str  # a URL, or an absolute path to a folder of mirrors (kept with its trailing '/')
+
+    @property
+    def local(self) -> bool:
+        return self.base.startswith("/")
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: str  # where it was read from (for messages and the artifacts record)
     repos: dict[str, Repo]  # repositories that only supply patch sets
     kernel: Kernel | None
     qemu: Qemu | None
     ovmf: Ovmf | None
+    mirrors: tuple[Mirror, ...] = ()  # [mirrors] and --mirror: for air-gapped hosts
 
     def component(self, name: str):
         return getattr(self, name)
@@ -217,10 +232,29 @@ class _Reader:
             name=name,
             url=self.location(data["url"], f"{field}.url"),
             ref=self.git_word(data["ref"], f"{field}.ref"),
-            submodules=self.boolean(data.get("submodules", False), f"{field}.submodules"),
+            submodules=self.submodules(data.get("submodules", False), f"{field}.submodules"),
             depth=depth,
         )
         return repo, data
+
+    def submodules(self, value, field: str) -> bool | tuple[str, ...]:
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(field, "an empty list: use false for no submodules")
+            paths = tuple(self.relative_path(item, f"{field}[{i}]") for i, item in enumerate(value))
+            for i, path in enumerate(paths):
+                if path.startswith("-") or any(c.isspace() for c in path):
+                    raise self.fail(f"{field}[{i}]", f"{path!r} cannot start with '-' or contain spaces")
+            return paths
+        if not isinstance(value, bool):
+            raise self.fail(field, f"expected true, false or a list of submodule paths, got {_kind(value)}")
+        return value
+
+    def mirrors(self, value) -> tuple[Mirror, ...]:
+        if not isinstance(value, dict):
+            raise self.fail("mirrors", f'expected a table of "URL prefix" = "mirror" lines, got {_kind(value)}')
+        return tuple(mirror_from(prefix, base, self.base, lambda field, problem: self.fail(field, problem))
+                     for prefix, base in value.items())
 
     def patches(self, value, field: str, repos: dict[str, Repo]) -> tuple[PatchSet, ...]:
         if not isinstance(value, list):
@@ -255,7 +289,7 @@ class _Reader:
         return text
 
     def manifest(self, data: dict) -> Manifest:
-        self.table(data, "", ("repos",) + COMPONENTS)
+        self.table(data, "", ("repos", "mirrors") + COMPONENTS)
         repos: dict[str, Repo] = {}
         repo_tables = data.get("repos", {})
         if not isinstance(repo_tables, dict):
@@ -273,6 +307,7 @@ class _Reader:
             kernel=self.kernel(data["kernel"], repos) if "kernel" in data else None,
             qemu=self.qemu(data["qemu"], repos) if "qemu" in data else None,
             ovmf=self.ovmf(data["ovmf"], repos) if "ovmf" in data else None,
+            mirrors=self.mirrors(data.get("mirrors", {})),
         )
 
     def kernel(self, value, repos) -> Kernel:
@@ -320,6 +355,45 @@ class _Reader:
             arch=self.edk2_word(data.get("arch", "X64"), "ovmf.arch"),
             toolchain=self.edk2_word(data["toolchain"], "ovmf.toolchain"),
         )
+
+
+def mirror_from(prefix, base, relative_to: Path, fail) -> Mirror:
+    """One mirror line, checked; ``fail(field, problem)`` makes the error to raise."""
+    field = f"mirrors.{prefix!r}" if isinstance(prefix, str) else "mirrors"
+    if not isinstance(base, str):
+        raise fail(field, f"expected a string (a folder of mirrors or a URL), got {_kind(base)}")
+    for what, text in (("URL prefix", prefix), ("mirror", base)):
+        if (not text.strip() or text.startswith("-") or "=" in text
+                or any(c.isspace() or c == "\0" for c in text)):
+            raise fail(field, f"the {what} {text!r} must be non-empty, not start with '-', "
+                              "and hold no spaces or '='")
+    if not _URL.match(prefix):
+        raise fail(field, f"{prefix!r} is not a URL prefix (https://github.com/, git@host:)")
+    if _URL.fullmatch(base):
+        return Mirror(prefix, base)
+    folder = (relative_to / base).resolve()
+    if not folder.is_dir():
+        raise fail(field, f"{base!r} is neither a URL nor an existing folder of mirrors "
+                          f"(relative paths start at {relative_to})")
+    # git joins base and the rest of the URL as text: keep the separator the user wrote
+    return Mirror(prefix, str(folder) + ("/" if base.endswith("/") else ""))
+
+
+def with_mirrors(manifest: Manifest, lines: tuple[str, ...]) -> Manifest:
+    """The manifest with ``--mirror PREFIX=MIRROR`` lines added (they win over [mirrors])."""
+    import dataclasses
+
+    added = []
+    for line in lines:
+        prefix, sign, base = line.partition("=")
+        if not sign:
+            raise InputError(f"--mirror {line!r}: use --mirror URL-PREFIX=MIRROR "
+                             "(e.g. https://github.com/=/srv/mirrors/)")
+        added.append(mirror_from(prefix, base, Path.cwd(),
+                                 lambda _field, problem: InputError(f"--mirror {line!r}: {problem}")))
+    prefixes = {mirror.prefix for mirror in added}
+    kept = tuple(mirror for mirror in manifest.mirrors if mirror.prefix not in prefixes)
+    return dataclasses.replace(manifest, mirrors=kept + tuple(added))
 
 
 def _kind(value) -> str:

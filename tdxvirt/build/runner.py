@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, TdxvirtError
-from . import COMPONENTS, BuildFailedError
+from . import COMPONENTS, BuildFailedError, prereqs
 from . import artifacts as artifacts_record
 from .actions import CommandResult
 from .stamps import step_key
-from .steps import Context, NotYetKnown, Step, artifact_entry
+from .steps import Context, KernelConfigure, NotYetKnown, Step, artifact_entry
 
 TAIL_LINES = 15
 
@@ -76,6 +76,29 @@ def states(steps: list[Step], ctx: Context, update: bool = False) -> list[StepSt
     return found
 
 
+def todo_steps(steps: list[Step], ctx: Context, update: bool = False) -> list[Step]:
+    """The steps a run would run (all of them when git is not there to tell)."""
+    try:
+        return [state.step for state in states(steps, ctx, update) if not state.done]
+    except BuildFailedError:  # git missing: every step counts, and git is named missing
+        return list(steps)
+
+
+def missing_prerequisites(todo: list[Step], ctx: Context) -> prereqs.Missing:
+    """What ``todo`` needs that this machine lacks (QEMU's flags and the kernel's base
+    config add needs of their own)."""
+    flags = ctx.manifest.qemu.configure if ctx.manifest.qemu else ()
+    base = KernelConfigure().base_file(ctx) if ctx.manifest.kernel else None
+    return prereqs.missing(todo, ctx.toolbox, flags, base)
+
+
+def check_prerequisites(steps: list[Step], ctx: Context, update: bool = False) -> None:
+    """Refuse in one line, before anything runs, when a step's tools are not installed."""
+    found = missing_prerequisites(todo_steps(steps, ctx, update), ctx)
+    if found.by_component:
+        raise prereqs.PrerequisitesMissingError(found.describe() + "; nothing was run")
+
+
 def check_root(steps: list[Step], euid: int | None = None) -> None:
     if any(step.needs_root for step in steps):
         require_root(euid)
@@ -111,6 +134,7 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
         euid: int | None = None, update: bool = False) -> RunSummary:
     """Run what is not done; ``update`` fetches again (new commits on a branch ref)."""
     check_root(steps, euid)
+    check_prerequisites(steps, ctx, update)
     summary = RunSummary()
     last_of = {step.component: number for number, step in enumerate(steps, 1)}
     for directory in (ctx.workdir / "src", ctx.logs):
@@ -118,6 +142,9 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
     with _Lock(ctx.workdir):
         previous: dict[str, str] = {}
         redo: set[str] = set()  # components whose remaining steps must all run
+        # components whose build or install ran: only then are their artifacts new (a
+        # refetch finding nothing new must not record a file replaced meanwhile as built)
+        ran: set[str] = set()
         for number, step in enumerate(steps, 1):
             try:
                 inputs = step.inputs(ctx)
@@ -138,6 +165,8 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
                 results = step.results(ctx)
                 ctx.stamps.record(step.id, key, inputs, results)
                 summary.executed.append(step.id)
+                if step.name in ("build", "install"):
+                    ran.add(step.component)
                 # a step that ran again with the same inputs and the same outcome (a
                 # refetch finding no new commit, a deleted output rebuilt) leaves the
                 # later steps to their own stamps; anything else redoes them all
@@ -145,7 +174,9 @@ def run(steps: list[Step], ctx: Context, reporter, record_file: Path,
                     redo.add(step.component)
             previous[step.component] = key
             if last_of[step.component] == number and step.component in COMPONENTS:
-                if artifacts_record.update(record_file, step.component, artifact_entry(ctx, step.component)):
+                previous_entry = artifacts_record.load(record_file).get(step.component)
+                entry = artifact_entry(ctx, step.component, previous_entry, rebuilt=step.component in ran)
+                if artifacts_record.update(record_file, step.component, entry):
                     summary.recorded.append(step.component)
     reporter.finished(summary)
     return summary

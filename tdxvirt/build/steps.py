@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import COMPONENTS, BuildFailedError, edk2, gitops, kconfig
+from . import COMPONENTS, BuildFailedError, digests, edk2, gitops, kconfig, prereqs, source, subprojects
 from .actions import Command, CopyFile, WriteFile
 from .manifest import Manifest, PatchSet, Repo
 from .stamps import StampStore, file_digest
@@ -33,6 +33,8 @@ class Context:
     jobs: int
     install: bool
     host: object  # tdxvirt.host.HostRoot: where /boot/config-* is read
+    # where the build's programs and headers are (this machine's PATH and /)
+    toolbox: prereqs.Toolbox = field(default_factory=prereqs.Toolbox)
 
     @property
     def stamps(self) -> StampStore:
@@ -84,11 +86,18 @@ class Fetch(Step):
         self.component = repo.name
 
     def actions(self, ctx):
-        return gitops.fetch_commands(self.repo, ctx.tree(self.repo.name))
+        return gitops.fetch_commands(self.repo, ctx.tree(self.repo.name), ctx.manifest.mirrors)
 
     def inputs(self, ctx):
-        return {"url": self.repo.url, "ref": self.repo.ref, "submodules": self.repo.submodules,
-                "depth": self.repo.depth}
+        submodules = self.repo.submodules
+        inputs = {"url": self.repo.url, "ref": self.repo.ref, "depth": self.repo.depth,
+                  "submodules": list(submodules) if isinstance(submodules, tuple) else submodules}
+        # a local source says what its ref is now: a moved tag or branch refetches. A
+        # remote one is asked only with --update (no network on a run with nothing to do)
+        now = gitops.source_revision(self.repo.url, self.repo.ref, ctx.manifest.mirrors)
+        if now is not None:
+            inputs["source_revision"] = now
+        return inputs
 
     def outputs(self, ctx):
         return [ctx.tree(self.repo.name) / ".git"]
@@ -98,6 +107,38 @@ class Fetch(Step):
 
     def valid(self, ctx, stamp):
         tree = ctx.tree(self.repo.name)
+        return (tree / ".git").exists() and gitops.revision(tree, gitops.BASE_REF) == stamp.results.get("revision")
+
+
+class SourceImport(Step):
+    """The fetch step of a component built from ``--source PATH`` (see ``source``)."""
+
+    name = "fetch"
+
+    def __init__(self, component: str, path: Path):
+        self.component = component
+        self.path = path
+
+    @property
+    def label(self) -> str:
+        return f"{self.component} source"
+
+    def actions(self, ctx):
+        return [source.ImportSource(self.path, ctx.tree(self.component))]
+
+    def inputs(self, ctx):
+        return {"source": source.describe(self.path)}
+
+    def outputs(self, ctx):
+        return [ctx.tree(self.component) / ".git"]
+
+    def results(self, ctx):
+        tree = ctx.tree(self.component)
+        return {"revision": gitops.revision(tree, gitops.BASE_REF),
+                "source": {**source.describe(self.path), "git_tree": gitops.revision_tree(tree)}}
+
+    def valid(self, ctx, stamp):
+        tree = ctx.tree(self.component)
         return (tree / ".git").exists() and gitops.revision(tree, gitops.BASE_REF) == stamp.results.get("revision")
 
 
@@ -175,6 +216,9 @@ class KernelConfigure(Step):
         tree, config = ctx.tree("kernel"), ctx.manifest.kernel.config
         base = self.base_file(ctx)
         actions: list = [CopyFile(base, tree / ".config") if base else _make(tree, "defconfig")]
+        foreign_keys = kconfig.distribution_key_files(base) if base else []
+        if foreign_keys:  # the distribution's own key files: not in this tree
+            actions.append(Command(tuple(kconfig.clear_strings_argv(".config", foreign_keys)), tree))
         if config.enable or config.module or config.disable:
             argv = kconfig.scripts_config_argv(".config", config.enable, config.module, config.disable)
             actions.append(Command(tuple(argv), tree))
@@ -246,13 +290,21 @@ class QemuConfigure(Step):
     component, name = "qemu", "configure"
 
     def actions(self, ctx):
-        return [Command(("./configure", *ctx.manifest.qemu.configure), ctx.tree("qemu"))]
+        tree = ctx.tree("qemu")
+        # meson downloads missing subprojects with git: the mirrors reach it through the
+        # environment of configure only
+        return [subprojects.ClearFailedDownloads(tree),
+                Command(("./configure", *ctx.manifest.qemu.configure), tree,
+                        subprojects.git_config_env(ctx.manifest.mirrors))]
 
     def inputs(self, ctx):
         return {"configure": list(ctx.manifest.qemu.configure)}
 
     def outputs(self, ctx):
         return [ctx.tree("qemu") / "build"]
+
+    def results(self, ctx):
+        return {"subprojects": subprojects.revisions(ctx.tree("qemu"))}
 
 
 class QemuBuild(Step):
@@ -299,7 +351,7 @@ class OvmfConfigure(Step):
     def actions(self, ctx):
         tree, ovmf = ctx.tree("ovmf"), ctx.manifest.ovmf
         return [
-            _make(tree, "-C", "BaseTools"),
+            _make(tree, f"-j{ctx.jobs}", "-C", "BaseTools"),
             Command(("bash", "-c", edk2.EDKSETUP_ONLY, "edksetup"), tree),
             WriteFile(tree / "Conf" / "target.txt", edk2.target_txt(ovmf, ctx.jobs)),
             edk2.CheckToolchain(tree, ovmf.toolchain),
@@ -346,7 +398,10 @@ def select(manifest: Manifest, which: str) -> tuple[str, ...]:
     return (which,)
 
 
-def plan(manifest: Manifest, components: tuple[str, ...], install: bool) -> list[Step]:
+def plan(manifest: Manifest, components: tuple[str, ...], install: bool,
+         sources: dict[str, Path] | None = None) -> list[Step]:
+    """The steps; a component in ``sources`` is imported from that path, not fetched."""
+    sources = sources or {}
     steps: list[Step] = []
     helpers: list[str] = []
     for name in components:
@@ -356,7 +411,7 @@ def plan(manifest: Manifest, components: tuple[str, ...], install: bool) -> list
     steps += [Fetch(manifest.repos[name]) for name in helpers]
     for name in components:
         component = manifest.component(name)
-        steps.append(Fetch(component.repo))
+        steps.append(SourceImport(name, sources[name]) if name in sources else Fetch(component.repo))
         if component.patches:
             steps.append(Patch(name, component.patches))
         steps += [_CONFIGURE[name](), _BUILD[name]()]
@@ -384,19 +439,52 @@ def artifact_paths(ctx: Context, component: str) -> dict[str, str]:
     return {name: str(path) for name, path in paths.items() if path and os.path.exists(path)}
 
 
-def artifact_entry(ctx: Context, component: str) -> dict:
-    """One component's record: its artifacts and where its sources came from."""
+def artifact_digests(paths: dict[str, str], previous: dict | None, rebuilt: bool) -> dict[str, dict]:
+    """Each artifact file's SHA-256 and size (folders have none).
+
+    When no step of the component ran (``rebuilt`` false), the digests recorded before
+    are kept for unchanged paths: the files were not made again, so a file replaced at
+    such a path since must not become "the build's" by a run that built nothing.
+    """
+    previous = previous if isinstance(previous, dict) else {}
+    old_paths, old_digests = previous.get("artifacts") or {}, previous.get("digests") or {}
+    found = {}
+    for name, path in paths.items():
+        if os.path.isdir(path):
+            continue
+        if not rebuilt and old_paths.get(name) == path and isinstance(old_digests.get(name), dict):
+            found[name] = old_digests[name]
+            continue
+        try:
+            found[name] = digests.digest(path).to_json()
+        except digests.DigestError as error:
+            raise BuildFailedError(f"cannot record the {name} artifact: {error}") from None
+    return found
+
+
+def artifact_entry(ctx: Context, component: str, previous: dict | None = None, rebuilt: bool = True) -> dict:
+    """One component's record: its artifacts, their digests and where its sources came from."""
     stamps = ctx.stamps
     repo = ctx.manifest.component(component).repo
-    fetched = stamps.results(f"{component}.fetch").get("revision")
+    fetch = stamps.results(f"{component}.fetch")
+    fetched = fetch.get("revision")
     patched = stamps.results(f"{component}.patch")
+    paths = artifact_paths(ctx, component)
     entry = {
         "url": repo.url, "ref": repo.ref, "revision": fetched,
         "patched_revision": patched.get("revision", fetched),
         "patches": patched.get("patches", []),
-        "artifacts": artifact_paths(ctx, component),
+        "artifacts": paths,
+        "digests": artifact_digests(paths, previous, rebuilt),
         "manifest": ctx.manifest.path, "workdir": str(ctx.workdir),
     }
+    mirrored = gitops.mirrored_url(repo.url, ctx.manifest.mirrors)
+    if isinstance(fetch.get("source"), dict):  # built from --source: what it was, not the manifest's URL
+        entry.update(url=fetch["source"]["path"], ref=f"local {fetch['source']['kind']}", source=fetch["source"])
+    elif mirrored != repo.url:
+        entry["fetched_from"] = mirrored  # the mirror that stood in for the URL
+    if component == "qemu":
+        entry["subprojects"] = stamps.results("qemu.configure").get("subprojects", {})
     if component == "kernel":
         entry["release"] = stamps.results("kernel.build").get("release")
     return entry

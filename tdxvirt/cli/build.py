@@ -28,6 +28,14 @@ def _build_options(command):
                      help="Also install the kernel (modules_install, install) and QEMU; needs root."),
         click.option("--all", "build_all", is_flag=True,
                      help="Plan every component, also those this host's distribution already has."),
+        click.option("--source", "source_path", metavar="DIR|TARBALL",
+                     help="Build the one COMPONENT named from this local source instead of fetching "
+                          "it: a git checkout with its submodules, an unpacked tree, or a release "
+                          "tarball (QEMU's ships its subprojects). It is copied, never written to."),
+        click.option("--mirror", "mirrors", multiple=True, metavar="PREFIX=MIRROR",
+                     help="Fetch URLs starting with PREFIX from MIRROR instead, submodules too "
+                          "(e.g. https://github.com/=/srv/mirrors/); repeatable, added to the "
+                          "manifest's [mirrors]. Only tdxvirt's git commands get it."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -49,7 +57,7 @@ class _Selection:
             if f.planned and f.component not in manifest.components())
 
 
-def _prepare(session, component, manifest, workdir, jobs, install, build_all):
+def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=(), source_path=None):
     from pathlib import Path
 
     from ..build import distro, steps
@@ -57,7 +65,8 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all):
     from ..host import HostRoot
     from ..paths import state_dir
 
-    loaded = manifests.load(manifest)
+    loaded = manifests.with_mirrors(manifests.load(manifest), tuple(mirrors))
+    build_all = build_all or source_path is not None  # a source given is built, whatever the host has
     selected = steps.select(loaded, component)
     host = session.host if session is not None else HostRoot("/")
     selection = _Selection(distro.check(host), loaded, component, selected, build_all)
@@ -68,7 +77,23 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all):
         install=install,
         host=host,
     )
-    return ctx, steps.plan(loaded, selection.planned, install), selection
+    return ctx, steps.plan(loaded, selection.planned, install, _sources(component, source_path)), selection
+
+
+def _sources(component: str, source_path: str | None) -> dict:
+    """``--source``: the one component it is for, and its path, checked now."""
+    from pathlib import Path
+
+    from ..build import source
+    from ..errors import InputError
+
+    if source_path is None:
+        return {}
+    if component == "all":
+        raise InputError("--source builds one component: name it (`tdxvirt build run ovmf --source DIR`)")
+    path = Path(source_path).resolve()
+    source.kind_of(path)  # refuses what is neither a folder nor a tarball, in one line
+    return {component: path}
 
 
 _STATE_LABELS = {"present": "has it", "missing": "missing", "unknown": "unknown"}
@@ -115,10 +140,26 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
     return expected
 
 
+def _missing_prerequisites(ctx, step_states):
+    from ..build.runner import missing_prerequisites
+
+    return missing_prerequisites([s.step for s in step_states if not s.done], ctx)
+
+
+def _print_prerequisites(ctx, step_states) -> None:
+    """One line: what the steps to run need and this machine lacks, or that all is there."""
+    missing = _missing_prerequisites(ctx, step_states)
+    if missing.by_component:
+        click.echo(f"Prerequisites: {missing.describe()}")
+    elif any(not s.done for s in step_states):
+        click.echo("Prerequisites: every tool and library the steps to run need is installed")
+
+
 def _print_plan(ctx, step_states, selection, only_todo: bool) -> None:
     _print_distribution(selection)
     if not selection.planned:
         return
+    _print_prerequisites(ctx, step_states)
     components = selection.planned
     click.echo(f"Manifest:       {ctx.manifest.path}")
     click.echo(f"Work directory: {ctx.workdir} (sources in src/, stamps in stamps/, logs in logs/)")
@@ -160,7 +201,14 @@ def _plan_json(ctx, step_states, selection) -> dict:
         "selected": list(selection.selected),
         "planned": list(components),
         "all": selection.build_all,
+        "prerequisites": _prerequisites_json(_missing_prerequisites(ctx, step_states)),
     }
+
+
+def _prerequisites_json(missing) -> dict:
+    return {"missing": {component: [{"name": n.name, "package": n.package} for n in needs]
+                        for component, needs in missing.by_component.items()},
+            "install": missing.install_command() if missing.by_component else None}
 
 
 @click.group(name="build")
@@ -172,11 +220,12 @@ def build():
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, build_all, as_json):
+def plan(session, component, manifest, workdir, jobs, install, build_all, source_path, mirrors, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
     from ..build.runner import states
 
-    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
+                                     source_path)
     step_states = states(steps, ctx)
     if as_json:
         click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
@@ -190,7 +239,7 @@ def plan(session, component, manifest, workdir, jobs, install, build_all, as_jso
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, build_all, update, dry_run):
+def run(session, component, manifest, workdir, jobs, install, build_all, source_path, mirrors, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from ..build import artifacts
     from ..build.progress import ConsoleReporter
@@ -199,7 +248,8 @@ def run(session, component, manifest, workdir, jobs, install, build_all, update,
 
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
-    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all)
+    ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
+                                     source_path)
     if dry_run:
         _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
         return
@@ -220,15 +270,18 @@ def _print_builds(record: dict, components) -> None:
 @build.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(as_json):
-    """Show the recorded artifacts and the sources they were built from."""
-    import os
-
+    """Show the recorded artifacts, their SHA-256, and the sources they were built from;
+    flag an artifact whose file changed or is gone since it was recorded."""
     from ..build import artifacts
 
     file = artifacts.record_file()
     record = artifacts.load(file)
+    checks = artifacts.check_record(record)
     if as_json:
-        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        shown = {component: {**entry, "checks": {name: {"state": c.state, "detail": c.detail}
+                                                 for name, c in checks.get(component, {}).items()}}
+                 if isinstance(entry, dict) else entry for component, entry in record.items()}
+        click.echo(json.dumps(shown, indent=2, sort_keys=True))
         return
     if not record:
         click.echo(f"Nothing built yet ({file} does not exist); `tdxvirt build run` builds")
@@ -243,12 +296,25 @@ def status(as_json):
         if patched and patched != entry.get("revision"):
             revision += f" -> {patched[:12]}"
         paths = entry.get("artifacts", {}) or {"-": ""}
+        recorded = entry.get("digests") or {}
         for name, path in paths.items():
-            missing = "" if not path or os.path.exists(path) else " (missing)"
-            rows.append([component, name, f"{path}{missing}", entry.get("ref", "?"), revision,
+            check = checks.get(component, {}).get(name)
+            note = f" ({check.state})" if check is not None and check.state in ("missing", "changed") else ""
+            digest = recorded.get(name) if isinstance(recorded.get(name), dict) else {}
+            rows.append([component, name, f"{path}{note}", str(digest.get("sha256", "-"))[:16],
+                         digest.get("size", "-"), entry.get("ref", "?"), revision,
                          ", ".join(entry.get("patches", [])) or "-", entry.get("recorded_at", "?")])
-    click.echo(tabulate(rows, headers=["COMPONENT", "ARTIFACT", "PATH", "REF", "REVISION",
+    click.echo(tabulate(rows, headers=["COMPONENT", "ARTIFACT", "PATH", "SHA-256", "SIZE", "REF", "REVISION",
                                        "PATCH SETS", "RECORDED"]))
+    for component, found in sorted(checks.items()):
+        for name, check in found.items():
+            # a file still there keeps its build step done: it must go before a rebuild
+            remedy = "" if check.state == "missing" else "remove it, then "
+            if check.state in ("missing", "changed", "unreadable"):
+                click.echo(f"NOT AS BUILT: {component} {name}: {check.detail}; {remedy}"
+                           f"`tdxvirt build run {component}` builds and records it again")
+            elif check.state == "unrecorded":
+                click.echo(f"no digest: {component} {name}: {check.detail}")
     used = artifacts.builds(record)
     if used:
         click.echo("define uses: " + "; ".join(
