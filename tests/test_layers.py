@@ -33,7 +33,8 @@ LAYERS = {
     3: ["facts"],
     4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "guest.console_tail", "build.actions", "build.distro",
         "build.edk2", "build.gitops", "build.kconfig", "build.manifest", "build.progress",
-        "build.runner", "build.stamps", "build.steps", "attest.quote", "attest.checks",
+        "build.runner", "build.stamps", "build.steps", "build.source", "build.subprojects",
+        "build.prereqs", "attest.quote", "attest.checks",
         "attest.dcap", "attest.evidence", "attest.report", "sim", "enforce",
         "lifecycle.journal"],  # intents: host check reports them
     5: ["lifecycle", "gpu.discovery"],
