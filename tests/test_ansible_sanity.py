@@ -66,6 +66,17 @@ def _argument_spec(name: str, monkeypatch) -> dict:
     return caught.value.args[0], module
 
 
+def _fragment_options(doc: dict) -> dict:
+    """The options of the collection's doc fragments the module extends."""
+    options = {}
+    for fragment in doc.get("extends_documentation_fragment", []):
+        assert fragment.startswith("tdxvirt.tdx."), fragment
+        source = importlib.import_module("ansible_collections.tdxvirt.tdx.plugins.doc_fragments."
+                                         + fragment.rsplit(".", 1)[1])
+        options.update(yaml.safe_load(source.ModuleDocFragment.DOCUMENTATION)["options"])
+    return options
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_documentation_matches_the_argument_spec(name, monkeypatch):
     kwargs, module = _argument_spec(name, monkeypatch)
@@ -73,7 +84,7 @@ def test_documentation_matches_the_argument_spec(name, monkeypatch):
     spec = kwargs["argument_spec"]
     doc = yaml.safe_load(module.DOCUMENTATION)
     assert doc["module"] == name and doc["short_description"] and doc["description"]
-    options = doc["options"]
+    options = {**_fragment_options(doc), **doc["options"]}  # the module's own win, as in Ansible
     assert sorted(options) == sorted(spec)
     for option, arg in spec.items():
         documented = options[option]

@@ -81,3 +81,19 @@ def warnings(module, lines):
 
     for line in lines:
         module.warn(safe(targeted(line)))
+
+
+def execute(module, run, result, diff, diff_result=None):
+    """Run ``run(module, session, result, diff)`` on the module's host and end the task:
+    tdxvirt's one line in msg on failure, else the result with the diff (in diff mode;
+    ``diff_result`` shapes it when the module collects it otherwise than as a dict)."""
+    s = session(module)
+    try:
+        run(module, s, result, diff)
+    except Exception as error:
+        fail(module, error, **result)
+    finally:
+        s.close()
+    if module._diff and diff:
+        result["diff"] = diff_result(diff) if diff_result else diff
+    module.exit_json(**result)

@@ -46,18 +46,8 @@ options:
     description: Seconds to wait for each command in the guest.
     type: float
     default: 60
-  uri:
-    description: libvirt URI (default C($LIBVIRT_DEFAULT_URI), else C(qemu:///system)).
-    type: str
-  sim:
-    description: Use tdxvirt's simulated TDX host (C(tdxvirt --sim)).
-    type: bool
-    default: false
-  host_root:
-    description: Read host facts below this directory instead of C(/) (C(--host-root)).
-    type: path
-requirements:
-  - tdxvirt (the library) on the managed host
+extends_documentation_fragment:
+  - tdxvirt.tdx.host
 notes:
   - Supports check mode (it changes nothing either way).
 """

@@ -40,18 +40,8 @@ options:
     description: Fail the task when a host check failed (as C(host check) exits 1).
     type: bool
     default: false
-  uri:
-    description: libvirt URI (default C($LIBVIRT_DEFAULT_URI), else C(qemu:///system)).
-    type: str
-  sim:
-    description: Use tdxvirt's simulated TDX host (C(tdxvirt --sim)).
-    type: bool
-    default: false
-  host_root:
-    description: Read host facts below this directory instead of C(/) (C(--host-root)).
-    type: path
-requirements:
-  - tdxvirt (the library) on the managed host
+extends_documentation_fragment:
+  - tdxvirt.tdx.host
 notes:
   - Supports check mode (it changes nothing either way).
 """

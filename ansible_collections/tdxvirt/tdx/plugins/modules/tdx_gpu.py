@@ -103,7 +103,7 @@ moved:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.common import HOST_OPTIONS, fail, session, warnings
+from ..module_utils.common import HOST_OPTIONS, execute, warnings
 
 
 def _addresses(s, gpus, switches):
@@ -218,16 +218,7 @@ def main():
     )
     result = dict(changed=False, devices=[], moved=[])
     diff = []
-    s = session(module)
-    try:
-        run(module, s, result, diff)
-    except Exception as error:
-        fail(module, error, **result)
-    finally:
-        s.close()
-    if module._diff and diff:
-        result["diff"] = dict(prepared="".join(diff))
-    module.exit_json(**result)
+    execute(module, run, result, diff, lambda collected: dict(prepared="".join(collected)))
 
 
 if __name__ == "__main__":

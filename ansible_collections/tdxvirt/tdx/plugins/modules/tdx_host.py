@@ -94,7 +94,7 @@ steps:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.common import HOST_OPTIONS, fail, session, warnings
+from ..module_utils.common import HOST_OPTIONS, execute, warnings
 
 
 def run(module, s, result, diff):
@@ -145,16 +145,7 @@ def main():
         module.fail_json(msg="state absent takes no other setup options (it restores the backups)")
     result = dict(changed=False, reboot_required=False, steps=[])
     diff = {}
-    s = session(module)
-    try:
-        run(module, s, result, diff)
-    except Exception as error:
-        fail(module, error, **result)
-    finally:
-        s.close()
-    if module._diff and diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    execute(module, run, result, diff)
 
 
 if __name__ == "__main__":

@@ -137,18 +137,8 @@ options:
   gpu_tool:
     description: NVIDIA's gpu-admin-tools start's preflight reads CC modes with.
     type: path
-  uri:
-    description: libvirt URI (default C($LIBVIRT_DEFAULT_URI), else C(qemu:///system)).
-    type: str
-  sim:
-    description: Use tdxvirt's simulated TDX host (C(tdxvirt --sim)).
-    type: bool
-    default: false
-  host_root:
-    description: Read host facts below this directory instead of C(/) (C(--host-root)).
-    type: path
-requirements:
-  - tdxvirt (the library) on the managed host
+extends_documentation_fragment:
+  - tdxvirt.tdx.host
 notes:
   - Supports check mode and diff mode.
 """
@@ -204,7 +194,7 @@ removed:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ..module_utils.common import HOST_OPTIONS, fail, session, warnings
+from ..module_utils.common import HOST_OPTIONS, execute, warnings
 
 SPEC_OPTIONS = ("gpus", "vcpus", "memory", "image", "image_format", "disk", "disk_format",
                 "kernel", "initrd", "cmdline", "ovmf", "policy", "debug", "mr_config_id",
@@ -361,16 +351,7 @@ def main():
     result = dict(changed=False, name=module.params["name"], state=None, uuid=None,
                   defined=False, repaired=[], removed=[])
     diff = {}
-    s = session(module)
-    try:
-        run(module, s, result, diff)
-    except Exception as error:
-        fail(module, error, **result)
-    finally:
-        s.close()
-    if module._diff and diff:
-        result["diff"] = diff
-    module.exit_json(**result)
+    execute(module, run, result, diff)
 
 
 if __name__ == "__main__":
