@@ -171,6 +171,12 @@ def test_bad_parameters_fail_in_tdxvirts_one_line(tmp_path, qemu_conn, td_name):
     assert other["_status"] == "failed" and "\n" not in other["msg"]
     assert "1 vCPUs, not 2" in other["msg"] and "state: absent" in other["msg"]
     assert "<vcpu placement='static'>1</vcpu>" in qemu_conn.lookupByName(td_name).XMLDesc(0)
+    # the launch too: a policy or an MR value the TD was not defined with is no "ok"
+    debug = result(tmp_path, td_task(td_name, "present", debug=True))
+    assert debug["_status"] == "failed" and "policy 0x10000000, not 0x10000001" in debug["msg"]
+    mr = result(tmp_path, td_task(td_name, "present", mr_config_id="q" * 64))
+    assert mr["_status"] == "failed" and "MRCONFIGID none, not " in mr["msg"]
+    assert not result(tmp_path, td_task(td_name, "present"))["changed"]  # as defined: unchanged
 
 
 def test_a_start_the_preflight_refuses_fails_with_starts_line(tmp_path, qemu_conn, td_name, cc_off):

@@ -19,8 +19,10 @@ description:
   - An existing TD that another tool weakened (launch security, firmware, MMIO window, ...)
     is repaired from root's record of it, as C(tdxvirt repair) does, and the task reports
     changed with the repair's diff.
-  - An existing TD defined with other vCPUs, memory or GPUs than the task asks for fails the
-    task in one line; tdxvirt does not redefine a TD in place (C(state=absent) first).
+  - An existing TD defined with other vCPUs, memory, GPUs, policy, MR values, direct-boot
+    kernel, initrd, arguments or firmware than the task asks for fails the task in one line;
+    tdxvirt does not redefine a TD in place (C(state=absent) first). Its disk image is not
+    compared.
   - Check mode runs tdxvirt's dry runs (every define check, the repair plan) and changes
     nothing; diff mode shows the XML define would define, with the files it would
     create, or the repair's diff of the definition.
@@ -211,6 +213,32 @@ def _spec(params, remote):
                             ssh_key=tuple(params["ssh_keys"]), **options)
 
 
+# What a TD's launch is made of beyond its size and GPUs: each, as text in the domain XML,
+# compared between the XML the task's options render and the XML libvirt holds.
+LAUNCH_FIELDS = (("policy", "launchSecurity/policy"), ("MRCONFIGID", "launchSecurity/mrConfigId"),
+                 ("MROWNER", "launchSecurity/mrOwner"),
+                 ("MROWNERCONFIG", "launchSecurity/mrOwnerConfig"), ("kernel", "os/kernel"),
+                 ("initrd", "os/initrd"), ("kernel arguments", "os/cmdline"),
+                 ("firmware", "os/loader"))
+
+
+def _launch_mismatch(wanted_xml, defined_xml):
+    """How the defined TD's launch (policy, MR values, direct-boot files, firmware)
+    differs from what the task's options render."""
+    from lxml import etree
+
+    wanted, defined = (etree.fromstring(x.encode()) for x in (wanted_xml, defined_xml))
+    differences = []
+    for label, path in LAUNCH_FIELDS:
+        want = (wanted.findtext(path) or "").strip()
+        have = (defined.findtext(path) or "").strip()
+        if label == "firmware" and not want:
+            continue  # libvirt's own pick on the host: nothing asked for
+        if want != have:
+            differences.append("%s %s, not %s" % (label, have or "none", want or "none"))
+    return differences
+
+
 def _mismatch(spec, facts):
     """How the defined TD differs from what the task asks for (vCPUs, memory, GPUs)."""
     from tdxvirt.units import MIB
@@ -226,6 +254,17 @@ def _mismatch(spec, facts):
         differences.append("GPUs %s, not %s" % (" ".join(facts.gpus) or "none",
                                                 " ".join(asked) or "none"))
     return differences
+
+
+def _refuse_redefining(module, result, differences):
+    from tdxvirt.textsafe import quoted
+
+    if differences:
+        module.fail_json(
+            msg="%s is defined with %s; tdxvirt does not redefine a TD in place: remove it "
+                "first (state: absent), then define it again" % (quoted(module.params["name"]),
+                                                                ", ".join(differences)),
+            **result)
 
 
 def run(module, s, result, diff):
@@ -276,15 +315,12 @@ def run(module, s, result, diff):
         result["uuid"] = td.plan.uuid
     else:
         result["uuid"] = domain.UUIDString()
-        defined = tds.read_facts(tds.domain_xml(conn, domain.UUIDString(), inactive=True))
-        differences = _mismatch(spec, defined)
-        if differences:
-            module.fail_json(
-                msg="%s is defined with %s; tdxvirt does not redefine a TD in place: remove it "
-                    "first (state: absent), then define it again" % (quoted(p["name"]),
-                                                                    ", ".join(differences)),
-                **result)
+        defined_xml = tds.domain_xml(conn, domain.UUIDString(), inactive=True)
+        _refuse_redefining(module, result, _mismatch(spec, tds.read_facts(defined_xml)))
         repair = repair_td(conn, facts, domain.UUIDString(), dry_run=check)
+        if not (repair.is_td and repair.needed):  # a weakened TD's launch is repair's to restore
+            wanted = tds.assemble_td(conn, facts, spec, check_schema=False).xml
+            _refuse_redefining(module, result, _launch_mismatch(wanted, defined_xml))
         if repair.is_td and repair.needed:
             result["changed"] = True
             result["repaired"] = list(repair.changes) + (
