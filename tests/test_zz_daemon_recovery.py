@@ -178,3 +178,40 @@ def test_selftest_whose_libvirtd_stays_down_names_the_td_it_leaves_and_the_comma
         assert left[1] not in [d.name() for d in conn.listAllDomains(0)]
     finally:
         conn.close()
+
+
+def test_an_emulated_host_binding_a_deleted_checkouts_hook_code_is_started_anew(sim, cc_on, tmp_path):
+    """The emulated host's namespaces bind the tdxvirt package that started them for its
+    hook. A clean clone deleted and made again at the same path left the hook importing
+    nothing ("No module named 'tdxvirt.domain'") and every TD start refused. Now `sim up`
+    sees the binding is not this tdxvirt's and starts the host anew."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import run_sim
+
+    from tdxvirt.sim import tdxhost
+
+    copy = tmp_path / "other-checkout"
+    shutil.copytree(Path(chroot.__file__).parents[1], copy / "tdxvirt",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    control.stop_guests(sim.qemu_uri, sim.socket)
+    chroot.stop_daemons(sim.chroot)
+    started = subprocess.run([sys.executable, "-c", "from tdxvirt.sim import control; control.up()"],
+                             env={**os.environ, "PYTHONPATH": str(copy)}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr
+    assert not tdxhost.hook_code_is_current(sim.chroot)  # the other checkout's code is bound
+    shutil.rmtree(copy)  # as the clean clone was deleted
+    control.up(sim)
+    assert tdxhost.hook_code_is_current(sim.chroot)
+    name = f"fresh-{uuid.uuid4().hex[:6]}"
+    try:
+        assert run_sim("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "512M",
+                       "--vcpus", "1", "--network", "none").returncode == 0
+        begun = run_sim("start", name)  # libvirt's hook runs, importing this tdxvirt
+        assert begun.returncode == 0, begun.stderr
+    finally:
+        run_sim("destroy", name)
+        run_sim("undefine", name)

@@ -44,11 +44,27 @@ def ensure_gpu_modes(sim: SimLayout) -> None:
         modes.write_text(json.dumps({"0000:38:00.0": {"cc": "off", "ppcie": "off"}}) + "\n")
 
 
+def _retire_stale(root: Path, sock: Path, uri: str) -> bool:
+    """Stop an emulated host whose namespaces bind another tdxvirt's code for its hook
+    (tdxhost.hook_code_is_current), guests first, so it starts again with this one's."""
+    from . import tdxhost
+
+    if tdxhost.hook_code_is_current(root):
+        return False
+    stop_guests(uri, sock)
+    chroot.stop_daemons(root)
+    return True
+
+
 def up(sim: SimLayout | None = None) -> list[str]:
-    """Start whatever is not running; return what was started."""
+    """Start whatever is not running (or runs another tdxvirt's hook code); return what
+    was started."""
     sim = sim or layout()
     ensure_gpu_modes(sim)
     started = []
+    _retire_stale(sim.chroot, sim.socket, sim.qemu_uri)
+    if chroot.is_provisioned(sim.legacy_chroot):
+        _retire_stale(sim.legacy_chroot, sim.legacy_socket, sim.legacy_qemu_uri)
     if chroot.start_daemons(sim.chroot, sim.socket, sim.devices):
         started.append("emulated TDX host (libvirt 12.x)")
     start_autostart_networks(sim)
@@ -88,7 +104,9 @@ def restart(sim: SimLayout | None = None, boot: bool = False) -> None:
     host boot, when libvirt autostarts the domains marked for it."""
     sim = sim or layout()
     keeper.stop(sim.keeper_pidfile)
-    chroot.stop_daemons(sim.chroot, names=("libvirtd",))
+    # a host binding another tdxvirt's hook code starts anew (its namespaces go with it)
+    if not _retire_stale(sim.chroot, sim.socket, sim.qemu_uri):
+        chroot.stop_daemons(sim.chroot, names=("libvirtd",))
     if boot:
         (sim.chroot / AUTOSTARTED).unlink(missing_ok=True)
     chroot.start_daemons(sim.chroot, sim.socket, sim.devices)

@@ -158,6 +158,25 @@ def _bind_hook_sources(root: Path) -> None:
         _mount("--bind", "-o", mode, str(source), str(target))
 
 
+def hook_code_is_current(root: Path) -> bool:
+    """Whether the running emulated host's hook imports this tdxvirt: its namespaces bind
+    the package of the tdxvirt that started them, and a checkout deleted since (a clean
+    clone re-made at the same path) leaves the hook importing nothing ("No module named
+    tdxvirt.domain"). True when nothing runs. Seen through its virtlogd's root."""
+    from .. import __file__ as package_init
+    from .chroot import alive_pid
+
+    pid = alive_pid(root / "run" / "virtlogd.pid")
+    if pid is None:
+        return True
+    try:
+        bound = os.stat(f"/proc/{pid}/root/{HOOK_CODE}/tdxvirt/__init__.py")
+        ours = os.stat(package_init)
+    except OSError:
+        return False
+    return (bound.st_dev, bound.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def _bind_shared_dirs(root: Path) -> None:
     """The emulated TDX host (not the libvirt 11.x one, which stands for another host)
     sees this machine's image and key directories at their own paths (onehost.shared_dirs)."""
