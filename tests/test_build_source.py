@@ -149,3 +149,31 @@ def test_dry_run_and_refusals(setup, tmp_path, state):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"tdxvirt: error: {message}"), lines
     assert json.loads(CliRunner().invoke(group, ["build", "status", "--json"]).output) == {}
+
+
+def test_an_import_replaces_only_its_own_tree_and_leaves_neighbours(tmp_path):
+    """The import stages and retires folders it made itself (new names): a folder a user
+    left beside the tree under a name the import once used stays."""
+    from tdxvirt.build.source import ImportSource
+
+    source = tmp_path / "edk2"
+    (source / "OvmfPkg").mkdir(parents=True)
+    (source / "OvmfPkg/README").write_text("tree\n")
+    tree = tmp_path / "work/src/ovmf"
+    neighbours = [tree.with_name("ovmf.old"), tree.with_name("ovmf.import")]
+    for folder in neighbours:
+        folder.mkdir(parents=True)
+        (folder / "keep").write_text("someone's\n")
+
+    class Run:  # the executor's two methods the import uses
+        def command(self, argv, cwd, env=None):
+            return subprocess.run(argv, cwd=cwd, env=env, capture_output=True)
+
+        def note(self, text):
+            pass
+
+    for _ in range(2):  # once fresh, once replacing the tree it made
+        ImportSource(source, tree).run(Run())
+        assert (tree / "OvmfPkg/README").read_text() == "tree\n"
+    assert all((folder / "keep").read_text() == "someone's\n" for folder in neighbours)
+    assert sorted(p.name for p in tree.parent.iterdir()) == ["ovmf", "ovmf.import", "ovmf.old"]

@@ -135,3 +135,27 @@ def test_wraps_are_read_and_a_shipped_subproject_is_named_so(tmp_path):
     assert set(found) == {"berkeley-softfloat-3", "proc-macro2-1-rs", "empty"}
     assert subprojects.empty_directories(tree) == [tree / "subprojects/empty"]
     assert subprojects.git_config_env(()) == {}
+
+
+def test_only_folders_under_subprojects_are_named_and_cleared(tmp_path):
+    """A wrap file is the source's text: a `directory` that leaves subprojects/ (or a
+    wrap that is a FIFO) is not taken, so clearing failed downloads removes only empty
+    folders under subprojects/, never a folder elsewhere."""
+    tree = tmp_path / "qemu"
+    (tree / "subprojects").mkdir(parents=True)
+    (tree / "subprojects/good.wrap").write_text("[wrap-git]\nurl = https://example.org/good.git\n")
+    (tree / "subprojects/good").mkdir()
+    (tree / "subprojects/escape.wrap").write_text("[wrap-git]\ndirectory = ../../outside\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.mkfifo(tree / "subprojects/fifo.wrap")
+    assert [w.name for w in subprojects.read_wraps(tree)] == ["good"]
+    notes = []
+
+    class Notes:  # the executor's one method ClearFailedDownloads uses
+        note = staticmethod(notes.append)
+
+    subprojects.ClearFailedDownloads(tree).run(Notes())
+    assert not (tree / "subprojects/good").exists() and outside.is_dir()
+    assert notes == [f"removed {tree / 'subprojects/good'}: empty, left by a failed download; "
+                     "meson downloads it again"]

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,9 +153,10 @@ class ImportSource:
                 f"git -C {self.tree} update-ref {gitops.BASE_REF} HEAD"]
 
     def run(self, executor) -> None:
-        staging = self.tree.with_name(self.tree.name + ".import")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        self.tree.parent.mkdir(parents=True, exist_ok=True)
+        # made by this run (mkdtemp: a new name, never a folder someone else left there),
+        # so the clean-ups below remove only what this run created
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.tree.name}.import-", dir=self.tree.parent))
         kind = kind_of(self.source)
         if kind == "tarball":
             _unpack(self.source, staging, executor)
@@ -171,10 +173,11 @@ class ImportSource:
             if result.returncode != 0:
                 raise BuildFailedError(f"`{' '.join(argv[3:5])}` in {staging} exited with {result.returncode}")
         # swap in only now: an interrupted import leaves the old tree as it was
-        old = self.tree.with_name(self.tree.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
         if self.tree.exists():
-            self.tree.rename(old)
-        staging.rename(self.tree)
-        shutil.rmtree(old, ignore_errors=True)
+            old = Path(tempfile.mkdtemp(prefix=f".{self.tree.name}.old-", dir=self.tree.parent))
+            self.tree.rename(old / "tree")  # the tree tdxvirt fetched or imported before
+            staging.rename(self.tree)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(self.tree)
         executor.note(f"imported {self.source} as {gitops.revision(self.tree)}")

@@ -24,7 +24,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import TdxvirtError
+from ..userfile import read_user_file
 from .manifest import Mirror
+
+WRAP_LIMIT = 64 * 1024  # a wrap file is a few lines
 
 
 @dataclass(frozen=True)
@@ -42,15 +46,18 @@ def read_wraps(tree: Path) -> list[Wrap]:
     found = []
     for file in sorted((tree / "subprojects").glob("*.wrap")):
         parser = configparser.ConfigParser(interpolation=None)
-        try:
-            parser.read(file)
-        except (configparser.Error, UnicodeDecodeError):
+        try:  # a source's file: regular and bounded (a FIFO or a huge file is no wrap)
+            parser.read_string(read_user_file(file, "wrap file", limit=WRAP_LIMIT).decode())
+        except (configparser.Error, UnicodeDecodeError, TdxvirtError):
             continue  # meson will name a broken wrap file itself
         name = file.name[:-len(".wrap")]
         for section, kind in (("wrap-git", "git"), ("wrap-file", "file")):
             if parser.has_section(section):
                 get = parser[section].get
-                found.append(Wrap(name=name, kind=kind, directory=get("directory", name), url=get("url"),
+                directory = get("directory", name)
+                if directory in ("", ".", "..") or "/" in directory or "\\" in directory:
+                    break  # not one folder under subprojects/: nothing tdxvirt reads or removes
+                found.append(Wrap(name=name, kind=kind, directory=directory, url=get("url"),
                                   revision=get("revision"), source_hash=get("source_hash")))
                 break
     return found
