@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..host import nvidia
 from ..host.pci import PciDevice
-from ..host.procs import find_processes
+from ..host.procs import find_processes, loaded_modules
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 
@@ -34,16 +34,9 @@ RAIL_POLICY = "PARTITION_RAIL_POLICY"
 FM_CONFIG_LIMIT = 256 * 1024
 
 
-def loaded_modules(ctx: Context) -> set[str] | None:
-    text = ctx.root.read_value("/proc/modules")
-    if text is None:
-        return None
-    return {line.split()[0] for line in text.splitlines() if line.strip()}
-
-
 def _drivers(ctx: Context, gpus: list[PciDevice]) -> Check:
     name = "gpu host drivers"
-    loaded = loaded_modules(ctx)
+    loaded = loaded_modules(ctx.root)
     if loaded is None:
         return Check(name, SKIP, "/proc/modules not readable")
     found = [module for module in GRABBING_DRIVERS if module in loaded]

@@ -1,4 +1,4 @@
-"""Running processes by name, with their start time, from ``/proc``.
+"""Running processes by name, with their start time, from ``/proc``; and the loaded modules.
 
 Used to tell which libvirt daemon serves the host (libvirtd or the modular
 virtqemud) and whether it started before or after qemu.conf last changed.
@@ -47,6 +47,14 @@ def _belongs(root: HostRoot, pid: str) -> bool:
         return os.readlink(f"/proc/{pid}/root") == root.process_root
     except OSError:
         return False  # gone, or not ours to look at
+
+
+def loaded_modules(root: HostRoot) -> frozenset[str] | None:
+    """The kernel modules loaded now (``/proc/modules``), None when it is not readable."""
+    text = root.read_value("/proc/modules")
+    if text is None:
+        return None
+    return frozenset(line.split()[0] for line in text.splitlines() if line.strip())
 
 
 def find_processes(root: HostRoot, names: tuple[str, ...]) -> list[Process]:

@@ -23,6 +23,7 @@ from ..errors import HostNotReadyError, InputError
 from ..host import trust
 from ..host.commands import NOT_RUN, CommandRunner, RefusingRunner, SubprocessRunner, refuses
 from ..host.osrelease import OsRelease, read_os_release
+from ..host.procs import loaded_modules
 from ..host.root import HostRoot
 from ..virt.dialect import KVM_INTEL_TDX
 from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
@@ -98,11 +99,6 @@ def _gpu_blacklist(root: HostRoot) -> tuple[str, ...]:
     return tuple(m for m in modprobe.GPU_BLACKLIST if m not in done)
 
 
-def _loaded_modules(root: HostRoot) -> frozenset[str]:
-    text = root.read_value("/proc/modules") or ""
-    return frozenset(line.split()[0] for line in text.splitlines() if line.strip())
-
-
 def _grub_regen(root: HostRoot) -> tuple[str, ...] | None:
     if _tool(root, "update-grub"):
         return ("update-grub",)
@@ -146,7 +142,7 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
         groups=_names(root, "/etc/group"),
         grubby_skipped=skipped,
         gpu_blacklist=_gpu_blacklist(root),
-        loaded_modules=_loaded_modules(root),
+        loaded_modules=loaded_modules(root) or frozenset(),
         hook_install=root.hook_install,
     )
 

@@ -249,18 +249,16 @@ class SelfTest:
         """The firmware the TD boots and, on this host, its SHA-256: which build it was."""
         self.report.host["firmware"] = loader or "chosen by libvirt"
         if loader and not self.facts.remote:
-            import hashlib
-
             from ..build.artifacts import build_of
-            from ..userfile import read_user_file
+            from ..build.digests import DigestError, digest
 
             build = build_of(loader)
             self.report.host["firmware_build"] = (build.describe() if build is not None else
                                                   "not a `tdxvirt build` result (a distribution's?)")
-            try:
-                data = read_user_file(self.facts.host.path(loader), "the firmware", limit=FIRMWARE_LIMIT)
-                self.report.host["firmware_sha256"] = hashlib.sha256(data).hexdigest()
-            except TdxvirtError as error:
+            try:  # the build record's own digest: regular files only, bounded
+                found = digest(self.facts.host.path(loader), limit=FIRMWARE_LIMIT)
+                self.report.host["firmware_sha256"] = found.sha256
+            except DigestError as error:
                 self.report.host["firmware_sha256"] = f"unknown: {error}"
 
     def _host_check(self):
