@@ -75,18 +75,24 @@ def configured_options(root: HostRoot, module: str, name: str) -> list[ModuleOpt
 GPU_BLACKLIST = ("nouveau", "nova_core")
 
 
+def parse_blacklist(text: str) -> set[str]:
+    """Modules the ``blacklist MODULE`` lines of one modprobe.d file name."""
+    found = set()
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if len(words) == 2 and words[0] == "blacklist":
+            found.add(_norm(words[1]))
+    return found
+
+
 def blacklisted(root: HostRoot) -> set[str]:
     """Modules a ``blacklist MODULE`` line of any modprobe.d file names."""
     found = set()
     for path in config_files(root):
         try:
-            text = root.read_text(path)
+            found |= parse_blacklist(root.read_text(path))
         except OSError:
             continue
-        for raw in text.splitlines():
-            words = raw.split("#", 1)[0].split()
-            if len(words) == 2 and words[0] == "blacklist":
-                found.add(_norm(words[1]))
     return found
 
 

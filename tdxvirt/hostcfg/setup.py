@@ -206,9 +206,9 @@ def _plan_modprobe(facts: HostFacts, options: SetupOptions, out: list[Step]) -> 
     dma_elsewhere = bool(dma_others) and _int(dma_others[-1].value) >= modprobe.DMA_ENTRY_LIMIT
     need_dma = options.legacy_vfio and not dma_elsewhere
     # blacklisted by tdxvirt's own file already: still wanted there (the file is rewritten whole)
-    ours_blacklist = tuple(m for m in modprobe.GPU_BLACKLIST
-                           if m in facts.gpu_blacklist or _blacklists(facts.files[modprobe.FILE], m))
     current = facts.files[modprobe.FILE]
+    in_ours = modprobe.parse_blacklist(current.decode(errors="replace")) if current else set()
+    ours_blacklist = tuple(m for m in modprobe.GPU_BLACKLIST if m in facts.gpu_blacklist or m in in_ours)
     # Another file already does it: tdxvirt's file is not needed (left as it is).
     if tdx_elsewhere and not need_dma and not ours_blacklist:
         wanted = current
@@ -232,10 +232,6 @@ def _plan_modprobe(facts: HostFacts, options: SetupOptions, out: list[Step]) -> 
                           "the blacklist counts from the next boot (or `modprobe -r` once no GPU "
                           "uses it)", "warning"))
     return changed and (facts.kvm_intel_tdx != "Y" or bool(loaded))
-
-
-def _blacklists(text: bytes | None, module: str) -> bool:
-    return text is not None and f"\nblacklist {module}\n" in "\n" + text.decode(errors="replace")
 
 
 def _int(text: str) -> int:
