@@ -20,19 +20,19 @@ import click
 
 from tdxvirt.gpu.binding import SysfsWriter
 from tdxvirt.host import HostRoot
+from tdxvirt.sim.boards import (  # noqa: F401 (the simulated host's boards, re-exported)
+    HGX_B200_SWITCH_MANAGEMENT,
+    HGX_GPUS,
+    blackwell,
+    connectx_switch_management,
+    hgx_b200_devices,
+)
+from tdxvirt.sim.boards import resource as _resource
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
 from tdxvirt.virt.conn import open_connection
 
 STANDIN = Path(__file__).resolve().parents[1] / "tdxvirt" / "sim" / "standin_gpu_tools.py"
 HOST_DRIVERS = ("nvidia", "vfio-pci", "snd_hda_intel", "ice", "pcieport", "nvidia-nvswitch", "mlx5_core")
-
-_ZERO_BAR = "0x0000000000000000 0x0000000000000000 0x0000000000000000"
-
-
-def _resource(*bars: tuple[int, int]) -> str:
-    lines = [f"{start:#018x} {start + size - 1:#018x} 0x000000000014220c" for start, size in bars]
-    return "\n".join(lines + [_ZERO_BAR] * (7 - len(lines))) + "\n"
-
 
 # ---------------------------------------------------------------- devices
 
@@ -74,44 +74,6 @@ def bridge(address: str, group: int) -> FakePciDevice:
         "vendor": "0x10b5", "device": "0xc010", "class": "0x060400", "resource": _resource()})
 
 
-# Blackwell: the device ids NVIDIA's gpu-admin-tools names (B200 0x2901, B300 0x3182) and
-# the large BARs users measured (256 / 512 GiB, tdxvirt.host.nvidia.MEASURED_LARGE_BAR).
-# BAR0 64 MiB and BAR4 32 MiB are assumed (no Blackwell sysfs dump is public): no test
-# depends on them beyond their being small.
-BLACKWELL = {"B200": ("0x2901", 256 << 30), "B300": ("0x3182", 512 << 30)}
-
-
-def blackwell(address: str, group: int, model: str = "B200", driver: str | None = "vfio-pci",
-              numa: int = 0) -> FakePciDevice:
-    device, large = BLACKWELL[model]
-    base = 0x0000_4000_0000_0000 + int(address[5:7], 16) * 0x100_0000_0000
-    return FakePciDevice(address, driver=driver, iommu_group=group, overrides={
-        "device": device, "class": "0x030200", "numa_node": str(numa),
-        "resource": _resource((base, 64 << 20), (base + (1 << 40), large), (base + (2 << 40), 32 << 20))})
-
-
-def connectx_switch_management(address: str, group: int) -> FakePciDevice:
-    """A ConnectX function the NVLink switches are managed through on HGX B200/B300
-    (15b3:1021; the host's Fabric Manager and NVLink subnet manager use it)."""
-    return FakePciDevice(address, driver="mlx5_core", iommu_group=group, overrides={
-        "vendor": "0x15b3", "device": "0x1021", "class": "0x020700", "numa_node": "0",
-        "resource": _resource((0x3000_0000_0000 + int(address[5:7], 16) * 0x200_0000, 32 << 20))})
-
-
-HGX_B200_SWITCH_MANAGEMENT = ("0000:c1:00.0", "0000:c1:00.1")
-
-
-def hgx_b200_devices(model: str = "B200", driver: str = "vfio-pci") -> tuple[FakePciDevice, ...]:
-    """Eight Blackwell GPUs (four per NUMA node) at HGX_GPUS' addresses, each in its own
-    group, and the ConnectX switch-management functions: no NVSwitch PCI device."""
-    gpus = tuple(blackwell(a, group=10 + i, model=model, driver=driver, numa=0 if i < 4 else 1)
-                 for i, a in enumerate(HGX_GPUS))
-    return gpus + tuple(connectx_switch_management(a, group=60 + i)
-                        for i, a in enumerate(HGX_B200_SWITCH_MANAGEMENT))
-
-
-HGX_GPUS = ("0000:18:00.0", "0000:2a:00.0", "0000:3a:00.0", "0000:5d:00.0",
-            "0000:9a:00.0", "0000:ab:00.0", "0000:ba:00.0", "0000:db:00.0")
 HGX_SWITCHES = ("0000:05:00.0", "0000:06:00.0", "0000:07:00.0", "0000:08:00.0")
 
 

@@ -987,17 +987,27 @@ def sim():
     """The simulated TDX host: the emulated TDX host's libvirt, the test driver, a fake host root."""
 
 
+def _board_choices() -> list[str]:
+    from ..sim.boards import BOARDS
+
+    return list(BOARDS)
+
+
 @sim.command(name="up")
 @click.option("--install", is_flag=True,
               help="First install the simulated host if it is missing (debootstrap, apt).")
-def sim_up(install):
+@click.option("--board", type=click.Choice(_board_choices()),
+              help="The emulated TDX host's GPUs: h100 (one H100 at 38:00.0, the default) or "
+                   "hgx-b200 (eight B200s and the ConnectX switch management). Kept for later "
+                   "starts; changing it stops the host's TDs and starts it anew.")
+def sim_up(install, board):
     """Start the simulated host's daemon and keeper if they are not running."""
     from ..sim import control
 
     if install:
-        started = control.provision(log=lambda line: click.echo(f"sim: {line}"))
+        started = control.provision(log=lambda line: click.echo(f"sim: {line}"), board=board)
     else:
-        started = control.up()
+        started = control.up(board=board)
     click.echo(f"Started: {', '.join(started)}" if started else "The simulated host is up")
 
 
@@ -1082,6 +1092,7 @@ def sim_status(as_json):
         click.echo(json.dumps({
             "installed": status.installed, "daemon": status.daemon,
             "keeper_pid": status.keeper_pid or None, "host_root": str(layout().chroot),
+            "board": status.board,
             "devices": str(layout().devices), "qemu_uri": status.uri,
             "test_uri": status.test_uri, "daemon_root": str(layout().chroot)}, indent=2))
         return
@@ -1089,6 +1100,7 @@ def sim_status(as_json):
     click.echo(f"daemon:     {'running' if status.daemon else 'stopped'}")
     click.echo(f"keeper:     {status.keeper_pid or 'stopped'}")
     click.echo(f"host root:  {layout().chroot} with {layout().devices}'s /sys, /dev, /proc")
+    click.echo(f"board:      {status.board}")
     click.echo(f"qemu driver: {status.uri}")
     click.echo(f"test driver: {status.test_uri}")
     click.echo(f"daemon root: {layout().chroot}")

@@ -28,6 +28,7 @@ MIN_MMIO_MB = 32 * 1024
 # A window this large was reported to break the iommufd bind of Blackwell GPUs (2 TiB
 # worked for 4 B200s in the same report); said, not refused: the BARs need what they need.
 LARGE_MMIO_MB = 8 * 1024 * 1024
+WIDE_ADDRESS_MMIO_MB = 1024 * 1024  # 1 TiB: four B200s need 2 TiB (DomainPlan.wide_address_mb)
 # The only fw_cfg name OVMF reads for the window (X-PciMmio64 is silently ignored).
 # libvirt's qemu driver refuses opt/ovmf/ names in <sysinfo type='fwcfg'> ("That
 # firmware name is reserved"; its test driver accepts them), so the entry goes to
@@ -87,6 +88,13 @@ class DomainPlan:
     warnings: tuple[str, ...] = field(default=())
     uuid: str | None = None  # chosen at define, so the root-owned record can be keyed by it
     os_id: str = DEFAULT_OS  # libosinfo's id of the guest OS (virt-manager's OS and defaults)
+
+    @property
+    def wide_address_mb(self) -> int:
+        """From this window up the TD gets the host's physical address width (the template's
+        <maxphysaddr mode='passthrough'/>): TDs of more than three Blackwell GPUs were
+        reported failing on too few guest physical-address bits."""
+        return WIDE_ADDRESS_MMIO_MB
 
     @property
     def title(self) -> str:

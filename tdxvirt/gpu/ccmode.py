@@ -188,6 +188,17 @@ def cc_targets(devices: list[PciDevice]) -> list[PciDevice]:
     return devices
 
 
+def refuse_ppcie_on_blackwell(devices: list[PciDevice], mode: str) -> None:
+    """Before anything else about PPCIe: on Blackwell the answer is another mode, not
+    another board (an HGX B200 has no NVSwitch PCI device either)."""
+    from ..host.nvidia import BLACKWELL_GEN, generation
+
+    if mode == "on" and (blackwell := [d for d in devices if generation(d) == BLACKWELL_GEN]):
+        raise InputError(f"{blackwell[0].address} is a Blackwell GPU: PPCIe is Hopper's multi-GPU "
+                         "mode; Blackwell's multi-GPU passthrough needs CC on every GPU instead "
+                         "(`tdxvirt gpu cc-mode BDF... --set on`)")
+
+
 def ppcie_targets(root: HostRoot, devices: list[PciDevice]) -> list[PciDevice]:
     """The whole board, refusing names that are not on it."""
     members = board(root)
@@ -279,12 +290,7 @@ def set_ppcie(root: HostRoot, tool: Tool, devices: list[PciDevice], mode: str) -
     first failure, and so does this (the rest are reported as not reached)."""
     if mode not in PPCIE_MODES:
         raise InputError(f"PPCIe mode {mode!r} is not one of {', '.join(PPCIE_MODES)}")
-    from ..host.nvidia import BLACKWELL_GEN, generation
-
-    if mode == "on" and (blackwell := [d for d in devices if generation(d) == BLACKWELL_GEN]):
-        raise InputError(f"{blackwell[0].address} is a Blackwell GPU: PPCIe is Hopper's multi-GPU "
-                         "mode; Blackwell's multi-GPU passthrough needs CC on every GPU instead "
-                         "(`tdxvirt gpu cc-mode BDF... --set on`)")
+    refuse_ppcie_on_blackwell(devices, mode)
     targets = ppcie_targets(root, devices)
     require_vfio_first(targets)
     require_idle(root, targets)

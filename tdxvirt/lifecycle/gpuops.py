@@ -61,6 +61,7 @@ def mode_targets(host, bdfs, cc: str | None, ppcie: str | None):
     targets = devices.read_targets(host, bdfs)
     extra: list[str] = []
     if ppcie:
+        ccmode.refuse_ppcie_on_blackwell(targets, ppcie)
         board = ccmode.ppcie_targets(host, targets)
         extra = [str(d.address) for d in board if d not in targets]
         targets = board

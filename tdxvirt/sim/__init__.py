@@ -53,6 +53,21 @@ class SimLayout:
         return self.base / "forky-devices"
 
     @property
+    def board_file(self) -> Path:
+        return self.base / "board"
+
+    @property
+    def board(self) -> str:
+        """The emulated TDX host's board (boards.py), as `sim up --board` last chose it."""
+        from .boards import BOARDS, DEFAULT_BOARD
+
+        try:
+            name = self.board_file.read_text().strip()
+        except OSError:
+            return DEFAULT_BOARD
+        return name if name in BOARDS else DEFAULT_BOARD
+
+    @property
     def legacy_devices(self) -> Path:
         return self.base / "trixie-devices"
 

@@ -54,6 +54,8 @@ TRIXIE = Distribution("trixie", ("libvirt-daemon", "libvirt-daemon-driver-qemu",
 # root filesystem: Invalid argument" (no private mount namespace in a chroot here).
 QEMU_CONF_LINE = "namespaces = [ ]\n"
 DAEMONS = ("virtlogd", "libvirtd")
+# with the board's NVLink fabric daemons (stand-ins, fabric.py), started before them
+ALL_DAEMONS = ("nv-fabricmanager", "nvlsm", *DAEMONS)
 # libvirt's network driver autostarts networks once per host boot, marking it here.
 NETWORK_AUTOSTARTED = "run/libvirt/network/autostarted"
 
@@ -183,9 +185,11 @@ def socket_answers(path: Path) -> bool:
             return False
 
 
-def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0) -> bool:
+def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0,
+                  board: str | None = None) -> bool:
     """Start virtlogd and libvirtd in the root, in the emulated host's own mount and
-    network namespace (tdxhost.py) with ``devices`` as its device tree; False when they
+    network namespace (tdxhost.py) with ``devices`` as its device tree (``board``'s
+    devices, boards.py, when it is built anew); False when they
     already ran. The wait covers libvirt probing QEMU afresh (each namespace has a new
     /dev/kvm, whose ctime is part of libvirt's capability cache key)."""
     if socket_answers(sock):
@@ -200,6 +204,11 @@ def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0) ->
     from . import tdxhost
 
     tdxhost.install(root)
+    if board is not None:  # the emulated TDX host: its board's fabric daemons or none
+        from .boards import BOARDS
+        from .fabric import install as install_fabric
+
+        install_fabric(root, BOARDS[board].fabric_manager)
     survivor = alive_pid(root / "run" / "virtlogd.pid")
     if survivor is not None:
         # libvirtd died and virtlogd did not: the emulated host's namespaces live on in
@@ -214,7 +223,7 @@ def start_daemons(root: Path, sock: Path, devices: Path, wait: float = 120.0) ->
         # so libvirt must autostart the 'default' network again, which it does only
         # without the once-per-boot mark a boot's empty /run would not have.
         (root / NETWORK_AUTOSTARTED).unlink(missing_ok=True)
-        tdxhost.build_devices(devices, root)
+        tdxhost.build_devices(devices, root, board)
         run(tdxhost.unshare_argv(root, devices), f"starting the emulated TDX host in {root}")
     deadline = time.monotonic() + wait
     while not socket_answers(sock):
@@ -234,7 +243,7 @@ def alive_pid(pidfile: Path) -> int | None:
     return pid
 
 
-def stop_daemons(root: Path, wait: float = 10.0, names: tuple[str, ...] = DAEMONS) -> list[str]:
+def stop_daemons(root: Path, wait: float = 10.0, names: tuple[str, ...] = ALL_DAEMONS) -> list[str]:
     """Stop the daemons started in this root (``names`` of them), by the pid files they
     wrote, and wait for them to go (a start right after must not find a dying daemon's
     socket)."""

@@ -19,6 +19,7 @@ class SimStatus:
     daemon: bool
     keeper_pid: int | None
     host_root: bool
+    board: str
     uri: str  # the emulated TDX host's qemu driver: what --sim targets
     test_uri: str  # libvirt 12.x's TDX-aware test driver
 
@@ -36,12 +37,24 @@ def install_schemas(sim: SimLayout) -> None:
 
 
 def ensure_gpu_modes(sim: SimLayout) -> None:
-    """The simulated GPU's modes, kept by the stand-in for NVIDIA's tool (and read by
-    the emulated host's libvirt hook, so they exist before its daemon starts)."""
-    modes = Path(sim.gpu_tool_env["STANDIN_STATE"])
-    if not modes.exists():  # the real H100 reported CC off (fixture nvidia-smi output)
-        modes.parent.mkdir(parents=True, exist_ok=True)
-        modes.write_text(json.dumps({"0000:38:00.0": {"cc": "off", "ppcie": "off"}}) + "\n")
+    """The simulated GPUs' modes, kept by the stand-in for NVIDIA's tool (and read by
+    the emulated host's libvirt hook, so they exist before its daemon starts): every GPU
+    of the board starts with CC and PPCIe off (the real H100 reported CC off, fixture
+    nvidia-smi output), a mode set earlier is kept. Written in place: the emulated host
+    binds this file (same inode) for its hook's stand-in."""
+    from .boards import gpus
+
+    path = Path(sim.gpu_tool_env["STANDIN_STATE"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        modes = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        modes = {}
+    missing = [a for a in gpus(sim.board) if a not in modes]
+    if missing or not path.exists():
+        for address in missing:
+            modes[address] = {"cc": "off", "ppcie": "off"}
+        path.write_text(json.dumps(modes) + "\n")
 
 
 def _retire_stale(root: Path, sock: Path, uri: str) -> bool:
@@ -56,17 +69,39 @@ def _retire_stale(root: Path, sock: Path, uri: str) -> bool:
     return True
 
 
-def up(sim: SimLayout | None = None) -> list[str]:
+def _change_board(sim: SimLayout, board: str) -> bool:
+    """Give the emulated TDX host ``board``'s devices: as replacing a server's GPUs, its
+    guests are stopped and it starts anew (new namespaces over the new device tree).
+    True when the board changed."""
+    from .boards import BOARDS
+
+    if board not in BOARDS:
+        from ..errors import InputError
+
+        raise InputError(f"unknown board {board!r}; the simulated host has "
+                         + ", ".join(BOARDS))
+    if board == sim.board:
+        return False
+    stop_guests(sim.qemu_uri, sim.socket)
+    chroot.stop_daemons(sim.chroot)
+    sim.board_file.write_text(board + "\n")
+    return True
+
+
+def up(sim: SimLayout | None = None, board: str | None = None) -> list[str]:
     """Start whatever is not running (or runs another tdxvirt's hook code); return what
-    was started."""
+    was started. ``board``: the emulated TDX host's board (boards.py), kept for later
+    starts; a host running with another board starts anew."""
     sim = sim or layout()
+    if board is not None:
+        _change_board(sim, board)
     ensure_gpu_modes(sim)
     started = []
     _retire_stale(sim.chroot, sim.socket, sim.qemu_uri)
     if chroot.is_provisioned(sim.legacy_chroot):
         _retire_stale(sim.legacy_chroot, sim.legacy_socket, sim.legacy_qemu_uri)
-    if chroot.start_daemons(sim.chroot, sim.socket, sim.devices):
-        started.append("emulated TDX host (libvirt 12.x)")
+    if chroot.start_daemons(sim.chroot, sim.socket, sim.devices, board=sim.board):
+        started.append(f"emulated TDX host (libvirt 12.x, board {sim.board})")
     start_autostart_networks(sim)
     if chroot.is_provisioned(sim.legacy_chroot) and chroot.start_daemons(
             sim.legacy_chroot, sim.legacy_socket, sim.legacy_devices):
@@ -109,7 +144,7 @@ def restart(sim: SimLayout | None = None, boot: bool = False) -> None:
         chroot.stop_daemons(sim.chroot, names=("libvirtd",))
     if boot:
         (sim.chroot / AUTOSTARTED).unlink(missing_ok=True)
-    chroot.start_daemons(sim.chroot, sim.socket, sim.devices)
+    chroot.start_daemons(sim.chroot, sim.socket, sim.devices, board=sim.board)
     keeper.start(sim.test_uri, sim.keeper_pidfile, sim.keeper_log)
 
 
@@ -184,14 +219,15 @@ def status(sim: SimLayout | None = None) -> SimStatus:
         daemon=chroot.socket_answers(sim.socket),
         keeper_pid=keeper.running_pid(sim.keeper_pidfile),
         host_root=(sim.devices / "sys").is_dir(),
+        board=sim.board,
         uri=sim.uri,
         test_uri=sim.test_uri,
     )
 
 
-def provision(sim: SimLayout | None = None, log=print) -> list[str]:
+def provision(sim: SimLayout | None = None, log=print, board: str | None = None) -> list[str]:
     """Install the simulated host if needed, then bring it up (scripts/setup)."""
     sim = sim or layout()
     chroot.provision(sim.chroot, chroot.FORKY, log=log)
     chroot.provision(sim.legacy_chroot, chroot.TRIXIE, log=log)
-    return up(sim)
+    return up(sim, board=board)

@@ -108,7 +108,7 @@ def build_host_root(
 # build_host_root's TDX-on CPU and H100 with vfio and iommufd loaded and the GPU's
 # cdev. Its /etc, /usr and /var are those of the forky root that runs its libvirt
 # (tdxvirt.sim.onehost puts the two together, as the daemon's namespace does).
-SIM_HOST_VERSION = "5"
+SIM_HOST_VERSION = "6"
 
 
 # Where the kernel puts a PCI device and where /sys/bus/pci/devices links to it. The
@@ -150,22 +150,42 @@ def _as_in_the_kernel(root: Path, dev: FakePciDevice) -> None:
     (sysfs / "uevent").write_text(_uevent(sysfs, dev.driver))
 
 
-SIM_DEVICES = (FakePciDevice("0000:38:00.0"),)
+def vfio_cdevs(devices: tuple[FakePciDevice, ...]) -> dict[str, str]:
+    """Each vfio-pci device's vfio cdev name (vfio0, vfio1, ... in address order), as the
+    kernel numbers them when iommufd is loaded."""
+    bound = sorted(d.address for d in devices if d.driver == "vfio-pci")
+    return {address: f"vfio{i}" for i, address in enumerate(bound)}
 
 
-def build_sim_host(dest: str | os.PathLike, daemon_root: str | os.PathLike) -> HostRoot:
+def build_sim_host(dest: str | os.PathLike, daemon_root: str | os.PathLike,
+                   board: str | None = None) -> HostRoot:
+    from . import boards
+
+    board = board or boards.DEFAULT_BOARD
+    devices = boards.devices(board)
+    model = boards.BOARDS[board].cpu_model
     daemon = Path(daemon_root)
-    host = build_host_root(dest, devices=SIM_DEVICES, ovmf_file=daemon / TDX_OVMF.lstrip("/"))
+    host = build_host_root(dest, devices=devices, ovmf_file=daemon / TDX_OVMF.lstrip("/"))
     root = host.base
-    for dev in SIM_DEVICES:
+    if model:
+        (root / "proc/cpuinfo").write_text(
+            CPUINFO.replace("Intel(R) Xeon(R) Platinum 8480+", model).replace(
+                "\n\n", f"\naddress sizes\t: {boards.ADDRESS_SIZES}\n\n"))
+    for dev in devices:
         _as_in_the_kernel(root, dev)
-    for module in ("vfio", "vfio_pci", "vfio_pci_core", "iommufd", "kvm", "kvm_intel"):
+    modules = ("vfio", "vfio_pci", "vfio_pci_core", "iommufd", "kvm", "kvm_intel")
+    for module in modules:
         (root / "sys/module" / module).mkdir(parents=True, exist_ok=True)
+    # /proc/modules' fields (name size refcount users state address); only names are read
+    (root / "proc/modules").write_text("".join(f"{m} 0 0 - Live 0x0000000000000000\n"
+                                               for m in reversed(modules)))
     (root / "dev/vfio/devices").mkdir(parents=True)
-    for node in ("dev/vfio/vfio", "dev/iommu", "dev/vfio/devices/vfio0"):
+    for node in ("dev/vfio/vfio", "dev/iommu"):
         (root / node).write_text("")  # stand-ins for character devices: only their presence is read
-    (root / "sys/bus/pci/devices/0000:38:00.0/vfio-dev/vfio0").mkdir(parents=True)
+    for address, cdev in vfio_cdevs(devices).items():
+        (root / "dev/vfio/devices" / cdev).write_text("")
+        (root / "sys/bus/pci/devices" / address / "vfio-dev" / cdev).mkdir(parents=True)
     for directory in ("etc/modprobe.d", "etc/udev/rules.d"):
         (root / directory).mkdir(parents=True, exist_ok=True)
-    (root / ".tdxvirt-sim-version").write_text(SIM_HOST_VERSION + "\n")
+    (root / ".tdxvirt-sim-version").write_text(f"{SIM_HOST_VERSION} {board}\n")
     return host

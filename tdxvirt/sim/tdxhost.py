@@ -4,12 +4,13 @@ libvirtd runs in a Debian root (chroot.py), in a mount and network namespace of 
 own, made by ``unshare``. Inside that namespace only:
 
 - ``/dev`` is a private tmpfs that also holds ``kvm``, ``iommu``, ``vfio/vfio``,
-  ``vfio/<group>`` and ``vfio/devices/vfio0``: inert nodes with the numbers of
+  ``vfio/<group>`` and a ``vfio/devices/vfioN`` per GPU: inert nodes with the numbers of
   ``/dev/null`` (never this machine's real devices), group ``kvm``, mode 0660, as
   libvirt wants them;
 - ``/sys/bus/pci``, ``/sys/kernel/iommu_groups`` and ``/sys/module`` are the
-  simulated host's device tree (hostroot.build_sim_host: the real H100's sysfs values,
-  bound to vfio-pci, in IOMMU group 42, with its vfio cdev; ``kvm_intel`` ``tdx=Y``);
+  simulated host's device tree (hostroot.build_sim_host: the board's GPUs, by default
+  the real H100's sysfs values, bound to vfio-pci, in IOMMU group 42, with its vfio
+  cdev; ``kvm_intel`` ``tdx=Y``; `tdxvirt sim up --board` chooses, boards.py);
 - ``/usr/bin/qemu-system-x86_64`` is qemu_wrapper.py, which runs the root's real QEMU
   under TCG and answers libvirt's KVM probes;
 - libvirtd alone loads kvm_tdx_shim.so, which answers the two ioctls a file cannot
@@ -45,7 +46,7 @@ RECORD_DIR = "var/log/tdxvirt-sim"  # qemu_wrapper.RECORD_DIR, written as QEMU's
 # Inert stand-ins: the numbers of /dev/null. libvirt stats, opens and passes them; the
 # shim answers the two ioctls it makes; QEMU under TCG never uses them.
 NULL_DEVICE = os.makedev(1, 3)
-KVM_NODES = ("kvm", "iommu", "vfio/vfio", "vfio/devices/vfio0")
+KVM_NODES = ("kvm", "iommu", "vfio/vfio")  # and a vfio/devices/vfioN per GPU (the device tree's)
 # The tun driver's node: a NIC's tap is made in the namespace's own network, never
 # this machine's (its number is the kernel's, include/linux/miscdevice.h TUN_MINOR).
 TUN_DEVICE = ("net/tun", os.makedev(10, 200))
@@ -213,8 +214,10 @@ def _populate_dev(root: Path, devices: Path) -> None:
     _mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", str(dev))
     populate_dev(dev)
     groups = sorted(p.name for p in (devices / "sys/kernel/iommu_groups").iterdir())
+    cdevs = sorted(p.name for p in (devices / "dev/vfio/devices").iterdir())
     gid = _id(root / "etc/group", "kvm")
-    for name in (*KVM_NODES, *(f"vfio/{group}" for group in groups)):
+    for name in (*KVM_NODES, *(f"vfio/{group}" for group in groups),
+                 *(f"vfio/devices/{cdev}" for cdev in cdevs)):
         node = dev / name
         node.parent.mkdir(parents=True, exist_ok=True)
         os.mknod(node, 0o660 | stat.S_IFCHR, NULL_DEVICE)
@@ -247,9 +250,24 @@ def enter(root: Path, devices: Path) -> None:
     _bind_shared_dirs(root)
     _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
     _mount("--bind", str(root / WRAPPER), str(root / QEMU))
+    if _board_has_fabric_manager(devices):
+        from . import fabric
+
+        fabric.start(root)
     for daemon in DAEMONS:
         preload = [f"LD_PRELOAD=/{SHIM}"] if daemon == "libvirtd" else []
         run(["chroot", str(root), *DAEMON_ENV, *preload, daemon, "-d"], f"starting {daemon}")
+
+
+def _board_has_fabric_manager(devices: Path) -> bool:
+    """Whether the device tree's board (its marker, build_devices) runs Fabric Manager."""
+    from .boards import BOARDS
+
+    try:
+        name = (devices / ".tdxvirt-sim-version").read_text().split()[1]
+    except (OSError, IndexError):
+        return False
+    return name in BOARDS and BOARDS[name].fabric_manager
 
 
 def rejoin_argv(pid: int, root: Path) -> list[str]:
@@ -264,16 +282,20 @@ def unshare_argv(root: Path, devices: Path) -> list[str]:
             sys.executable, "-m", "tdxvirt.sim.tdxhost", str(root), str(devices)]
 
 
-def build_devices(devices: Path, root: Path) -> None:
-    """The emulated host's device tree: the simulated host's (one H100 at 38:00.0)."""
+def build_devices(devices: Path, root: Path, board: str | None = None) -> None:
+    """The emulated host's device tree: the simulated host's with ``board``'s devices
+    (boards.py; one H100 at 38:00.0 by default), built anew when the board or the tree's
+    version changed."""
+    from .boards import DEFAULT_BOARD
     from .hostroot import SIM_HOST_VERSION, build_sim_host
 
+    board = board or DEFAULT_BOARD
     marker = devices / ".tdxvirt-sim-version"
-    if marker.is_file() and marker.read_text().strip() == SIM_HOST_VERSION:
+    if marker.is_file() and marker.read_text().strip() == f"{SIM_HOST_VERSION} {board}":
         return
     staging = devices.with_name(devices.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
-    build_sim_host(staging, root)
+    build_sim_host(staging, root, board)
     shutil.rmtree(devices, ignore_errors=True)
     staging.rename(devices)
 
