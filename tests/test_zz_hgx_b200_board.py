@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import run_sim
 
-from tdxvirt.sim import control, layout
+from tdxvirt.doctor.gpuhost import FABRIC_MANAGER
+from tdxvirt.host.procs import find_processes
+from tdxvirt.sim import control, fabric, layout
 from tdxvirt.sim.boards import HGX_GPUS
 from tdxvirt.virt.conn import open_connection
 
@@ -109,7 +112,12 @@ def test_eight_b200s_start_in_one_td_on_the_emulated_host(board):
         conn.close()
 
 
-def test_the_h100_board_comes_back(board):
+def test_the_h100_board_comes_back_without_the_fabric_daemons(board):
+    control.up(board="hgx-b200")
+    fm = find_processes(board.host(), FABRIC_MANAGER)
+    assert fm and all(Path(f"/proc/{p.pid}/root").resolve() == board.chroot.resolve() for p in fm)
     control.up(board="h100")
     listed = json.loads(run_sim("gpu", "list", "--json").stdout)
     assert [g["address"] for g in listed] == ["0000:38:00.0"]
+    assert not find_processes(board.host(), FABRIC_MANAGER)  # stopped with the host's daemons
+    assert not (board.chroot / fabric.CONFIG).exists()  # the settings file tdxvirt wrote
