@@ -333,6 +333,11 @@ def make_group(hooks: Hooks | None = None) -> click.Group:
             _print_modes(error.results, as_json)
             raise
         _print_modes(results, as_json)
+        if cc and (mixed := ccmode.mixed_board(host, tool_cmd, targets, cc)):
+            from ..textsafe import safe
+            from .remedies import targeted
+
+            click.echo(f"tdxvirt: warning: {safe(targeted(mixed))}", err=True)
 
     return gpu
 

@@ -14,8 +14,9 @@ NVLink subnet manager, and Fabric Manager 595+ leaves CC silently off unless
 from __future__ import annotations
 
 from ..host import nvidia
+from ..host.fabric import FABRIC_SERVICES, running, switch_management
 from ..host.pci import PciDevice
-from ..host.procs import find_processes, loaded_modules
+from ..host.procs import loaded_modules
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 
@@ -26,9 +27,6 @@ GRABBING_DRIVERS = {
     "nvidia": "binds any NVIDIA GPU not on vfio-pci (fine if the TDs' GPUs are on vfio-pci first)",
 }
 BLACKLISTED_BY_SETUP = ("nouveau", "nova_core")
-SWITCH_MANAGEMENT = (0x15B3, 0x1021)  # ConnectX function managing HGX B200/B300 NVLink switches
-FABRIC_MANAGER = ("nv-fabricmanager", "nv-fabricmanage")  # /proc's comm keeps 15 characters
-SUBNET_MANAGER = ("nvlsm",)
 FM_CONFIG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
 RAIL_POLICY = "PARTITION_RAIL_POLICY"
 FM_CONFIG_LIMIT = 256 * 1024
@@ -78,15 +76,17 @@ def _fm_rail_policy(ctx: Context) -> Check:
 def _fabric(ctx: Context, gpus: list[PciDevice], management: list[PciDevice]) -> list[Check]:
     """Only on a board with Blackwell GPUs and ConnectX switch management (HGX B200/B300)."""
     where = f"{len(management)} ConnectX switch-management function(s)"
+    remedies = {
+        "fabric manager": "install and start nvidia-fabricmanager (the driver's version): "
+                          "multi-GPU passthrough needs it",
+        "nvlink subnet manager": "install and start NVIDIA's NVLink subnet manager (nvlsm) "
+                                 "beside Fabric Manager"}
     checks = []
-    for label, names, remedy in (
-            ("fabric manager", FABRIC_MANAGER, "install and start nvidia-fabricmanager (the "
-                                               "driver's version): multi-GPU passthrough needs it"),
-            ("nvlink subnet manager", SUBNET_MANAGER, "install and start NVIDIA's NVLink subnet "
-                                                      "manager (nvlsm) beside Fabric Manager")):
-        running = find_processes(ctx.root, names)
-        checks.append(Check(label, OK, f"running (pid {running[0].pid})") if running else
-                      Check(label, FAIL, f"not running, with {where} on the board", remedy))
+    for service in FABRIC_SERVICES:  # the same reading `gpu cc-mode --set on` refuses on
+        process = running(ctx.root, service)
+        checks.append(Check(service.label, OK, f"running (pid {process.pid})") if process else
+                      Check(service.label, FAIL, f"not running, with {where} on the board",
+                            remedies[service.label]))
     checks.append(_fm_rail_policy(ctx))
     return checks
 
@@ -123,25 +123,10 @@ def checks(ctx: Context) -> list[Check]:
         return []
     result = [_drivers(ctx, gpus)]
     if any(nvidia.generation(g) == nvidia.BLACKWELL_GEN for g in gpus):
-        management = [d for d in _pci_devices(ctx) if (d.vendor, d.device) == SWITCH_MANAGEMENT]
+        management = switch_management(ctx.root)
         if management:
             result += _fabric(ctx, gpus, management)
     if (width := _address_width(ctx, gpus)) is not None:
         result.append(width)
     return result
 
-
-def _pci_devices(ctx: Context) -> list[PciDevice]:
-    from ..errors import InputError
-    from ..host.pci import PCI_DEVICES, read_device
-    from ..pci import PciAddress
-
-    devices = []
-    for entry in ctx.root.listdir(PCI_DEVICES):
-        if ctx.root.read_value(f"{PCI_DEVICES}/{entry}/vendor") != f"{SWITCH_MANAGEMENT[0]:#06x}":
-            continue
-        try:
-            devices.append(read_device(ctx.root, PciAddress.parse(entry)))
-        except InputError:
-            continue
-    return devices

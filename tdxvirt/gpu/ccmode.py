@@ -9,6 +9,12 @@ Rules tdxvirt adds around ``nvidia_gpu_tools``:
   ``--devices gpus,nvswitches`` orders them); the tool turns CC off for PPCIe and
   PPCIe off for CC itself.
 - a device already in the wanted mode is left alone (no needless reset).
+- CC is set on every GPU first, one run each with its reset, and only then is every
+  GPU read back: on an NVLink board one GPU's reset can take another out of its mode.
+- Blackwell multi-GPU passthrough (MPT) on an HGX board whose NVLink switches the host
+  manages (tdxvirt.host.fabric) follows NVIDIA's order: GPUs on vfio-pci, Fabric
+  Manager and NVLSM running, CC on every GPU, all reset, all checked. CC on without
+  the fabric services is refused before the tool runs.
 - every run is parsed into one result per device; a failure is one line per device.
 """
 
@@ -19,7 +25,9 @@ from typing import Callable
 
 from ..errors import DeviceBusyError, HostNotReadyError, InputError, TdxvirtError
 from ..host import HostRoot
+from ..host.fabric import FABRIC_SERVICES, NvlinkBoard, nvlink_board, running
 from ..host.pci import PciDevice
+from ..host.procs import Process
 from . import admin_tool
 from .admin_tool import CC, PPCIE, Tool
 from .busy import vm_users
@@ -260,29 +268,123 @@ def _failed_text(problem: str) -> str:
     return problem if problem.startswith("not reached") else f"FAILED: {problem}"
 
 
+def query_commands(tool: Tool, devices: list[PciDevice]) -> list[tuple[str, ...]]:
+    """The tool runs reading these GPUs' CC mode, as query() makes them."""
+    return [(*tool.argv, *admin_tool.query_args(str(device.address), True, False))
+            for device in devices]
+
+
+def require_fabric(root: HostRoot, devices: list[PciDevice],
+                   mode: str) -> tuple[NvlinkBoard, list[Process]] | None:
+    """CC on (or devtools) for Blackwell GPUs of an HGX board whose NVLink switches the
+    host manages: refused unless Fabric Manager and NVLSM run, because NVLink 5 GPUs
+    must be reset after Fabric Manager starts and the CC switch's reset is that reset.
+    Returns the board and the services' processes (the dry run names them); None off
+    such a board, or for CC off."""
+    if mode not in TD_CC_MODES:
+        return None
+    board = nvlink_board(root, devices)
+    if board is None:
+        return None
+    found = [(service, running(root, service)) for service in FABRIC_SERVICES]
+    missing = [service.title for service, process in found if process is None]
+    if missing:
+        raise HostNotReadyError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not running, and "
+            f"CC {mode} on Blackwell GPUs of an HGX board whose NVLink switches this host manages "
+            f"({len(board.management)} ConnectX 15b3:1021 function(s)) needs the NVLink fabric "
+            "up first: start nvidia-fabricmanager with the NVLink subnet manager (nvlsm) first, "
+            "then set CC (its reset is the reset NVLink 5 GPUs need after Fabric Manager starts)")
+    return board, [process for _, process in found if process is not None]
+
+
+def _after(resets: list[str], address: str, was_set: bool) -> list[str]:
+    """The GPUs reset after this one's switch (after none: every GPU reset, when it
+    was already in the mode)."""
+    return resets[resets.index(address) + 1:] if was_set else [a for a in resets if a != address]
+
+
+def _read_back(tool: Tool, targets: list[PciDevice], results: list[ModeResult], mode: str,
+               resets: list[str]) -> list[ModeResult]:
+    """Every GPU not already failed is read again once the last switch is done: on an
+    NVLink board a GPU's reset can take another GPU out of the mode it was just given,
+    so each is checked only when all are done. ``resets`` are the GPUs switched, in order."""
+    checked = [device for device, result in zip(targets, results) if result.ok]
+    after = {str(device.address): now for device, now in zip(checked, query(tool, checked, False))}
+    done = []
+    for result in results:
+        now = after.get(result.address)
+        was_set = result.address in resets
+        if now is None:
+            done.append(result)
+        elif not now.ok:
+            done.append(replace(now, result=f"FAILED: {'set ' + mode if was_set else 'was ' + mode}"
+                                            f", but reading it back failed "
+                                            f"({now.result.removeprefix('FAILED: ')})", ok=False))
+        elif now.cc_mode != mode:
+            later = _after(resets, result.address, was_set)
+            if not later:
+                why = "after the reset"
+            else:
+                why = (f"{'set ' + mode if was_set else 'was ' + mode}, but after the reset of "
+                       f"{later[0]}" + (f" and {len(later) - 1} more GPU(s)" if len(later) > 1 else ""))
+            done.append(replace(now, result=f"FAILED: {why} it reports CC mode {now.cc_mode}, "
+                                            f"not {mode}", ok=False))
+        else:
+            done.append(replace(now, result=result.result))
+    return done
+
+
 def set_cc(root: HostRoot, tool: Tool, devices: list[PciDevice], mode: str) -> list[ModeResult]:
-    """CC mode ``mode`` on each GPU (reset after the switch), one run per GPU; GPUs are
-    independent, so a failure on one does not stop the others."""
+    """CC mode ``mode`` on each GPU (reset after the switch), one run per GPU, then every
+    GPU read back; a failure on one does not stop the others."""
     if mode not in CC_MODES:
         raise InputError(f"CC mode {mode!r} is not one of {', '.join(CC_MODES)}")
     targets = cc_targets(devices)
     require_vfio_first(targets)
     require_idle(root, targets)
+    require_fabric(root, targets, mode)
     current = _query_or_fail(tool, targets, False, CC)
     results = []
+    resets: list[str] = []  # the GPUs switched, in order (a failed switch may reset too)
     for device, now in zip(targets, current):
         if now.cc_mode == mode:
             results.append(replace(now, result=f"already {mode}"))
             continue
         bdf = str(device.address)
         run = admin_tool.run(tool, admin_tool.set_cc_args(bdf, mode), SET_TIMEOUT_PER_DEVICE)
+        resets.append(bdf)
         problem = _outcomes(run, [bdf], lambda r: CC in r.reset)[bdf]
         if problem is None:
-            results.append(_verified(tool, device, now, CC, mode, False))
+            results.append(replace(now, result=f"set {mode} (was {now.cc_mode}), device reset"))
         else:
             results.append(replace(now, result=_failed_text(problem), ok=False))
+    if resets:
+        results = _read_back(tool, targets, results, mode, resets)
     _set_failed(results, CC, mode)
     return results
+
+
+def mixed_board(root: HostRoot, tool: Tool, targets: list[PciDevice], mode: str) -> str | None:
+    """After CC ``mode`` (on or devtools) was set on some Blackwell GPUs of an NVLink
+    board: a warning naming the board's other GPUs the tool reads in another mode, or
+    None. MPT needs every GPU of the TD on, and a board mixing CC on with other modes
+    fails attestation; it is not refused, since the others may be meant for later."""
+    if mode not in TD_CC_MODES or (board := nvlink_board(root, targets)) is None:
+        return None
+    named = {device.address for device in targets}
+    others = [device for device in board.gpus if device.address not in named]
+    differing = [r for r in query(tool, others, False) if r.cc_mode != mode] if others else []
+    if not differing:
+        return None
+    shown = ", ".join(f"{r.address} ({r.cc_mode or 'unknown'})" for r in differing[:3])
+    if len(differing) > 3:
+        shown += f" and {len(differing) - 3} more"
+    return (f"{len(board.gpus) - len(differing)} of the board's {len(board.gpus)} Blackwell "
+            f"GPUs are in CC mode {mode}, but not {shown}: multi-GPU passthrough needs "
+            "every GPU of a TD in CC on, and a board mixing CC on with other modes fails "
+            f"attestation; `tdxvirt gpu cc-mode {' '.join(r.address for r in differing)} "
+            f"--set {mode}` sets the others")
 
 
 def set_ppcie(root: HostRoot, tool: Tool, devices: list[PciDevice], mode: str) -> list[ModeResult]:

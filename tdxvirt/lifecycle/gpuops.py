@@ -67,16 +67,50 @@ def mode_targets(host, bdfs, cc: str | None, ppcie: str | None):
         targets = board
     elif cc:
         ccmode.cc_targets(targets)
+        ccmode.require_fabric(host, targets, cc)  # refused before libvirt or the tool is asked
     return targets, extra
 
 
 def mode_dry_run_lines(host, tool, targets, setting: str, ppcie: bool) -> list[str]:
     """What `gpu cc-mode --set/--ppcie --dry-run` prints, after the checks a set makes
-    before it runs anything."""
+    before it runs anything (the same refusals)."""
     from ..gpu import ccmode
 
     ccmode.require_vfio_first(targets)
     ccmode.require_idle(host, targets)
+    fabric = None if ppcie else ccmode.require_fabric(host, targets, setting)
+    if fabric is not None:
+        return _mpt_dry_run_lines(tool, targets, setting, *fabric)
     return ["cc-mode (dry run, nothing changed): devices already in that mode are "
-            "skipped; each run is followed by a query to check the mode"] + \
+            "skipped; after the last run every device is queried again to check the mode"] + \
         ["  " + safe(shlex.join(argv)) for argv in ccmode.set_commands(tool, targets, setting, ppcie)]
+
+
+def _mpt_dry_run_lines(tool, targets, setting: str, board, processes) -> list[str]:
+    """Blackwell multi-GPU passthrough on an NVLink board: NVIDIA's whole order, each
+    step with the tool runs it makes."""
+    from ..gpu import ccmode
+
+    def commands(argvs) -> list[str]:
+        return ["  " + safe(shlex.join(argv)) for argv in argvs]
+
+    named = {device.address for device in targets}
+    others = [device for device in board.gpus if device.address not in named]
+    # the names are tdxvirt's own (a process is found by its exact name)
+    services = " and ".join(f"{process.name} (pid {process.pid})" for process in processes)
+    lines = ["cc-mode (dry run, nothing changed): Blackwell multi-GPU passthrough on an HGX "
+             "board, in NVIDIA's order",
+             f"checked: {len(targets)} GPU(s) on vfio-pci and held by no VM; Fabric Manager "
+             f"and NVLSM running: {services}",
+             f"read each GPU's CC mode (a GPU already {setting} is skipped):",
+             *commands(ccmode.query_commands(tool, targets)),
+             f"set CC {setting} on each, with its reset (the reset NVLink 5 GPUs need after "
+             "Fabric Manager starts):",
+             *commands(ccmode.set_commands(tool, targets, setting, False)),
+             f"after the last set, read every GPU again and check it is {setting}:",
+             *commands(ccmode.query_commands(tool, targets))]
+    if others:
+        lines += [f"read the board's {len(others)} other Blackwell GPU(s) (a warning if one is "
+                  f"not {setting}: a board mixing CC modes fails attestation):",
+                  *commands(ccmode.query_commands(tool, others))]
+    return lines

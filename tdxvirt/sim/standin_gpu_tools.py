@@ -14,7 +14,8 @@ argv; it touches no device. Environment:
   STANDIN_STATE   JSON {bdf: {"cc": "off", "ppcie": "off", "fail": null}}; "fail" is
                   "set" (the switch raises), "stuck" (the mode is unchanged after the
                   reset and the tool says so), "silent" (unchanged, and the tool says
-                  nothing), "query" (the query is refused)
+                  nothing), "query" (the query is refused), "revert" (its CC mode falls
+                  back to off when another device is reset after it)
   STANDIN_RECORD  file to which each run appends its argv as one JSON line
 """
 
@@ -26,9 +27,12 @@ import sys
 from logging import error, info, warning
 
 VERSION = "v2025.11.21o"
+# The names of the real tool's gpu/devid_names.py (2025.11.21) for the GPUs tdxvirt knows.
 GPU_NAMES = {0x2313: "H100", 0x2321: "H100", 0x2330: "H100", 0x2331: "H100", 0x2335: "H200",
              0x233B: "H200", 0x2322: "H800", 0x2324: "H800", 0x233A: "H800", 0x2328: "H20",
-             0x2329: "H20"}
+             0x2329: "H20",
+             0x2901: "B200", 0x3182: "B300", 0x2941: "GB200", 0x31A1: "GB300", 0x31C2: "GB300",
+             0x2BB1: "RTX-PRO-6000", 0x2BB4: "RTX-PRO-6000", 0x2BB5: "RTX-PRO-6000"}
 
 
 class GpuError(Exception):
@@ -63,6 +67,7 @@ class Device:
         self.kind = "GPU" if cls in (0x030000, 0x030200) else "NvSwitch"
         self.name = GPU_NAMES.get(self.device, "?") if self.kind == "GPU" else "NVSwitch_gen3"
         self.bar0_addr = int(read(path, "resource").split()[0], 16)
+        self.board = state  # every device's modes: a reset can reach the others
         self.state = state.setdefault(self.bdf, {})
         self.state.setdefault("cc", "off")
         self.state.setdefault("ppcie", "off")
@@ -116,6 +121,9 @@ def switch(device, what, mode, reset):
         return
     if device.fail not in ("stuck", "silent"):
         device.state.update(pending)
+    for other, values in device.board.items():
+        if other != device.bdf and values.get("fail") == "revert":
+            values["cc"] = "off"
     new_mode = device.state[key]
     if new_mode != mode and device.fail != "silent":
         raise GpuError(f"{device} failed to switch to {what} mode {mode}, current mode is {new_mode}.")

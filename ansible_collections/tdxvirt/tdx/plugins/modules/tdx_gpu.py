@@ -187,6 +187,8 @@ def _modes(module, s, result, diff):
             done = ccmode.set_ppcie(host, tool, targets, ppcie)
         else:
             done = ccmode.set_cc(host, tool, targets, cc)
+            mixed = ccmode.mixed_board(host, tool, targets, cc)
+            warnings(module, [mixed] if mixed else [])
         result["devices"] = [r.__dict__ for r in done]
     result["changed"] = True
 
