@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_sim
 
-from tdxvirt.doctor.gpuhost import FABRIC_MANAGER
+from tdxvirt.host.fabric import FABRIC_MANAGER
 from tdxvirt.host.procs import find_processes
 from tdxvirt.sim import control, fabric, layout
 from tdxvirt.sim.boards import HGX_GPUS
@@ -65,6 +65,16 @@ def test_a_board_without_fabric_manager_is_named_by_host_check(board):
     assert checks["gpu: address width"]["status"] == "ok"
     assert "4096 GiB window 8 GPU(s)" in checks["gpu: address width"]["found"]
     assert checks["gpu host drivers"]["status"] == "ok"  # nouveau, nova_core, nvidia unloaded
+
+
+def test_cc_on_without_fabric_manager_is_refused_before_any_gpu_is_touched(board):
+    runs = board.gpu_tool_env["STANDIN_RECORD"]
+    before = open(runs).read() if Path(runs).exists() else ""
+    done = run_sim("gpu", "cc-mode", *SHORT, "--set", "on")
+    assert done.returncode != 0
+    line, = [x for x in done.stderr.strip().splitlines() if not x.startswith("tdxvirt: note:")]
+    assert "Fabric Manager" in line and "nvlsm" in line
+    assert (open(runs).read() if Path(runs).exists() else "") == before  # NVIDIA's tool never ran
 
 
 def test_ppcie_is_refused_on_the_board_with_the_mode_it_uses_instead(board):

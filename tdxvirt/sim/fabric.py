@@ -18,7 +18,8 @@ import subprocess
 from pathlib import Path
 
 STANDINS = "usr/local/lib/tdxvirt-sim/fabric"
-DAEMONS = ("nv-fabricmanager", "nvlsm")  # the names the real binaries run under
+# the names the real binaries run under (host.fabric finds them by these)
+DAEMONS = ("nv-fabricmanager", "nvlsm")
 CONFIG = "usr/share/nvidia/nvswitch/fabricmanager.cfg"  # doctor.gpuhost.FM_CONFIG
 MARK = "# written by tdxvirt's simulated host"
 # The settings multi-GPU passthrough needs (FABRIC_MODE=1: shared NVSwitch, the GPUs in
