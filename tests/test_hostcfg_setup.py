@@ -42,9 +42,9 @@ DEBIAN_ACCOUNTS = ("libvirt-qemu:x:64055:993:Libvirt Qemu,,,:/var/lib/libvirt:/u
                    "kvm:x:993:libvirt-qemu\nlibvirt-qemu:x:64055:libvirt-qemu\n")
 
 
-def debian_host(base: Path, systemd: bool = True, grubby: bool = False) -> Path:
+def debian_host(base: Path, systemd: bool = True, grubby: bool = False, devices=None) -> Path:
     """A Debian TDX host: the real qemu.conf and /etc/default/grub, libvirtd running."""
-    build_host_root(base)
+    build_host_root(base, **({"devices": devices} if devices is not None else {}))
     etc = base / "etc"
     for directory in ("libvirt", "default", "modprobe.d", "udev/rules.d"):
         (etc / directory).mkdir(parents=True, exist_ok=True)
@@ -411,3 +411,63 @@ def test_a_loaded_gpu_grabbing_driver_is_blacklisted_and_the_reboot_said(debian)
     assert b"blacklist nova_core\n" in write.new and "keep nouveau and nova_core off the GPUs" in write.why
     assert ("warning", "nova_core is loaded now: the blacklist counts from the next boot (or "
             "`modprobe -r` once no GPU uses it)") in [(n.kind, n.text) for n in plan.notices]
+
+
+FM_CONFIG = "usr/share/nvidia/nvswitch/fabricmanager.cfg"
+FM_SETTINGS = ("# Fabric Manager settings\nLOG_LEVEL=4\nFABRIC_MODE=1\n"
+               "# PARTITION_RAIL_POLICY=symmetric\nPARTITION_RAIL_POLICY=1\nLOG_FILE_NAME=/var/log/fabricmanager.log\n")
+
+
+@pytest.fixture
+def hgx_b200_host(tmp_path):
+    from tdxvirt.host import HostRoot
+    from tdxvirt.sim.boards import hgx_b200_devices
+
+    base = debian_host(tmp_path / "hgx", devices=hgx_b200_devices())
+    return HostRoot(base), base
+
+
+def test_fabric_managers_rail_policy_is_set_on_an_hgx_b200_host_and_revert_takes_it_back(hgx_b200_host):
+    """Fabric Manager 595+ leaves CC off unless PARTITION_RAIL_POLICY=symmetric: setup
+    rewrites the line that counts (the last active one), nothing else, says that Fabric
+    Manager must restart, and --revert puts the file back byte for byte."""
+    root, base = hgx_b200_host
+    (base / FM_CONFIG).parent.mkdir(parents=True)
+    (base / FM_CONFIG).write_text(FM_SETTINGS)
+    plan = setup(root, RecordingRunner(), SetupOptions(), lambda step: None, dry_run=True)
+    assert (base / FM_CONFIG).read_text() == FM_SETTINGS  # a dry run writes nothing
+    [write] = [s for s in plan.steps if getattr(s, "path", None) == "/" + FM_CONFIG]
+    assert write.new.decode() == FM_SETTINGS.replace("\nPARTITION_RAIL_POLICY=1\n",
+                                                     "\nPARTITION_RAIL_POLICY=symmetric\n")
+    assert "-PARTITION_RAIL_POLICY=1\n+PARTITION_RAIL_POLICY=symmetric" in render(plan)
+    assert any("restart nvidia-fabricmanager" in n.text for n in plan.notices)
+
+    _setup(root)
+    assert "PARTITION_RAIL_POLICY=symmetric\nLOG_FILE_NAME" in (base / FM_CONFIG).read_text()
+    from tdxvirt.doctor.context import Context
+    from tdxvirt.doctor.gpuhost import _fm_rail_policy
+
+    assert _fm_rail_policy(Context(root=root, uri="test:///default")).status == "ok"
+    again, _, _ = _setup(root)
+    assert not [s for s in again.steps if getattr(s, "path", None) == "/" + FM_CONFIG]
+    revert(root, RecordingRunner(), lambda step: None)
+    assert (base / FM_CONFIG).read_text() == FM_SETTINGS
+
+
+def test_a_missing_fabric_manager_is_said_and_a_hopper_host_is_left_alone(hgx_b200_host, debian):
+    root, base = hgx_b200_host
+    plan = setup(root, RecordingRunner(), SetupOptions(), lambda step: None, dry_run=True)
+    assert any(n.kind == "cannot" and "install nvidia-fabricmanager" in n.text for n in plan.notices)
+    assert not (base / FM_CONFIG).exists()
+    h100_root, _ = debian
+    plan = setup(h100_root, RecordingRunner(), SetupOptions(), lambda step: None, dry_run=True)
+    assert not [n for n in plan.notices if "abric" in n.text]
+
+
+def test_the_rail_policy_line_is_added_when_the_file_has_none():
+    from tdxvirt.hostcfg.fabricmanager import rail_policy, set_rail_policy
+
+    assert rail_policy("LOG_LEVEL=4") is None
+    added = set_rail_policy("LOG_LEVEL=4")
+    assert added.startswith("LOG_LEVEL=4\n#") and rail_policy(added) == "symmetric"
+    assert rail_policy("# PARTITION_RAIL_POLICY=symmetric\n") is None  # a comment does not count

@@ -17,6 +17,7 @@ from ..host import nvidia
 from ..host.fabric import FABRIC_SERVICES, running, switch_management
 from ..host.pci import PciDevice
 from ..host.procs import loaded_modules
+from ..hostcfg import fabricmanager
 from .check import FAIL, OK, SKIP, WARN, Check
 from .context import Context
 
@@ -27,9 +28,7 @@ GRABBING_DRIVERS = {
     "nvidia": "binds any NVIDIA GPU not on vfio-pci (fine if the TDs' GPUs are on vfio-pci first)",
 }
 BLACKLISTED_BY_SETUP = ("nouveau", "nova_core")
-FM_CONFIG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
-RAIL_POLICY = "PARTITION_RAIL_POLICY"
-FM_CONFIG_LIMIT = 256 * 1024
+FM_CONFIG, RAIL_POLICY, FM_CONFIG_LIMIT = fabricmanager.PATH, fabricmanager.RAIL_POLICY, fabricmanager.LIMIT
 
 
 def _drivers(ctx: Context, gpus: list[PciDevice]) -> Check:
@@ -60,17 +59,13 @@ def _fm_rail_policy(ctx: Context) -> Check:
     except TdxvirtError:
         return Check(name, FAIL, f"{FM_CONFIG} missing or unreadable",
                      "install NVIDIA Fabric Manager (the driver's version) on the host")
-    value = None
-    for line in text.splitlines():
-        key, _, rest = line.strip().partition("=")
-        if key.strip() == RAIL_POLICY and not line.lstrip().startswith("#"):
-            value = rest.strip()
+    value = fabricmanager.rail_policy(text)
     if value == "symmetric":
         return Check(name, OK, f"{RAIL_POLICY}=symmetric")
     found = f"{RAIL_POLICY}={value}" if value is not None else f"no {RAIL_POLICY}"
     return Check(name, FAIL, f"{found} in {FM_CONFIG}: Fabric Manager 595+ then leaves CC off "
-                 "without saying so", f"set {RAIL_POLICY}=symmetric (the word) in {FM_CONFIG}, "
-                 "restart nvidia-fabricmanager")
+                 "without saying so", f"`tdxvirt host setup` sets {RAIL_POLICY}=symmetric (the "
+                 f"word) in {FM_CONFIG}; then restart nvidia-fabricmanager")
 
 
 def _fabric(ctx: Context, gpus: list[PciDevice], management: list[PciDevice]) -> list[Check]:

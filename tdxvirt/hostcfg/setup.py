@@ -26,12 +26,12 @@ from ..host.osrelease import OsRelease, read_os_release
 from ..host.procs import loaded_modules
 from ..host.root import HostRoot
 from ..virt.dialect import KVM_INTEL_TDX
-from . import apply, daemon, files, kernelargs, modprobe, qemuconf, udev
+from . import apply, daemon, fabricmanager, files, kernelargs, modprobe, qemuconf, udev
 from .plan import HostPlan, Notice, RunCommand, Step, WriteFile
 
 QEMU_CONF = qemuconf.PATH
 GRUB = kernelargs.GRUB_DEFAULTS
-FILES = (modprobe.FILE, GRUB, QEMU_CONF, udev.FILE, hook.HOOK)
+FILES = (modprobe.FILE, GRUB, QEMU_CONF, udev.FILE, hook.HOOK, fabricmanager.PATH)
 DIRS = ("/etc/modprobe.d", "/etc/udev/rules.d", "/etc/libvirt")
 _TOOL_DIRS = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 SECURITY_DRIVERS = ("none", "keep")
@@ -75,6 +75,7 @@ class HostFacts:
     gpu_blacklist: tuple[str, ...] = ()  # GPU-grabbing drivers to blacklist (NVIDIA GPUs here)
     loaded_modules: frozenset[str] = frozenset()
     hook_install: dict | None = None  # HostRoot.hook_install
+    nvlink_board: bool = False  # Blackwell GPUs whose NVLink the host manages (host.fabric)
 
 
 def _tool(root: HostRoot, name: str) -> bool:
@@ -97,6 +98,13 @@ def _gpu_blacklist(root: HostRoot) -> tuple[str, ...]:
         return ()
     done = modprobe.blacklisted(root)
     return tuple(m for m in modprobe.GPU_BLACKLIST if m not in done)
+
+
+def _nvlink_board(root: HostRoot) -> bool:
+    from ..host.fabric import nvlink_board
+    from ..host.nvidia import nvidia_devices
+
+    return nvlink_board(root, nvidia_devices(root)) is not None
 
 
 def _grub_regen(root: HostRoot) -> tuple[str, ...] | None:
@@ -144,6 +152,7 @@ def gather_facts(root: HostRoot, runner: CommandRunner) -> HostFacts:
         gpu_blacklist=_gpu_blacklist(root),
         loaded_modules=loaded_modules(root) or frozenset(),
         hook_install=root.hook_install,
+        nvlink_board=_nvlink_board(root),
     )
 
 
@@ -232,6 +241,32 @@ def _plan_modprobe(facts: HostFacts, options: SetupOptions, out: list[Step]) -> 
                           "the blacklist counts from the next boot (or `modprobe -r` once no GPU "
                           "uses it)", "warning"))
     return changed and (facts.kvm_intel_tdx != "Y" or bool(loaded))
+
+
+def _plan_fabric_manager(facts: HostFacts, out: list[Step], notices: list[Step]) -> None:
+    """On an HGX B200/B300 board: Fabric Manager's rail policy as multi-GPU passthrough
+    needs it. Restarting Fabric Manager is left to the admin: it re-partitions the
+    NVLink fabric under every GPU, and the GPUs need a reset after it (the CC switch's)."""
+    if not facts.nvlink_board:
+        return
+    path = fabricmanager.PATH
+    current = facts.files[path]
+    if current is None:
+        notices.append(Notice(f"cannot set Fabric Manager's {fabricmanager.RAIL_POLICY}: {path} "
+                              "does not exist; install nvidia-fabricmanager (the driver's "
+                              "version) and nvlsm, then run setup again", "cannot"))
+        return
+    text = current.decode("utf-8", "surrogateescape")
+    if fabricmanager.rail_policy(text) == fabricmanager.WANTED:
+        return
+    new = fabricmanager.set_rail_policy(text).encode("utf-8", "surrogateescape")
+    out.append(WriteFile(path, current, new,
+                         f"{fabricmanager.RAIL_POLICY}=symmetric: Fabric Manager 595+ leaves "
+                         "CC off on multi-GPU passthrough otherwise"))
+    notices.append(Notice("restart nvidia-fabricmanager once no TD uses the GPUs (it reads its "
+                          "settings when it starts), then set CC mode again (`tdxvirt gpu "
+                          "cc-mode BDF... --set on`: its reset is the one NVLink 5 GPUs need "
+                          "after Fabric Manager starts)", "warning"))
 
 
 def _int(text: str) -> int:
@@ -344,6 +379,7 @@ def plan_setup(facts: HostFacts, options: SetupOptions) -> HostPlan:
     notices: list[Step] = []
     reload_module = _plan_modprobe(facts, options, steps)
     new_cmdline = _plan_kernel_args(facts, steps, commands)
+    _plan_fabric_manager(facts, steps, notices)
 
     current = facts.files[QEMU_CONF]
     restart_for: list[str] = []  # why libvirt must restart (once, whatever the reasons)
