@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import InputError
-from ..pci import PciAddress
 from . import nvidia
-from .pci import PCI_DEVICES, PciDevice, read_device
+from .pci import PciDevice, vendor_devices
 from .procs import Process, find_processes
 from .root import HostRoot
 
@@ -38,17 +36,8 @@ FABRIC_SERVICES = (Service("fabric manager", "Fabric Manager (nv-fabricmanager)"
 
 def switch_management(root: HostRoot) -> list[PciDevice]:
     """The ConnectX switch-management functions under the host root, in address order."""
-    devices = []
-    for entry in root.listdir(PCI_DEVICES):
-        if root.read_value(f"{PCI_DEVICES}/{entry}/vendor") != f"{SWITCH_MANAGEMENT[0]:#06x}":
-            continue  # skip reading every other device's files
-        try:
-            device = read_device(root, PciAddress.parse(entry))
-        except InputError:
-            continue  # not a PCI address: nothing of ours
-        if (device.vendor, device.device) == SWITCH_MANAGEMENT:
-            devices.append(device)
-    return sorted(devices, key=lambda device: device.address)
+    return [d for d in vendor_devices(root, SWITCH_MANAGEMENT[0])
+            if (d.vendor, d.device) == SWITCH_MANAGEMENT]
 
 
 def running(root: HostRoot, service: Service) -> Process | None:

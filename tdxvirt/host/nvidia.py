@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..pci import PciAddress
-from .pci import PCI_DEVICES, PciDevice, read_device
+from .pci import PciDevice, vendor_devices
 from .root import HostRoot
 
 NVIDIA_VENDOR = 0x10DE
@@ -141,14 +140,4 @@ def require_gpu(device: PciDevice) -> None:
 
 def nvidia_devices(root: HostRoot) -> list[PciDevice]:
     """Every NVIDIA GPU and NVSwitch under the host root, in address order."""
-    devices = []
-    for name in root.listdir(PCI_DEVICES):
-        if root.read_value(f"{PCI_DEVICES}/{name}/vendor") != f"{NVIDIA_VENDOR:#06x}":
-            continue  # skip reading every other device's files
-        try:
-            device = read_device(root, PciAddress.parse(name))
-        except InputError:
-            continue  # not a PCI address: nothing of ours
-        if is_passthrough_candidate(device):
-            devices.append(device)
-    return sorted(devices, key=lambda device: device.address)
+    return [d for d in vendor_devices(root, NVIDIA_VENDOR) if is_passthrough_candidate(d)]

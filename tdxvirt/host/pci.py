@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import NotFoundError
+from ..errors import InputError, NotFoundError
 from ..pci import PciAddress
 from .root import HostRoot
 
@@ -82,3 +82,17 @@ def read_device(root: HostRoot, address: PciAddress) -> PciDevice:
         iommu_group=root.link_name(f"{base}/iommu_group"),
         bar_sizes=parse_resource(root.read_value(f"{base}/resource") or ""),
     )
+
+
+def vendor_devices(root: HostRoot, vendor: int) -> list[PciDevice]:
+    """Every PCI device of this vendor under the host root, in address order (only
+    their vendor file is read for the others)."""
+    devices = []
+    for entry in root.listdir(PCI_DEVICES):
+        if root.read_value(f"{PCI_DEVICES}/{entry}/vendor") != f"{vendor:#06x}":
+            continue
+        try:
+            devices.append(read_device(root, PciAddress.parse(entry)))
+        except InputError:
+            continue  # not a PCI address: nothing of ours
+    return sorted(devices, key=lambda device: device.address)
