@@ -1,4 +1,4 @@
-"""``tdxvirt build plan|run|status``: the TDX kernel, QEMU and OVMF from a manifest.
+"""``tdxvirt build plan|run|status|install``: the TDX kernel, QEMU and OVMF from a manifest.
 
 ``plan`` and ``run`` start by saying which components this host already has from its
 distribution (``build.distro``) and plan only the others; ``--all`` plans every one.
@@ -315,9 +315,79 @@ def status(as_json):
                            f"`tdxvirt build run {component}` builds and records it again")
             elif check.state == "unrecorded":
                 click.echo(f"no digest: {component} {name}: {check.detail}")
-    used = artifacts.builds(record)
+    from ..build import install_record
+
+    installed = install_record.load(install_record.record_file())
+    _print_installed(installed)
+    used = artifacts.builds(record, installed)
     if used:
         click.echo("define uses: " + "; ".join(
             f"{'emulator' if c == 'qemu' else 'loader' if c == 'ovmf' else c} {b.path}"
             for c, b in used.items() if c in ("qemu", "ovmf")))
     click.echo(f"(record: {file})")
+
+
+def _print_installed(installed: dict) -> None:
+    """What `build install` wrote, each file checked against what it wrote."""
+    from ..build import digests
+
+    for component, entry in sorted(installed.items()):
+        for path, recorded in sorted((entry.get("files") or {}).items() if isinstance(entry, dict) else ()):
+            check = digests.check(path, recorded)
+            note = "" if check.ok else f" ({check.state}: `tdxvirt build install {component}` writes it again)"
+            click.echo(f"installed: {component} {path}{note}")
+
+
+@build.command(name="install")
+@click.argument("component", required=False, default="all", type=click.Choice(["ovmf", "qemu", "all"]),
+                metavar="[ovmf|qemu|all]")
+@click.option("--dry-run", is_flag=True, help="Print every file it would write (with --revert: remove); "
+                                              "change nothing.")
+@click.option("--revert", is_flag=True, help="Remove the files an earlier install wrote (as recorded, "
+                                             "each only while unchanged), nothing else.")
+@click.option("--root", "root", default="/", metavar="DIR",
+              help="Install below this folder instead of / (an image being prepared); define uses "
+                   "only what is installed below /.")
+def install(component, dry_run, revert, root):
+    """Make the built OVMF usable by libvirt: copy it to /usr/local/share/tdxvirt/firmware/
+    under its SHA-256 and write a QEMU firmware descriptor (feature intel-tdx) for it to
+    /etc/qemu/firmware; check the built QEMU that define names as the emulator."""
+    from pathlib import Path
+
+    from ..build import artifacts, install_record
+    from ..build import install as installer
+    from ..errors import InputError
+
+    if not dry_run:
+        installer.require_root()  # refuse before reading or creating anything
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise InputError(f"--root {root}: not a folder; give an existing folder (or leave --root out for /)")
+    components = installer.COMPONENTS if component == "all" else (component,)
+    record = install_record.record_file()
+    if revert:
+        removal = installer.revert_plan(components, install_record.load(record))
+        if not (removal.files or removal.gone or removal.folders):
+            click.echo(f"Nothing to revert: {record} records no files of {', '.join(components)}")
+            return
+        if dry_run:
+            click.echo("Dry run; revert would:")
+            for line in installer.show_revert(removal):
+                click.echo(f"    {line}")
+            return
+        for line in installer.show_revert(installer.revert(components, record), done=True):
+            click.echo(line)
+        return
+    found = installer.plan(components, base, artifacts.record_file(), install_record.load(record))
+    lines = installer.show(found, record)
+    if dry_run:
+        click.echo("Dry run; install would:" if found.writes else "Dry run; nothing to write:")
+        for line in lines:
+            click.echo(f"    {line}")
+    else:
+        installer.apply(found, record)
+        for line in lines:
+            click.echo(line.replace("copy ", "copied ", 1).replace("write ", "wrote ", 1)
+                       .replace("record what was written in ", "recorded in ", 1))
+    for note in found.notes:
+        click.echo(note)
