@@ -268,3 +268,16 @@ def test_status_lists_what_install_wrote(tmp_path, state, root):
     status = CliRunner().invoke(TdxvirtGroup(name="tdxvirt", commands={"build": build}), ["build", "status"])
     assert (f"installed: ovmf {root}{DESCRIPTOR} (missing: `tdxvirt build install ovmf` writes it again)"
             in status.output)
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_and_what_was_written_is_revertible(tmp_path, state, root):
+    record_ovmf(tmp_path, state)
+    shutil.rmtree(root / "etc/qemu")
+    (root / "etc/qemu").write_text("a file where a folder belongs\n")
+    result = cli("ovmf", "--root", root)
+    assert result.exit_code != 0
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("tdxvirt: error: ")
+    assert str(root / "etc/qemu") in result.stderr
+    (root / "etc/qemu").unlink()
+    assert cli("--revert", "--root", root).exit_code == 0
+    assert not (root / "usr/local").exists()

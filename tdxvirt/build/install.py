@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, TdxvirtError
 from ..host.trust import in_root, is_real_root, require_trusted
 from . import artifacts, digests, install_record
 
@@ -128,7 +128,7 @@ def plan(components: tuple[str, ...], root: Path, record_file: Path, installed: 
     _sort_targets(found, installed)
     for write in found.writes:  # as root: into folders only root can change
         require_trusted(write.path.parent, "install folder", missing_ok=True,
-                        otherwise="give it to root alone")
+                        otherwise="move what is in the way, or make it root's alone")
     return found
 
 
@@ -199,6 +199,15 @@ def show(found: Plan, record: Path) -> list[str]:
 
 def apply(found: Plan, record: Path) -> None:
     """Write the plan, each file renamed into place whole and recorded once written."""
+    try:
+        _apply(found, record)
+    except OSError as error:  # a full disk, a read-only /etc: what was written is recorded
+        raise TdxvirtError(f"cannot write {error.filename or 'a file'}: {error.strerror or error}; "
+                           "the files written before are recorded: `tdxvirt build install --revert` "
+                           "removes them") from None
+
+
+def _apply(found: Plan, record: Path) -> None:
     installed = install_record.load(record)
     if found.copies:  # which build each firmware copy is of: define uses the copy
         entry = installed.setdefault("ovmf", {"files": {}, "folders": []})
