@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tdxvirt"
 
 LAYERS = {
     0: ["errors", "units", "pci", "paths", "textsafe", "userfile", "kconfig", "host.trust", "cache",
-        "locks", "config", "build.artifacts", "guest.userdata", "guest.seed",
+        "locks", "config", "build.artifacts", "build.install_record", "guest.userdata", "guest.seed",
         "guest", "build", "attest"],  # the last three: the packages' own error classes
     1: ["host", "virt", "gpu"],
     2: ["domain"],
@@ -34,7 +34,7 @@ LAYERS = {
     4: ["hostcfg", "doctor", "guest.checks", "guest.verify", "guest.console_tail", "build.actions", "build.distro",
         "build.edk2", "build.gitops", "build.kconfig", "build.manifest", "build.progress",
         "build.runner", "build.stamps", "build.steps", "build.source", "build.subprojects",
-        "build.prereqs", "attest.quote", "attest.checks",
+        "build.prereqs", "build.install", "attest.quote", "attest.checks",
         "attest.dcap", "attest.evidence", "attest.report", "sim", "enforce",
         "lifecycle.journal"],  # intents: host check reports them
     5: ["lifecycle", "gpu.discovery"],

@@ -6,7 +6,9 @@ component the paths it produced (bzImage, modules dir, qemu-system-x86_64, OVMF.
 with each file's SHA-256 and size (``digests``), and its provenance (URL, ref, fetched
 and patched revisions, patch sets). ``check_record()`` compares the files with them.
 
-``recorded()`` is what ``define`` asks: the QEMU and OVMF to use, when they exist.
+``recorded()`` is what ``define`` asks: the QEMU and OVMF to use, when they exist. For
+OVMF that is the copy ``build install`` made of this very build (``install_record``),
+when there is one: a rebuild cannot change it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..paths import state_dir as default_state_dir
-from . import digests
+from . import digests, install_record
 
 RECORD_NAME = "artifacts.json"
 # the artifact ``define`` uses for each component, in order of preference
@@ -88,8 +90,9 @@ class RecordedBuild:
         return text
 
 
-def builds(record: dict) -> dict[str, RecordedBuild]:
-    """Every component of a record whose primary artifact still exists."""
+def builds(record: dict, installed: dict | None = None) -> dict[str, RecordedBuild]:
+    """Every component of a record whose primary artifact still exists; with the
+    ``installed`` record, OVMF's is the installed copy of that build when there is one."""
     found = {}
     for component, keys in PRIMARY.items():
         entry = record.get(component)
@@ -99,6 +102,10 @@ def builds(record: dict) -> dict[str, RecordedBuild]:
         path = next((paths[k] for k in keys if isinstance(paths.get(k), str) and os.path.exists(paths[k])), None)
         if path is None:
             continue
+        if component == "ovmf" and installed:
+            recorded_digest = (entry.get("digests") or {}).get("OVMF.fd")
+            sha256 = recorded_digest.get("sha256") if isinstance(recorded_digest, dict) else None
+            path = install_record.copy_of(installed, sha256) or path
         found[component] = RecordedBuild(
             component=component, path=path, ref=str(entry.get("ref", "?")),
             revision=entry.get("revision"), patched_revision=entry.get("patched_revision"),
@@ -122,15 +129,17 @@ def check_record(record: dict) -> dict[str, dict[str, digests.Check]]:
 def recorded(state_dir: str | Path | None = None) -> dict[str, RecordedBuild]:
     """The recorded builds ``define`` may use: keys "qemu" (the emulator), "ovmf"
     (the loader) and "kernel", each present only when its file exists."""
-    return builds(load(record_file(state_dir)))
+    return builds(load(record_file(state_dir)), install_record.load(install_record.record_file(state_dir)))
 
 
 def build_of(path: str, state_dir: str | Path | None = None) -> RecordedBuild | None:
-    """The recorded build that produced ``path`` (for ``show``: which build a TD uses)."""
+    """The recorded build that produced ``path`` (for ``show``: which build a TD uses);
+    an installed firmware copy counts as its build's."""
     record = load(record_file(state_dir))
-    found = builds(record)
+    found = builds(record, install_record.load(install_record.record_file(state_dir)))
     for component, entry in record.items():
         if component in found and isinstance(entry, dict):
-            if os.path.realpath(path) in {os.path.realpath(p) for p in entry.get("artifacts", {}).values()}:
+            paths = [*entry.get("artifacts", {}).values(), found[component].path]
+            if os.path.realpath(path) in {os.path.realpath(p) for p in paths}:
                 return found[component]
     return None

@@ -32,6 +32,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SYMBOL = re.compile(r"(?:CONFIG_)?([A-Z0-9_]+)")
 _EDK2_WORD = re.compile(r"[A-Z][A-Z0-9_]*")
 KERNEL_BASES = ("current", "defconfig")  # or a path to a config file
+KERNEL_PACKAGES = ("deb",)
+DEFAULT_LOCALVERSION = "-tdxvirt"
+# appended to the kernel release, which names the Debian packages (linux-image-RELEASE):
+# Debian's package names allow lower-case letters, digits, '+', '-' and '.'
+_LOCALVERSION = re.compile(r"[-+.][a-z0-9+.-]{0,31}")
 EDK2_TARGETS = ("DEBUG", "RELEASE", "NOOPT")
 
 
@@ -68,6 +73,10 @@ class Kernel:
     repo: Repo
     patches: tuple[PatchSet, ...]
     config: KernelConfig
+    # "deb": built as Debian packages (make bindeb-pkg), installed with dpkg -i;
+    # None: the loose bzImage and modules, installed with make modules_install install
+    package: str | None = None
+    localversion: str = DEFAULT_LOCALVERSION  # the packages' release suffix (LOCALVERSION)
 
 
 @dataclass(frozen=True)
@@ -311,7 +320,7 @@ class _Reader:
         )
 
     def kernel(self, value, repos) -> Kernel:
-        repo, data = self.repo(value, "kernel", "kernel", ("patches", "config"))
+        repo, data = self.repo(value, "kernel", "kernel", ("patches", "config", "package", "localversion"))
         config = self.table(data.get("config", {}), "kernel.config",
                             ("base", "enable", "module", "disable"))
         base = self.string(config.get("base", "current"), "kernel.config.base")
@@ -330,8 +339,16 @@ class _Reader:
                     raise self.fail(f"kernel.config.{state}",
                                     f"{name} is also in kernel.config.{seen[name]}; list it once")
                 seen[name] = state
+        package = data.get("package")
+        if package is not None and package not in KERNEL_PACKAGES:
+            raise self.fail("kernel.package", f"{package!r}: use {' or '.join(map(repr, KERNEL_PACKAGES))} "
+                                              "(Debian packages), or leave it out for the loose build")
+        localversion = data.get("localversion", DEFAULT_LOCALVERSION)
+        if not isinstance(localversion, str) or not _LOCALVERSION.fullmatch(localversion):
+            raise self.fail("kernel.localversion", f"{localversion!r}: start with '-', '+' or '.', then "
+                                                   "up to 31 lower-case letters, digits, '+', '-' or '.'")
         return Kernel(repo=repo, patches=self.patches(data.get("patches", []), "kernel.patches", repos),
-                      config=KernelConfig(base=base, **wanted))
+                      config=KernelConfig(base=base, **wanted), package=package, localversion=localversion)
 
     def qemu(self, value, repos) -> Qemu:
         repo, data = self.repo(value, "qemu", "qemu", ("patches", "configure"))
@@ -394,6 +411,15 @@ def with_mirrors(manifest: Manifest, lines: tuple[str, ...]) -> Manifest:
     prefixes = {mirror.prefix for mirror in added}
     kept = tuple(mirror for mirror in manifest.mirrors if mirror.prefix not in prefixes)
     return dataclasses.replace(manifest, mirrors=kept + tuple(added))
+
+
+def with_kernel_package(manifest: Manifest, package: str | None) -> Manifest:
+    """The manifest with ``--deb`` applied (a manifest without [kernel] is left as it is)."""
+    import dataclasses
+
+    if package is None or manifest.kernel is None:
+        return manifest
+    return dataclasses.replace(manifest, kernel=dataclasses.replace(manifest.kernel, package=package))
 
 
 def _kind(value) -> str:

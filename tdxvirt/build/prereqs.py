@@ -38,6 +38,12 @@ GIT = _programs("git")
 _KERNEL_CONFIGURE = _programs("gcc", "make", "flex", "bison")
 _KERNEL_BUILD = _KERNEL_CONFIGURE + _programs("bc", "perl") + (
     Need("libelf.h", "libelf-dev", "header"), Need("openssl/ssl.h", "libssl-dev", "header"))
+# `make bindeb-pkg` (Linux's scripts/Makefile.package, scripts/package/mkdebian): it
+# runs dpkg-buildpackage with --no-check-builddeps, so what its Build-Depends name is
+# checked here instead: rsync, kmod, cpio, bc, bison, flex; libelf-dev and libssl-dev
+# are in _KERNEL_BUILD. No debhelper: the generated debian/rules uses none. kmod is
+# looked for as /usr/bin/kmod: depmod is in /usr/sbin, not on a user's PATH on Debian.
+_KERNEL_DEB = _programs("dpkg-buildpackage:dpkg-dev", "rsync", "kmod", "cpio")
 _QEMU_CONFIGURE = _programs("gcc", "make", "python3", "ninja:ninja-build", "pkg-config:pkgconf") + (
     Need("glib-2.0", "libglib2.0-dev", "pkg-config"), Need("zlib", "zlib1g-dev", "pkg-config"))
 _QEMU_BUILD = _programs("gcc", "make", "ninja:ninja-build")
@@ -71,7 +77,8 @@ def step_needs(step, qemu_configure: tuple[str, ...] = (), kernel_config: Path |
     if step.component == "kernel":
         if step.name == "configure":
             return _KERNEL_CONFIGURE
-        return _KERNEL_BUILD + kernel_config_needs(kernel_config)
+        deb = _KERNEL_DEB if getattr(step, "deb", False) else ()
+        return _KERNEL_BUILD + deb + kernel_config_needs(kernel_config)
     if step.component == "qemu":
         if step.name == "configure":
             return _QEMU_CONFIGURE + tuple(need for flag, need in _QEMU_FLAG_NEEDS.items() if flag in qemu_configure)

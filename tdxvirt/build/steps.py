@@ -12,6 +12,8 @@ Layout under the work directory: ``src/<name>`` trees, ``stamps/``, ``logs/``.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,31 +256,103 @@ class VerifyKconfig:
 
 
 class KernelBuild(Step):
+    """``make`` and ``make modules``; or, with ``deb`` (the manifest's kernel.package),
+    ``make bindeb-pkg``: the same build, packed into .deb files next to the tree."""
+
     component, name = "kernel", "build"
+
+    def __init__(self, deb: bool = False):
+        self.deb = deb
 
     def actions(self, ctx):
         tree = ctx.tree("kernel")
+        if self.deb:
+            return [_make(tree, f"-j{ctx.jobs}", "bindeb-pkg", *_localversion(ctx))]
         return [_make(tree, f"-j{ctx.jobs}"), _make(tree, f"-j{ctx.jobs}", "modules")]
+
+    def inputs(self, ctx):
+        # nothing for the loose build: stamps made before packages existed stay valid
+        return {"package": "deb", "localversion": ctx.manifest.kernel.localversion} if self.deb else {}
 
     def outputs(self, ctx):
         return [ctx.tree("kernel") / "arch/x86/boot/bzImage"]
 
     def results(self, ctx):
-        return {"release": kernel_release(ctx.tree("kernel"))}
+        tree = ctx.tree("kernel")
+        release = kernel_release(tree, *(_localversion(ctx) if self.deb else ()))
+        if not self.deb:
+            return {"release": release}
+        return {"release": release, "debs": built_debs(tree, release) if release else {}}
+
+    def valid(self, ctx, stamp):
+        debs = stamp.results.get("debs") or {}
+        return super().valid(ctx, stamp) and all(os.path.isfile(path) for path in debs.values())
 
 
-def kernel_release(tree: Path) -> str | None:
-    result = subprocess.run(["make", "-s", "--no-print-directory", "kernelrelease"], cwd=tree,
+def _localversion(ctx: Context) -> tuple[str, ...]:
+    return (f"LOCALVERSION={ctx.manifest.kernel.localversion}",)
+
+
+def kernel_release(tree: Path, *variables: str) -> str | None:
+    result = subprocess.run(["make", "-s", "--no-print-directory", "kernelrelease", *variables], cwd=tree,
                             capture_output=True, text=True, check=False)
     lines = result.stdout.strip().splitlines()
     return lines[-1] if result.returncode == 0 and lines else None
 
 
+# the packages of Linux's scripts/package/mkdebian; `--install` installs the first two
+# (linux-libc-dev would replace the distribution's, which its C library is built with)
+DEB_PACKAGES = ("linux-image", "linux-headers", "linux-libc-dev", "linux-image-dbg")
+DEB_INSTALLED = DEB_PACKAGES[:2]
+_CHANGELOG_HEAD = re.compile(r"\S+ \(([0-9][A-Za-z0-9.+~:-]*)\)")
+
+
+def _head(path: Path, limit: int = 4096) -> str:
+    """The start of a small file the package build wrote (bounded, regular files only)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return ""
+        return file.read(limit).decode(errors="replace")
+
+
+def built_debs(tree: Path, release: str) -> dict[str, str]:
+    """The .deb files ``make bindeb-pkg`` made for ``release``, by package.
+
+    dpkg-buildpackage writes them next to the tree, each named
+    ``<package>_<version>_<arch>.deb``; this build's version and architecture are the
+    first line of the debian/changelog and debian/arch it generated, so an older
+    build's files there are not taken for this one's."""
+    match = _CHANGELOG_HEAD.match(_head(tree / "debian/changelog"))
+    arch = _head(tree / "debian/arch", 64).strip()
+    if match is None or not re.fullmatch(r"[a-z0-9-]+", arch):
+        return {}
+    names = {"linux-image": f"linux-image-{release}", "linux-headers": f"linux-headers-{release}",
+             "linux-libc-dev": "linux-libc-dev", "linux-image-dbg": f"linux-image-{release}-dbg"}
+    found = {}
+    for package in DEB_PACKAGES:
+        path = tree.parent / f"{names[package]}_{match[1]}_{arch}.deb"
+        if path.is_file():
+            found[package] = str(path)
+    return found
+
+
 class KernelInstall(Step):
     component, name, needs_root = "kernel", "install", True
 
+    def __init__(self, deb: bool = False):
+        self.deb = deb
+
     def actions(self, ctx):
         tree = ctx.tree("kernel")
+        if self.deb:
+            debs = ctx.stamps.results("kernel.build").get("debs") or {}
+            # before the build the names are not known yet: the plan shows their pattern
+            files = [debs.get(p) or f"{tree.parent}/{p}-<release>_<version>_<arch>.deb" for p in DEB_INSTALLED]
+            return [Command(("dpkg", "-i", *files), tree)]
         return [_make(tree, "modules_install"), _make(tree, "install")]
 
     def results(self, ctx):
@@ -414,9 +488,10 @@ def plan(manifest: Manifest, components: tuple[str, ...], install: bool,
         steps.append(SourceImport(name, sources[name]) if name in sources else Fetch(component.repo))
         if component.patches:
             steps.append(Patch(name, component.patches))
-        steps += [_CONFIGURE[name](), _BUILD[name]()]
+        deb = name == "kernel" and component.package == "deb"
+        steps += [_CONFIGURE[name](), KernelBuild(deb) if deb else _BUILD[name]()]
         if install and name in _INSTALL:
-            steps.append(_INSTALL[name]())
+            steps.append(KernelInstall(deb) if deb else _INSTALL[name]())
     return steps
 
 
@@ -431,6 +506,8 @@ def artifact_paths(ctx: Context, component: str) -> dict[str, str]:
         installed = stamps.results("kernel.install")
         paths = {"bzImage": ctx.tree("kernel") / "arch/x86/boot/bzImage",
                  "vmlinuz": installed.get("vmlinuz"), "modules_dir": installed.get("modules_dir")}
+        debs = stamps.results("kernel.build").get("debs") or {}
+        paths.update({f"{package}.deb": path for package, path in debs.items()})
     elif component == "qemu":
         paths = {"qemu-system-x86_64": qemu_binary(ctx),
                  "installed": stamps.results("qemu.install").get("installed")}

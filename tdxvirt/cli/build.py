@@ -1,4 +1,4 @@
-"""``tdxvirt build plan|run|status``: the TDX kernel, QEMU and OVMF from a manifest.
+"""``tdxvirt build plan|run|status|install``: the TDX kernel, QEMU and OVMF from a manifest.
 
 ``plan`` and ``run`` start by saying which components this host already has from its
 distribution (``build.distro``) and plan only the others; ``--all`` plans every one.
@@ -26,6 +26,10 @@ def _build_options(command):
                      help="Parallel jobs for make and edk2's build (default: number of CPUs)."),
         click.option("--install", is_flag=True,
                      help="Also install the kernel (modules_install, install) and QEMU; needs root."),
+        click.option("--deb", is_flag=True,
+                     help="Build the kernel as Debian packages (make bindeb-pkg, release suffix "
+                          "-tdxvirt) and record the .deb files; with --install, dpkg -i the image "
+                          "and headers packages. As the manifest's [kernel] package = \"deb\"."),
         click.option("--all", "build_all", is_flag=True,
                      help="Plan every component, also those this host's distribution already has."),
         click.option("--source", "source_path", metavar="DIR|TARBALL",
@@ -57,7 +61,8 @@ class _Selection:
             if f.planned and f.component not in manifest.components())
 
 
-def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=(), source_path=None):
+def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=(), source_path=None,
+             deb=False):
     from pathlib import Path
 
     from ..build import distro, steps
@@ -66,6 +71,7 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all, mi
     from ..paths import state_dir
 
     loaded = manifests.with_mirrors(manifests.load(manifest), tuple(mirrors))
+    loaded = manifests.with_kernel_package(loaded, "deb" if deb else None)
     build_all = build_all or source_path is not None  # a source given is built, whatever the host has
     selected = steps.select(loaded, component)
     host = session.host if session is not None else HostRoot("/")
@@ -130,6 +136,10 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
     expected = {}
     if "kernel" in components:
         expected["kernel bzImage"] = str(ctx.tree("kernel") / "arch/x86/boot/bzImage")
+        if ctx.manifest.kernel.package == "deb":
+            for package in steps.DEB_PACKAGES[:3]:  # the -dbg one only with CONFIG_DEBUG_INFO
+                name = package if package == "linux-libc-dev" else f"{package}-<release>"
+                expected[f"kernel {package}.deb"] = f"{ctx.workdir}/src/{name}_<version>_<arch>.deb"
     if "qemu" in components:
         expected["qemu qemu-system-x86_64"] = str(steps.qemu_binary(ctx))
         if ctx.install:
@@ -220,12 +230,12 @@ def build():
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, build_all, source_path, mirrors, as_json):
+def plan(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
     from ..build.runner import states
 
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
-                                     source_path)
+                                     source_path, deb)
     step_states = states(steps, ctx)
     if as_json:
         click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
@@ -239,7 +249,8 @@ def plan(session, component, manifest, workdir, jobs, install, build_all, source
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, build_all, source_path, mirrors, update, dry_run):
+def run(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors, update,
+        dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from ..build import artifacts
     from ..build.progress import ConsoleReporter
@@ -249,7 +260,7 @@ def run(session, component, manifest, workdir, jobs, install, build_all, source_
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
-                                     source_path)
+                                     source_path, deb)
     if dry_run:
         _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
         return
@@ -315,9 +326,79 @@ def status(as_json):
                            f"`tdxvirt build run {component}` builds and records it again")
             elif check.state == "unrecorded":
                 click.echo(f"no digest: {component} {name}: {check.detail}")
-    used = artifacts.builds(record)
+    from ..build import install_record
+
+    installed = install_record.load(install_record.record_file())
+    _print_installed(installed)
+    used = artifacts.builds(record, installed)
     if used:
         click.echo("define uses: " + "; ".join(
             f"{'emulator' if c == 'qemu' else 'loader' if c == 'ovmf' else c} {b.path}"
             for c, b in used.items() if c in ("qemu", "ovmf")))
     click.echo(f"(record: {file})")
+
+
+def _print_installed(installed: dict) -> None:
+    """What `build install` wrote, each file checked against what it wrote."""
+    from ..build import digests
+
+    for component, entry in sorted(installed.items()):
+        for path, recorded in sorted((entry.get("files") or {}).items() if isinstance(entry, dict) else ()):
+            check = digests.check(path, recorded)
+            note = "" if check.ok else f" ({check.state}: `tdxvirt build install {component}` writes it again)"
+            click.echo(f"installed: {component} {path}{note}")
+
+
+@build.command(name="install")
+@click.argument("component", required=False, default="all", type=click.Choice(["ovmf", "qemu", "all"]),
+                metavar="[ovmf|qemu|all]")
+@click.option("--dry-run", is_flag=True, help="Print every file it would write (with --revert: remove); "
+                                              "change nothing.")
+@click.option("--revert", is_flag=True, help="Remove the files an earlier install wrote (as recorded, "
+                                             "each only while unchanged), nothing else.")
+@click.option("--root", "root", default="/", metavar="DIR",
+              help="Install below this folder instead of / (an image being prepared); define uses "
+                   "only what is installed below /.")
+def install(component, dry_run, revert, root):
+    """Make the built OVMF usable by libvirt: copy it to /usr/local/share/tdxvirt/firmware/
+    under its SHA-256 and write a QEMU firmware descriptor (feature intel-tdx) for it to
+    /etc/qemu/firmware; check the built QEMU that define names as the emulator."""
+    from pathlib import Path
+
+    from ..build import artifacts, install_record
+    from ..build import install as installer
+    from ..errors import InputError
+
+    if not dry_run:
+        installer.require_root()  # refuse before reading or creating anything
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise InputError(f"--root {root}: not a folder; give an existing folder (or leave --root out for /)")
+    components = installer.COMPONENTS if component == "all" else (component,)
+    record = install_record.record_file()
+    if revert:
+        removal = installer.revert_plan(components, install_record.load(record))
+        if not (removal.files or removal.gone or removal.folders):
+            click.echo(f"Nothing to revert: {record} records no files of {', '.join(components)}")
+            return
+        if dry_run:
+            click.echo("Dry run; revert would:")
+            for line in installer.show_revert(removal):
+                click.echo(f"    {line}")
+            return
+        for line in installer.show_revert(installer.revert(components, record), done=True):
+            click.echo(line)
+        return
+    found = installer.plan(components, base, artifacts.record_file(), install_record.load(record))
+    lines = installer.show(found, record)
+    if dry_run:
+        click.echo("Dry run; install would:" if found.writes else "Dry run; nothing to write:")
+        for line in lines:
+            click.echo(f"    {line}")
+    else:
+        installer.apply(found, record)
+        for line in lines:
+            click.echo(line.replace("copy ", "copied ", 1).replace("write ", "wrote ", 1)
+                       .replace("record what was written in ", "recorded in ", 1))
+    for note in found.notes:
+        click.echo(note)
