@@ -281,3 +281,24 @@ def test_a_folder_that_cannot_be_made_is_one_line_and_what_was_written_is_revert
     (root / "etc/qemu").unlink()
     assert cli("--revert", "--root", root).exit_code == 0
     assert not (root / "usr/local").exists()
+
+
+def test_revert_keeps_a_firmware_copy_a_td_is_defined_with(tmp_path, state, root):
+    """A TD's root-owned record names the installed copy as its firmware: removing it
+    would leave that TD unable to start, so --revert refuses and removes nothing."""
+    from tdxvirt.domain.record import TDRecord, local_store
+
+    record_ovmf(tmp_path, state)
+    assert cli("ovmf", "--root", root).exit_code == 0
+    sha256 = artifacts.load(artifacts.record_file(state))["ovmf"]["digests"]["OVMF.fd"]["sha256"]
+    copy = f"/usr/local/share/tdxvirt/firmware/{sha256}.fd"
+    local_store().write(TDRecord(uuid="0b7c5f0e-4a43-4b1e-9d53-1c2f1b0b6a11", name="td-a",
+                                 dialect="native", loader=copy))
+    before = tree(root)
+    refused = cli("--revert", "--root", root)
+    assert refused.exit_code != 0
+    line, = refused.output.strip().splitlines()
+    assert copy in line and "td-a" in line and "nothing was removed" in line
+    assert tree(root) == before
+    local_store().remove("0b7c5f0e-4a43-4b1e-9d53-1c2f1b0b6a11")
+    assert cli("--revert", "--root", root).exit_code == 0

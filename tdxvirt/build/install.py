@@ -267,11 +267,35 @@ class Removal:
     folders: tuple[str, ...]  # created by install: removed when empty, innermost first
 
 
+def _tds_using(paths: list[str]) -> dict[str, list[str]]:
+    """The TDs whose root-owned record names one of these files as firmware, kernel or
+    initrd (by path; this machine's records)."""
+    from ..domain.record import RecordError, local_store
+
+    store, users = local_store(), {}
+    try:
+        names = sorted(os.listdir(store.directory))
+    except FileNotFoundError:
+        return {}
+    for name in names:
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
+        try:
+            record = store.read(name.removesuffix(".json"))
+        except RecordError as error:
+            raise InputError(f"cannot tell which TDs use the installed files: {error}") from None
+        for path in {record.loader, record.kernel, record.initrd} & set(paths) if record else ():
+            users.setdefault(path, []).append(record.name)
+    return users
+
+
 def revert_plan(components: tuple[str, ...], installed: dict) -> Removal:
-    """What reverting ``components`` removes; refused when a file changed since it was written."""
-    files, gone, folders = [], [], []
+    """What reverting ``components`` removes; refused when a file changed since it was
+    written, or when a TD's record names it (that TD would no longer start)."""
+    files, gone, folders, seen = [], [], [], []
     for component in components:
         entry = installed.get(component) if isinstance(installed.get(component), dict) else {}
+        seen += [path for path in (entry.get("copies") or {}).values() if isinstance(path, str)]
         for path, recorded in sorted((entry.get("files") or {}).items()):
             if not os.path.lexists(path):
                 gone.append(path)
@@ -282,6 +306,11 @@ def revert_plan(components: tuple[str, ...], installed: dict) -> Removal:
                                  "nothing was removed; move it away or restore it, then revert again")
             files.append(path)
         folders += reversed(entry.get("folders") or [])
+    # by the path libvirt sees (a copy below another root is checked too: refusing is safe)
+    for path, tds in _tds_using(seen).items():
+        raise InputError(f"{path} is the firmware of TD(s) {', '.join(sorted(tds))} (root's records); "
+                         "nothing was removed; undefine them, or define them anew with another "
+                         "firmware, then revert again")
     return Removal(tuple(files), tuple(gone), tuple(folders))
 
 
