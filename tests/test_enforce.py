@@ -348,7 +348,8 @@ def test_the_hook_refuses_a_replaced_removed_or_unreadable_boot_file_in_one_line
     (files / "kernel").unlink()
     refused = _refusal(root, store)
     assert refused.startswith("tdxvirt: 'one' is no longer the TD it was defined as; put the recorded "
-                              "file back (`tdxvirt build status`") and "adopt" not in refused
+                              "file back (reinstall its package; `tdxvirt build status`") \
+        and "adopt" not in refused
     assert refused.endswith(f"what changed: its kernel {files / 'kernel'} (sha256 "
                             f"{record.digests['kernel']['sha256'][:12]} recorded) is missing")
     os.mkfifo(files / "kernel")  # bounded and nonblocking: refused at once, never waited on

@@ -336,11 +336,13 @@ def _file_problems(files, name: str) -> list[Problem]:
     for state in files or ():
         if not state.wrong:
             continue
-        back = "put the recorded file back"
         if state.state == "changed":
-            back += f", or check this one and record it with `tdxvirt adopt {name}`"
-        found.append(Problem(state.what(), f"{back} (`tdxvirt build status` tells a tdxvirt "
-                                           "build's changed files)", kind="file"))
+            back = (f"put the recorded file back, or check this one and record it with "
+                    f"`tdxvirt adopt {name}` (`tdxvirt build status` tells a tdxvirt build's changed files)")
+        else:
+            back = ("put the recorded file back (reinstall its package; `tdxvirt build status` tells "
+                    "a tdxvirt build's changed files)")
+        found.append(Problem(state.what(), back, kind="file"))
     return found
 
 
