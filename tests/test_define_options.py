@@ -137,8 +137,13 @@ def test_direct_kernel_boot_adds_clearcpuid(conn, gpu_host, td_name, tmp_path):
     host, gpu = gpu_host
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
-    tds.define_td(conn, host, spec(td_name, gpu, kernel=str(kernel), cmdline="console=ttyS0"))
+    td = tds.define_td(conn, host, spec(td_name, gpu, kernel=str(kernel), cmdline="console=ttyS0"))
     assert domain_xml(conn, td_name).findtext("os/cmdline") == "console=ttyS0 clearcpuid=mtrr"
+    # not below the host root: define records what it can, and says what is left unchecked
+    assert f"its kernel {kernel} is missing: root's record holds no SHA-256 of it, so its starts do " \
+           f"not check" in " ".join(td.plan.warnings) and f"`tdxvirt adopt {td_name}`" in td.plan.warnings[-1]
+    (firmware, kernel_state) = tds.show(conn, td_name, host).files
+    assert (firmware["state"], kernel_state["state"]) == ("same", "unrecorded")
 
 
 def test_remote_uri_with_image_is_refused(gpu_host, tmp_path):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import os
 import subprocess
+import threading
 import time
 import uuid
+from dataclasses import replace
 
 import libvirt
 import pytest
@@ -25,8 +27,10 @@ from tdxvirt.domain.domainxml import NAMESPACE
 from tdxvirt.domain.integrity import problems
 from tdxvirt.domain.record import RecordError, RecordStore
 from tdxvirt.domain.recorded import record_from
+from tdxvirt.domain.recordfiles import check as check_files
 from tdxvirt.enforce.hook import decide
 from tdxvirt.enforce.script import script
+from tdxvirt.filedigest import DigestError
 from tdxvirt.lifecycle.repair import plan_repair
 
 QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -271,6 +275,146 @@ def test_the_installed_hook_fails_closed_for_tds_and_open_for_vms(tmp_path):
                                                   "cannot load tdxvirt")
         assert len(refused.stderr.splitlines()) == 1
     assert _call(broken, vm, "dom", "started", "begin", "-").returncode == 0
+
+
+# --- the files root's record names: firmware, kernel, initrd --------------------------
+
+def _with_boot_files(tmp_path, direct_boot: bool = False):
+    """A golden TD booting files of its own (as the daemon sees them: these paths) and
+    its record, written with their digests as define writes it."""
+    _, root, _ = _recorded("one-gpu", tmp_path)
+    files = tmp_path / "host"
+    files.mkdir()
+    (files / "OVMF.fd").write_bytes(b"TDVF" * 4096)
+    root.find("os/loader").text = str(files / "OVMF.fd")
+    if direct_boot:
+        for tag, data in (("kernel", b"MZ kernel"), ("initrd", b"070701 initrd")):
+            (files / tag).write_bytes(data)
+            _set(root.find("os"), tag, str(files / tag))
+    record = record_from(root, root.findtext("uuid"), host_path=str)
+    store = RecordStore(tmp_path / "records")
+    store.write(record)
+    return root, record, store, files
+
+
+def test_the_record_keeps_each_boot_files_digest_and_refuses_a_damaged_one(tmp_path):
+    import hashlib
+    import json
+
+    root, record, store, files = _with_boot_files(tmp_path, direct_boot=True)
+    assert record.digests == {
+        "loader": {"sha256": hashlib.sha256(b"TDVF" * 4096).hexdigest(), "size": 16384},
+        "kernel": {"sha256": hashlib.sha256(b"MZ kernel").hexdigest(), "size": 9},
+        "initrd": {"sha256": hashlib.sha256(b"070701 initrd").hexdigest(), "size": 13}}
+    assert store.read(record.uuid) == record
+    data = json.loads(record.to_json())
+    data["digests"]["loader"]["sha256"] = "not a digest"
+    store.path(record.uuid).write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="damaged.*digest of 'loader'"):
+        store.read(record.uuid)  # never "no digest": a damaged record refuses the TD
+    (files / "kernel").unlink()
+    unread = []
+    partial = record_from(root, record.uuid, host_path=str, unread=unread)  # define: what it can
+    assert set(partial.digests) == {"loader", "initrd"}
+    assert unread == [f"its kernel {files / 'kernel'} is missing"]
+    with pytest.raises(DigestError, match=f"^its kernel {files / 'kernel'} is missing$"):
+        record_from(root, record.uuid, host_path=str)  # adopt: nothing unchecked
+
+
+def _refusal(root, store) -> str | None:
+    return decide("one", "prepare", "begin", etree.tostring(root), store)
+
+
+def test_the_hook_refuses_a_replaced_removed_or_unreadable_boot_file_in_one_line(tmp_path):
+    import hashlib
+
+    root, record, store, files = _with_boot_files(tmp_path, direct_boot=True)
+    assert _refusal(root, store) is None
+    firmware = files / "OVMF.fd"
+    firmware.write_bytes(b"EVIL" * 4096)  # same size, other bytes
+    refused = _refusal(root, store)
+    assert refused == (
+        "tdxvirt: 'one' is no longer the TD it was defined as; put the recorded file back, or "
+        "check this one and record it with `tdxvirt adopt one` (`tdxvirt build status` tells a "
+        "tdxvirt build's changed files); what changed: its firmware "
+        f"{firmware} is not the file recorded (sha256 {record.digests['loader']['sha256'][:12]} "
+        f"recorded, {hashlib.sha256(b'EVIL' * 4096).hexdigest()[:12]} found): the TD's MRTD "
+        "changes with it")
+    firmware.write_bytes(b"TDVF" * 4096)  # the recorded file put back
+    assert _refusal(root, store) is None
+    (files / "initrd").write_bytes(b"070701 initrd, rebuilt")
+    assert "its initrd" in _refusal(root, store) and "RTMR1/RTMR2" in _refusal(root, store)
+    (files / "initrd").write_bytes(b"070701 initrd")
+    (files / "kernel").unlink()
+    refused = _refusal(root, store)
+    assert refused.startswith("tdxvirt: 'one' is no longer the TD it was defined as; put the recorded "
+                              "file back (reinstall its package; `tdxvirt build status`") \
+        and "adopt" not in refused
+    assert refused.endswith(f"what changed: its kernel {files / 'kernel'} (sha256 "
+                            f"{record.digests['kernel']['sha256'][:12]} recorded) is missing")
+    os.mkfifo(files / "kernel")  # bounded and nonblocking: refused at once, never waited on
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(line=_refusal(root, store)), daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "the hook blocked on a FIFO put where the kernel was"
+    assert outcome["line"].endswith("recorded) is not a regular file (a FIFO)")
+    assert "\n" not in outcome["line"]
+
+
+def test_an_older_record_without_digests_is_not_checked(tmp_path):
+    root, record, store, files = _with_boot_files(tmp_path)
+    store.write(replace(record, digests={}))  # as an older tdxvirt wrote it
+    (files / "OVMF.fd").write_bytes(b"another firmware")
+    assert _refusal(root, store) is None
+    (states,) = check_files(store.read(record.uuid))
+    assert (states.state, states.describe()) == ("unrecorded", "no digest recorded (an older tdxvirt's "
+                                                 "record, or the file could not be read at define): "
+                                                 "not checked")
+
+
+def test_the_installed_hook_refuses_a_replaced_firmware(tmp_path):
+    root, record, store, files = _with_boot_files(tmp_path)
+    hook = _hook(tmp_path, store.directory)
+    assert _call(hook, etree.tostring(root)).returncode == 0
+    (files / "OVMF.fd").write_bytes(b"another firmware")
+    refused = _call(hook, etree.tostring(root))
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert f"its firmware {files / 'OVMF.fd'} is not the file recorded" in refused.stderr.decode()
+
+
+def test_show_measure_start_and_adopt_of_a_td_whose_firmware_was_replaced(conn, gpu_host, td_name):
+    """On the test driver (no hook there): tdxvirt's own commands, through the fake host root."""
+    import json
+
+    from conftest import cli_runner, one_line_error
+    from test_tdvf import synthetic_firmware
+
+    host, gpu = gpu_host
+    cli = cli_runner(conn.getURI(), host.base)
+    assert cli("define", td_name, "--gpu", gpu).exit_code == 0
+    loader = conn.lookupByName(td_name).XMLDesc(0).split("<loader", 1)[1].split(">", 2)[1].split("<")[0]
+    assert f"Boot files:     firmware {loader}: sha256 e3b0c44298fc, 0 bytes, as recorded" \
+        in cli("show", td_name).stdout
+    host.path(loader).write_bytes(b"another firmware")
+    shown = cli("show", td_name).stdout
+    assert f"firmware {loader}: CHANGED since recorded: sha256 e3b0c44298fc recorded (0 bytes)" in shown
+    assert f"  - its firmware {loader} is not the file recorded" in shown
+    (state,) = json.loads(cli("show", td_name, "--json").stdout)["recorded_files"]
+    assert (state["file"], state["state"]) == ("firmware", "changed")
+    assert "; and since it was recorded, its firmware" in one_line_error(cli("measure", td_name), 2)
+    host.path(loader).write_bytes(synthetic_firmware(bytes(8192)))  # TDX firmware, not the recorded
+    measured = cli("measure", td_name)
+    assert f"the recorded firmware {loader}: CHANGED since recorded" in measured.stdout, measured.output
+    refused = one_line_error(cli("start", td_name), 1)
+    assert "is not the file recorded" in refused and f" adopt {td_name}`" in refused, refused
+    adopted = cli("adopt", td_name)
+    assert adopted.exit_code == 0, adopted.output
+    assert f"firmware:        {loader} (sha256 " in adopted.stdout
+    assert f", {host.path(loader).stat().st_size} bytes, not the file recorded before)" in adopted.stdout
+    assert cli("show", td_name, "--json").stdout.count('"problems": []') == 1
+    assert cli("start", td_name).exit_code == 0
+    cli("destroy", td_name)
 
 
 # --- on the emulated TDX host: libvirt's qemu driver calls the hook -------------------

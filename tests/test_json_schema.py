@@ -12,10 +12,10 @@ from tdxvirt.cli import main
 LIST = {"name", "state", "type", "tdx", "dialect", "managed_by_tdxvirt", "vcpus", "memory_mib", "gpus",
         "uptime_s", "problems", "weakened"}
 SHOW = LIST | {"uuid", "autostart", "persistent", "overlay", "seed", "builds", "mrtd", "rtmr1",
-                "rtmr2", "title", "record", "disks", "interfaces"}
+                "rtmr2", "title", "record", "disks", "interfaces", "recorded_files", "recorded_files_note"}
 MEASURE = {"name", "firmware", "mrtd", "order", "order_note", "sections", "rtmr0", "rtmr1",
            "rtmr2", "unknown", "recorded", "rtmr_events", "rtmr_assumptions", "recorded_rtmr1",
-           "recorded_rtmr2", "reference", "reference_differences"}
+           "recorded_rtmr2", "reference", "reference_differences", "recorded_files"}
 SECTION = {"type", "address", "pages", "extended", "added"}
 GPU = {"address", "vendor_id", "device_id", "model", "product", "kind", "driver", "iommu_group",
        "peers", "numa_node", "bar_sizes", "largest_bar", "cc_mode", "ppcie_mode", "td"}

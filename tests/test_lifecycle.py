@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tdxvirt.cli import main
 from tdxvirt.domain.spec import TDSpec
 from tdxvirt.errors import DeviceBusyError, HostNotReadyError, LibvirtOperationError
 from tdxvirt.lifecycle import tds
+from tdxvirt.lifecycle.preflight import start_problems
 from tdxvirt.sim.hostroot import FakePciDevice, build_host_root
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tdxvirt")
@@ -138,8 +140,13 @@ def test_preflight_names_missing_firmware_and_disk(conn, gpu_host, td_name, tmp_
     tds.define_td(conn, host, TDSpec.from_user(name=td_name, gpus=[gpu], disk=str(disk)))
     disk.unlink()
     host.path("/usr/share/ovmf/OVMF.inteltdx.ms.fd").unlink()
-    with pytest.raises(HostNotReadyError, match="firmware .* does not exist.*disk image .* does not exist"):
+    # root's record names the firmware it was defined with: its integrity check comes first
+    with pytest.raises(HostNotReadyError, match=r"its firmware /usr/share/ovmf/OVMF.inteltdx.ms.fd "
+                                                r"\(sha256 \w+ recorded\) is missing; put the recorded file back"):
         tds.start(conn, host, td_name)
+    xml = conn.lookupByName(td_name).XMLDesc(0)
+    assert re.search("firmware .* does not exist.*disk image .* does not exist",
+                     "; ".join(start_problems(conn, host, xml)))
 
 
 def test_show_xml_and_foreign_td(conn, gpu_host, td_name, sim_uri):

@@ -9,59 +9,14 @@ near it, so anything larger is not what the build made.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 from dataclasses import dataclass
-from pathlib import Path
 
-MAX_BYTES = 2 << 30  # 2 GiB; a debug qemu-system-x86_64 is a few hundred MB
-_BLOCK = 1 << 20
+# One reader for every digest tdxvirt keeps (also the TD record's, which libvirt's hook
+# checks with the standard library alone): tdxvirt.filedigest.
+from ..filedigest import MAX_BYTES, Digest, DigestError, digest
 
-
-class DigestError(Exception):
-    """The file cannot be digested; the message says why (one line)."""
-
-
-@dataclass(frozen=True)
-class Digest:
-    sha256: str
-    size: int
-
-    def to_json(self) -> dict:
-        return {"sha256": self.sha256, "size": self.size}
-
-
-def digest(path: str | Path, limit: int = MAX_BYTES, sink=None) -> Digest:
-    """The SHA-256 and size of the regular file at ``path`` (symbolic links followed).
-
-    ``sink`` (a binary file) gets every block read: a copy whose digest is known from
-    the one reading, so the file copied is the file digested (``build install``)."""
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise DigestError(f"{path} is missing") from None
-    except OSError as error:
-        raise DigestError(f"{path} cannot be opened ({error.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise DigestError(f"{path} is not a regular file ({_kind(info.st_mode)})")
-    with os.fdopen(fd, "rb", buffering=0) as file:
-        if info.st_size > limit:
-            raise DigestError(f"{path} is {info.st_size} bytes, more than the {limit} an artifact may be")
-        hasher = hashlib.sha256()
-        remaining = info.st_size
-        while remaining > 0:  # at most the size fstat gave: a file growing meanwhile is not followed
-            block = file.read(min(_BLOCK, remaining))
-            if not block:
-                raise DigestError(f"{path} shrank while it was read")
-            hasher.update(block)
-            if sink is not None:
-                sink.write(block)
-            remaining -= len(block)
-    return Digest(sha256=hasher.hexdigest(), size=info.st_size)
+__all__ = ["MAX_BYTES", "Check", "Digest", "DigestError", "check", "digest"]
 
 
 @dataclass(frozen=True)
@@ -93,10 +48,3 @@ def check(path: str, recorded: dict | None) -> Check:
                                 f"({recorded.get('size')} bytes) then, {now.sha256[:16]} ({now.size} bytes) now")
     return Check("ok", "")
 
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a file"

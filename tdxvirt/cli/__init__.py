@@ -912,12 +912,14 @@ def show(session, name, as_json):
     """Show a TD as tdxvirt understands it from its domain XML."""
     from ..lifecycle import tds
 
-    info = tds.show(session.conn(), name)
+    conn = session.conn()
+    info = tds.show(conn, name, session.facts(conn))
     record = {**_records([info.row])[0], "uuid": info.uuid, "title": info.title,
               "record": info.record, "autostart": info.autostart,
               "persistent": info.persistent, "overlay": info.row.facts.overlay,
               "seed": info.row.facts.seed, **info.measurements,
-              "builds": list(info.builds), "problems": list(info.problems),
+              "builds": list(info.builds), "recorded_files": list(info.files),
+              "recorded_files_note": info.files_note, "problems": list(info.problems),
               "weakened": bool(info.problems), "disks": list(info.disks),
               "interfaces": list(info.interfaces)}
     if as_json:
@@ -958,6 +960,12 @@ def _show_text(r: dict) -> None:
             line(label, r.get(key) and f"{r[key]} (predicted at define)")
     if r["builds"]:
         line("Built by", ", ".join(r["builds"]))
+    files = [f"{f['file']} {f['path']}: {f['detail']}" for f in r["recorded_files"]]
+    if r["recorded_files_note"]:
+        files.append(r["recorded_files_note"])
+    line("Boot files", files[0] if files else None)
+    for text in files[1:]:
+        click.echo(" " * 16 + safe(text))
     made = {r["overlay"]: "tdxvirt's overlay", r["seed"]: "cloud-init seed"}
     rows = [[d["target"], d["device"], d["source"] or "-",
              ", ".join(w for w in (d["format"], "read-only" if d["readonly"] else None,

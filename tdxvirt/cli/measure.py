@@ -31,6 +31,7 @@ def measure(session, name, firmware, kernel, initrd, page_order, as_json, refere
     booted kernel, initrd and command line; each value it cannot predict says why."""
     from ..domain.measure import predict
     from ..domain.recorded import prediction_basis
+    from ..domain.recordfiles import check as check_files
     from ..lifecycle import tds
     from ..textsafe import safe
 
@@ -45,11 +46,21 @@ def measure(session, name, firmware, kernel, initrd, page_order, as_json, refere
         # root's files for whoever can edit the domain's XML).
         return None if facts.remote or not basis.trusted else str(facts.host.path(path))
 
+    from ..errors import TdxvirtError
     from ..virt.conn import qemu_version
 
-    result = predict(basis.xml, local_file, page_order, firmware, kernel, initrd,
-                     unread_why=None if facts.remote or basis.trusted else basis.source,
-                     qemu_version=qemu_version(conn))
+    # the recorded files against those at their paths: a changed one is why a prediction
+    # differs from define's (only here, below the host root; a remote host's hook checks its own)
+    files = () if facts.remote or basis.record is None else check_files(basis.record, facts.host.path)
+    try:
+        result = predict(basis.xml, local_file, page_order, firmware, kernel, initrd,
+                         unread_why=None if facts.remote or basis.trusted else basis.source,
+                         qemu_version=qemu_version(conn))
+    except TdxvirtError as error:
+        wrong = [state for state in files if state.wrong]
+        if not wrong:
+            raise
+        raise type(error)(f"{error}; and since it was recorded, {wrong[0].what()}") from None
     if reference_values:
         from ..domain.refvalues import trustee_message, trustee_values
         from ..errors import InputError
@@ -64,12 +75,16 @@ def measure(session, name, firmware, kernel, initrd, page_order, as_json, refere
         return
     if as_json:
         click.echo(json.dumps({**result.as_dict(), "reference": basis.source,
-                               "reference_differences": list(basis.differences)}, indent=2))
+                               "reference_differences": list(basis.differences),
+                               "recorded_files": [state.as_dict() for state in files]}, indent=2))
         return
     click.echo(f"TD:        {safe(result.name)}")
     click.echo(f"reference: {safe(basis.source)}")
     for difference in basis.differences:
         click.echo(f"           the live definition DIFFERS: {safe(difference)}")
+    for state in files:
+        if state.state != "same":
+            click.echo(f"           the recorded {state.name} {safe(state.path)}: {safe(state.describe())}")
     click.echo(f"firmware:  {safe(result.firmware)}")
     click.echo(f"MRTD:      {result.mrtd or 'unknown: ' + (result.unknown or '')}")
     click.echo(f"           (page order {result.order}: {result.order_note})")

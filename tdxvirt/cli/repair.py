@@ -68,14 +68,25 @@ def adopt(session, name, dry_run):
     from ..lifecycle.adopt import adopt_td
     from ..textsafe import quoted, terminal_lines
 
-    result = adopt_td(session.conn(), name, dry_run=dry_run)
+    conn = session.conn()
+    result = adopt_td(conn, name, dry_run=dry_run, host=session.facts(conn))
     record = result.record
     policy = "-" if record.policy is None else f"{record.policy:#x}"
+
+    def boot_file(field: str, unset: str) -> str:
+        path = getattr(record, field)
+        found = record.digests.get(field)
+        if not path or found is None:
+            return path or unset
+        changed = ", not the file recorded before" if field in result.redigested else ""
+        return f"{path} (sha256 {found['sha256'][:16]}, {found['size']} bytes{changed})"
+
     rows = [("dialect", record.dialect), ("TD attributes", policy),
             ("MRCONFIGID", record.mr_config_id or "-"), ("MROWNER", record.mr_owner or "-"),
             ("MROWNERCONFIG", record.mr_owner_config or "-"),
-            ("firmware", record.loader or "libvirt's choice"), ("kernel", record.kernel or "-"),
-            ("initrd", record.initrd or "-"), ("GPUs", ", ".join(record.gpus) or "-"),
+            ("firmware", boot_file("loader", "libvirt's choice at each start")),
+            ("kernel", boot_file("kernel", "-")), ("initrd", boot_file("initrd", "-")),
+            ("GPUs", ", ".join(record.gpus) or "-"),
             ("QEMU arguments", " ".join(record.qemu_args) or "-"), ("CPU mode", record.cpu_mode)]
     click.echo(("Would record" if dry_run else "Recorded") + f" {quoted(result.name)} "
                f"({record.uuid})" + (", replacing its previous record" if result.replaces else "") + ":")

@@ -53,7 +53,7 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
              window_needed_mib: Callable[[list[str]], int | None] | None = None,
              managed_save: bool = False, commandline_kept: bool = True,
              record: TDRecord | RecordError | None = None,
-             memory_snapshots: tuple[str, ...] = ()) -> list[Problem]:
+             memory_snapshots: tuple[str, ...] = (), files: tuple | None = ()) -> list[Problem]:
     """Every way the domain no longer is the TD it was defined as; [] when it is one.
 
     ``libvirt_version``: the target libvirt's, to expect iommufd hostdevs (>= 12.1);
@@ -63,7 +63,9 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
     ``<qemu:commandline>`` from every domain (so its absence says nothing there);
     ``record``: root's record of this TD (tdxvirt.domain.record), the reference when
     there is one (a RecordError: one is there but cannot be trusted; None: judged by
-    rules alone); ``memory_snapshots``: names of the domain's snapshots with memory."""
+    rules alone); ``memory_snapshots``: names of the domain's snapshots with memory;
+    ``files``: the recorded firmware, kernel and initrd against the files at their paths
+    on the TD's host (tdxvirt.domain.recordfiles.check; empty or None: not checked here)."""
     domain = DomainXML.of(xml)
     name = "NAME" if domain.name is None else shlex.quote(domain.name)  # a command to paste
     if isinstance(record, RecordError):
@@ -188,6 +190,7 @@ def problems(xml: str | etree._Element, *, libvirt_version: int | None = None,
                              kind="gpu-removed"))
     if record is not None:
         found += _boot_problems(domain, record, edit)
+        found += _file_problems(files, name)
     else:
         marked_uuid = domain.mark_text("uuid")
         if marked_uuid and domain.uuid and marked_uuid.strip().lower() != domain.uuid:
@@ -323,6 +326,24 @@ def _cpu_problems(domain: DomainXML, record: TDRecord | None, fix: str) -> list[
     return [Problem(f"its CPU mode is {domain.cpu_mode or 'unset'}, not {wanted}: a TD gets the host's "
                     "CPU as the TDX module allows it, a modelled CPU changes its CPUID and XFAM",
                     fix, kind="cpu-mode")]
+
+
+def _file_problems(files, name: str) -> list[Problem]:
+    """A recorded firmware, kernel or initrd replaced, removed or made unreadable at its
+    path: the TD would boot another file than the one its measurements were predicted
+    from. Repair cannot put a file back; a person decides which file is right."""
+    found = []
+    for state in files or ():
+        if not state.wrong:
+            continue
+        if state.state == "changed":
+            back = (f"put the recorded file back, or check this one and record it with "
+                    f"`tdxvirt adopt {name}` (`tdxvirt build status` tells a tdxvirt build's changed files)")
+        else:
+            back = ("put the recorded file back (reinstall its package; `tdxvirt build status` tells "
+                    "a tdxvirt build's changed files)")
+        found.append(Problem(state.what(), back, kind="file"))
+    return found
 
 
 def _boot_problems(domain: DomainXML, record: TDRecord, fix: str) -> list[Problem]:

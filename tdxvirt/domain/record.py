@@ -5,7 +5,8 @@ A domain's XML and ``<metadata>`` can be edited by anyone libvirt lets manage do
 they are claims, never references. ``define`` (and ``repair``, ``adopt``) write one
 record per TD, keyed by the domain's UUID, as root into ``<state dir>/records`` (0700,
 each file 0600): the dialect, the policy and MR* values, the firmware, kernel and
-initrd paths, the measurements predicted from them, the GPUs, the QEMU arguments
+initrd paths with each file's SHA-256 and size (tdxvirt.domain.recordfiles), the
+measurements predicted from them, the GPUs, the QEMU arguments
 tdxvirt wrote (and those the user opted into), the CPU mode, the storage it created
 and the protected elements exactly as rendered. Integrity (and so the libvirt hook),
 repair, measure, attest and storage removal read it; nothing in the domain's XML can
@@ -62,6 +63,9 @@ class TDRecord:
     seed: str | None = None
     title: str | None = None
     adopted: bool = False  # taken over from another tool by `tdxvirt adopt`
+    # {"loader"|"kernel"|"initrd": {"sha256", "size"}} of the files above as recorded
+    # (tdxvirt.domain.recordfiles); none in a record of an older tdxvirt: those are not checked
+    digests: dict = field(default_factory=dict)
     version: int = VERSION
     extra: dict = field(default_factory=dict)  # forward-compatible room, never trusted for a decision
 
@@ -88,7 +92,23 @@ class TDRecord:
             raise ValueError("no valid uuid")
         if record.policy is not None and not isinstance(record.policy, int):
             raise ValueError("policy is not a number")
+        _check_digests(record.digests)
         return record
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_digests(digests) -> None:
+    """A damaged digest is a damaged record (refused), never a file left unchecked."""
+    if not isinstance(digests, dict):
+        raise ValueError("digests is not an object")
+    for key, value in digests.items():
+        if key not in ("loader", "kernel", "initrd") or not isinstance(value, dict) \
+                or not _SHA256.match(str(value.get("sha256"))) \
+                or not isinstance(value.get("size"), int) or isinstance(value.get("size"), bool) \
+                or value["size"] < 0:
+            raise ValueError(f"the digest of {key!r} is not a SHA-256 and a size")
 
 
 def valid_uuid(text: str) -> bool:

@@ -12,9 +12,14 @@ from .domainxml import COMMANDLINE, NAMESPACE, DomainXML
 from .record import TDRecord
 
 
-def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: bool = False) -> TDRecord:
+def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: bool = False,
+                host_path=None, unread: list[str] | None = None) -> TDRecord:
     """The record of this domain as its XML says now. ``loader``: the firmware libvirt
-    chose at define when the XML let it pick (<os firmware='efi'>)."""
+    chose at define when the XML let it pick (<os firmware='efi'>). ``host_path``: where
+    this process reads a path of the TD's host (its HostRoot's ``path``); given, the
+    SHA-256 and size of the firmware, kernel and initrd are recorded too
+    (tdxvirt.domain.recordfiles; a DigestError when one cannot be read, or, given the
+    list ``unread``, that file left without a digest and named there)."""
     domain = DomainXML.of(xml_or_root)
     launch = domain.launch
     policy = None
@@ -29,7 +34,7 @@ def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: b
     def launch_text(tag):
         return None if launch is None else ((launch.findtext(tag) or "").strip() or None)
 
-    return TDRecord(
+    record = TDRecord(
         uuid=uuid.lower(), name=domain.name or "", dialect=domain.dialect or (
             "native" if launch is not None else "qemu-args"),
         policy=policy, mr_config_id=launch_text("mrConfigId"), mr_owner=launch_text("mrOwner"),
@@ -45,6 +50,14 @@ def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: b
         overlay=domain.mark_text("overlay"), seed=domain.mark_text("seed"),
         title=domain.title, adopted=adopted,
     )
+    if host_path is None:
+        return record
+    from dataclasses import replace
+
+    from .recordfiles import LIMITS, digests_of
+
+    return replace(record, digests=digests_of({field: getattr(record, field) for field in LIMITS},
+                                              host_path, unread))
 
 
 def protected_fragment(domain: DomainXML, loader: str | None = None) -> str:

@@ -7,8 +7,9 @@ not call libvirt's API (the daemon waits for it), so everything comes from the X
 root's TD records and libvirt's own root-owned snapshot metadata:
 
 - ``prepare begin`` (every start: virsh, virt-manager's Run, autostart, a snapshot
-  revert): the integrity check (tdxvirt.domain.integrity) against the record, and no
-  snapshot with memory;
+  revert): the integrity check (tdxvirt.domain.integrity) against the record, with the
+  recorded firmware, kernel and initrd against the files at their paths on this host
+  (tdxvirt.domain.recordfiles), and no snapshot with memory;
 - ``restore begin`` (a managed save or ``virsh restore``) and ``migrate begin``:
   refused for a TD: it must boot afresh and measured, here;
 - everything else, and every domain that is neither recorded nor a TD: allowed.
@@ -62,7 +63,7 @@ def decide(name: str, operation: str, suboperation: str, xml: bytes, store: Reco
     snapshots, unreadable = memory_snapshots(Path(snapshot_dir) / name)
     if unreadable:
         return f"tdxvirt: {unreadable}; {name!r} was not started"
-    found = problems(domain, record=record, memory_snapshots=snapshots)
+    found = problems(domain, record=record, memory_snapshots=snapshots, files=recorded_files(record))
     if found:
         first, more = found[0], len(found) - 1
         extra = f" (and {more} more: `tdxvirt show {quoted}`)" if more else ""
@@ -75,6 +76,16 @@ def decide(name: str, operation: str, suboperation: str, xml: bytes, store: Reco
         more = f" (and {len(modes) - 1} more)" if len(modes) > 1 else ""
         return f"tdxvirt: {name!r} would not start safely: {modes[0]}{more}"
     return None
+
+
+def recorded_files(record) -> tuple:
+    """The files root's record names against those at their paths here, as the daemon
+    sees them: the hook runs on the TD's own host, so these are the files QEMU will load
+    (tdxvirt.domain.recordfiles; each read bounded, a FIFO refused without waiting)."""
+    from ..domain.record import TDRecord
+    from ..domain.recordfiles import check
+
+    return check(record) if isinstance(record, TDRecord) else ()
 
 
 TOOL_TIMEOUT = 15.0  # seconds for each run of NVIDIA's tool: the daemon waits for the hook

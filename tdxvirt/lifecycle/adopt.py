@@ -6,7 +6,9 @@ showing what will be recorded. From then on the domain is judged against that re
 Only a domain that passes TDX's rules as it is can be adopted: a weakened one is
 repaired first (``tdxvirt repair``), so adopting never blesses a weakening. The
 domain's own XML is read once, as root, and copied into root's record: from then on
-nothing a libvirt user edits in it changes the reference.
+nothing a libvirt user edits in it changes the reference. The firmware, kernel and
+initrd are digested again from the files at their paths (tdxvirt.domain.recordfiles):
+adopting is also how root accepts a replaced file after checking it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ class Adoption:
     name: str
     record: object  # tdxvirt.domain.record.TDRecord
     replaces: bool  # a record was there (damaged, or of the same TD)
+    # the fields (loader, kernel, initrd) whose recorded digest this changes
+    redigested: tuple[str, ...] = ()
 
 
-def adopt_td(conn, name, *, dry_run: bool = False) -> Adoption:
+def adopt_td(conn, name, *, dry_run: bool = False, host=None) -> Adoption:
+    """``host``: this machine's HostRoot (or its facts) the TD's files are read below."""
     from ..domain.domainxml import DomainXML
     from ..domain.integrity import intended_tdx, problems
     from ..domain.recorded import record_from
@@ -62,12 +67,24 @@ def adopt_td(conn, name, *, dry_run: bool = False) -> Adoption:
                                     f"{', '.join(map(repr, others))}: give {name!r} a GPU of its own "
                                     "(`virt-xml NAME --remove-device --hostdev BDF`, then add another); "
                                     "nothing was recorded")
-    record = record_from(parsed, domain.UUIDString(), adopted=True)
+    from ..domain.record import TDRecord
+    from ..facts import facts_for
+    from ..filedigest import DigestError
+
+    try:
+        record = record_from(parsed, domain.UUIDString(), adopted=True,
+                             host_path=facts_for(conn, host).host.path)
+    except DigestError as error:
+        raise HostNotReadyError(f"{name!r} is not adopted: {error}; put the file back (or point the "
+                                f"TD at one that is there), then adopt it; nothing was recorded") from None
     replaces = current is not None
+    before = current.digests if isinstance(current, TDRecord) else {}
+    redigested = tuple(field for field, value in record.digests.items()
+                       if field in before and before[field] != value)
     if not dry_run:
         try:
             store.write(record)
         except OSError as error:
             raise HostNotReadyError(f"cannot write the TD record of {name!r} ({error.strerror}); "
                                     "nothing was recorded") from None
-    return Adoption(name, record, replaces)
+    return Adoption(name, record, replaces, redigested)

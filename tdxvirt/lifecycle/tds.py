@@ -7,6 +7,7 @@ nothing. The CLI is a thin layer over them.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ class TDInfo:
     measurements: dict | None = None  # MRTD/RTMRs predicted at define: root's record's, else the metadata's
     disks: tuple[dict, ...] = ()  # as `virsh domblklist --details` (DomainXML.disk_table)
     interfaces: tuple[dict, ...] = ()  # as `virsh domiflist` (DomainXML.interface_table)
+    files: tuple[dict, ...] = ()  # the firmware, kernel and initrd root recorded, each checked
+    files_note: str = ""  # why there is nothing in ``files`` to check here
 
 
 def read_facts(xml: str, name: str | None = None) -> DomainFacts:
@@ -96,20 +99,21 @@ def _parse(xml: str, name: str | None = None):
     return domain, facts if name is None or facts.name == name else replace(facts, name=name)
 
 
-def integrity_problems(conn, domain, xml_or_root, host=None) -> list:
+def integrity_problems(conn, domain, xml_or_root, host=None, files: bool = False) -> list:
     """tdxvirt.domain.integrity's problems of a domain, with the facts this connection has
     (integrity_inputs)."""
     from ..domain.integrity import problems
 
-    return problems(xml_or_root, **integrity_inputs(conn, domain, host))
+    return problems(xml_or_root, **integrity_inputs(conn, domain, host, files))
 
 
-def integrity_inputs(conn, domain, host=None) -> dict:
+def integrity_inputs(conn, domain, host=None, files: bool = False) -> dict:
     """What tdxvirt.domain.integrity.problems needs to know beyond the XML: the target
     libvirt's version, a managed-save image, whether the driver keeps
     <qemu:commandline>, and (given the host's facts or this machine's HostRoot, see
     tdxvirt.facts.facts_for) the MMIO window the hostdevs' BARs need, where their
-    sizes are known."""
+    sizes are known. ``files``: also the recorded firmware, kernel and initrd against
+    the files now at their paths (recorded_files)."""
     needed = None
     if host is not None:
         from ..facts import facts_for
@@ -119,9 +123,30 @@ def integrity_inputs(conn, domain, host=None) -> dict:
         saved = bool(domain.hasManagedSaveImage(0))
     except libvirt_error_type():
         saved = False
-    return {"libvirt_version": conn.getLibVersion(), "window_needed_mib": needed,
-            "managed_save": saved, "commandline_kept": _keeps_commandline(conn),
-            "record": record_of(conn, domain), "memory_snapshots": memory_snapshots(domain)}
+    record = record_of(conn, domain)
+    inputs = {"libvirt_version": conn.getLibVersion(), "window_needed_mib": needed,
+              "managed_save": saved, "commandline_kept": _keeps_commandline(conn),
+              "record": record, "memory_snapshots": memory_snapshots(domain)}
+    if files:
+        inputs["files"] = recorded_files(conn, record, host)
+    return inputs
+
+
+def recorded_files(conn, record, host=None) -> tuple | None:
+    """The files root's record names, each against the file now at its path
+    (tdxvirt.domain.recordfiles.check), read below the host root (``host``: this
+    machine's HostRoot or the host's facts; None: ``/``); None when they cannot be
+    known here: no trusted record, or a remote URI (that host's hook checks its own)."""
+    from ..domain.record import TDRecord
+    from ..domain.recordfiles import check
+    from ..facts import facts_for
+
+    if not isinstance(record, TDRecord):
+        return None
+    facts = facts_for(conn, host)
+    if facts.remote:
+        return None
+    return check(record, facts.host.path)
 
 
 def record_of(conn, domain):
@@ -455,11 +480,13 @@ def define_td(conn, host: HostRoot | HostFacts, spec: TDSpec, config=None) -> As
             raise
         if td.plan.tdx:
             try:
-                _record(defined, td, facts.remote)
+                unread = _record(defined, td, facts)
             except BaseException:
                 _undefine_quietly(defined)
                 _undo(created, intent)
                 raise
+            if unread:
+                td = _with_warning(td, unread)
         if intent is not None:
             journal.end(intent)
     return _with_warning(td, "; ".join(finished)) if finished else td
@@ -497,13 +524,17 @@ def _defined_after_all(uri: str, uuid: str | None):
         raise translate(error, f"cannot ask libvirt again whether {uuid} was defined") from None
 
 
-def _record(domain, td: AssembledTD, remote: bool) -> None:
+def _record(domain, td: AssembledTD, facts: HostFacts) -> str | None:
     """Root's record of the TD just defined (tdxvirt.domain.record), from the XML
-    tdxvirt rendered; the firmware libvirt chose when it was left to libvirt. A remote
-    host's TDs are not recorded here: their hook can only read its own host's records
-    (docs/security.md)."""
-    if remote:
-        return
+    tdxvirt rendered; the firmware libvirt chose when it was left to libvirt; the
+    SHA-256 of the files it boots, read below the host root. A remote host's TDs are not
+    recorded here: their hook can only read its own host's records (docs/security.md).
+
+    Like the measurements, define records what it can: a file it cannot read (not in
+    place yet) gets no digest, so its starts do not check it, and the warning returned
+    says so and how to record it (`adopt`, once the file is there)."""
+    if facts.remote:
+        return None
     from ..domain.domainxml import DomainXML
     from ..domain.record import local_store
     from ..domain.recorded import record_from
@@ -514,12 +545,18 @@ def _record(domain, td: AssembledTD, remote: bool) -> None:
             loader = DomainXML.of(parsable_xml(domain.XMLDesc(XML_INACTIVE))).loader_path() or None
         except libvirt_error_type():
             loader = None
-    record = record_from(td.xml, td.plan.uuid, loader=loader)
+    unread: list[str] = []
+    record = record_from(td.xml, td.plan.uuid, loader=loader, host_path=facts.host.path, unread=unread)
     try:
         local_store().write(record)
     except OSError as error:
         raise TdxvirtError(f"cannot write the TD record of {td.plan.name!r} ({error.strerror}); "
                            "nothing was defined") from None
+    if not unread:
+        return None
+    return (f"{'; '.join(unread)}: root's record holds no SHA-256 of it, so its starts do not check "
+            f"that the file is the one its measurements were predicted from; once it is in place, "
+            f"`tdxvirt adopt {shlex.quote(td.plan.name)}` records it")
 
 
 def _undefine_quietly(domain) -> None:
@@ -583,7 +620,7 @@ def start(conn, host: HostRoot | HostFacts, name, skip_preflight: bool = False,
     xml = parsable_xml(domain.XMLDesc(XML_INACTIVE))
     with locks.held(locks.gpu_keys(facts.lock_host, read_facts(xml).gpus)):
         # Not a preflight to skip: a TD never boots unprotected or broken by an edit.
-        weakened = integrity_problems(conn, domain, xml, facts)
+        weakened = integrity_problems(conn, domain, xml, facts, files=True)
         if weakened:
             more = (f" (and {len(weakened) - 1} more: {'; '.join(map(str, weakened[1:]))})"
                     if len(weakened) > 1 else "")
@@ -843,9 +880,11 @@ def _builds_used(xml: str, uri: str) -> tuple[str, ...]:
     return tuple(build.describe() for build in found if build is not None)
 
 
-def show(conn, name) -> TDInfo:
+def show(conn, name, host=None) -> TDInfo:
     """The TD and every problem: how it is no longer the TD defined (integrity), else
-    what TDX's rules say of its XML (td_rules)."""
+    what TDX's rules say of its XML (td_rules). ``host``: this machine's HostRoot or
+    the host's facts, below which the recorded firmware, kernel and initrd are checked
+    (None: they are not read)."""
     from ..domain.domainxml import DomainXML
     from ..domain.td_rules import td_problems
 
@@ -853,6 +892,8 @@ def show(conn, name) -> TDInfo:
     xml = parsable_xml(domain.XMLDesc(0))  # every parser below gets XML lxml accepts
     state, reason = domain.state()[:2]
     inputs = integrity_inputs(conn, domain)
+    if host is not None:
+        inputs["files"] = recorded_files(conn, inputs["record"], host)
     from ..domain.integrity import problems as integrity_check
 
     found = [str(p) for p in integrity_check(xml, **inputs)]
@@ -878,7 +919,25 @@ def show(conn, name) -> TDInfo:
         measurements=_measurements(record, row.facts),
         disks=tuple(parsed.disk_table()),
         interfaces=tuple(parsed.interface_table()),
+        **_files_shown(record, inputs.get("files"), conn),
     )
+
+
+def _files_shown(record, files, conn) -> dict:
+    """TDInfo's ``files`` and ``files_note``: each recorded file with its state, or why
+    none is checked here."""
+    from ..domain.record import TDRecord
+    from ..virt.conn import is_remote
+
+    if is_remote(conn.getURI()):
+        return {"files_note": "unknown here: the TD's host checks them against its own record at each start"}
+    if not isinstance(record, TDRecord):
+        return {"files_note": "none recorded (root's record holds them: `tdxvirt adopt`)"}
+    if files is None:
+        return {"files_note": "not checked"}
+    shown = tuple(state.as_dict() for state in files)
+    note = "" if record.loader else "firmware: libvirt's choice at each start (<os firmware='efi'>), no file to record"
+    return {"files": shown, "files_note": note}
 
 
 def _record_state(record, conn) -> str:
