@@ -55,5 +55,6 @@ def test_sim_status_json_keys(sim):
                           capture_output=True, text=True, timeout=30, check=True)
     status = json.loads(done.stdout)
     assert set(status) == {"installed", "daemon", "keeper_pid", "host_root", "devices",
-                           "qemu_uri", "test_uri", "daemon_root"}
+                           "qemu_uri", "test_uri", "daemon_root", "board"}
+    assert status["board"] == "h100"
     assert status["qemu_uri"] == sim.qemu_uri and status["daemon"] is True
