@@ -612,3 +612,42 @@ def test_list_and_its_json_tell_one_truth_of_a_stripped_td(td, sim):
     record = next(r for r in json.loads(run("list", "--json").stdout) if r["name"] == td)
     assert (record["type"], record["tdx"], bool(record["problems"])) == ("TDX", False, True)
     assert record["weakened"] is True  # the '!' itself, by name
+
+
+def test_a_replaced_firmware_is_refused_by_the_emulated_hosts_libvirt_until_adopted(sim, qemu_conn,
+                                                                                    cc_on):
+    """Through libvirt's real hook on the emulated TDX host: the TD's firmware file (a copy
+    in a directory the host shares, named with --ovmf) replaced by another firmware of the
+    same size, then a FIFO, then removed: `virsh start` is refused each time naming the
+    file; root reviews and adopts the replacement, and the TD starts."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    root = sim.chroot
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    folder.chmod(0o755)  # QEMU (as libvirt-qemu) reads the firmware too, once the hook lets it
+    firmware = folder / "OVMF.inteltdx.fd"
+    firmware.write_bytes((root / "usr/share/ovmf/OVMF.inteltdx.ms.fd").read_bytes())
+    name = f"td-{uuid.uuid4().hex[:8]}"
+    defined = run("define", name, "--gpu", "38:00.0", "--allow-shared", "--memory", "1G",
+                  "--vcpus", "1", "--ovmf", str(firmware))
+    assert defined.returncode == 0, defined.stderr
+    try:
+        other = (root / "usr/share/ovmf/OVMF.fd").read_bytes()
+        firmware.write_bytes(other)
+        _refused(virsh(sim, "start", name), f"its firmware {firmware}", f"tdxvirt adopt {name}")
+        firmware.unlink()
+        os.mkfifo(firmware)
+        _refused(virsh(sim, "start", name), "a FIFO", "put the recorded file back")
+        firmware.unlink()
+        _refused(virsh(sim, "start", name), "missing", "")
+        assert not qemu_conn.lookupByName(name).isActive()
+        firmware.write_bytes(other)
+        assert "not the file recorded before" in run("adopt", name).stdout
+        started = virsh(sim, "start", name)
+        assert started.returncode == 0, started.stderr
+    finally:
+        run("destroy", name)
+        run("undefine", name)
+        shutil.rmtree(folder)
