@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from lxml import etree
 from test_integrity import WEAKENINGS, edited_with_virsh, golden, run, virt_xml, weaken
 
-from tdxvirt.domain.domainxml import NAMESPACE
+from tdxvirt.domain.domainxml import NAMESPACE, DomainXML
 from tdxvirt.domain.integrity import problems
 from tdxvirt.domain.record import RecordError, RecordStore
 from tdxvirt.domain.recorded import record_from
@@ -651,3 +651,32 @@ def test_a_replaced_firmware_is_refused_by_the_emulated_hosts_libvirt_until_adop
         run("destroy", name)
         run("undefine", name)
         shutil.rmtree(folder)
+
+
+def test_a_replaced_qemu_is_shown_but_never_refuses_a_start(tmp_path):
+    """QEMU is outside a TD's measurements and package upgrades replace it: its digest is
+    recorded and a changed binary shown (`show`, `measure`), while the hook neither reads
+    it nor refuses the start; a QEMU that cannot be read leaves no digest and no warning."""
+    import hashlib
+
+    root, _, store, files = _with_boot_files(tmp_path)
+    (files / "qemu").write_bytes(b"\x7fELF qemu 10.2")
+    devices = root.find("devices")
+    emulator = devices.find("emulator")
+    if emulator is None:
+        emulator = etree.SubElement(devices, "emulator")
+    emulator.text = str(files / "qemu")
+    record = record_from(root, root.findtext("uuid"), host_path=str)
+    assert record.emulator == str(files / "qemu")
+    assert record.digests["emulator"] == {"sha256": hashlib.sha256(b"\x7fELF qemu 10.2").hexdigest(),
+                                          "size": 14}
+    store.write(record)
+    (files / "qemu").write_bytes(b"\x7fELF qemu 10.2.1 (a security update)")
+    [state] = [s for s in check_files(record) if s.field == "emulator"]
+    assert state.state == "changed" and not state.wrong and state.describe().startswith("CHANGED")
+    assert _refusal(root, store) is None  # the start goes on
+    assert problems(DomainXML(root), record=record, files=check_files(record)) == []
+    (files / "qemu").unlink()
+    unread = []
+    assert "emulator" not in record_from(root, record.uuid, host_path=str, unread=unread).digests
+    assert unread == []

@@ -49,6 +49,10 @@ class TDRecord:
     mr_owner: str | None = None
     mr_owner_config: str | None = None
     loader: str | None = None  # None: libvirt picks a TDX firmware on the host (<os firmware='efi'>)
+    # the QEMU binary at define: its digest is shown when it changed (`show`, `measure`),
+    # never a reason to refuse a start (QEMU is outside a TD's measurements, and package
+    # upgrades replace it)
+    emulator: str | None = None
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
@@ -63,7 +67,7 @@ class TDRecord:
     seed: str | None = None
     title: str | None = None
     adopted: bool = False  # taken over from another tool by `tdxvirt adopt`
-    # {"loader"|"kernel"|"initrd": {"sha256", "size"}} of the files above as recorded
+    # {"loader"|"kernel"|"initrd"|"emulator": {"sha256", "size"}} of the files above as recorded
     # (tdxvirt.domain.recordfiles); none in a record of an older tdxvirt: those are not checked
     digests: dict = field(default_factory=dict)
     version: int = VERSION
@@ -104,7 +108,7 @@ def _check_digests(digests) -> None:
     if not isinstance(digests, dict):
         raise ValueError("digests is not an object")
     for key, value in digests.items():
-        if key not in ("loader", "kernel", "initrd") or not isinstance(value, dict) \
+        if key not in ("loader", "kernel", "initrd", "emulator") or not isinstance(value, dict) \
                 or not _SHA256.match(str(value.get("sha256"))) \
                 or not isinstance(value.get("size"), int) or isinstance(value.get("size"), bool) \
                 or value["size"] < 0:

@@ -13,9 +13,10 @@ from .record import TDRecord
 
 
 def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: bool = False,
-                host_path=None, unread: list[str] | None = None) -> TDRecord:
+                host_path=None, unread: list[str] | None = None, emulator: str | None = None) -> TDRecord:
     """The record of this domain as its XML says now. ``loader``: the firmware libvirt
-    chose at define when the XML let it pick (<os firmware='efi'>). ``host_path``: where
+    chose at define when the XML let it pick (<os firmware='efi'>); ``emulator``: the QEMU
+    libvirt chose when the XML named none. ``host_path``: where
     this process reads a path of the TD's host (its HostRoot's ``path``); given, the
     SHA-256 and size of the firmware, kernel and initrd are recorded too
     (tdxvirt.domain.recordfiles; a DigestError when one cannot be read, or, given the
@@ -40,6 +41,7 @@ def record_from(xml_or_root, uuid: str, *, loader: str | None = None, adopted: b
         policy=policy, mr_config_id=launch_text("mrConfigId"), mr_owner=launch_text("mrOwner"),
         mr_owner_config=launch_text("mrOwnerConfig"),
         loader=domain.loader_path() or loader,
+        emulator=domain.emulator() or emulator,
         kernel=domain.os_text("kernel") or None, initrd=domain.os_text("initrd") or None,
         cmdline=domain.os_text("cmdline") or None,
         mrtd=domain.mark_text("mrtd"), rtmr1=domain.mark_text("rtmr1"), rtmr2=domain.mark_text("rtmr2"),

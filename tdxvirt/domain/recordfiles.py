@@ -32,8 +32,14 @@ from ..filedigest import Digest, DigestError, digest
 # initrd with NVIDIA's driver a few hundred MiB; QEMU must place the initrd below the
 # guest's 32-bit memory top (2 GiB on q35 with more RAM), so 1 GiB holds any initrd
 # that boots while bounding what a start waits for (~1 s of SHA-256 per GiB).
-LIMITS = {"loader": 64 << 20, "kernel": 1 << 30, "initrd": 1 << 30}
-NAMES = {"loader": "firmware", "kernel": "kernel", "initrd": "initrd"}
+# QEMU's system emulator is 20-100 MiB.
+LIMITS = {"loader": 64 << 20, "kernel": 1 << 30, "initrd": 1 << 30, "emulator": 512 << 20}
+NAMES = {"loader": "firmware", "kernel": "kernel", "initrd": "initrd", "emulator": "QEMU"}
+# The files a start is refused for when they changed: those the TD's measurements are
+# predicted from. QEMU is not measured (the TDX module measures the TD, not the VMM) and
+# package upgrades replace it: its change is shown, never refused, and the hook does not
+# read it (a start does not wait for hashing a binary it would not judge).
+ENFORCED = ("loader", "kernel", "initrd")
 # what a changed file no longer matches
 _MEASURES = {"loader": "MRTD", "kernel": "RTMR1/RTMR2", "initrd": "RTMR1/RTMR2"}
 
@@ -57,6 +63,8 @@ def digests_of(paths: dict[str, str | None], host_path: Callable[[str], object] 
         try:
             found[field] = digest(host_path(path), LIMITS[field], f"a TD's {NAMES[field]}").to_json()
         except DigestError as error:
+            if field not in ENFORCED:  # shown when known, never a reason to refuse or warn
+                continue
             named = DigestError(f"its {NAMES[field]} {path}", error.reason, error.missing)
             if unread is None:
                 raise named from None
@@ -81,15 +89,16 @@ class FileState:
 
     @property
     def wrong(self) -> bool:
-        return self.state in (CHANGED, MISSING, UNREADABLE)
+        """Whether the TD must not start with it (a measured file only, see ENFORCED)."""
+        return self.field in ENFORCED and self.state in (CHANGED, MISSING, UNREADABLE)
 
     def what(self) -> str:
         """What is wrong, for a refusal (one phrase)."""
         recorded = _short(self.recorded["sha256"]) if self.recorded else "-"
         if self.state == CHANGED:
             return (f"its {self.name} {self.path} is not the file recorded (sha256 {recorded} "
-                    f"recorded, {_short(self.found.sha256)} found): the TD's {_MEASURES[self.field]} "
-                    "changes with it")
+                    f"recorded, {_short(self.found.sha256)} found): the TD's "
+                    f"{_MEASURES.get(self.field, 'measurement')} changes with it")
         return f"its {self.name} {self.path} (sha256 {recorded} recorded) {self.reason}"
 
     def as_dict(self) -> dict:
@@ -112,12 +121,13 @@ class FileState:
         return f"{recorded}, but it {self.reason}"
 
 
-def check(record, host_path: Callable[[str], object] = _as_is) -> tuple[FileState, ...]:
+def check(record, host_path: Callable[[str], object] = _as_is,
+          fields: tuple[str, ...] = tuple(LIMITS)) -> tuple[FileState, ...]:
     """Each file ``record`` (a TDRecord) names against its recorded digest, the file read
-    where ``host_path`` maps it (as is: the hook, on the TD's own host). A file with no
-    recorded digest is not read."""
+    where ``host_path`` maps it (as is: the hook, on the TD's own host), of ``fields``
+    (the hook: ENFORCED). A file with no recorded digest is not read."""
     states = []
-    for field in LIMITS:
+    for field in fields:
         path = getattr(record, field, None)
         if not path:
             continue

@@ -83,9 +83,9 @@ def recorded_files(record) -> tuple:
     sees them: the hook runs on the TD's own host, so these are the files QEMU will load
     (tdxvirt.domain.recordfiles; each read bounded, a FIFO refused without waiting)."""
     from ..domain.record import TDRecord
-    from ..domain.recordfiles import check
+    from ..domain.recordfiles import ENFORCED, check
 
-    return check(record) if isinstance(record, TDRecord) else ()
+    return check(record, fields=ENFORCED) if isinstance(record, TDRecord) else ()
 
 
 TOOL_TIMEOUT = 15.0  # seconds for each run of NVIDIA's tool: the daemon waits for the hook

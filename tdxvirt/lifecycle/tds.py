@@ -539,14 +539,16 @@ def _record(domain, td: AssembledTD, facts: HostFacts) -> str | None:
     from ..domain.record import local_store
     from ..domain.recorded import record_from
 
-    loader = None
-    if not td.plan.loader:
+    loader = emulator = None
+    if not td.plan.loader or not td.plan.emulator:  # what libvirt chose for the TD
         try:
-            loader = DomainXML.of(parsable_xml(domain.XMLDesc(XML_INACTIVE))).loader_path() or None
+            defined = DomainXML.of(parsable_xml(domain.XMLDesc(XML_INACTIVE)))
+            loader, emulator = defined.loader_path() or None, defined.emulator() or None
         except libvirt_error_type():
-            loader = None
+            pass
     unread: list[str] = []
-    record = record_from(td.xml, td.plan.uuid, loader=loader, host_path=facts.host.path, unread=unread)
+    record = record_from(td.xml, td.plan.uuid, loader=None if td.plan.loader else loader,
+                         emulator=emulator, host_path=facts.host.path, unread=unread)
     try:
         local_store().write(record)
     except OSError as error:
