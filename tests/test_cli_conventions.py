@@ -35,7 +35,7 @@ NO_DRY_RUN = {
 READS = {"list", "show", "measure", "gpu list", "host check", "build plan", "build status",
          "guest check-config", "guest verify", "guest attest", "sim status", "selftest"}
 CHANGES = {"define", "undefine", "gpu detach", "gpu reattach", "gpu cc-mode", "host setup",
-           "build run", "repair", "adopt", "recover", "sim guest-image"}
+           "build run", "build install", "repair", "adopt", "recover", "sim guest-image"}
 
 
 def leaf_commands() -> dict[str, click.Command]:
