@@ -249,7 +249,8 @@ def test_failure_names_the_log_and_its_last_lines_and_records_nothing(sources, t
     assert len(error.splitlines()) == 1
     assert error.startswith("tdxvirt: error: qemu build failed: `make -j")
     assert f"full log: {log}" in error
-    assert "; last line: make: *** [Makefile:" in error
+    # the compiler's error, not make's closing "*** [Makefile:...] Error 1"
+    assert error.endswith("; first error: hw/i386/tdx.c:42: error: simulated compile error")
     # the last lines of the log are shown before the error
     assert "[5/5] qemu build: FAILED after 00:00:0" in result.stdout
     assert "    hw/i386/tdx.c:42: error: simulated compile error" in result.stdout
@@ -262,6 +263,25 @@ def test_failure_names_the_log_and_its_last_lines_and_records_nothing(sources, t
     summary, _ = library_run(manifest, workdir, state)
     assert summary.executed == ["qemu.configure", "qemu.build"]
     assert summary.skipped == ["tdx-linux.fetch", "qemu.fetch", "qemu.patch"]
+
+
+def test_a_failure_names_the_first_error_line_of_the_failed_command(tmp_path):
+    # as with make -j: the error scrolls up behind other jobs' output and make's own lines
+    noisy = ('echo "a.c:20:10: fatal error: ./brotli/c/common/constants.h: No such file"; '
+             'for i in $(seq 30); do echo "g++ -c other$i.cpp"; done; '
+             'echo "make: *** [GNUmakefile:19: Source/C] Error 2"; exit 2')
+    with runner._StepExecutor(tmp_path / "log", lambda *_: None, 0) as executor:
+        executor.command(["sh", "-c", noisy], tmp_path)
+        assert executor.telling_line() == (
+            "first error: a.c:20:10: fatal error: ./brotli/c/common/constants.h: No such file")
+        # error lines of a command that succeeded do not count; without one, the last line
+        executor.command(["sh", "-c", 'echo "build.py: error 7000: retried, fine"'], tmp_path)
+        executor.command(["sh", "-c", 'echo "still going"; echo "gave up"; exit 1'], tmp_path)
+        assert executor.telling_line() == "last line: gave up"
+        # edk2's build tool says "error NNNN:"
+        executor.command(["sh", "-c", 'echo "build.py...\n : error 7000: Failed to execute command"; '
+                                      'echo "- Failed -"; exit 1'], tmp_path)
+        assert executor.telling_line() == "first error: : error 7000: Failed to execute command"
 
 
 def test_progress_shows_step_elapsed_time_and_the_log_tail(sources, tmp_path, state):
