@@ -271,6 +271,7 @@ def test_a_failure_names_the_first_error_line_of_the_failed_command(tmp_path):
              'for i in $(seq 30); do echo "g++ -c other$i.cpp"; done; '
              'echo "make: *** [GNUmakefile:19: Source/C] Error 2"; exit 2')
     with runner._StepExecutor(tmp_path / "log", lambda *_: None, 0) as executor:
+        assert executor.telling_line() == ""  # nothing ran: the message adds nothing
         executor.command(["sh", "-c", noisy], tmp_path)
         assert executor.telling_line() == (
             "first error: a.c:20:10: fatal error: ./brotli/c/common/constants.h: No such file")

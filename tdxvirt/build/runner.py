@@ -203,8 +203,9 @@ def _execute(step: Step, ctx: Context, number: int, total: int, reporter) -> Non
             executor.note(f"FAILED: {error}")
             reporter.step_failed(number, total, step, time.monotonic() - started, log_path,
                                  list(executor.tail))
-            raise BuildFailedError(f"{step.label} failed: {error}; full log: {log_path}; "
-                                   f"{executor.telling_line()}") from error
+            telling = executor.telling_line()
+            raise BuildFailedError(f"{step.label} failed: {error}; full log: {log_path}"
+                                   f"{'; ' + telling if telling else ''}") from error
     reporter.step_finished(number, total, step, time.monotonic() - started)
 
 
@@ -236,11 +237,12 @@ class _StepExecutor:
         self._write(text)
 
     def telling_line(self) -> str:
-        """For the failure message: the failed command's first error line, else its last line."""
+        """For the failure message: the failed command's first error line, else its last
+        line; empty when no command printed anything (a check that failed on its own)."""
         if self.first_error is not None:
             return f"first error: {self.first_error.strip()[:200]}"
         last = next((line for line in reversed(self.output_tail) if line.strip()), "")
-        return f"last line: {last.strip()[:200]}"
+        return f"last line: {last.strip()[:200]}" if last else ""
 
     def command(self, argv, cwd, env=None, capture=False) -> CommandResult:
         self._write(f"$ cd {shlex.quote(str(cwd))} && {shlex.join(argv)}")
