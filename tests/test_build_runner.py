@@ -283,6 +283,9 @@ def test_a_failure_names_the_first_error_line_of_the_failed_command(tmp_path):
         executor.command(["sh", "-c", 'echo "build.py...\n : error 7000: Failed to execute command"; '
                                       'echo "- Failed -"; exit 1'], tmp_path)
         assert executor.telling_line() == "first error: : error 7000: Failed to execute command"
+        # a check failing after a command that succeeded: that command's lines do not explain it
+        executor.command(["sh", "-c", "echo '# configuration written to .config'"], tmp_path)
+        assert executor.telling_line() == ""
 
 
 def test_progress_shows_step_elapsed_time_and_the_log_tail(sources, tmp_path, state):

@@ -275,8 +275,9 @@ class _StepExecutor:
             self._write("interrupted")
             raise
         reader.join()
-        if process.returncode == 0:  # what it printed as errors did not stop it
+        if process.returncode == 0:  # what it printed does not explain a later failure
             self.first_error = None
+            self.output_tail.clear()
         self._write(f"(exit status {process.returncode})")
         return CommandResult(process.returncode, tuple(captured))
 
