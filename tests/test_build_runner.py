@@ -397,3 +397,39 @@ def test_a_damaged_artifacts_record_is_one_line_error(cli, state):
     result = cli("status")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"tdxvirt: error: artifacts record {state}/build/artifacts.json is unreadable")
+
+
+def test_a_qemu_built_without_tdx_guest_is_named(sources, tmp_path, state, cli):
+    # the tiny QEMU, like Debian 13's QEMU 10.0.13 built for real, has no tdx-guest object
+    manifest = sources.manifest(tmp_path / "m.toml", ["--enable-kvm"])
+    result = cli("run", "qemu", "--manifest", manifest, "--workdir", tmp_path / "work")
+    assert result.exit_code == 0, result.output
+    binary = tmp_path / "work/src/qemu/build/qemu-system-x86_64"
+    assert f"qemu qemu-system-x86_64: {binary}" in result.stdout
+    warning = result.stderr.strip()
+    assert warning == (f"warning: {binary} has no tdx-guest object (-object help): it cannot run TDs; "
+                       "QEMU has TDX from 10.1 (the upstream manifest's ref), older ones only with TDX patches")
+    # a run with nothing to do says it again: the binary is what it is
+    again = cli("run", "qemu", "--manifest", manifest, "--workdir", tmp_path / "work")
+    assert "Nothing to do" in again.stdout and again.stderr.strip() == warning
+
+
+def test_a_qemu_with_tdx_guest_passes_silently_and_one_that_fails_is_unknown(tmp_path, capsys):
+    from tdxvirt.cli.build import _warn_without_tdx
+
+    listing = tmp_path / "qemu-tdx"  # what QEMU >= 10.1 prints, cut short
+    listing.write_text("#!/bin/sh\necho 'List of user creatable objects:'\necho '  sev-guest'\n"
+                       "echo '  tdx-guest'\necho '  thread-context'\n")
+    broken = tmp_path / "qemu-broken"
+    broken.write_text("#!/bin/sh\necho 'error while loading shared libraries: libfdt.so.1' >&2\nexit 127\n")
+    for script in (listing, broken):
+        script.chmod(0o755)
+    _warn_without_tdx({"qemu": {"artifacts": {"qemu-system-x86_64": str(listing)}}}, ("qemu",))
+    assert capsys.readouterr().err == ""
+    # only a QEMU this run was asked to build is asked
+    _warn_without_tdx({"qemu": {"artifacts": {"qemu-system-x86_64": str(broken)}}}, ("ovmf",))
+    assert capsys.readouterr().err == ""
+    _warn_without_tdx({"qemu": {"artifacts": {"qemu-system-x86_64": str(broken)}}}, ("qemu",))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: `{broken} -object help` failed (") and "libfdt.so.1" in err
+    assert err.endswith("whether this QEMU has tdx-guest is unknown") and "\n" not in err
