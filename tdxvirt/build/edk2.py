@@ -106,21 +106,21 @@ def _small_text(path: Path) -> str | None:
         return None
 
 
-def empty_submodules(tree: Path, paths: tuple[str, ...]) -> list[str]:
-    """Of ``paths``, the submodules the tree declares (.gitmodules) whose folder has no
-    file: a source tree without them builds BaseTools, then fails deep in the build."""
+def needed_submodules(tree: Path, paths: tuple[str, ...]) -> list[str]:
+    """Of ``paths``, those this tree builds from: declared in its .gitmodules (an older
+    edk2 without one does not need it), BaseTools' brotli only while BaseTools builds
+    BrotliCompress."""
     declared = set(_GITMODULES_PATH.findall(_small_text(tree / ".gitmodules") or ""))
     makefile = _small_text(tree / BASETOOLS_MAKEFILE) or ""
-    empty = []
-    for path in paths:
-        if path not in declared:  # an older edk2 without it: not needed there
-            continue
-        if path == BROTLI_COMPRESS and "BrotliCompress" not in makefile:
-            continue
-        folder = tree / path
-        if not folder.is_dir() or not any(folder.iterdir()):
-            empty.append(path)
-    return empty
+    return [path for path in paths if path in declared
+            and (path != BROTLI_COMPRESS or "BrotliCompress" in makefile)]
+
+
+def empty_submodules(tree: Path, paths: tuple[str, ...]) -> list[str]:
+    """The needed submodules whose folder has no file: a source tree without them builds
+    BaseTools, then fails deep in the build."""
+    return [path for path in needed_submodules(tree, paths)
+            if not (tree / path).is_dir() or not any((tree / path).iterdir())]
 
 
 class CheckSubmodules:
@@ -142,4 +142,7 @@ class CheckSubmodules:
                 "checkout run `git submodule update --init` in it, from a distribution's source package "
                 "use its unpacked tree with the package's patches applied (Debian: `dpkg-source -x`), "
                 "not its .orig tarball alone")
-        executor.note(f"the needed submodules have their files: {' '.join(self.paths)}")
+        needed = needed_submodules(self.tree, self.paths)
+        others = [path for path in self.paths if path not in needed]
+        executor.note(f"the needed submodules have their files: {' '.join(needed) or 'none'}"
+                      + (f"; not needed by this tree: {' '.join(others)}" if others else ""))
