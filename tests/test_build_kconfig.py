@@ -124,7 +124,8 @@ def test_the_upstream_symbols_on_6_12_need_what_6_18_brought(kernel_workdir, tmp
         runner.run([steps.KernelConfigure()], ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
     message = str(caught.value)
     assert "Kconfig did not keep 2 requested symbol(s): " in message
-    assert "INTEL_TDX_HOST (asked y, got n; unmet: !KEXEC_CORE; see arch/x86/Kconfig:" in message
+    # the term names what keeps KEXEC_CORE on: disabling KEXEC_CORE itself would not do
+    assert "INTEL_TDX_HOST (asked y, got n; unmet: !KEXEC_CORE (selected by KEXEC); see arch/x86/Kconfig:" in message
     assert "KVM_INTEL_TDX (asked y, got n; no Kconfig entry defines it in this tree)" in message
 
     # without KVM_INTEL_TDX and with kexec off (6.12's rule), 6.12 keeps every other symbol,
@@ -140,6 +141,30 @@ def test_the_upstream_symbols_on_6_12_need_what_6_18_brought(kernel_workdir, tmp
     for symbol in ("KVM", "KVM_INTEL", "IOMMUFD", "VFIO", "VFIO_PCI"):
         assert values[symbol] == "m", symbol
     assert values["CONTIG_ALLOC"] == "y"  # CMA's doing: INTEL_TDX_HOST's dependency
+
+
+def test_a_selected_symbol_is_named_with_what_selects_it(kernel_workdir, tmp_path):
+    """6.12's INTEL_TDX_HOST needs !KEXEC_CORE, which no one sets by hand: KEXEC selects
+    it. Disabling KEXEC_CORE itself (what "unmet: !KEXEC_CORE" suggests) is undone by
+    olddefconfig, so the message names the selector; disabling that is what works."""
+    tree = kernel_workdir / "src" / "kernel"
+    record = tmp_path / "state" / "build" / "artifacts.json"
+    enable, kvm = ["INTEL_TDX_HOST", "X86_X2APIC", "CMA"], ["KVM", "KVM_INTEL"]
+    ctx = steps.Context(manifests.load(_manifest_file(kernel_workdir, "kexec-core", enable, kvm, ["KEXEC_CORE"])),
+                        kernel_workdir, jobs=2, install=False, host=HostRoot("/"))
+    with pytest.raises(BuildFailedError) as caught:
+        runner.run([steps.KernelConfigure()], ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    message = str(caught.value)
+    assert "INTEL_TDX_HOST (asked y, got n; unmet: !KEXEC_CORE (selected by KEXEC); see arch/x86/Kconfig:" in message
+    assert "KEXEC_CORE (asked n, got y; selected by KEXEC; see kernel/Kconfig.kexec:" in message
+    assert "for a `!X` disable X, or what selects it" in message and "\n" not in message
+
+    ctx = steps.Context(manifests.load(_manifest_file(kernel_workdir, "kexec", enable, kvm, ["KEXEC"])),
+                        kernel_workdir, jobs=2, install=False, host=HostRoot("/"))
+    runner.run([steps.KernelConfigure()], ctx, progress.ConsoleReporter(io.StringIO(), live=False), record)
+    values = kconfig.read_config(tree / ".config")
+    assert values["INTEL_TDX_HOST"] == "y" and values.get("KEXEC_CORE", "n") == "n"
+    assert kconfig.KconfigTree(tree).selectors("KEXEC_CORE") == ["KEXEC", "KEXEC_FILE"]
 
 
 def test_kconfig_entries_carry_their_enclosing_conditions(kernel_workdir):

@@ -249,7 +249,8 @@ def test_failure_names_the_log_and_its_last_lines_and_records_nothing(sources, t
     assert len(error.splitlines()) == 1
     assert error.startswith("tdxvirt: error: qemu build failed: `make -j")
     assert f"full log: {log}" in error
-    assert "; last line: make: *** [Makefile:" in error
+    # the compiler's error, not make's closing "*** [Makefile:...] Error 1"
+    assert error.endswith("; first error: hw/i386/tdx.c:42: error: simulated compile error")
     # the last lines of the log are shown before the error
     assert "[5/5] qemu build: FAILED after 00:00:0" in result.stdout
     assert "    hw/i386/tdx.c:42: error: simulated compile error" in result.stdout
@@ -262,6 +263,29 @@ def test_failure_names_the_log_and_its_last_lines_and_records_nothing(sources, t
     summary, _ = library_run(manifest, workdir, state)
     assert summary.executed == ["qemu.configure", "qemu.build"]
     assert summary.skipped == ["tdx-linux.fetch", "qemu.fetch", "qemu.patch"]
+
+
+def test_a_failure_names_the_first_error_line_of_the_failed_command(tmp_path):
+    # as with make -j: the error scrolls up behind other jobs' output and make's own lines
+    noisy = ('echo "a.c:20:10: fatal error: ./brotli/c/common/constants.h: No such file"; '
+             'for i in $(seq 30); do echo "g++ -c other$i.cpp"; done; '
+             'echo "make: *** [GNUmakefile:19: Source/C] Error 2"; exit 2')
+    with runner._StepExecutor(tmp_path / "log", lambda *_: None, 0) as executor:
+        assert executor.telling_line() == ""  # nothing ran: the message adds nothing
+        executor.command(["sh", "-c", noisy], tmp_path)
+        assert executor.telling_line() == (
+            "first error: a.c:20:10: fatal error: ./brotli/c/common/constants.h: No such file")
+        # error lines of a command that succeeded do not count; without one, the last line
+        executor.command(["sh", "-c", 'echo "build.py: error 7000: retried, fine"'], tmp_path)
+        executor.command(["sh", "-c", 'echo "still going"; echo "gave up"; exit 1'], tmp_path)
+        assert executor.telling_line() == "last line: gave up"
+        # edk2's build tool says "error NNNN:"
+        executor.command(["sh", "-c", 'echo "build.py...\n : error 7000: Failed to execute command"; '
+                                      'echo "- Failed -"; exit 1'], tmp_path)
+        assert executor.telling_line() == "first error: : error 7000: Failed to execute command"
+        # a check failing after a command that succeeded: that command's lines do not explain it
+        executor.command(["sh", "-c", "echo '# configuration written to .config'"], tmp_path)
+        assert executor.telling_line() == ""
 
 
 def test_progress_shows_step_elapsed_time_and_the_log_tail(sources, tmp_path, state):
@@ -373,3 +397,39 @@ def test_a_damaged_artifacts_record_is_one_line_error(cli, state):
     result = cli("status")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"tdxvirt: error: artifacts record {state}/build/artifacts.json is unreadable")
+
+
+def test_a_qemu_built_without_tdx_guest_is_named(sources, tmp_path, state, cli):
+    # the tiny QEMU, like Debian 13's QEMU 10.0.13 built for real, has no tdx-guest object
+    manifest = sources.manifest(tmp_path / "m.toml", ["--enable-kvm"])
+    result = cli("run", "qemu", "--manifest", manifest, "--workdir", tmp_path / "work")
+    assert result.exit_code == 0, result.output
+    binary = tmp_path / "work/src/qemu/build/qemu-system-x86_64"
+    assert f"qemu qemu-system-x86_64: {binary}" in result.stdout
+    warning = result.stderr.strip()
+    assert warning == (f"warning: {binary} has no tdx-guest object (-object help): it cannot run TDs; "
+                       "QEMU has TDX from 10.1 (the upstream manifest's ref), older ones only with TDX patches")
+    # a run with nothing to do says it again: the binary is what it is
+    again = cli("run", "qemu", "--manifest", manifest, "--workdir", tmp_path / "work")
+    assert "Nothing to do" in again.stdout and again.stderr.strip() == warning
+
+
+def test_a_qemu_with_tdx_guest_passes_silently_and_one_that_fails_is_unknown(tmp_path, capsys):
+    from tdxvirt.cli.build import _warn_without_tdx
+
+    listing = tmp_path / "qemu-tdx"  # what QEMU >= 10.1 prints, cut short
+    listing.write_text("#!/bin/sh\necho 'List of user creatable objects:'\necho '  sev-guest'\n"
+                       "echo '  tdx-guest'\necho '  thread-context'\n")
+    broken = tmp_path / "qemu-broken"
+    broken.write_text("#!/bin/sh\necho 'error while loading shared libraries: libfdt.so.1' >&2\nexit 127\n")
+    for script in (listing, broken):
+        script.chmod(0o755)
+    _warn_without_tdx({"qemu": {"artifacts": {"qemu-system-x86_64": str(listing)}}}, ("qemu",))
+    assert capsys.readouterr().err == ""
+    # only a QEMU this run was asked to build is asked
+    _warn_without_tdx({"qemu": {"artifacts": {"qemu-system-x86_64": str(broken)}}}, ("ovmf",))
+    assert capsys.readouterr().err == ""
+    _warn_without_tdx({"qemu": {"artifacts": {"qemu-system-x86_64": str(broken)}}}, ("qemu",))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"warning: `{broken} -object help` failed (") and "libfdt.so.1" in err
+    assert err.endswith("whether this QEMU has tdx-guest is unknown") and "\n" not in err

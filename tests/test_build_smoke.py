@@ -41,14 +41,18 @@ def test_it_parses_and_documents_itself():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
     help_text = _run("--help")
     assert help_text.returncode == 0
-    assert "--edk2-tree DIR" in help_text.stdout and "--dry-run" in help_text.stdout
+    assert "--source DIR|TARBALL" in help_text.stdout and "--dry-run" in help_text.stdout
+    assert "--mirror PREFIX=MIRROR" in help_text.stdout and "--update" in help_text.stdout
     assert "set -euo" not in help_text.stdout
 
 
 @pytest.mark.parametrize("args, message", [
-    ((), "--edk2-tree DIR is required"),
+    ((), "give --source DIR|TARBALL (an edk2 tree with its submodules, or its tarball) or --mirror"),
     (("--edk2-tree",), "--edk2-tree needs a value"),
-    (("--edk2-tree", "/nonexistent/edk2"), "--edk2-tree /nonexistent/edk2: no such folder"),
+    (("--edk2-tree", "/nonexistent/edk2"), "--source /nonexistent/edk2: no such folder"),
+    (("--source", "{tree}/edksetup.sh"), "--source {tree}/edksetup.sh: not a folder nor a tarball"),
+    (("--source", "{tree}", "--mirror", "https://github.com/=/srv/m/"), "--source and --mirror exclude each other"),
+    (("--mirror", "/srv/mirrors"), "--mirror '/srv/mirrors': give PREFIX=MIRROR"),
     (("--edk2-tree", "{tree}", "-j", "0"), "-j '0': give a whole number of jobs >= 1"),
     (("--edk2-tree", "{tree}", "--jobs=many"), "-j 'many': give a whole number"),
     (("--edk2-tree", "{tree}", "--target", "FAST"), "--target 'FAST': use DEBUG, RELEASE or NOOPT"),
@@ -77,13 +81,43 @@ def test_dry_run_prints_the_steps_and_creates_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert f"build-smoke: edk2 tree {tree} -> OvmfPkg/IntelTdx/IntelTdxX64.dsc, DEBUG, X64, tool chain GCC5, -j 3" in out
-    assert f'[ovmf] url = "{workdir}/edk2-src", ref = "smoke"' in out
-    # fixed dates: an unchanged tree makes the same commit (kept build), a changed one a new one
-    assert "GIT_AUTHOR_DATE=2000-01-01T00:00:00Z GIT_COMMITTER_DATE=2000-01-01T00:00:00Z git -C" in out
+    assert 'with target = "DEBUG", toolchain = "GCC5"' in out
+    # the tree goes to tdxvirt's own --source import: the script copies nothing itself
     assert (f"$ TDXVIRT_STATE_DIR={workdir}/state tdxvirt build run ovmf --all --manifest "
-            f"{workdir}/smoke.toml --workdir {workdir}/build -j 3") in out
+            f"{workdir}/smoke.toml --workdir {workdir}/build -j 3 --source {tree}\n") in out
     assert "$ tdxvirt --sim define smoke-td --gpu 38:00.0 --allow-shared --ovmf <the built OVMF.fd>" in out
     assert "$ tdxvirt --sim undefine smoke-td" in out
     assert not workdir.exists()
     kept = _run("--edk2-tree", str(tree), "--dry-run", "--keep", "--workdir", str(workdir))
     assert "undefine" not in kept.stdout and not workdir.exists()
+
+
+def test_a_tarball_or_mirrors_instead_of_a_tree(tmp_path):
+    tarball = tmp_path / "edk2_2025.02.orig.tar.xz"
+    tarball.write_bytes(b"not looked into before the build\n")
+    workdir = tmp_path / "work"
+    result = _run("--source", str(tarball), "--dry-run", "-j", "2", "--workdir", str(workdir), "--update")
+    assert result.returncode == 0, result.stderr
+    assert f"build-smoke: edk2 tarball {tarball} -> OvmfPkg/IntelTdx/IntelTdxX64.dsc, RELEASE" in result.stdout
+    assert f"-j 2 --source {tarball} --update\n" in result.stdout
+    mirrored = _run("--mirror", "https://github.com/=/srv/mirrors/", "--mirror=https://gitlab.com/=/srv/gl/",
+                    "--dry-run", "--workdir", str(workdir))
+    assert mirrored.returncode == 0, mirrored.stderr
+    assert "build-smoke: edk2 through --mirror https://github.com/=/srv/mirrors/" in mirrored.stdout
+    assert ("--mirror https://github.com/=/srv/mirrors/ --mirror https://gitlab.com/=/srv/gl/\n"
+            in mirrored.stdout)
+    assert "--source" not in mirrored.stdout.split("$ TDXVIRT_STATE_DIR")[1]
+    assert not workdir.exists()
+
+
+def test_a_debian_source_tree_without_basetools_brotli_is_accepted(tmp_path):
+    # Debian strips BaseTools' brotli and patches BrotliCompress out of BaseTools' GNUmakefile
+    tree = _edk2_tree(tmp_path)
+    (tree / "BaseTools/Source/C/BrotliCompress/brotli/README").unlink()
+    (tree / "BaseTools/Source/C/GNUmakefile").write_text("APPLICATIONS = \\\n  VfrCompile \\\n  EfiRom\n")
+    assert _run("--source", str(tree), "--dry-run").returncode == 0
+    # upstream's GNUmakefile still builds it: then the empty folder is refused
+    (tree / "BaseTools/Source/C/GNUmakefile").write_text("APPLICATIONS = \\\n  BrotliCompress \\\n  EfiRom\n")
+    refused = _run("--source", str(tree), "--dry-run")
+    assert refused.returncode == 2
+    assert "submodule BaseTools/Source/C/BrotliCompress/brotli is empty" in refused.stderr

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import TdxvirtError
+from ..userfile import read_user_file
 from . import BuildFailedError
 from .manifest import Ovmf
 
@@ -21,6 +23,13 @@ _TOOLS_DEF_KEY = re.compile(r"^\s*\*?[A-Z0-9*]*_([A-Z][A-Z0-9]*)_[A-Z0-9*]+_[A-Z
 # command to run comes in as arguments and never becomes shell text
 EDKSETUP_THEN_EXEC = 'cmd=("$@"); set --; . ./edksetup.sh >/dev/null && exec "${cmd[@]}"'
 EDKSETUP_ONLY = "set --; . ./edksetup.sh"
+_GITMODULES_PATH = re.compile(r"^\s*path\s*=\s*(\S+)\s*$", re.MULTILINE)
+# BaseTools' C tools; Debian and Ubuntu strip BrotliCompress's embedded brotli from
+# their edk2 source package and patch BrotliCompress out of this file's list (OVMF's
+# volumes are LZMA-compressed: the tool is not used), so there its empty folder is no gap
+BASETOOLS_MAKEFILE = "BaseTools/Source/C/GNUmakefile"
+BROTLI_COMPRESS = "BaseTools/Source/C/BrotliCompress/brotli"
+_SMALL_FILE = 1024 * 1024
 
 
 def target_txt(ovmf: Ovmf, jobs: int) -> str:
@@ -87,3 +96,53 @@ class CheckToolchain:
             raise BuildFailedError(f"toolchain tag {self.tag} is not defined in {tools_def} "
                                    f"(defined: {known}); set ovmf.toolchain in the manifest")
         executor.note(f"toolchain tag {self.tag} is defined in {tools_def}")
+
+
+def _small_text(path: Path) -> str | None:
+    """A small text file of the tree (regular only, bounded); None if it is not there."""
+    try:
+        return read_user_file(path, "edk2 file", limit=_SMALL_FILE).decode(errors="replace")
+    except TdxvirtError:
+        return None
+
+
+def needed_submodules(tree: Path, paths: tuple[str, ...]) -> list[str]:
+    """Of ``paths``, those this tree builds from: declared in its .gitmodules (an older
+    edk2 without one does not need it), BaseTools' brotli only while BaseTools builds
+    BrotliCompress."""
+    declared = set(_GITMODULES_PATH.findall(_small_text(tree / ".gitmodules") or ""))
+    makefile = _small_text(tree / BASETOOLS_MAKEFILE) or ""
+    return [path for path in paths if path in declared
+            and (path != BROTLI_COMPRESS or "BrotliCompress" in makefile)]
+
+
+def empty_submodules(tree: Path, paths: tuple[str, ...]) -> list[str]:
+    """The needed submodules whose folder has no file: a source tree without them builds
+    BaseTools, then fails deep in the build."""
+    return [path for path in needed_submodules(tree, paths)
+            if not (tree / path).is_dir() or not any((tree / path).iterdir())]
+
+
+class CheckSubmodules:
+    """Fail in seconds, naming the folders, when the tree lacks submodules' files (a git
+    checkout cloned without --recurse-submodules, a source package's stripped tarball)."""
+
+    def __init__(self, tree: Path, paths: tuple[str, ...]):
+        self.tree = tree
+        self.paths = paths
+
+    def show(self) -> list[str]:
+        return [f"check that these submodules have their files: {' '.join(self.paths)}"]
+
+    def run(self, executor) -> None:
+        empty = empty_submodules(self.tree, self.paths)
+        if empty:
+            raise BuildFailedError(
+                f"{self.tree} has no files in the submodule folder(s) {', '.join(empty)}; from a git "
+                "checkout run `git submodule update --init` in it, from a distribution's source package "
+                "use its unpacked tree with the package's patches applied (Debian: `dpkg-source -x`), "
+                "not its .orig tarball alone")
+        needed = needed_submodules(self.tree, self.paths)
+        others = [path for path in self.paths if path not in needed]
+        executor.note(f"the needed submodules have their files: {' '.join(needed) or 'none'}"
+                      + (f"; not needed by this tree: {' '.join(others)}" if others else ""))

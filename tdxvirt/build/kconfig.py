@@ -100,6 +100,24 @@ class KconfigTree:
                         target = os.path.normpath(os.path.join(os.path.dirname(rel), target))
                     self.sourced_from.setdefault(target, (rel, number))
 
+    _CONFIG = re.compile(r"^\s*(?:menu)?config\s+([A-Za-z0-9_]+)\s*$")
+    _SELECT = re.compile(r"^\s+select\s+([A-Za-z0-9_]+)")
+
+    def selectors(self, symbol: str) -> list[str]:
+        """The symbols whose entries ``select SYMBOL`` (a selected symbol cannot be
+        turned off by hand: what selects it must go)."""
+        found = []
+        for lines in self.files.values():
+            current = None
+            for line in lines:
+                if match := self._CONFIG.match(line):
+                    current = match.group(1)
+                elif not line[:1].isspace() and line.strip():
+                    current = None  # if/endif/menu/source/choice: no longer inside an entry
+                elif current and (match := self._SELECT.match(line)) and match.group(1) == symbol:
+                    found.append(current)
+        return sorted(set(found))
+
     def entry(self, symbol: str) -> tuple[str, int, list[str]] | None:
         """(file, line, dependencies): its own `depends on` and every enclosing `if`."""
         pattern = re.compile(rf"^\s*(?:menu)?config\s+{re.escape(symbol)}\s*$")
@@ -166,6 +184,23 @@ def unmet(depends: list[str], config: dict[str, str]) -> list[str]:
     return failing
 
 
+def _on(config: dict[str, str], symbol: str) -> bool:
+    return config.get(symbol, "n") in ("y", "m")
+
+
+def _selectors_on(kconfig_tree: KconfigTree, config: dict[str, str], symbol: str) -> list[str]:
+    """The symbols that are on and select ``symbol``."""
+    return [name for name in kconfig_tree.selectors(symbol) if _on(config, name)]
+
+
+def _term(kconfig_tree: KconfigTree, config: dict[str, str], term: str) -> str:
+    """An unmet term, with what selects X for a `!X` (6.12: !KEXEC_CORE, selected by
+    KEXEC): disabling X itself does nothing, what selects it must be disabled."""
+    match = _SIMPLE_DEP.fullmatch(term)
+    selectors = _selectors_on(kconfig_tree, config, match.group(2)) if match and match.group(1) else []
+    return f"{term} (selected by {', '.join(selectors)})" if selectors else term
+
+
 def describe(tree: str | Path, config: dict[str, str], found: list[Mismatch]) -> str:
     parts = []
     kconfig_tree = KconfigTree(tree)
@@ -177,7 +212,10 @@ def describe(tree: str | Path, config: dict[str, str], found: list[Mismatch]) ->
         else:
             failing = unmet(entry[2], config) if mismatch.wanted != "n" else []
             if failing:
-                text += f"; unmet: {', '.join(failing)}"
+                text += f"; unmet: {', '.join(_term(kconfig_tree, config, term) for term in failing)}"
+            selectors = _selectors_on(kconfig_tree, config, mismatch.symbol) if mismatch.wanted == "n" else []
+            if selectors:
+                text += f"; selected by {', '.join(selectors)}"
             text += f"; see {entry[0]}:{entry[1]}"
         parts.append(text + ")")
     return "; ".join(parts)
@@ -190,8 +228,9 @@ def verify(tree: str | Path, config_file: str | Path, enable=(), module=(), disa
     if found:
         raise KconfigDroppedError(
             f"Kconfig did not keep {len(found)} requested symbol(s): "
-            f"{describe(tree, config, found)}; add the unmet symbols to kernel.config "
-            "in the manifest (or drop the request)",
+            f"{describe(tree, config, found)}; set the unmet symbols in kernel.config in the "
+            "manifest (enable the missing ones; for a `!X` disable X, or what selects it), "
+            "or drop the request",
             found,
         )
     return {name: config.get(name, "n") for name in (*enable, *module, *disable)}

@@ -5,7 +5,8 @@ is still there. Once a step of a component runs with new inputs or comes to a ne
 outcome, every later step of that component runs too. Each step writes
 ``<workdir>/logs/<component>.<step>.log`` and reports its progress (step n of m,
 elapsed time, the last line of output) to a reporter (see ``progress``); a failure
-names the log and its last lines. After each component, its artifacts are recorded.
+names the log, its last lines and the failed command's first error line. After each
+component, its artifacts are recorded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -29,6 +31,10 @@ from .stamps import step_key
 from .steps import Context, KernelConfigure, NotYetKnown, Step, artifact_entry
 
 TAIL_LINES = 15
+# a compiler's or a build tool's error line ("x.c:20:10: fatal error: ...", edk2's
+# "build.py...: error 7000: ..."), not make's closing "*** [...] Error 2": with -j the
+# first one scrolls far above the last lines, which then say only what make gave up on
+_ERROR_LINE = re.compile(r"\berror( [0-9A-Fa-f]{1,4})?:", re.IGNORECASE)
 
 
 @dataclass
@@ -197,9 +203,9 @@ def _execute(step: Step, ctx: Context, number: int, total: int, reporter) -> Non
             executor.note(f"FAILED: {error}")
             reporter.step_failed(number, total, step, time.monotonic() - started, log_path,
                                  list(executor.tail))
-            last = next((line for line in reversed(executor.output_tail) if line.strip()), "")
-            raise BuildFailedError(f"{step.label} failed: {error}; full log: {log_path}; "
-                                   f"last line: {last.strip()[:200]}") from error
+            telling = executor.telling_line()
+            raise BuildFailedError(f"{step.label} failed: {error}; full log: {log_path}"
+                                   f"{'; ' + telling if telling else ''}") from error
     reporter.step_finished(number, total, step, time.monotonic() - started)
 
 
@@ -212,6 +218,7 @@ class _StepExecutor:
         self.started = started
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)  # the log's
         self.output_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)  # commands'
+        self.first_error: str | None = None  # of the last command run
 
     def __enter__(self):
         self.log = open(self.log_path, "wb")
@@ -229,8 +236,17 @@ class _StepExecutor:
     def note(self, text: str) -> None:
         self._write(text)
 
+    def telling_line(self) -> str:
+        """For the failure message: the failed command's first error line, else its last
+        line; empty when no command printed anything (a check that failed on its own)."""
+        if self.first_error is not None:
+            return f"first error: {self.first_error.strip()[:200]}"
+        last = next((line for line in reversed(self.output_tail) if line.strip()), "")
+        return f"last line: {last.strip()[:200]}" if last else ""
+
     def command(self, argv, cwd, env=None, capture=False) -> CommandResult:
         self._write(f"$ cd {shlex.quote(str(cwd))} && {shlex.join(argv)}")
+        self.first_error = None
         if not Path(cwd).is_dir():
             raise BuildFailedError(f"folder {cwd} does not exist (an earlier step did not make it)")
         try:
@@ -259,6 +275,9 @@ class _StepExecutor:
             self._write("interrupted")
             raise
         reader.join()
+        if process.returncode == 0:  # what it printed does not explain a later failure
+            self.first_error = None
+            self.output_tail.clear()
         self._write(f"(exit status {process.returncode})")
         return CommandResult(process.returncode, tuple(captured))
 
@@ -269,6 +288,8 @@ class _StepExecutor:
             text = raw.decode(errors="replace").rstrip("\r\n").split("\r")[-1]
             self.tail.append(text)
             self.output_tail.append(text)
+            if self.first_error is None and _ERROR_LINE.search(text):
+                self.first_error = text
             if capture:
                 captured.append(text)
         stream.close()

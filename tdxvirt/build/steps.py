@@ -424,7 +424,9 @@ class OvmfConfigure(Step):
 
     def actions(self, ctx):
         tree, ovmf = ctx.tree("ovmf"), ctx.manifest.ovmf
+        needed = ovmf.repo.submodules if isinstance(ovmf.repo.submodules, tuple) else ()
         return [
+            *([edk2.CheckSubmodules(tree, needed)] if needed else []),
             _make(tree, f"-j{ctx.jobs}", "-C", "BaseTools"),
             Command(("bash", "-c", edk2.EDKSETUP_ONLY, "edksetup"), tree),
             WriteFile(tree / "Conf" / "target.txt", edk2.target_txt(ovmf, ctx.jobs)),

@@ -268,7 +268,9 @@ def run(session, component, manifest, workdir, jobs, install, deb, build_all, so
     if not selection.planned:
         return
     run_plan(steps, ctx, ConsoleReporter(), artifacts.record_file(), update=update)
-    _print_builds(artifacts.load(artifacts.record_file()), selection.planned)
+    record = artifacts.load(artifacts.record_file())
+    _print_builds(record, selection.planned)
+    _warn_without_tdx(record, selection.planned)
 
 
 def _print_builds(record: dict, components) -> None:
@@ -276,6 +278,26 @@ def _print_builds(record: dict, components) -> None:
         entry = record.get(component, {})
         for name, path in entry.get("artifacts", {}).items():
             click.echo(f"{component} {name}: {path}")
+
+
+def _warn_without_tdx(record: dict, components) -> None:
+    """Say so when the QEMU built cannot run TDs: a source older than 10.1 builds fine
+    (Debian 13's QEMU 10.0 did) and has no tdx-guest object."""
+    from ..build.distro import TDX_OBJECT, parse_object_help
+    from ..host.commands import SubprocessRunner
+
+    binary = (record.get("qemu", {}).get("artifacts") or {}).get("qemu-system-x86_64") \
+        if "qemu" in components else None
+    if not binary:
+        return
+    result = SubprocessRunner().run((binary, "-object", "help"), timeout=30)
+    if not result.ok:
+        click.echo(f"warning: `{binary} -object help` failed ({result.tail() or result.returncode}): "
+                   f"whether this QEMU has {TDX_OBJECT} is unknown", err=True)
+    elif TDX_OBJECT not in parse_object_help(result.stdout):
+        click.echo(f"warning: {binary} has no {TDX_OBJECT} object (-object help): it cannot run TDs; "
+                   "QEMU has TDX from 10.1 (the upstream manifest's ref), older ones only with "
+                   "TDX patches", err=True)
 
 
 @build.command()
