@@ -420,8 +420,12 @@ def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
     from ..lifecycle import tds
     from ..virt.conn import is_remote
 
-    # For a remote URI the files named are that host's: not looked for here.
-    spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=is_remote(session.uri), **options)
+    # For a remote URI the files named are that host's: not looked for here; a whole
+    # host in a root of its own (the simulated host) is looked at there.
+    remote = is_remote(session.uri)
+    host = None if remote else session.host
+    is_file = (lambda path: host.path(path).is_file()) if host is not None and host.files_in_root else None
+    spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=remote, is_file=is_file, **options)
     if print_xml or dry_run:
         td = tds.assemble_td(session.conn(), session.facts(), spec)
         _warn(td.plan.warnings)

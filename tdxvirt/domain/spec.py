@@ -59,12 +59,13 @@ def validate_vcpus(vcpus: int) -> int:
     return vcpus
 
 
-def validate_existing_file(path: str, option: str) -> str:
-    """An absolute path to an existing regular file (libvirt needs absolute paths)."""
+def validate_existing_file(path: str, option: str, is_file=os.path.isfile) -> str:
+    """An absolute path to an existing regular file (libvirt needs absolute paths);
+    ``is_file`` looks on the host that runs the TD (a whole host in a root of its own)."""
     if not isinstance(path, str) or not path or "\0" in path:
         raise InputError(f"{option} {path!r}: not a usable path")
     absolute = os.path.abspath(path)
-    if not os.path.isfile(absolute):
+    if not is_file(absolute):
         raise InputError(f"{option} {path!r}: no such file; give the path of an existing file")
     return absolute
 
@@ -177,14 +178,20 @@ class TDSpec:
                   user_data: str | None = None, imex_channel: bool = False,
                   mmio_window: str | None = None,
                   qemu_arg=(), os_variant: str | None = None,
-                  remote: bool = False) -> "TDSpec":
+                  remote: bool = False, is_file=None) -> "TDSpec":
         """Parse and check everything the user typed; raise InputError naming the field.
 
         ``remote``: the TD runs on another host (tdxvirt.virt.conn.is_remote), where the
         files named (--disk, --ovmf, --qemu, --kernel, --initrd) are that host's: they
         must be absolute and are not looked for on this machine (define asks libvirt
-        for the disk; the rest libvirt opens at the start)."""
-        _file = _remote_file if remote else _local_file
+        for the disk; the rest libvirt opens at the start). ``is_file``: whether a path is
+        a file on the host that runs the TD, when that host lives in a root of its own
+        (the simulated host); else this machine's."""
+        if remote:
+            _file = _remote_file
+        else:
+            def _file(path, option):
+                return _local_file(path, option, is_file or os.path.isfile)
         addresses = parse_gpus(gpus)
         if name is None and not addresses and not ppcie:
             raise InputError("give the TD a NAME, or at least one --gpu to derive it from")
@@ -311,8 +318,8 @@ def _first_boot(name: str, ssh_key_files, user_data_file) -> tuple[tuple[str, ..
     return keys, own
 
 
-def _local_file(path: str | None, option: str) -> str | None:
-    return None if path is None else validate_existing_file(path, option)
+def _local_file(path: str | None, option: str, is_file=os.path.isfile) -> str | None:
+    return None if path is None else validate_existing_file(path, option, is_file)
 
 
 def _remote_file(path: str | None, option: str) -> str | None:

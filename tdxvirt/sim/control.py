@@ -59,10 +59,12 @@ def ensure_gpu_modes(sim: SimLayout) -> None:
 
 def _retire_stale(root: Path, sock: Path, uri: str) -> bool:
     """Stop an emulated host whose namespaces bind another tdxvirt's code for its hook
-    (tdxhost.hook_code_is_current), guests first, so it starts again with this one's."""
+    (tdxhost.hook_code_is_current), or that runs a QEMU installed since without the
+    wrapper (tdxhost.emulators_are_wrapped), guests first, so it starts again as it
+    should."""
     from . import tdxhost
 
-    if tdxhost.hook_code_is_current(root):
+    if tdxhost.hook_code_is_current(root) and tdxhost.emulators_are_wrapped(root):
         return False
     stop_guests(uri, sock)
     chroot.stop_daemons(root)

@@ -29,6 +29,18 @@ import sys
 import time
 
 REAL_QEMU = "/usr/local/lib/tdxvirt-sim/qemu-system-x86_64.real"
+# The real binaries of the host's other emulators (a QEMU `tdxvirt build` installed in
+# /usr/local/bin or /opt/NAME/bin), each bound at its path with "/" as "_": the wrapper
+# is bound over every one of them, and the path libvirt ran says which QEMU is meant.
+REAL_DIR = "/usr/local/lib/tdxvirt-sim/real"
+real_qemu = REAL_QEMU
+
+
+def real_binary(invoked: str) -> str:
+    """The real QEMU behind the emulator path libvirt ran (this script's argv[0])."""
+    candidate = os.path.join(REAL_DIR, invoked.strip("/").replace("/", "_"))
+    return candidate if invoked != "/usr/bin/qemu-system-x86_64" and os.path.isfile(candidate) \
+        else REAL_QEMU
 RECORD_DIR = "/var/log/tdxvirt-sim"
 HARDWARE_OBJECTS = ("tdx-guest", "iommufd")
 HARDWARE_DEVICES = ("vfio-pci",)
@@ -87,7 +99,7 @@ def _domain_name(argv: list[str]) -> str:
 def record(argv: list[str], ran: list[str]) -> None:
     os.makedirs(RECORD_DIR, exist_ok=True)
     name = _domain_name(argv).replace("/", "_")
-    entry = {"time": time.time(), "pid": os.getpid(), "argv": argv, "ran": ran}
+    entry = {"time": time.time(), "pid": os.getpid(), "argv": argv, "ran": ran, "real": real_qemu}
     with open(os.path.join(RECORD_DIR, name + ".argv.jsonl"), "a") as log:
         log.write(json.dumps(entry) + "\n")
 
@@ -172,7 +184,7 @@ def probe(argv: list[str]) -> int:
     upstream_path = path + ".tcg"
     real_argv = for_tcg(list(argv))
     real_argv[real_argv.index("-qmp") + 1] = "unix:" + upstream_path + spec[len("unix:") + len(path):]
-    status = os.spawnv(os.P_WAIT, REAL_QEMU, [REAL_QEMU] + real_argv)
+    status = os.spawnv(os.P_WAIT, real_qemu, [real_qemu] + real_argv)
     if status != 0:
         return status
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -205,19 +217,21 @@ def _value(argv: list[str], option: str) -> str:
     return argv[argv.index(option) + 1] if option in argv[:-1] else ""
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], invoked: str = "/usr/bin/qemu-system-x86_64") -> int:
+    global real_qemu
+    real_qemu = real_binary(invoked)
     machine = _value(argv, "-machine")
     if "-daemonize" in argv and machine.startswith("none"):  # libvirt probing capabilities
         if "accel=kvm" in machine and _value(argv, "-qmp").startswith("unix:"):
             return probe(argv)
-        os.execv(REAL_QEMU, [REAL_QEMU] + argv)
+        os.execv(real_qemu, [real_qemu] + argv)
     if "-name" not in argv:  # -version, -help, anything but a domain
-        os.execv(REAL_QEMU, [REAL_QEMU] + argv)
+        os.execv(real_qemu, [real_qemu] + argv)
     ran = for_tcg(argv)
     record(argv, ran)
-    os.execv(REAL_QEMU, [REAL_QEMU] + ran)
+    os.execv(real_qemu, [real_qemu] + ran)
     return 127
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], sys.argv[0]))

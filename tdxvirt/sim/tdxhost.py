@@ -12,7 +12,9 @@ own, made by ``unshare``. Inside that namespace only:
   the real H100's sysfs values, bound to vfio-pci, in IOMMU group 42, with its vfio
   cdev; ``kvm_intel`` ``tdx=Y``; `tdxvirt sim up --board` chooses, boards.py);
 - ``/usr/bin/qemu-system-x86_64`` is qemu_wrapper.py, which runs the root's real QEMU
-  under TCG and answers libvirt's KVM probes;
+  under TCG and answers libvirt's KVM probes; so is every other QEMU installed in the
+  root (``/usr/local/bin``, ``/opt/*/bin``: a QEMU `tdxvirt build` made), each running
+  its own real binary;
 - libvirtd alone loads kvm_tdx_shim.so, which answers the two ioctls a file cannot
   (``KVM_CAP_VM_TYPES`` with the TDX bit, ``IOMMU_OPTION``).
 
@@ -42,6 +44,10 @@ QEMU = "usr/bin/qemu-system-x86_64"
 SHIM = f"{SIM_LIB}/kvm_tdx_shim.so"
 WRAPPER = f"{SIM_LIB}/qemu-wrapper"
 REAL_QEMU = f"{SIM_LIB}/qemu-system-x86_64.real"
+REAL_DIR = f"{SIM_LIB}/real"  # qemu_wrapper.REAL_DIR: other emulators' real binaries
+# Where another QEMU is installed on the host (`tdxvirt build run qemu --install`'s
+# prefix /usr/local, or a prefix of its own under /opt): wrapped like the distribution's.
+OTHER_EMULATORS = ("usr/local/bin/qemu-system-x86_64", "opt/*/bin/qemu-system-x86_64")
 RECORD_DIR = "var/log/tdxvirt-sim"  # qemu_wrapper.RECORD_DIR, written as QEMU's user
 # Inert stand-ins: the numbers of /dev/null. libvirt stats, opens and passes them; the
 # shim answers the two ioctls it makes; QEMU under TCG never uses them.
@@ -159,6 +165,47 @@ def _bind_hook_sources(root: Path) -> None:
         _mount("--bind", "-o", mode, str(source), str(target))
 
 
+def other_emulators(root: Path) -> list[str]:
+    """The root's other QEMU binaries (OTHER_EMULATORS), relative to it."""
+    found = []
+    for pattern in OTHER_EMULATORS:
+        found += sorted(str(p.relative_to(root)) for p in root.glob(pattern) if p.is_file())
+    return found
+
+
+def _real_of(relative: str) -> str:
+    return f"{REAL_DIR}/{relative.replace('/', '_')}"
+
+
+def _bind_other_emulators(root: Path) -> None:
+    for relative in other_emulators(root):
+        real = root / _real_of(relative)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        real.touch()
+        _mount("--bind", str(root / relative), str(real))
+        _mount("--bind", str(root / WRAPPER), str(root / relative))
+
+
+def emulators_are_wrapped(root: Path) -> bool:
+    """Whether the running emulated host runs every QEMU the root has behind the wrapper:
+    one installed after its namespaces were made would run as itself, asking for KVM this
+    machine does not have. True when nothing runs. Seen through its virtlogd's root."""
+    from .chroot import alive_pid
+
+    pid = alive_pid(root / "run" / "virtlogd.pid")
+    if pid is None:
+        return True
+    wrapper = _source("qemu_wrapper.py")
+    for relative in other_emulators(root):
+        try:
+            with open(f"/proc/{pid}/root/{relative}", "rb") as seen:
+                if seen.read(len(wrapper) + 1) != wrapper:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
 def hook_code_is_current(root: Path) -> bool:
     """Whether the running emulated host's hook imports this tdxvirt: its namespaces bind
     the package of the tdxvirt that started them, and a checkout deleted since (a clean
@@ -250,6 +297,7 @@ def enter(root: Path, devices: Path) -> None:
     _bind_shared_dirs(root)
     _mount("--bind", str(root / QEMU), str(root / REAL_QEMU))
     _mount("--bind", str(root / WRAPPER), str(root / QEMU))
+    _bind_other_emulators(root)
     if _board_has_fabric_manager(devices):
         from . import fabric
 
