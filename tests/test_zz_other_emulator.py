@@ -52,3 +52,16 @@ def test_a_td_runs_with_a_qemu_installed_beside_the_distributions(sim, cc_on):
     assert missing.returncode != 0
     assert missing.stderr.strip() == (f"tdxvirt: error: --qemu '{EMULATOR}': no such file; give the "
                                       "path of an existing file")
+
+
+def test_a_file_only_on_this_machine_is_named_as_not_on_the_simulated_host(sim, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.NamedTemporaryFile(dir="/var/tmp", suffix=".fd") as here:  # not shared
+        done = run_sim("define", "elsewhere", "--gpu", "38:00.0", "--allow-shared", "--ovmf", here.name)
+    assert done.returncode != 0
+    line, = done.stderr.strip().splitlines()
+    assert f"{here.name} is on this machine but not on the simulated host" in line
+    assert "move or copy the file there" in line
+    assert not Path(sim.chroot / here.name.lstrip("/")).exists()

@@ -415,6 +415,24 @@ def define(session, name, print_xml, dry_run, no_tdx, gpu_count, **options):
         _define(chosen, name, print_xml, dry_run, no_tdx, {**options, "gpus": tuple(gpus)})
 
 
+def _file_on(host):
+    """Whether a path is a file on a host living in a root of its own (the simulated
+    host), saying so when it is only on this machine."""
+    import os
+
+    def is_file(path: str) -> bool:
+        if host.path(path).is_file():
+            return True
+        if os.path.isfile(path):
+            from ..errors import InputError
+
+            shared = ", ".join(getattr(host, "shared", ())) or "none of its directories"
+            raise InputError(f"{path} is on this machine but not on the simulated host, which "
+                             f"shares {shared} with it; move or copy the file there")
+        return False
+    return is_file
+
+
 def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
     from ..domain.spec import TDSpec
     from ..lifecycle import tds
@@ -424,7 +442,7 @@ def _define(session, name, print_xml, dry_run, no_tdx, options) -> None:
     # host in a root of its own (the simulated host) is looked at there.
     remote = is_remote(session.uri)
     host = None if remote else session.host
-    is_file = (lambda path: host.path(path).is_file()) if host is not None and host.files_in_root else None
+    is_file = _file_on(host) if host is not None and host.files_in_root else None
     spec = TDSpec.from_user(name=name, tdx=not no_tdx, remote=remote, is_file=is_file, **options)
     if print_xml or dry_run:
         td = tds.assemble_td(session.conn(), session.facts(), spec)
