@@ -83,8 +83,9 @@ def user_git_config(tmp_path, monkeypatch) -> Path:
     return file
 
 
-def fetch(manifest: Path, workdir: Path, state: Path, extra_mirrors=()):
+def fetch(manifest: Path, workdir: Path, state: Path, extra_mirrors=(), all_submodules=False):
     loaded = manifests.with_mirrors(manifests.load(manifest), tuple(extra_mirrors))
+    loaded = manifests.with_all_submodules(loaded, all_submodules)
     ctx = steps.Context(loaded, workdir, jobs=1, install=False, host=HostRoot("/"))
     chosen = [s for s in steps.plan(loaded, ("ovmf",), False) if s.name == "fetch"]
     return runner.run(chosen, ctx, progress.ConsoleReporter(io.StringIO(), live=False),
@@ -190,3 +191,15 @@ def test_the_mirror_option_in_dry_run_and_its_refusals(mirrors, tmp_path, monkey
         assert refused.exit_code == 2
         assert refused.stderr.strip().startswith(f"tdxvirt: error: --mirror '{bad}': ")
         assert message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_all_submodules_fetches_the_ones_the_manifest_leaves_out(mirrors, tmp_path, user_git_config):
+    """`--all-submodules` on a manifest naming the build's submodules: every one is
+    fetched (from the mirrors), the one the list leaves out too."""
+    workdir = tmp_path / "work"
+    fetch(mirrors.manifest(tmp_path / "m.toml"), workdir, tmp_path / "state", all_submodules=True)
+    for path in (*NEEDED, UNNEEDED):
+        assert git(workdir / "src/ovmf" / path, "rev-parse", "HEAD") == mirrors.subs[path]
+    loaded = manifests.load(mirrors.manifest(tmp_path / "m.toml"))
+    assert manifests.with_all_submodules(loaded, True).ovmf.repo.submodules is True
+    assert manifests.with_all_submodules(loaded, False) is loaded

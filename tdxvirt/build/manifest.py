@@ -413,6 +413,22 @@ def with_mirrors(manifest: Manifest, lines: tuple[str, ...]) -> Manifest:
     return dataclasses.replace(manifest, mirrors=kept + tuple(added))
 
 
+def with_all_submodules(manifest: Manifest, wanted: bool) -> Manifest:
+    """The manifest with ``--all-submodules``: every component that names the submodules
+    its build needs gets all of them (a tree for other platforms than the one built)."""
+    import dataclasses
+
+    if not wanted:
+        return manifest
+    changed = {}
+    for name in manifest.components():
+        component = manifest.component(name)
+        if isinstance(component.repo.submodules, tuple):
+            changed[name] = dataclasses.replace(
+                component, repo=dataclasses.replace(component.repo, submodules=True))
+    return dataclasses.replace(manifest, **changed)
+
+
 def with_kernel_package(manifest: Manifest, package: str | None) -> Manifest:
     """The manifest with ``--deb`` applied (a manifest without [kernel] is left as it is)."""
     import dataclasses

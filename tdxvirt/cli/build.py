@@ -40,6 +40,9 @@ def _build_options(command):
                      help="Fetch URLs starting with PREFIX from MIRROR instead, submodules too "
                           "(e.g. https://github.com/=/srv/mirrors/); repeatable, added to the "
                           "manifest's [mirrors]. Only tdxvirt's git commands get it."),
+        click.option("--all-submodules", is_flag=True,
+                     help="Fetch every submodule, not only those the manifest names as the "
+                          "build's (edk2: 7 of its 13 for OVMF)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -62,7 +65,7 @@ class _Selection:
 
 
 def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=(), source_path=None,
-             deb=False):
+             deb=False, all_submodules=False):
     from pathlib import Path
 
     from ..build import distro, steps
@@ -72,6 +75,7 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all, mi
 
     loaded = manifests.with_mirrors(manifests.load(manifest), tuple(mirrors))
     loaded = manifests.with_kernel_package(loaded, "deb" if deb else None)
+    loaded = manifests.with_all_submodules(loaded, all_submodules)
     build_all = build_all or source_path is not None  # a source given is built, whatever the host has
     selected = steps.select(loaded, component)
     host = session.host if session is not None else HostRoot("/")
@@ -230,12 +234,13 @@ def build():
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors, as_json):
+def plan(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors,
+         all_submodules, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
     from ..build.runner import states
 
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
-                                     source_path, deb)
+                                     source_path, deb, all_submodules)
     step_states = states(steps, ctx)
     if as_json:
         click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
@@ -249,8 +254,8 @@ def plan(session, component, manifest, workdir, jobs, install, deb, build_all, s
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors, update,
-        dry_run):
+def run(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors,
+        all_submodules, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from ..build import artifacts
     from ..build.progress import ConsoleReporter
@@ -260,7 +265,7 @@ def run(session, component, manifest, workdir, jobs, install, deb, build_all, so
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
-                                     source_path, deb)
+                                     source_path, deb, all_submodules)
     if dry_run:
         _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
         return
