@@ -333,6 +333,8 @@ def test_install_below_another_root_keeps_the_configured_paths(sources, tmp_path
     dry = cli("run", "--dry-run", "qemu", "--manifest", manifest, "--workdir", workdir, "--install",
               "--root", root)
     assert f"$ cd {workdir}/src/qemu && make install DESTDIR={root}" in dry.output
+    assert f"qemu installed_in_root: {root}/usr/local/bin/qemu-system-x86_64" in dry.output
+    assert "qemu installed:" not in dry.output
     assert not workdir.exists()
 
     result = cli("run", "qemu", "--manifest", manifest, "--workdir", workdir, "--install", "--root", root)

@@ -149,8 +149,8 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
     if "qemu" in components:
         expected["qemu qemu-system-x86_64"] = str(steps.qemu_binary(ctx))
         if ctx.install:
-            expected["qemu installed"] = (f"{steps.qemu_prefix(ctx.manifest.qemu.configure)}"
-                                          "/bin/qemu-system-x86_64")
+            (name, path), = steps.QemuInstall().results(ctx).items()
+            expected[f"qemu {name}"] = path
     if "ovmf" in components:
         expected["ovmf OVMF.fd"] = edk2.image_path_text(ctx.tree("ovmf"), ctx.manifest.ovmf)
     return expected
