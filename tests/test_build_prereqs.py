@@ -83,6 +83,27 @@ def test_qemu_libraries_are_asked_of_pkg_config(tmp_path):
     assert [n.name for n in prereqs.missing([configure], toolbox).by_component["qemu"]] == ["zlib"]
 
 
+def test_qemu_flags_that_add_a_library_name_its_package(tmp_path):
+    # the flags Debian forky's QEMU 10.2.2 was built with for the simulated host's root:
+    # each library is named before configure runs, not by meson's error minutes in
+    tools = _bin(tmp_path, ["gcc", "make", "python3", "ninja", "pkg-config"])
+    empty = tmp_path / "no-pc"
+    empty.mkdir()
+    for name in ("glib-2.0", "zlib"):
+        (empty / f"{name}.pc").write_text(f"Name: {name}\nDescription: {name}\nVersion: 99\n")
+    toolbox = prereqs.Toolbox(root=tmp_path / "root", search_path=str(tools),
+                              env={"PKG_CONFIG_LIBDIR": str(empty), "PKG_CONFIG_PATH": ""})
+    flags = ("--enable-kvm", "--enable-seccomp", "--enable-fdt=system", "--enable-pixman", "--disable-capstone")
+    missing = prereqs.missing([steps.QemuConfigure()], toolbox, flags)
+    assert [n.name for n in missing.by_component["qemu"]] == ["libseccomp", "pixman-1", "libfdt.h"]
+    assert missing.install_command() == "apt-get install libfdt-dev libpixman-1-dev libseccomp-dev"
+    (tmp_path / "root/usr/include").mkdir(parents=True)
+    (tmp_path / "root/usr/include/libfdt.h").write_text("/* libfdt */\n")
+    for name in ("libseccomp", "pixman-1"):
+        (empty / f"{name}.pc").write_text(f"Name: {name}\nDescription: {name}\nVersion: 99\n")
+    assert prereqs.missing([steps.QemuConfigure()], toolbox, flags).by_component == {}
+
+
 def test_the_runner_refuses_before_creating_anything(tmp_path):
     loaded = manifests.load(_ovmf_manifest(tmp_path))
     workdir, state = tmp_path / "work", tmp_path / "state"

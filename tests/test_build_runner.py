@@ -56,8 +56,8 @@ build/qemu-system-x86_64: version.txt build/config.mak
 \tchmod +x $@
 
 install: build/qemu-system-x86_64
-\tmkdir -p $(PREFIX)/bin
-\tcp build/qemu-system-x86_64 $(PREFIX)/bin/qemu-system-x86_64
+\tmkdir -p $(DESTDIR)$(PREFIX)/bin
+\tcp build/qemu-system-x86_64 $(DESTDIR)$(PREFIX)/bin/qemu-system-x86_64
 """
 
 
@@ -321,6 +321,54 @@ def test_install_into_the_configured_prefix_and_prefer_it(sources, tmp_path, sta
     entry = artifacts.load(artifacts.record_file(state))["qemu"]
     assert entry["artifacts"]["installed"] == str(installed)
     assert artifacts.recorded(state)["qemu"].path == str(installed)
+
+
+def test_install_below_another_root_keeps_the_configured_paths(sources, tmp_path, state, cli):
+    # the simulated host's Debian root, say: QEMU goes to <root>/usr/local, configured
+    # for /usr/local (its data files, its firmware path are that system's)
+    root = tmp_path / "forky"
+    root.mkdir()
+    manifest = sources.manifest(tmp_path / "m.toml", ["--enable-kvm"])
+    workdir = tmp_path / "work"
+    dry = cli("run", "--dry-run", "qemu", "--manifest", manifest, "--workdir", workdir, "--install",
+              "--root", root)
+    assert f"$ cd {workdir}/src/qemu && make install DESTDIR={root}" in dry.output
+    assert f"qemu installed_in_root: {root}/usr/local/bin/qemu-system-x86_64" in dry.output
+    assert "qemu installed:" not in dry.output
+    assert not workdir.exists()
+
+    result = cli("run", "qemu", "--manifest", manifest, "--workdir", workdir, "--install", "--root", root)
+    assert result.exit_code == 0, result.output
+    installed = root / "usr/local/bin/qemu-system-x86_64"
+    assert installed.is_file() and "[6/6] qemu install: done" in result.output
+    entry = artifacts.load(artifacts.record_file(state))["qemu"]
+    assert entry["artifacts"]["installed_in_root"] == str(installed)
+    assert entry["digests"]["installed_in_root"]["size"] == installed.stat().st_size
+    # not this machine's emulator: define keeps naming the build tree's binary
+    assert "installed" not in entry["artifacts"]
+    assert artifacts.recorded(state)["qemu"].path == str(workdir / "src/qemu/build/qemu-system-x86_64")
+
+    # installed again into / or another root: the root is part of what keys the step
+    other = tmp_path / "other"
+    other.mkdir()
+    again = cli("run", "qemu", "--manifest", manifest, "--workdir", workdir, "--install", "--root", other)
+    assert "[6/6] qemu install: done" in again.output and (other / "usr/local/bin/qemu-system-x86_64").is_file()
+
+
+@pytest.mark.parametrize("args, error", [
+    (["qemu", "--root", "ROOT"], "--root ROOT: only --install uses it; add --install or drop --root"),
+    (["qemu", "--install", "--root", "ROOT/missing"], "--root ROOT/missing: not a folder; give the root "
+                                                       "of the system to install into"),
+    (["--install", "--root", "ROOT"], "--root ROOT: only QEMU installs below another root; build the kernel "
+                                      "with --deb and install its packages there, or run `tdxvirt build run qemu`"),
+])
+def test_install_root_refusals_are_one_line(tmp_path, cli, args, error):
+    root = tmp_path / "forky"
+    root.mkdir()
+    result = cli("plan", *[a.replace("ROOT", str(root)) for a in args], "--workdir", tmp_path / "work")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"tdxvirt: error: {error.replace('ROOT', str(root))}"]
+    assert not (tmp_path / "work").exists()
 
 
 def test_plan_and_dry_run_change_nothing(sources, tmp_path, state, cli):

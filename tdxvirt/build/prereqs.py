@@ -49,8 +49,12 @@ _QEMU_CONFIGURE = _programs("gcc", "make", "python3", "ninja:ninja-build", "pkg-
 _QEMU_BUILD = _programs("gcc", "make", "ninja:ninja-build")
 _OVMF = _programs("gcc", "g++", "make", "python3", "nasm", "iasl:acpica-tools") + (
     Need("uuid/uuid.h", "uuid-dev", "header"),)
-# QEMU configure flags that add a library, and the library
-_QEMU_FLAG_NEEDS = {"--enable-slirp": Need("slirp", "libslirp-dev", "pkg-config")}
+# QEMU configure flags that add a library, and the library. fdt=system: meson looks
+# for libfdt itself (no pkg-config file), and never falls back to its dtc subproject
+_QEMU_FLAG_NEEDS = {"--enable-slirp": Need("slirp", "libslirp-dev", "pkg-config"),
+                    "--enable-seccomp": Need("libseccomp", "libseccomp-dev", "pkg-config"),
+                    "--enable-pixman": Need("pixman-1", "libpixman-1-dev", "pkg-config"),
+                    "--enable-fdt=system": Need("libfdt.h", "libfdt-dev", "header")}
 # kernel options of a distribution config (the "current" base) whose build runs one more
 # tool: BTF needs pahole, in-kernel headers cpio, compressed modules xz or zstd
 _KERNEL_OPTION_NEEDS = (("CONFIG_DEBUG_INFO_BTF=y", Need("pahole", "dwarves")),

@@ -35,6 +35,8 @@ class Context:
     jobs: int
     install: bool
     host: object  # tdxvirt.host.HostRoot: where /boot/config-* is read
+    # where --install puts QEMU: / or another system's root (make install DESTDIR=root)
+    root: Path = Path("/")
     # where the build's programs and headers are (this machine's PATH and /)
     toolbox: prereqs.Toolbox = field(default_factory=prereqs.Toolbox)
 
@@ -407,16 +409,49 @@ def qemu_prefix(flags: tuple[str, ...]) -> str:
 
 
 class QemuInstall(Step):
+    """``make install``; below another root (``--root``) with ``DESTDIR``, so the binary
+    keeps the paths it was configured with (its data files, its firmware path) as that
+    system sees them. Such a copy is recorded as ``installed_in_root``, never as
+    ``installed``: define names ``installed`` as the emulator, a path on this machine."""
+
     component, name, needs_root = "qemu", "install", True
 
     def actions(self, ctx):
-        return [_make(ctx.tree("qemu"), "install")]
+        below = [f"DESTDIR={ctx.root}"] if below_root(ctx) else []
+        return [_make(ctx.tree("qemu"), "install", *below)]
+
+    def inputs(self, ctx):
+        return {"root": str(ctx.root)} if below_root(ctx) else {}
 
     def outputs(self, ctx):
-        return [Path(self.results(ctx)["installed"])]
+        return [Path(next(iter(self.results(ctx).values())))]
 
     def results(self, ctx):
-        return {"installed": f"{qemu_prefix(ctx.manifest.qemu.configure)}/bin/qemu-system-x86_64"}
+        path = f"{qemu_prefix(ctx.manifest.qemu.configure)}/bin/qemu-system-x86_64"
+        if below_root(ctx):
+            return {"installed_in_root": str(ctx.root / path.lstrip("/"))}
+        return {"installed": path}
+
+
+def below_root(ctx: Context) -> bool:
+    return ctx.root != Path("/")
+
+
+def check_install_root(components: tuple[str, ...], install: bool, root: Path) -> None:
+    """``--root``: an existing folder, and QEMU only; a kernel's ``make install`` runs
+    this machine's installkernel hooks (initramfs, boot loader), which another root's
+    /boot is not theirs to write."""
+    from ..errors import InputError
+
+    if root == Path("/"):
+        return
+    if not install:
+        raise InputError(f"--root {root}: only --install uses it; add --install or drop --root")
+    if not root.is_dir():
+        raise InputError(f"--root {root}: not a folder; give the root of the system to install into")
+    if "kernel" in components:
+        raise InputError(f"--root {root}: only QEMU installs below another root; build the kernel "
+                         "with --deb and install its packages there, or run `tdxvirt build run qemu`")
 
 
 class OvmfConfigure(Step):
@@ -512,7 +547,8 @@ def artifact_paths(ctx: Context, component: str) -> dict[str, str]:
         paths.update({f"{package}.deb": path for package, path in debs.items()})
     elif component == "qemu":
         paths = {"qemu-system-x86_64": qemu_binary(ctx),
-                 "installed": stamps.results("qemu.install").get("installed")}
+                 "installed": stamps.results("qemu.install").get("installed"),
+                 "installed_in_root": stamps.results("qemu.install").get("installed_in_root")}
     else:
         paths = {"OVMF.fd": edk2.image_path(ctx.tree("ovmf"), ctx.manifest.ovmf)}
     return {name: str(path) for name, path in paths.items() if path and os.path.exists(path)}

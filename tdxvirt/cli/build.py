@@ -26,6 +26,10 @@ def _build_options(command):
                      help="Parallel jobs for make and edk2's build (default: number of CPUs)."),
         click.option("--install", is_flag=True,
                      help="Also install the kernel (modules_install, install) and QEMU; needs root."),
+        click.option("--root", "root", default="/", metavar="DIR",
+                     help="With --install: install QEMU below this folder instead of / (make install "
+                          "DESTDIR=DIR), e.g. the root of the simulated host's Debian, keeping the "
+                          "paths it was configured with as that system sees them. QEMU only."),
         click.option("--deb", is_flag=True,
                      help="Build the kernel as Debian packages (make bindeb-pkg, release suffix "
                           "-tdxvirt) and record the .deb files; with --install, dpkg -i the image "
@@ -65,7 +69,7 @@ class _Selection:
 
 
 def _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors=(), source_path=None,
-             deb=False, all_submodules=False):
+             deb=False, all_submodules=False, root="/"):
     from pathlib import Path
 
     from ..build import distro, steps
@@ -78,6 +82,7 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all, mi
     loaded = manifests.with_all_submodules(loaded, all_submodules)
     build_all = build_all or source_path is not None  # a source given is built, whatever the host has
     selected = steps.select(loaded, component)
+    steps.check_install_root(selected, install, Path(root).resolve())
     host = session.host if session is not None else HostRoot("/")
     selection = _Selection(distro.check(host), loaded, component, selected, build_all)
     ctx = steps.Context(
@@ -86,6 +91,7 @@ def _prepare(session, component, manifest, workdir, jobs, install, build_all, mi
         jobs=jobs or steps.default_jobs(),
         install=install,
         host=host,
+        root=Path(root).resolve(),
     )
     return ctx, steps.plan(loaded, selection.planned, install, _sources(component, source_path)), selection
 
@@ -147,8 +153,8 @@ def _expected_artifacts(ctx, components) -> dict[str, str]:
     if "qemu" in components:
         expected["qemu qemu-system-x86_64"] = str(steps.qemu_binary(ctx))
         if ctx.install:
-            expected["qemu installed"] = (f"{steps.qemu_prefix(ctx.manifest.qemu.configure)}"
-                                          "/bin/qemu-system-x86_64")
+            (name, path), = steps.QemuInstall().results(ctx).items()
+            expected[f"qemu {name}"] = path
     if "ovmf" in components:
         expected["ovmf OVMF.fd"] = edk2.image_path_text(ctx.tree("ovmf"), ctx.manifest.ovmf)
     return expected
@@ -234,13 +240,13 @@ def build():
 @_build_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def plan(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors,
+def plan(session, component, manifest, workdir, jobs, install, root, deb, build_all, source_path, mirrors,
          all_submodules, as_json):
     """Say what this host has; print every step and command of the rest; run nothing."""
     from ..build.runner import states
 
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
-                                     source_path, deb, all_submodules)
+                                     source_path, deb, all_submodules, root)
     step_states = states(steps, ctx)
     if as_json:
         click.echo(json.dumps(_plan_json(ctx, step_states, selection), indent=2))
@@ -254,7 +260,7 @@ def plan(session, component, manifest, workdir, jobs, install, deb, build_all, s
               help="Fetch every repository again (new commits on a branch) and redo what changed.")
 @click.option("--dry-run", is_flag=True, help="Print the steps that would run; change nothing.")
 @click.pass_obj
-def run(session, component, manifest, workdir, jobs, install, deb, build_all, source_path, mirrors,
+def run(session, component, manifest, workdir, jobs, install, root, deb, build_all, source_path, mirrors,
         all_submodules, update, dry_run):
     """Fetch, patch, configure, build (and install) what is not up to date."""
     from ..build import artifacts
@@ -265,7 +271,7 @@ def run(session, component, manifest, workdir, jobs, install, deb, build_all, so
     if install and not dry_run:
         require_root()  # refuse before reading or creating anything
     ctx, steps, selection = _prepare(session, component, manifest, workdir, jobs, install, build_all, mirrors,
-                                     source_path, deb, all_submodules)
+                                     source_path, deb, all_submodules, root)
     if dry_run:
         _print_plan(ctx, states(steps, ctx, update), selection, only_todo=True)
         return
