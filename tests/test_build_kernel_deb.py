@@ -110,8 +110,8 @@ def _bin(base: Path, names) -> Path:
     return folder
 
 
-def _headers(root: Path) -> Path:
-    for header in ("libelf.h", "openssl/ssl.h"):
+def _headers(root: Path, extra=()) -> Path:
+    for header in ("libelf.h", "openssl/ssl.h", *extra):
         (root / "usr/include" / header).parent.mkdir(parents=True, exist_ok=True)
         (root / "usr/include" / header).write_text("")
     return root
@@ -126,8 +126,10 @@ def test_missing_package_tools_are_named_with_debian_packages(tmp_path):
     toolbox = prereqs.Toolbox(root=_headers(tmp_path / "root"),
                               search_path=str(_bin(tmp_path / "some", KERNEL_TOOLS)))
     missing = prereqs.missing(planned, toolbox)
-    assert [n.name for n in missing.by_component["kernel"]] == ["dpkg-buildpackage", "rsync", "kmod", "cpio"]
-    assert missing.install_command() == "apt-get install cpio dpkg-dev kmod rsync"
+    # what Linux 7.x's mkdebian lists as Build-Depends, which dpkg-buildpackage checks
+    assert [n.name for n in missing.by_component["kernel"]] == [
+        "dpkg-buildpackage", "dh", "python3", "rsync", "kmod", "cpio", "elfutils/libdw.h"]
+    assert missing.install_command() == "apt-get install cpio debhelper dpkg-dev kmod libdw-dev python3 rsync"
     # the loose build needs none of them
     assert prereqs.missing(steps.plan(manifests.load(kernel_manifest(tmp_path / "loose")), ("kernel",), False),
                            toolbox).by_component == {}
@@ -136,9 +138,9 @@ def test_missing_package_tools_are_named_with_debian_packages(tmp_path):
 def test_the_built_debs_are_recorded_with_digests_and_dpkg_installs_them(tmp_path, state):
     loaded = manifests.with_kernel_package(manifests.load(kernel_manifest(tmp_path)), "deb")
     workdir = tmp_path / "work"
-    toolbox = prereqs.Toolbox(root=_headers(tmp_path / "root"),
+    toolbox = prereqs.Toolbox(root=_headers(tmp_path / "root", ("elfutils/libdw.h",)),
                               search_path=str(_bin(tmp_path / "all", KERNEL_TOOLS + (
-                                  "dpkg-buildpackage", "rsync", "kmod", "cpio"))))
+                                  "dpkg-buildpackage", "dh", "python3", "rsync", "kmod", "cpio"))))
     ctx = steps.Context(loaded, workdir, 2, False, HostRoot("/"), toolbox)
     planned = [s for s in steps.plan(loaded, ("kernel",), False) if s.name != "configure"]  # no Kconfig here
     src = workdir / "src"

@@ -38,12 +38,15 @@ GIT = _programs("git")
 _KERNEL_CONFIGURE = _programs("gcc", "make", "flex", "bison")
 _KERNEL_BUILD = _KERNEL_CONFIGURE + _programs("bc", "perl") + (
     Need("libelf.h", "libelf-dev", "header"), Need("openssl/ssl.h", "libssl-dev", "header"))
-# `make bindeb-pkg` (Linux's scripts/Makefile.package, scripts/package/mkdebian): it
-# runs dpkg-buildpackage with --no-check-builddeps, so what its Build-Depends name is
-# checked here instead: rsync, kmod, cpio, bc, bison, flex; libelf-dev and libssl-dev
-# are in _KERNEL_BUILD. No debhelper: the generated debian/rules uses none. kmod is
-# looked for as /usr/bin/kmod: depmod is in /usr/sbin, not on a user's PATH on Debian.
-_KERNEL_DEB = _programs("dpkg-buildpackage:dpkg-dev", "rsync", "kmod", "cpio")
+# `make bindeb-pkg` (Linux's scripts/Makefile.package, scripts/package/mkdebian): 6.12
+# ran dpkg-buildpackage with --no-check-builddeps, 7.x lets it check the Build-Depends
+# mkdebian writes (a real 7.2.8 build stopped at "Unmet build dependencies:
+# debhelper-compat (= 12) libdw-dev:native"), so they are checked here, before anything
+# runs: debhelper, libdw-dev, python3, rsync, kmod, cpio (bc, bison, flex, libelf-dev and
+# libssl-dev are in _KERNEL_BUILD). kmod is looked for as /usr/bin/kmod: depmod is in
+# /usr/sbin, not on a user's PATH on Debian.
+_KERNEL_DEB = _programs("dpkg-buildpackage:dpkg-dev", "dh:debhelper", "python3", "rsync", "kmod", "cpio") + (
+    Need("elfutils/libdw.h", "libdw-dev", "header"),)
 _QEMU_CONFIGURE = _programs("gcc", "make", "python3", "ninja:ninja-build", "pkg-config:pkgconf") + (
     Need("glib-2.0", "libglib2.0-dev", "pkg-config"), Need("zlib", "zlib1g-dev", "pkg-config"))
 _QEMU_BUILD = _programs("gcc", "make", "ninja:ninja-build")

@@ -35,10 +35,10 @@ class Context:
     jobs: int
     install: bool
     host: object  # tdxvirt.host.HostRoot: where /boot/config-* is read
-    # where --install puts QEMU: / or another system's root (make install DESTDIR=root)
-    root: Path = Path("/")
     # where the build's programs and headers are (this machine's PATH and /)
     toolbox: prereqs.Toolbox = field(default_factory=prereqs.Toolbox)
+    # where --install puts QEMU: / or another system's root (make install DESTDIR=root)
+    root: Path = Path("/")
 
     @property
     def stamps(self) -> StampStore:
