@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -44,6 +45,14 @@ def conn(sim_uri):
 def schema_dir():
     directory = find_schema_dir()
     assert directory is not None, "libvirt 12.x schemas missing: run scripts/setup"
+    return directory
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch) -> Path:
+    """A state directory of the test's own (TDXVIRT_STATE_DIR): records, builds, caches."""
+    directory = tmp_path / "state"
+    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(directory))
     return directory
 
 

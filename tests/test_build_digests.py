@@ -86,13 +86,6 @@ def qemu_libraries(tmp_path, monkeypatch):
     provide_qemu_libraries(tmp_path / "pkgconfig", monkeypatch)
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    directory = tmp_path / "state"
-    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(directory))
-    return directory
-
-
 def _status(*args):
     result = CliRunner().invoke(TdxvirtGroup(name="tdxvirt", commands={"build": build}), ["build", "status", *args])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception

@@ -39,13 +39,6 @@ FIRMWARE_FEATURES = {"acpi-s3", "acpi-s4", "amd-sev", "amd-sev-es", "amd-sev-snp
 
 
 @pytest.fixture
-def state(tmp_path, monkeypatch) -> Path:
-    directory = tmp_path / "state"
-    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(directory))
-    return directory
-
-
-@pytest.fixture
 def root(tmp_path) -> Path:
     """A host root with the distribution's TDX descriptor and an admin's own one."""
     base = tmp_path / "root"

@@ -49,13 +49,6 @@ def kernel_manifest(base: Path, extra: str = "") -> Path:
     return file
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch) -> Path:
-    directory = tmp_path / "state"
-    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(directory))
-    return directory
-
-
 def cli(*args):
     result = CliRunner().invoke(TdxvirtGroup(name="tdxvirt", commands={"build": build}),
                                 ["build", *map(str, args)])

@@ -130,13 +130,6 @@ def sources(tmp_path) -> Sources:
 
 
 @pytest.fixture
-def state(tmp_path, monkeypatch) -> Path:
-    directory = tmp_path / "state"
-    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(directory))
-    return directory
-
-
-@pytest.fixture
 def cli(state):
     group = TdxvirtGroup(name="tdxvirt", commands={"build": build})
 

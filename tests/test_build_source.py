@@ -26,12 +26,6 @@ def qemu_libraries(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def state(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("TDXVIRT_STATE_DIR", str(tmp_path / "state"))
-    return tmp_path / "state"
-
-
-@pytest.fixture
 def setup(tmp_path, state):
     sources = Sources(tmp_path)
     manifest = sources.manifest(tmp_path / "m.toml", ["--enable-kvm"])

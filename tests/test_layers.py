@@ -26,7 +26,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tdxvirt"
 
 LAYERS = {
     0: ["errors", "units", "pci", "paths", "textsafe", "userfile", "kconfig", "host.trust", "cache",
-        "locks", "config", "filedigest", "build.artifacts", "build.install_record", "guest.userdata",
+        "locks", "config", "filedigest", "build.artifacts", "build.install_record", "build.jsonrecord",
+        "guest.userdata",
         "guest.seed",
         "guest", "build", "attest"],  # the last three: the packages' own error classes
     1: ["host", "virt", "gpu"],

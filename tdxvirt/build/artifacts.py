@@ -13,16 +13,13 @@ when there is one: a rebuild cannot change it.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
 from ..paths import state_dir as default_state_dir
-from . import digests, install_record
+from . import digests, install_record, jsonrecord
 
 RECORD_NAME = "artifacts.json"
 # the artifact ``define`` uses for each component, in order of preference
@@ -36,33 +33,18 @@ def record_file(state_dir: str | Path | None = None) -> Path:
 
 def load(file: str | Path) -> dict:
     """The record ({} when nothing was built yet)."""
-    try:
-        data = json.loads(Path(file).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as error:
-        raise InputError(f"artifacts record {file} is unreadable ({error}); delete it and "
-                         "run `tdxvirt build run` again") from None
-    if not isinstance(data, dict):
-        raise InputError(f"artifacts record {file} is not a JSON object; delete it and rebuild")
-    return data
+    return jsonrecord.load(file, "artifacts record", "delete it and run `tdxvirt build run` again")
 
 
 def update(file: str | Path, component: str, entry: dict) -> bool:
     """Set one component's entry; False (and nothing written) when it is unchanged."""
-    file = Path(file)
     data = load(file)
     old = dict(data.get(component, {}))
     old.pop("recorded_at", None)
     if old == entry:
         return False
     data[component] = {**entry, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".artifacts.")
-    with os.fdopen(handle, "w") as out:
-        json.dump(data, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.replace(temporary, file)
+    jsonrecord.save(file, data)
     return True
 
 

@@ -11,13 +11,11 @@ take from the build tree.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-from ..errors import InputError
 from ..paths import state_dir as default_state_dir
+from . import jsonrecord
 
 RECORD_NAME = "installed.json"
 
@@ -28,31 +26,15 @@ def record_file(state_dir: str | Path | None = None) -> Path:
 
 def load(file: str | Path) -> dict:
     """The record ({} when nothing was installed)."""
-    try:
-        data = json.loads(Path(file).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as error:
-        raise InputError(f"install record {file} is unreadable ({error}); check the files it named "
-                         "by hand, then delete it") from None
-    if not isinstance(data, dict):
-        raise InputError(f"install record {file} is not a JSON object; check the files it named by "
-                         "hand, then delete it")
-    return data
+    return jsonrecord.load(file, "install record", "check the files it named by hand, then delete it")
 
 
 def save(file: str | Path, data: dict) -> None:
     """Write the record whole (renamed into place: never half written); no record when empty."""
-    file = Path(file)
     if not data:
-        file.unlink(missing_ok=True)
+        Path(file).unlink(missing_ok=True)
         return
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=".installed.")
-    with os.fdopen(handle, "w") as out:
-        json.dump(data, out, indent=2, sort_keys=True)
-        out.write("\n")
-    os.replace(temporary, file)
+    jsonrecord.save(file, data)
 
 
 def copy_of(installed: dict, sha256: str | None) -> str | None:
