@@ -57,18 +57,13 @@ options:
   tool:
     description: NVIDIA's nvidia_gpu_tools (checkout, script or executable).
     type: path
-  uri:
-    description: libvirt URI (default C($LIBVIRT_DEFAULT_URI), else C(qemu:///system)).
-    type: str
-  sim:
-    description: Use tdxvirt's simulated TDX host (C(tdxvirt --sim)).
-    type: bool
-    default: false
   host_root:
     description: Read the GPUs below this directory instead of C(/) (C(--host-root)).
     type: path
 requirements:
-  - tdxvirt (the library) on the managed host, with its C(gpu) extra for CC mode
+  - tdxvirt's C(gpu) extra (NVIDIA's gpu-admin-tools) for CC mode
+extends_documentation_fragment:
+  - tdxvirt.tdx.host
 notes:
   - Supports check mode and diff mode.
 """

@@ -55,15 +55,11 @@ options:
   uri:
     description: libvirt URI (a URI naming another host is refused).
     type: str
-  sim:
-    description: Use tdxvirt's simulated TDX host (C(tdxvirt --sim)).
-    type: bool
-    default: false
   host_root:
     description: Set up the host tree below this directory instead of C(/) (C(--host-root)).
     type: path
-requirements:
-  - tdxvirt (the library) on the managed host
+extends_documentation_fragment:
+  - tdxvirt.tdx.host
 notes:
   - Supports check mode and diff mode.
   - Applying restarts libvirtd when qemu.conf changed; TDs keep running.
