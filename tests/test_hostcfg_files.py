@@ -135,3 +135,13 @@ def test_a_write_without_permission_leaves_the_original(shared_dir):
     assert done.returncode == 3, done.stderr
     assert "Permission denied; the original file is unchanged" in done.stdout
     assert path.read_bytes() == b"original\n"
+
+
+def test_a_file_larger_than_any_setup_edits_is_refused_unread(tmp_path):
+    from tdxvirt.hostcfg import files
+
+    huge = tmp_path / "qemu.conf"
+    with open(huge, "wb") as out:
+        out.truncate(files.READ_LIMIT + 1)  # sparse: no disk used
+    with pytest.raises(HostNotReadyError, match="larger than 4 MiB"):
+        files.read_bytes(huge)

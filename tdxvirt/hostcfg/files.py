@@ -34,6 +34,9 @@ from ..host.root import HostRoot
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_NOFOLLOW = _DIR | os.O_NOFOLLOW
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# The files setup edits are a few KiB (qemu.conf, GRUB's defaults, modprobe.d, udev,
+# the hook, Fabric Manager's settings): anything larger is not one of them.
+READ_LIMIT = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,10 @@ def _read_at(dir_fd: int, name: str, shown: Path | str) -> FileState | None:
     with os.fdopen(fd, "rb") as handle:
         st = os.fstat(handle.fileno())
         _refuse_special(shown, st)
-        data = handle.read()
+        data = handle.read(READ_LIMIT + 1)
+    if len(data) > READ_LIMIT:
+        raise HostNotReadyError(f"{shown} is larger than {READ_LIMIT >> 20} MiB, which none of the "
+                                "files host setup edits is; check it by hand and retry")
     return FileState(data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
 
 
