@@ -307,7 +307,8 @@ def revert_plan(components: tuple[str, ...], installed: dict) -> Removal:
             files.append(path)
         folders += reversed(entry.get("folders") or [])
     # by the path libvirt sees (a copy below another root is checked too: refusing is safe)
-    for path, tds in _tds_using(seen).items():
+    if used := _tds_using(seen):
+        path, tds = next(iter(used.items()))
         raise InputError(f"{path} is the firmware of TD(s) {', '.join(sorted(tds))} (root's records); "
                          "nothing was removed; undefine them, or define them anew with another "
                          "firmware, then revert again")
